@@ -1,0 +1,254 @@
+//! The CPU backend: f32 throughout, GEMMs through the `gemm` crate, everything else on rayon.
+//!
+//! Determinism: every output element is produced by exactly one task with a fixed summation order,
+//! and cross-row reductions (weight gradients of RMSNorm) sum fixed-size chunks in a fixed order, so
+//! the same inputs and thread count give bit-identical results.
+
+mod adamw;
+mod attention;
+mod elementwise;
+mod embedding;
+mod matmul;
+mod norm;
+mod rope;
+pub mod simd;
+mod swiglu;
+mod xent;
+
+pub use attention::{attention_backward, attention_forward};
+
+use super::{AdamW, AttnShape, Backend, Gemm, RopeShape};
+use anyhow::{ensure, Result};
+
+/// Raw pointer that tasks may share when each writes a disjoint region (checked by construction
+/// in the callers, documented at each use).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Accessed through a method so closures capture the whole (Send) wrapper, not the raw field.
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu
+    }
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn from_host(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+    fn to_host(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+    fn copy(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            dst_off + len <= dst.len() && src_off + len <= src.len(),
+            "copy out of bounds"
+        );
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+        elementwise::add_assign(dst, src);
+        Ok(())
+    }
+    fn scale(&self, buf: &mut Vec<f32>, s: f32) -> Result<()> {
+        elementwise::scale(buf, s);
+        Ok(())
+    }
+    fn sum_squares(&self, buf: &Vec<f32>) -> Result<f64> {
+        Ok(elementwise::sum_squares(buf))
+    }
+
+    fn matmul(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, g: Gemm) -> Result<()> {
+        matmul::matmul(out, a, b, g);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f32>,
+        table: &Vec<f32>,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        embedding::forward(out, table, ids, d);
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        embedding::backward(dtable, dout, ids, d);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        norm::forward(
+            &mut out[..rows * d],
+            &mut rstd[..rows],
+            &x[..rows * d],
+            w,
+            d,
+            eps,
+        );
+        Ok(())
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        norm::backward(
+            &mut dx[..rows * d],
+            dw,
+            &dout[..rows * d],
+            &x[..rows * d],
+            w,
+            &rstd[..rows],
+            d,
+        );
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        shape: RopeShape,
+        inverse: bool,
+    ) -> Result<()> {
+        rope::apply(x, cos, sin, shape, inverse);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        attention_forward(out, lse, q, k, v, shape);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape);
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        swiglu::forward(out, gate, up);
+        Ok(())
+    }
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<()> {
+        swiglu::backward(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut Vec<f32>,
+        targets: &[i32],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        ensure!(
+            logits.len() >= targets.len() * vocab,
+            "cross_entropy: logits too small"
+        );
+        Ok(xent::cross_entropy(
+            &mut logits[..targets.len() * vocab],
+            targets,
+            vocab,
+            grad_scale,
+        ))
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: AdamW,
+    ) -> Result<()> {
+        adamw::step(param, grad, m, v, hp);
+        Ok(())
+    }
+}

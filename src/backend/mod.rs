@@ -1,0 +1,274 @@
+//! The compute backend: device buffers plus every op the Llama model needs, each with its backward.
+//!
+//! The model (`crate::model`) is written once against this trait. The CPU backend (`cpu/`) is the
+//! exact f32 reference; a CUDA backend is a sibling implementation of the same trait, so neither the
+//! forward nor the backward pass of the model is ever forked per device.
+//!
+//! Conventions shared by every implementation:
+//! - Buffers hold floats in the backend's compute precision; `from_host`/`to_host` speak f32.
+//! - Matrices are row-major. Linear weights are `[out, in]` (Hugging Face layout), so a projection is
+//!   `y = x · Wᵀ`.
+//! - Backward ops that produce parameter gradients *accumulate* into them (gradient accumulation);
+//!   ops that produce activation gradients overwrite unless documented otherwise.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// `out[m,n] (+)= op(a)[m,k] · op(b)[k,n]`, where `op` optionally transposes the stored matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// `a` is stored as `[k, m]` instead of `[m, k]`.
+    pub trans_a: bool,
+    /// `b` is stored as `[n, k]` instead of `[k, n]` (the usual case for `x · Wᵀ`).
+    pub trans_b: bool,
+    /// Add to `out` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// `y[rows, out] = x[rows, in] · W[out, in]ᵀ`: a linear layer's forward.
+    pub fn linear(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            m: rows,
+            n: d_out,
+            k: d_in,
+            trans_a: false,
+            trans_b: true,
+            accumulate: false,
+        }
+    }
+    /// `dx[rows, in] = dy[rows, out] · W[out, in]`: a linear layer's input gradient.
+    pub fn linear_dx(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            m: rows,
+            n: d_in,
+            k: d_out,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        }
+    }
+    /// `dW[out, in] += dy[rows, out]ᵀ · x[rows, in]`: a linear layer's weight gradient.
+    pub fn linear_dw(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Gemm {
+            m: d_out,
+            n: d_in,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+            accumulate: true,
+        }
+    }
+    pub fn accumulating(mut self) -> Self {
+        self.accumulate = true;
+        self
+    }
+}
+
+/// Shape of one causal grouped-query attention call.
+///
+/// `q`/`out`: `[batch, q_len, n_head, head_dim]`; `k`/`v`: `[batch, kv_stride, n_kv_head, head_dim]`
+/// of which the first `kv_len` positions are valid; `lse`: `[batch, n_head, q_len]`.
+/// Query `i` sits at absolute position `q_pos0 + i` and attends to keys `0..=q_pos0 + i`.
+/// Training uses `q_pos0 = 0, q_len = kv_len = kv_stride`; KV-cache decoding uses a short `q_len`
+/// against a longer cache.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub kv_stride: usize,
+    pub q_pos0: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn q_elems(&self) -> usize {
+        self.batch * self.q_len * self.n_head * self.head_dim
+    }
+    pub fn kv_elems(&self) -> usize {
+        self.batch * self.kv_stride * self.n_kv_head * self.head_dim
+    }
+    pub fn lse_elems(&self) -> usize {
+        self.batch * self.n_head * self.q_len
+    }
+}
+
+/// Rotary embedding layout: `x` is `[batch * seq, n_head, head_dim]`, row `r` sits at position
+/// `pos0 + r % seq`. `cos`/`sin` tables are `[max_pos, head_dim / 2]` (see `model::rope`).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    pub rows: usize,
+    pub seq: usize,
+    pub pos0: usize,
+    pub n_head: usize,
+    pub head_dim: usize,
+}
+
+/// Hyper-parameters of one AdamW update with torch.optim.AdamW semantics.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    type Buf: Send + Sync;
+
+    /// A short human-readable description ("cpu (2 threads)", "cuda:0 NVIDIA H100").
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    fn from_host(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
+    fn copy(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()>;
+
+    // ---- elementwise helpers ----
+    /// `dst += src`.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `buf *= s`.
+    fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()>;
+    /// Σ buf², accumulated in f64 (global-norm gradient clipping).
+    fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
+
+    // ---- ops ----
+    fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
+
+    /// `out[r] = table[ids[r]]`, rows of width `d`. Ids are checked by the caller.
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()>;
+    /// `dtable[ids[r]] += dout[r]`.
+    fn embedding_backward(
+        &self,
+        dtable: &mut Self::Buf,
+        dout: &Self::Buf,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()>;
+
+    /// `out = x / rms(x) * w` per row; saves `rstd = 1 / sqrt(mean(x²) + eps)` per row.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `dx += ∂L/∂x` (accumulates: the norm's input is a residual stream), `dw += ∂L/∂w`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        rows: usize,
+        d: usize,
+    ) -> Result<()>;
+
+    /// Rotates `x` in place by the rotary angles (HF "rotate_half" pairing `i` with `i + head_dim/2`);
+    /// `inverse` rotates by the negative angles, which is exactly the backward of the forward rotation.
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        shape: RopeShape,
+        inverse: bool,
+    ) -> Result<()>;
+
+    /// Causal grouped-query attention, FlashAttention-2 style: `out` and the per-row logsumexp `lse`
+    /// (kept for the backward) are produced without materialising the score matrix.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+
+    /// `out = silu(gate) * up`.
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// Overwrites `dgate`, `dup`.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy over rows of `logits` (`[rows, vocab]`). Returns the per-row loss
+    /// `logsumexp(row) - row[target]` (0 where `target < 0`, which marks an ignored row).
+    /// With `grad_scale = Some(s)` the logits are overwritten in place by `s · (softmax - onehot)`,
+    /// so no second `[rows, vocab]` buffer ever exists.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>>;
+
+    /// One AdamW step on a parameter tensor and its moment buffers.
+    fn adamw_step(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        hp: AdamW,
+    ) -> Result<()>;
+}

@@ -1,0 +1,94 @@
+//! `kiln generate`: KV-cache decoding with greedy or sampled next tokens, streamed as text.
+
+use crate::backend::cpu::Cpu;
+use crate::io::load_model_dir;
+use crate::model::sampling::{Sampler, SamplingParams};
+use crate::model::KvCache;
+use anyhow::Result;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+pub struct GenerateArgs<'a> {
+    pub prompt: &'a str,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    /// Stream text to stdout as it is generated (off for `--json`).
+    pub stream: bool,
+}
+
+#[derive(Serialize)]
+pub struct Generation {
+    /// Generated ids only (the prompt excluded), the final EOS included when one was produced.
+    pub ids: Vec<u32>,
+    pub text: String,
+    #[serde(skip)]
+    pub prompt_tokens: usize,
+    #[serde(skip)]
+    pub prefill_secs: f64,
+    #[serde(skip)]
+    pub decode_secs: f64,
+}
+
+pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
+    let md = load_model_dir(model_dir, Cpu::new())?;
+    let (model, tok) = (&md.model, md.tokenizer()?);
+    let prompt = tok.encode(args.prompt, Some(md.bos))?;
+    let mut cache = KvCache::new(model, prompt.len() + args.max_new_tokens)?;
+    if prompt.len() >= cache.capacity() {
+        anyhow::bail!(
+            "the prompt has {} tokens; the model's context is {}",
+            prompt.len(),
+            model.cfg.max_seq_len
+        );
+    }
+    let mut sampler = Sampler::new(args.sampling, args.seed);
+    let t0 = Instant::now();
+    let mut logits = model.decode(&mut cache, &prompt)?;
+    let prefill_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let mut ids = Vec::new();
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    while ids.len() < args.max_new_tokens {
+        let next = sampler.sample(&logits);
+        ids.push(next);
+        if md.eos.contains(&next) {
+            break;
+        }
+        if args.stream {
+            // Decode the whole reply and print what is new, so multi-byte characters split across
+            // tokens are printed only once they are complete.
+            let text = tok.decode(&ids)?;
+            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed)
+            {
+                let mut out = stdout.lock();
+                write!(out, "{}", &text[printed..])?;
+                out.flush()?;
+                printed = text.len();
+            }
+        }
+        if ids.len() == args.max_new_tokens || cache.len() == cache.capacity() {
+            break;
+        }
+        logits = model.decode(&mut cache, &[next])?;
+    }
+    let text = tok.decode(&ids)?;
+    if args.stream {
+        let mut out = stdout.lock();
+        if text.len() > printed && text.is_char_boundary(printed) {
+            write!(out, "{}", &text[printed..])?;
+        }
+        writeln!(out)?;
+    }
+    Ok(Generation {
+        ids,
+        text,
+        prompt_tokens: prompt.len(),
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,47 @@
+//! `kiln score`: per-token log-probabilities of a sequence under a model.
+
+use crate::backend::cpu::Cpu;
+use crate::io::load_model_dir;
+use crate::model::Workspace;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Serialize)]
+pub struct Scores {
+    pub ids: Vec<u32>,
+    /// `logprobs[i] = ln p(ids[i+1] | ids[..=i])`.
+    pub logprobs: Vec<f32>,
+    pub sum: f64,
+}
+
+pub enum ScoreInput<'a> {
+    Text(&'a str),
+    Ids(Vec<u32>),
+}
+
+pub fn run(model_dir: &Path, input: ScoreInput<'_>) -> Result<Scores> {
+    let md = load_model_dir(model_dir, Cpu::new())?;
+    let ids = match input {
+        ScoreInput::Text(t) => md.tokenizer()?.encode(t, Some(md.bos))?,
+        ScoreInput::Ids(ids) => ids,
+    };
+    let model = &md.model;
+    if ids.len() > model.cfg.max_seq_len {
+        bail!(
+            "{} tokens exceed the model's max_position_embeddings of {}",
+            ids.len(),
+            model.cfg.max_seq_len
+        );
+    }
+    model.check_ids(&ids)?;
+    let n = ids.len();
+    let targets: Vec<i32> = (0..n)
+        .map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 })
+        .collect();
+    let mut ws = Workspace::for_inference(model, 1, n)?;
+    let losses = model.forward(&mut ws, &ids, &targets, None)?;
+    let logprobs: Vec<f32> = losses[..n - 1].iter().map(|&l| -l).collect();
+    let sum = logprobs.iter().map(|&x| x as f64).sum();
+    Ok(Scores { ids, logprobs, sum })
+}

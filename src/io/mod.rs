@@ -1,0 +1,7 @@
+//! Reading (and later writing) Hugging Face model directories.
+
+pub mod hf_config;
+pub mod model_dir;
+pub mod safetensors;
+
+pub use model_dir::{load_model_dir, ModelDir};

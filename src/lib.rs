@@ -1,0 +1,11 @@
+//! kiln: pretraining Llama-family language models the way TinyLlama was trained.
+//!
+//! Layers, bottom up: `backend` (device buffers and ops, CPU now, CUDA as a sibling), `model`
+//! (Llama forward/backward/decoding written once against the backend), `io` (Hugging Face model
+//! directories), `tokenizer`, and `cli` (the commands the binary exposes).
+
+pub mod backend;
+pub mod cli;
+pub mod io;
+pub mod model;
+pub mod tokenizer;

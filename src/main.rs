@@ -1,0 +1,153 @@
+//! The `kiln` command line: parse, call into the library, map errors to exit codes.
+//! Every error is one line naming the file and the problem; the exit code is 2.
+
+use clap::{Parser, Subcommand};
+use kiln::cli::{bench, generate, parse_ids, score};
+use kiln::model::sampling::SamplingParams;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Pretrain Llama-family language models the TinyLlama way"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print per-token log-probabilities of a sequence as JSON
+    Score {
+        /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json)
+        #[arg(long)]
+        model: PathBuf,
+        /// Text to score (encoded with BOS)
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        text: Option<String>,
+        /// Token ids to score, e.g. "1 15043 3186"
+        #[arg(long)]
+        ids: Option<String>,
+    },
+    /// Generate text with a KV cache (temperature 0 = greedy)
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Keep the K most likely tokens (0 = off)
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        /// Keep the smallest set of tokens with this much probability (1 = off)
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print {"ids": [...], "text": "..."} instead of streaming text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure CPU throughput: GEMM, training forward+backward, decoding
+    Bench {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Score { model, text, ids } => {
+            let input = match (text.as_deref(), ids) {
+                (Some(t), _) => score::ScoreInput::Text(t),
+                (None, Some(ids)) => score::ScoreInput::Ids(parse_ids(&ids)?),
+                (None, None) => anyhow::bail!("give --text or --ids"),
+            };
+            let scores = score::run(&model, input)?;
+            println!("{}", serde_json::to_string(&scores)?);
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+        } => {
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                anyhow::bail!("--top-p must be in (0, 1]");
+            }
+            if temperature < 0.0 || !temperature.is_finite() {
+                anyhow::bail!("--temperature must be a non-negative number");
+            }
+            let args = generate::GenerateArgs {
+                prompt: &prompt,
+                max_new_tokens,
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                },
+                seed,
+                stream: !json,
+            };
+            let g = generate::run(&model, args)?;
+            if json {
+                println!("{}", serde_json::to_string(&g)?);
+            }
+            let n = g.ids.len();
+            eprintln!(
+                "{n} tokens in {:.2} s ({:.1} tokens/s); prompt {} tokens in {:.2} s",
+                g.decode_secs,
+                n as f64 / g.decode_secs.max(1e-9),
+                g.prompt_tokens,
+                g.prefill_secs
+            );
+        }
+        Command::Bench {
+            preset,
+            batch,
+            seq,
+            steps,
+            decode_tokens,
+        } => {
+            let report = bench::run(&bench::BenchArgs {
+                preset,
+                batch,
+                seq,
+                steps: steps.max(1),
+                decode_tokens,
+            })?;
+            for (k, v) in report.lines {
+                println!("{k:<24} {v}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Incremental decoding with a KV cache: a prompt is processed in one pass (prefill) and every
+//! later token costs one matrix-vector pass per layer plus attention over the cache.
+
+use super::llama::{KvPlace, Llama, Workspace};
+use crate::backend::{Backend, Gemm};
+use anyhow::{bail, Result};
+
+/// Keys and values of every layer for one sequence, `[capacity, n_kv_head · head_dim]` each.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    capacity: usize,
+    len: usize,
+    /// Scratch activations for up to `chunk` new tokens at a time.
+    ws: Workspace<B>,
+    last_hidden: B::Buf,
+    last_norm: B::Buf,
+    rstd: B::Buf,
+    logits: B::Buf,
+}
+
+/// Most prompt tokens processed in one prefill pass; longer prompts go in several passes, which
+/// bounds the scratch memory without changing the result.
+const PREFILL_CHUNK: usize = 256;
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(model: &Llama<B>, capacity: usize) -> Result<Self> {
+        let (b, cfg) = (&model.backend, &model.cfg);
+        let capacity = capacity.min(cfg.max_seq_len);
+        let kvd = cfg.kv_dim();
+        let k = (0..cfg.n_layer)
+            .map(|_| b.zeros(capacity * kvd))
+            .collect::<Result<_>>()?;
+        let v = (0..cfg.n_layer)
+            .map(|_| b.zeros(capacity * kvd))
+            .collect::<Result<_>>()?;
+        let ws = Workspace::with_layers(model, 1, PREFILL_CHUNK.min(capacity), 1)?;
+        Ok(KvCache {
+            k,
+            v,
+            capacity,
+            len: 0,
+            ws,
+            last_hidden: b.zeros(cfg.d_model)?,
+            last_norm: b.zeros(cfg.d_model)?,
+            rstd: b.zeros(1)?,
+            logits: b.zeros(cfg.vocab_size)?,
+        })
+    }
+
+    /// Tokens currently held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Appends `ids` to the cache and returns the next-token logits after the last of them.
+    pub fn decode(&self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            bail!("decode needs at least one token");
+        }
+        if cache.len + ids.len() > cache.capacity {
+            bail!(
+                "context full: {} + {} tokens exceed the cache of {}",
+                cache.len,
+                ids.len(),
+                cache.capacity
+            );
+        }
+        self.check_ids(ids)?;
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let d = cfg.d_model;
+        let mut last_rows = 0;
+        for chunk in ids.chunks(cache.ws.seq) {
+            let seq = chunk.len();
+            let ws = &mut cache.ws;
+            b.embedding_forward(&mut ws.resid[0], &self.weights.embed, chunk, d)?;
+            for (l, w) in self.weights.layers.iter().enumerate() {
+                // Ping-pong between the two residual buffers: block activations are scratch here.
+                let (r0, r1) = ws.resid.split_at_mut(1);
+                let (x_in, x_out) = if l % 2 == 0 {
+                    (&r0[0], &mut r1[0])
+                } else {
+                    (&r1[0], &mut r0[0])
+                };
+                let place = KvPlace::Cache {
+                    k: &mut cache.k[l],
+                    v: &mut cache.v[l],
+                    pos0: cache.len,
+                    capacity: cache.capacity,
+                };
+                self.block_forward(w, &mut ws.blocks[0], x_in, x_out, 1, seq, place)?;
+            }
+            cache.len += seq;
+            last_rows = seq;
+        }
+        // Only the last position's logits are needed: normalise and project one row.
+        let out = &cache.ws.resid[cfg.n_layer % 2];
+        b.copy(&mut cache.last_hidden, 0, out, (last_rows - 1) * d, d)?;
+        b.rmsnorm_forward(
+            &mut cache.last_norm,
+            &mut cache.rstd,
+            &cache.last_hidden,
+            &self.weights.final_norm,
+            1,
+            d,
+            cfg.norm_eps as f32,
+        )?;
+        b.matmul(
+            &mut cache.logits,
+            &cache.last_norm,
+            self.weights.head(),
+            Gemm::linear(1, d, cfg.vocab_size),
+        )?;
+        b.to_host(&cache.logits)
+    }
+}

@@ -1,0 +1,566 @@
+//! Forward and backward of the whole network, with every activation in a preallocated buffer.
+//!
+//! One training step on a `[batch, seq]` block of token ids:
+//! embedding → per block { RMSNorm → Q,K,V projections → RoPE(Q,K) → causal GQA attention →
+//! O projection + residual → RMSNorm → gate/up projections → SwiGLU → down projection + residual }
+//! → final RMSNorm → head → cross-entropy (its gradient written over the logits) and back again in
+//! reverse order, accumulating parameter gradients.
+
+use super::config::LlamaConfig;
+use super::rope;
+use super::weights::{LayerWeights, Weights};
+use crate::backend::{AttnShape, Backend, Gemm, RopeShape};
+use anyhow::{bail, Result};
+
+pub struct Llama<B: Backend> {
+    pub cfg: LlamaConfig,
+    pub backend: B,
+    pub weights: Weights<B::Buf>,
+    pub(crate) rope_cos: B::Buf,
+    pub(crate) rope_sin: B::Buf,
+}
+
+/// Activations of one transformer block, kept from the forward for the backward.
+pub struct BlockActs<Buf> {
+    pub ln1: Buf,
+    pub rstd1: Buf,
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
+    pub att: Buf,
+    pub lse: Buf,
+    /// Residual stream after the attention sub-layer (the MLP norm's input).
+    pub x_mid: Buf,
+    pub ln2: Buf,
+    pub rstd2: Buf,
+    pub gate: Buf,
+    pub up: Buf,
+    pub act: Buf,
+}
+
+/// Scratch gradients of one block, reused by every layer during the backward.
+pub struct BlockGrads<Buf> {
+    pub d_ln: Buf,
+    pub d_att: Buf,
+    pub dq: Buf,
+    pub dk: Buf,
+    pub dv: Buf,
+    pub d_act: Buf,
+    pub d_gate: Buf,
+    pub d_up: Buf,
+}
+
+/// Every buffer one forward + backward over `[batch, seq]` tokens needs, allocated once.
+pub struct Workspace<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    /// `resid[l]` is the residual stream entering block `l`; `resid[n_layer]` leaves the last one.
+    pub resid: Vec<B::Buf>,
+    pub blocks: Vec<BlockActs<B::Buf>>,
+    pub lnf: B::Buf,
+    pub rstdf: B::Buf,
+    /// `[rows, vocab]` logits; after a training forward, their gradient.
+    pub logits: B::Buf,
+    pub d_resid: B::Buf,
+    pub grads: BlockGrads<B::Buf>,
+    ids: Vec<u32>,
+}
+
+impl<Buf> BlockActs<Buf> {
+    fn new<B: Backend<Buf = Buf>>(
+        b: &B,
+        cfg: &LlamaConfig,
+        rows: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
+        Ok(BlockActs {
+            ln1: b.zeros(rows * d)?,
+            rstd1: b.zeros(rows)?,
+            q: b.zeros(rows * q)?,
+            k: b.zeros(rows * kv)?,
+            v: b.zeros(rows * kv)?,
+            att: b.zeros(rows * q)?,
+            lse: b.zeros(batch * cfg.n_head * seq)?,
+            x_mid: b.zeros(rows * d)?,
+            ln2: b.zeros(rows * d)?,
+            rstd2: b.zeros(rows)?,
+            gate: b.zeros(rows * ff)?,
+            up: b.zeros(rows * ff)?,
+            act: b.zeros(rows * ff)?,
+        })
+    }
+}
+
+impl<B: Backend> Workspace<B> {
+    /// Buffers for a training (or full-sequence scoring) pass over `[batch, seq]` tokens.
+    pub fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_layers(model, batch, seq, model.cfg.n_layer)
+    }
+
+    /// Buffers for a forward-only pass (scoring): one block of scratch activations reused by
+    /// every layer, so memory does not grow with depth. `backward` refuses this workspace.
+    pub fn for_inference(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_layers(model, batch, seq, 1)
+    }
+
+    /// `stored_layers` is how many blocks keep their activations: all of them for training, one
+    /// for inference, where each block's activations are dead once the next block has run.
+    pub(crate) fn with_layers(
+        model: &Llama<B>,
+        batch: usize,
+        seq: usize,
+        stored_layers: usize,
+    ) -> Result<Self> {
+        let (b, cfg) = (&model.backend, &model.cfg);
+        let rows = batch * seq;
+        let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
+        let resid = (0..=stored_layers.min(cfg.n_layer))
+            .map(|_| b.zeros(rows * d))
+            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..stored_layers)
+            .map(|_| BlockActs::new(b, cfg, rows, batch, seq))
+            .collect::<Result<_>>()?;
+        let grads = BlockGrads {
+            d_ln: b.zeros(rows * d)?,
+            d_att: b.zeros(rows * q)?,
+            dq: b.zeros(rows * q)?,
+            dk: b.zeros(rows * kv)?,
+            dv: b.zeros(rows * kv)?,
+            d_act: b.zeros(rows * ff)?,
+            d_gate: b.zeros(rows * ff)?,
+            d_up: b.zeros(rows * ff)?,
+        };
+        Ok(Workspace {
+            batch,
+            seq,
+            resid,
+            blocks,
+            lnf: b.zeros(rows * d)?,
+            rstdf: b.zeros(rows)?,
+            logits: b.zeros(rows * cfg.vocab_size)?,
+            d_resid: b.zeros(rows * d)?,
+            grads,
+            ids: Vec::new(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// Where a block's keys and values live during attention.
+pub(crate) enum KvPlace<'a, Buf> {
+    /// In the block's own activations (training, full-sequence scoring).
+    Local,
+    /// Appended to a per-layer cache at `pos0` (KV-cache decoding, batch 1).
+    Cache {
+        k: &'a mut Buf,
+        v: &'a mut Buf,
+        pos0: usize,
+        capacity: usize,
+    },
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds a model from parameter buffers; precomputes the RoPE tables.
+    pub fn new(cfg: LlamaConfig, backend: B, weights: Weights<B::Buf>) -> Result<Self> {
+        cfg.validate()?;
+        let (cos, sin) = rope::tables(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta);
+        let rope_cos = backend.from_host(&cos)?;
+        let rope_sin = backend.from_host(&sin)?;
+        Ok(Llama {
+            cfg,
+            backend,
+            weights,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// Builds a model from host (f32) tensors in canonical order, uploading them to the backend.
+    pub fn from_host(cfg: LlamaConfig, backend: B, host: &Weights<Vec<f32>>) -> Result<Self> {
+        let mut tensors = host.iter().into_iter();
+        let weights = Weights::try_build(&cfg, |spec| {
+            let t = tensors.next().expect("same config, same tensor count");
+            if t.len() != spec.numel() {
+                bail!(
+                    "tensor {} has {} values, expected {}",
+                    spec.name,
+                    t.len(),
+                    spec.numel()
+                );
+            }
+            backend.from_host(t)
+        })?;
+        Self::new(cfg, backend, weights)
+    }
+
+    /// Allocates a zeroed buffer for every parameter (gradients, optimizer moments).
+    pub fn zeros_like_weights(&self) -> Result<Weights<B::Buf>> {
+        Weights::try_build(&self.cfg, |s| self.backend.zeros(s.numel()))
+    }
+
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    /// One transformer block: `x_out = x_in + Attn(norm(x_in))`, then `+ MLP(norm(·))`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_forward(
+        &self,
+        w: &LayerWeights<B::Buf>,
+        a: &mut BlockActs<B::Buf>,
+        x_in: &B::Buf,
+        x_out: &mut B::Buf,
+        batch: usize,
+        seq: usize,
+        kv: KvPlace<'_, B::Buf>,
+    ) -> Result<()> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let rows = batch * seq;
+        let (d, qd, kvd, ff, hd) = (
+            cfg.d_model,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.d_ff,
+            cfg.head_dim(),
+        );
+        let eps = cfg.norm_eps as f32;
+
+        b.rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x_in, &w.attn_norm, rows, d, eps)?;
+        b.matmul(&mut a.q, &a.ln1, &w.q_proj, Gemm::linear(rows, d, qd))?;
+        b.matmul(&mut a.k, &a.ln1, &w.k_proj, Gemm::linear(rows, d, kvd))?;
+        b.matmul(&mut a.v, &a.ln1, &w.v_proj, Gemm::linear(rows, d, kvd))?;
+        let pos0 = match &kv {
+            KvPlace::Local => 0,
+            KvPlace::Cache { pos0, .. } => *pos0,
+        };
+        let rope_q = RopeShape {
+            rows,
+            seq,
+            pos0,
+            n_head: cfg.n_head,
+            head_dim: hd,
+        };
+        b.rope(&mut a.q, &self.rope_cos, &self.rope_sin, rope_q, false)?;
+        b.rope(
+            &mut a.k,
+            &self.rope_cos,
+            &self.rope_sin,
+            RopeShape {
+                n_head: cfg.n_kv_head,
+                ..rope_q
+            },
+            false,
+        )?;
+        let shape = AttnShape {
+            batch,
+            q_len: seq,
+            kv_len: seq,
+            kv_stride: seq,
+            q_pos0: 0,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: hd,
+        };
+        match kv {
+            KvPlace::Local => {
+                b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, shape)?
+            }
+            KvPlace::Cache {
+                k,
+                v,
+                pos0,
+                capacity,
+            } => {
+                debug_assert_eq!(batch, 1, "the KV cache holds one sequence");
+                b.copy(k, pos0 * kvd, &a.k, 0, rows * kvd)?;
+                b.copy(v, pos0 * kvd, &a.v, 0, rows * kvd)?;
+                let shape = AttnShape {
+                    kv_len: pos0 + seq,
+                    kv_stride: capacity,
+                    q_pos0: pos0,
+                    ..shape
+                };
+                b.attention_forward(&mut a.att, &mut a.lse, &a.q, k, v, shape)?;
+            }
+        }
+        b.copy(&mut a.x_mid, 0, x_in, 0, rows * d)?;
+        b.matmul(
+            &mut a.x_mid,
+            &a.att,
+            &w.o_proj,
+            Gemm::linear(rows, qd, d).accumulating(),
+        )?;
+
+        b.rmsnorm_forward(
+            &mut a.ln2,
+            &mut a.rstd2,
+            &a.x_mid,
+            &w.mlp_norm,
+            rows,
+            d,
+            eps,
+        )?;
+        b.matmul(&mut a.gate, &a.ln2, &w.gate_proj, Gemm::linear(rows, d, ff))?;
+        b.matmul(&mut a.up, &a.ln2, &w.up_proj, Gemm::linear(rows, d, ff))?;
+        b.swiglu_forward(&mut a.act, &a.gate, &a.up)?;
+        b.copy(x_out, 0, &a.x_mid, 0, rows * d)?;
+        b.matmul(
+            x_out,
+            &a.act,
+            &w.down_proj,
+            Gemm::linear(rows, ff, d).accumulating(),
+        )?;
+        Ok(())
+    }
+
+    /// Forward over `[ws.batch, ws.seq]` ids, keeping every activation, then the loss.
+    ///
+    /// `targets[r]` is the next token of row `r` (`-1` ignores the row). With `grad_scale = Some(s)`
+    /// the logits are replaced by `s · ∂loss/∂logits`, ready for `backward`; `s` is typically
+    /// `1 / (tokens in the global batch)` so the loss is a mean over the whole batch.
+    /// Returns the per-row losses (`-ln p(target)`).
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        ids: &[u32],
+        targets: &[i32],
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let rows = ws.rows();
+        if ids.len() != rows || targets.len() != rows {
+            bail!(
+                "forward: expected {rows} ids and targets, got {} and {}",
+                ids.len(),
+                targets.len()
+            );
+        }
+        if ws.seq > cfg.max_seq_len {
+            bail!(
+                "sequence of {} tokens exceeds the model's max_seq_len {}",
+                ws.seq,
+                cfg.max_seq_len
+            );
+        }
+        self.check_ids(ids)?;
+        if let Some(&bad) = targets.iter().find(|&&t| t >= cfg.vocab_size as i32) {
+            bail!(
+                "target id {bad} is outside the model's vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        ws.ids.clear();
+        ws.ids.extend_from_slice(ids);
+        let d = cfg.d_model;
+        b.embedding_forward(&mut ws.resid[0], &self.weights.embed, ids, d)?;
+        let stored = ws.blocks.len() == cfg.n_layer;
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            if stored {
+                let (head, tail) = ws.resid.split_at_mut(l + 1);
+                self.block_forward(
+                    w,
+                    &mut ws.blocks[l],
+                    &head[l],
+                    &mut tail[0],
+                    ws.batch,
+                    ws.seq,
+                    KvPlace::Local,
+                )?;
+            } else {
+                // Inference workspace: one scratch block, residual ping-pong (see `decode`).
+                let (r0, r1) = ws.resid.split_at_mut(1);
+                let (x_in, x_out) = if l % 2 == 0 {
+                    (&r0[0], &mut r1[0])
+                } else {
+                    (&r1[0], &mut r0[0])
+                };
+                self.block_forward(
+                    w,
+                    &mut ws.blocks[0],
+                    x_in,
+                    x_out,
+                    ws.batch,
+                    ws.seq,
+                    KvPlace::Local,
+                )?;
+            }
+        }
+        let last = &ws.resid[if stored { cfg.n_layer } else { cfg.n_layer % 2 }];
+        b.rmsnorm_forward(
+            &mut ws.lnf,
+            &mut ws.rstdf,
+            last,
+            &self.weights.final_norm,
+            rows,
+            d,
+            cfg.norm_eps as f32,
+        )?;
+        b.matmul(
+            &mut ws.logits,
+            &ws.lnf,
+            self.weights.head(),
+            Gemm::linear(rows, d, cfg.vocab_size),
+        )?;
+        b.cross_entropy(&mut ws.logits, targets, cfg.vocab_size, grad_scale)
+    }
+
+    /// Backward of the last `forward` (which must have been called with `grad_scale`): adds the
+    /// parameter gradients into `grads`.
+    pub fn backward(&self, ws: &mut Workspace<B>, grads: &mut Weights<B::Buf>) -> Result<()> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let rows = ws.rows();
+        let (d, qd, kvd, ff, v) = (
+            cfg.d_model,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.d_ff,
+            cfg.vocab_size,
+        );
+        if ws.blocks.len() != cfg.n_layer {
+            bail!("backward needs a training workspace (Workspace::new), not an inference one");
+        }
+        let g = &mut ws.grads;
+
+        // Head and final norm. `ws.logits` holds ∂loss/∂logits.
+        b.matmul(
+            grads.head_mut(),
+            &ws.logits,
+            &ws.lnf,
+            Gemm::linear_dw(rows, d, v),
+        )?;
+        b.matmul(
+            &mut g.d_ln,
+            &ws.logits,
+            self.weights.head(),
+            Gemm::linear_dx(rows, d, v),
+        )?;
+        b.fill_zero(&mut ws.d_resid)?;
+        let last = &ws.resid[cfg.n_layer];
+        b.rmsnorm_backward(
+            &mut ws.d_resid,
+            &mut grads.final_norm,
+            &g.d_ln,
+            last,
+            &self.weights.final_norm,
+            &ws.rstdf,
+            rows,
+            d,
+        )?;
+
+        for l in (0..cfg.n_layer).rev() {
+            let (w, a, gw) = (&self.weights.layers[l], &ws.blocks[l], &mut grads.layers[l]);
+            let dx = &mut ws.d_resid;
+            // MLP sub-layer: x_out = x_mid + down(silu(gate(n)) * up(n)), n = norm(x_mid).
+            b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
+            b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;
+            b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up)?;
+            b.matmul(
+                &mut g.d_ln,
+                &g.d_gate,
+                &w.gate_proj,
+                Gemm::linear_dx(rows, d, ff),
+            )?;
+            b.matmul(
+                &mut g.d_ln,
+                &g.d_up,
+                &w.up_proj,
+                Gemm::linear_dx(rows, d, ff).accumulating(),
+            )?;
+            b.matmul(
+                &mut gw.gate_proj,
+                &g.d_gate,
+                &a.ln2,
+                Gemm::linear_dw(rows, d, ff),
+            )?;
+            b.matmul(
+                &mut gw.up_proj,
+                &g.d_up,
+                &a.ln2,
+                Gemm::linear_dw(rows, d, ff),
+            )?;
+            b.rmsnorm_backward(
+                dx,
+                &mut gw.mlp_norm,
+                &g.d_ln,
+                &a.x_mid,
+                &w.mlp_norm,
+                &a.rstd2,
+                rows,
+                d,
+            )?;
+
+            // Attention sub-layer: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = norm(x_in).
+            b.matmul(&mut g.d_att, dx, &w.o_proj, Gemm::linear_dx(rows, qd, d))?;
+            b.matmul(&mut gw.o_proj, dx, &a.att, Gemm::linear_dw(rows, qd, d))?;
+            let shape = AttnShape {
+                batch: ws.batch,
+                q_len: ws.seq,
+                kv_len: ws.seq,
+                kv_stride: ws.seq,
+                q_pos0: 0,
+                n_head: cfg.n_head,
+                n_kv_head: cfg.n_kv_head,
+                head_dim: cfg.head_dim(),
+            };
+            b.attention_backward(
+                &mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape,
+            )?;
+            let rope_q = RopeShape {
+                rows,
+                seq: ws.seq,
+                pos0: 0,
+                n_head: cfg.n_head,
+                head_dim: cfg.head_dim(),
+            };
+            b.rope(&mut g.dq, &self.rope_cos, &self.rope_sin, rope_q, true)?;
+            b.rope(
+                &mut g.dk,
+                &self.rope_cos,
+                &self.rope_sin,
+                RopeShape {
+                    n_head: cfg.n_kv_head,
+                    ..rope_q
+                },
+                true,
+            )?;
+            b.matmul(&mut g.d_ln, &g.dq, &w.q_proj, Gemm::linear_dx(rows, d, qd))?;
+            b.matmul(
+                &mut g.d_ln,
+                &g.dk,
+                &w.k_proj,
+                Gemm::linear_dx(rows, d, kvd).accumulating(),
+            )?;
+            b.matmul(
+                &mut g.d_ln,
+                &g.dv,
+                &w.v_proj,
+                Gemm::linear_dx(rows, d, kvd).accumulating(),
+            )?;
+            b.matmul(&mut gw.q_proj, &g.dq, &a.ln1, Gemm::linear_dw(rows, d, qd))?;
+            b.matmul(&mut gw.k_proj, &g.dk, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
+            b.matmul(&mut gw.v_proj, &g.dv, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
+            b.rmsnorm_backward(
+                dx,
+                &mut gw.attn_norm,
+                &g.d_ln,
+                &ws.resid[l],
+                &w.attn_norm,
+                &a.rstd1,
+                rows,
+                d,
+            )?;
+        }
+        b.embedding_backward(&mut grads.embed, &ws.d_resid, &ws.ids, d)
+    }
+}
