@@ -5,7 +5,7 @@
 //! forward nor the backward pass of the model is ever forked per device.
 //!
 //! Conventions shared by every implementation:
-//! - Buffers hold floats in the backend's compute precision; `from_host`/`to_host` speak f32.
+//! - Buffers hold floats in the backend's compute precision; `upload`/`download` speak f32.
 //! - Matrices are row-major. Linear weights are `[out, in]` (Hugging Face layout), so a projection is
 //!   `y = x · Wᵀ`.
 //! - Backward ops that produce parameter gradients *accumulate* into them (gradient accumulation);
@@ -131,8 +131,8 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
-    fn from_host(&self, data: &[f32]) -> Result<Self::Buf>;
-    fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.

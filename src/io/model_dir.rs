@@ -54,7 +54,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>>
     let config = read_hf_config(&cfg_path)?;
     let files = weight_files(dir)?;
     let cfg = config.model.clone();
-    let weights = Weights::try_build(&cfg, |spec| backend.from_host(&files.load_f32(spec)?))?;
+    let weights = Weights::try_build(&cfg, |spec| backend.upload(&files.load_f32(spec)?))?;
     let model = Llama::new(cfg, backend, weights)?;
 
     let tok_path = dir.join("tokenizer.json");

@@ -61,7 +61,7 @@ impl LlamaConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             bail!(
                 "n_head ({}) must be a multiple of n_kv_head ({})",
                 self.n_head,
@@ -69,10 +69,10 @@ impl LlamaConfig {
             );
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             bail!("head_dim ({hd}) must be even and positive (RoPE rotates pairs)");
         }
-        if self.head_dim.is_none() && self.d_model % self.n_head != 0 {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_head) {
             bail!(
                 "d_model ({}) must be divisible by n_head ({}) unless head_dim is given",
                 self.d_model,

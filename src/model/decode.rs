@@ -122,6 +122,6 @@ impl<B: Backend> Llama<B> {
             self.weights.head(),
             Gemm::linear(1, d, cfg.vocab_size),
         )?;
-        b.to_host(&cache.logits)
+        b.download(&cache.logits)
     }
 }

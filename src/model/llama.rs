@@ -169,8 +169,8 @@ impl<B: Backend> Llama<B> {
     pub fn new(cfg: LlamaConfig, backend: B, weights: Weights<B::Buf>) -> Result<Self> {
         cfg.validate()?;
         let (cos, sin) = rope::tables(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta);
-        let rope_cos = backend.from_host(&cos)?;
-        let rope_sin = backend.from_host(&sin)?;
+        let rope_cos = backend.upload(&cos)?;
+        let rope_sin = backend.upload(&sin)?;
         Ok(Llama {
             cfg,
             backend,
@@ -193,7 +193,7 @@ impl<B: Backend> Llama<B> {
                     spec.numel()
                 );
             }
-            backend.from_host(t)
+            backend.upload(t)
         })?;
         Self::new(cfg, backend, weights)
     }

@@ -48,7 +48,7 @@ impl Layout {
     fn check(&self) {
         let s = &self.s;
         assert!(
-            s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+            s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head),
             "n_head must be a multiple of n_kv_head"
         );
         assert!(

@@ -54,10 +54,10 @@ impl Backend for Cpu {
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
-    fn from_host(&self, data: &[f32]) -> Result<Vec<f32>> {
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }
-    fn to_host(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }
     fn len(&self, buf: &Vec<f32>) -> usize {

@@ -1,0 +1,158 @@
+//! The whole network: backward against finite differences, determinism, and KV-cache decoding
+//! against the full-sequence forward.
+
+mod common;
+
+use common::{check_grad_directional, randv, rng};
+use kiln::backend::cpu::Cpu;
+use kiln::backend::Backend;
+use kiln::model::{KvCache, Llama, LlamaConfig, Weights, Workspace};
+
+fn tiny(tie: bool, n_kv_head: usize) -> LlamaConfig {
+    LlamaConfig {
+        n_layer: 2,
+        d_model: 16,
+        n_head: 4,
+        n_kv_head,
+        head_dim: None,
+        d_ff: 24,
+        vocab_size: 37,
+        max_seq_len: 64,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: tie,
+    }
+}
+
+fn random_model(cfg: &LlamaConfig, seed: u64) -> Llama<Cpu> {
+    let mut r = rng(seed);
+    let host = Weights::try_build(cfg, |s| {
+        Ok(if s.shape.len() == 1 {
+            randv(&mut r, s.numel(), 0.3)
+                .iter()
+                .map(|x| 1.0 + x)
+                .collect()
+        } else {
+            randv(&mut r, s.numel(), 1.7 / (s.shape[1] as f32).sqrt())
+        })
+    })
+    .unwrap();
+    Llama::from_host(cfg.clone(), Cpu::new(), &host).unwrap()
+}
+
+fn batch(cfg: &LlamaConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
+    let mut r = rng(seed);
+    let ids: Vec<u32> = randv(&mut r, b * t, 1.0)
+        .iter()
+        .map(|x| ((x.abs() * 1e4) as usize % cfg.vocab_size) as u32)
+        .collect();
+    let mut targets: Vec<i32> = ids.iter().skip(1).map(|&x| x as i32).collect();
+    targets.push(5);
+    targets[3] = -1; // an ignored position
+    (ids, targets)
+}
+
+fn check_model_gradients(cfg: LlamaConfig) {
+    let (b, t) = (2, 9);
+    let mut model = random_model(&cfg, 11);
+    let (ids, targets) = batch(&cfg, b, t, 12);
+    // The summed (not mean) loss: larger gradients keep f32 rounding of the loss far below them.
+    let scale = 1.0f32;
+    let mut ws = Workspace::new(&model, b, t).unwrap();
+    let mut grads = model.zeros_like_weights().unwrap();
+    model.forward(&mut ws, &ids, &targets, Some(scale)).unwrap();
+    model.backward(&mut ws, &mut grads).unwrap();
+    let specs = kiln::model::tensor_specs(&cfg);
+    let analytic: Vec<Vec<f32>> = grads.iter().into_iter().cloned().collect();
+    for (ti, spec) in specs.iter().enumerate() {
+        let orig = model.weights.iter()[ti].clone();
+        let mut x = orig.clone();
+        check_grad_directional(&spec.name, &mut x, &analytic[ti], 4, 1e-2, 1e-3, |x| {
+            model.weights.iter_mut()[ti].copy_from_slice(x);
+            let l = model.forward(&mut ws, &ids, &targets, None).unwrap();
+            l.iter().map(|&v| v as f64).sum::<f64>() * scale as f64
+        });
+        // The last evaluation left a perturbed tensor in the model: put the original back before
+        // checking the next one against gradients taken at the original point.
+        model.weights.iter_mut()[ti].copy_from_slice(&orig);
+    }
+}
+
+#[test]
+fn model_gradients_untied_gqa() {
+    check_model_gradients(tiny(false, 2));
+}
+
+#[test]
+fn model_gradients_tied_mqa() {
+    check_model_gradients(tiny(true, 1));
+}
+
+#[test]
+fn model_gradients_mha_with_explicit_head_dim() {
+    check_model_gradients(LlamaConfig {
+        head_dim: Some(6),
+        ..tiny(false, 4)
+    });
+}
+
+#[test]
+fn forward_and_backward_are_bit_identical_across_runs() {
+    let cfg = LlamaConfig {
+        d_model: 64,
+        d_ff: 96,
+        vocab_size: 300,
+        ..tiny(false, 2)
+    };
+    let model = random_model(&cfg, 21);
+    let (b, t) = (2, 40);
+    let (ids, targets) = batch(&cfg, b, t, 22);
+    let run = || {
+        let mut ws = Workspace::new(&model, b, t).unwrap();
+        let mut g = model.zeros_like_weights().unwrap();
+        let l = model.forward(&mut ws, &ids, &targets, Some(0.01)).unwrap();
+        model.backward(&mut ws, &mut g).unwrap();
+        (l, g.iter().into_iter().cloned().collect::<Vec<_>>())
+    };
+    let (l1, g1) = run();
+    let (l2, g2) = run();
+    assert!(l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()));
+    for (a, b) in g1.iter().zip(&g2) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let cfg = LlamaConfig {
+        max_seq_len: 400,
+        ..tiny(false, 2)
+    };
+    let model = random_model(&cfg, 31);
+    let n = 300; // longer than one prefill chunk (256)
+    let (ids, _) = batch(&cfg, 1, n, 32);
+    let mut ws = Workspace::new(&model, 1, n).unwrap();
+    model.forward(&mut ws, &ids, &vec![-1; n], None).unwrap();
+    let full = Cpu.download(&ws.logits).unwrap();
+    let v = cfg.vocab_size;
+    let mut cache = KvCache::new(&model, n).unwrap();
+    // Prefill 280 tokens (two chunks), then one token at a time.
+    let last = model.decode(&mut cache, &ids[..280]).unwrap();
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    assert!(close(&last, &full[279 * v..280 * v]) < 1e-4);
+    for i in 280..n {
+        let l = model.decode(&mut cache, &ids[i..i + 1]).unwrap();
+        let err = close(&l, &full[i * v..(i + 1) * v]);
+        assert!(err < 1e-4, "position {i}: {err}");
+    }
+    assert_eq!(cache.len(), n);
+    assert!(
+        model.decode(&mut cache, &[1]).is_err(),
+        "a full cache refuses more tokens"
+    );
+}
