@@ -154,3 +154,56 @@ pub fn read_generation_eos(path: &Path) -> Result<Option<Vec<u32>>> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V4: &str = r#"{"model_type":"llama","hidden_size":2048,"intermediate_size":5632,"num_hidden_layers":22,
+        "num_attention_heads":32,"num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":2048,
+        "rms_norm_eps":1e-05,"rope_theta":10000.0,"rope_scaling":null,"tie_word_embeddings":false,
+        "torch_dtype":"bfloat16","bos_token_id":1,"eos_token_id":2,"hidden_act":"silu"}"#;
+
+    #[test]
+    fn reads_transformers_4_layout() {
+        let c = parse_hf_config(V4).unwrap();
+        assert_eq!(c.model, LlamaConfig::preset("tinyllama-1.1b").unwrap());
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone(), c.dtype.as_deref()),
+            (Some(1), vec![2], Some("bfloat16"))
+        );
+    }
+
+    #[test]
+    fn reads_transformers_5_layout() {
+        let v5 = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":24,"vocab_size":700,"dtype":"bfloat16",
+            "rope_parameters":{"rope_theta":50000.0,"rope_type":"default"},"eos_token_id":[2,7]}"#;
+        let c = parse_hf_config(v5).unwrap();
+        assert_eq!(
+            (c.model.head_dim(), c.model.q_dim(), c.model.rope_theta),
+            (24, 96, 50000.0)
+        );
+        assert_eq!(c.eos_token_ids, vec![2, 7]);
+        assert_eq!(c.model.norm_eps, 1e-6); // transformers' LlamaConfig default
+    }
+
+    #[test]
+    fn rejects_what_kiln_cannot_run() {
+        let bad = V4.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0}",
+        );
+        assert!(parse_hf_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("llama3"));
+        let bad = V4.replace("\"num_key_value_heads\":4", "\"num_key_value_heads\":5");
+        assert!(format!("{:#}", parse_hf_config(&bad).unwrap_err()).contains("n_kv_head"));
+        let bad = V4.replace("\"hidden_size\":2048", "\"hidden_size\":\"big\"");
+        assert!(parse_hf_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
+    }
+}

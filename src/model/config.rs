@@ -139,3 +139,44 @@ const PRESETS: &[(&str, &str)] = &[
 pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|(n, _)| *n).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tinyllama_preset_has_the_published_shape() {
+        let c = LlamaConfig::preset("tinyllama-1.1b").unwrap();
+        assert_eq!(
+            (
+                c.n_layer,
+                c.d_model,
+                c.n_head,
+                c.n_kv_head,
+                c.d_ff,
+                c.vocab_size
+            ),
+            (22, 2048, 32, 4, 5632, 32000)
+        );
+        assert_eq!(c.head_dim(), 64);
+        assert_eq!(c.n_params(), 1_100_048_384); // TinyLlama-1.1B's parameter count
+                                                 // The paper's 7.31 GFLOP/token at sequence length 2048.
+        assert!((c.train_flops_per_token(2048) / 1e9 - 7.31).abs() < 0.05);
+    }
+
+    #[test]
+    fn every_preset_validates_and_unknown_names_are_listed() {
+        for name in preset_names() {
+            LlamaConfig::preset(name).unwrap();
+        }
+        let e = LlamaConfig::preset("nope").unwrap_err().to_string();
+        assert!(e.contains("tinyllama-1.1b"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = LlamaConfig::preset("tiny").unwrap();
+        c.n_kv_head = 3;
+        assert!(c.validate().unwrap_err().to_string().contains("n_kv_head"));
+    }
+}

@@ -81,3 +81,65 @@ impl Sampler {
         cand[probs.len() - 1].0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), 1);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            0,
+        );
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let logits = [5.0, 4.0, 0.0, -1.0, 4.5];
+        let mut k2 = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 2,
+                top_p: 1.0,
+            },
+            3,
+        );
+        let mut p = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.5,
+            },
+            3,
+        );
+        for _ in 0..200 {
+            assert!([0, 4].contains(&k2.sample(&logits)));
+            assert_eq!(p.sample(&logits), 0); // token 0 alone holds > 50% of the mass
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_the_seed() {
+        let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let mut s = Sampler::new(params, 42);
+        let ones = (0..4000).filter(|_| s.sample(&logits) == 1).count();
+        assert!((2800..3200).contains(&ones), "{ones}");
+        let draw = |seed| {
+            let mut s = Sampler::new(params, seed);
+            (0..32).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(9), draw(9));
+    }
+}
