@@ -1,8 +1,25 @@
 //! GEMM through the `gemm` crate (measured at the core's f32 peak), with transposes expressed as
 //! strides so no operand is ever copied.
 
+use super::simd::dot;
 use crate::backend::Gemm;
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Output elements per rayon task in the matrix-vector path.
+const GEMV_CHUNK: usize = 64;
+
+fn gemv_rows(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool) {
+    out.par_chunks_mut(GEMV_CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (j, y) in o.iter_mut().enumerate() {
+                let row = (c * GEMV_CHUNK + j) * k;
+                let v = dot(x, &w[row..row + k]);
+                *y = if accumulate { *y + v } else { v };
+            }
+        });
+}
 
 pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
     let Gemm {
@@ -30,6 +47,12 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
         if !accumulate {
             out[..m * n].fill(0.0);
         }
+        return;
+    }
+    if m == 1 && trans_b {
+        // Decoding: one row times a weight matrix `[n, k]`. Memory-bound, so spread the weight
+        // rows over threads; each output is one fixed-order dot product (deterministic).
+        gemv_rows(&mut out[..n], &a[..k], &b[..n * k], k, accumulate);
         return;
     }
     // Element (i, p) of op(a) and (p, j) of op(b), as (row stride, column stride).
