@@ -54,6 +54,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tokenize corpora into packed shards (one prepared directory per source)
+    Prepare {
+        /// tokenizer.json to encode with
+        #[arg(long, default_value = "assets/tokenizer/llama2/tokenizer.json")]
+        tokenizer: PathBuf,
+        /// Output directory (a data source for `kiln train`)
+        #[arg(long)]
+        out: PathBuf,
+        /// Field holding the text (default: "text" for jsonl, "content" for parquet)
+        #[arg(long)]
+        text_field: Option<String>,
+        /// Fraction of documents held out for validation (0 disables it)
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        /// Files or directories of .jsonl, .jsonl.zst, .parquet or .txt
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Measure CPU throughput: GEMM, training forward+backward, decoding
     Bench {
         #[arg(long, default_value = "small")]
@@ -119,6 +137,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 g.prompt_tokens,
                 g.prefill_secs
             );
+        }
+        Command::Prepare {
+            tokenizer,
+            out,
+            text_field,
+            val_fraction,
+            inputs,
+        } => {
+            let args = kiln::data::prepare::PrepareArgs {
+                tokenizer,
+                out,
+                inputs,
+                text_field,
+                val_fraction,
+                shard_tokens: kiln::data::prepare::DEFAULT_SHARD_TOKENS,
+                progress: true,
+            };
+            let s = kiln::data::prepare::prepare(&args)?;
+            println!("{}", kiln::cli::prepare_summary(&s, &args.out));
         }
         Command::Bench {
             preset,

@@ -5,6 +5,33 @@ pub mod generate;
 pub mod score;
 
 use anyhow::{bail, Result};
+use std::path::Path;
+
+/// One line describing what `kiln prepare` did.
+pub fn prepare_summary(s: &crate::data::prepare::PrepareSummary, out: &Path) -> String {
+    let i = &s.index;
+    if s.skipped {
+        return format!(
+            "{}: up to date ({} documents, {} tokens)",
+            out.display(),
+            i.train.documents + i.val.documents,
+            i.train.tokens + i.val.tokens
+        );
+    }
+    format!(
+        "{}: {} documents ({} train / {} val), {} tokens ({} train / {} val) from {} files in {:.1} s ({:.1} MB/s)",
+        out.display(),
+        i.train.documents + i.val.documents,
+        i.train.documents,
+        i.val.documents,
+        i.train.tokens + i.val.tokens,
+        i.train.tokens,
+        i.val.tokens,
+        i.inputs.len(),
+        s.secs,
+        s.input_bytes as f64 / 1e6 / s.secs.max(1e-9)
+    )
+}
 
 /// Parses `"1 2 3"` or `"1,2,3"` into token ids.
 pub fn parse_ids(text: &str) -> Result<Vec<u32>> {

@@ -1,5 +1,6 @@
 //! Reading (and later writing) Hugging Face model directories.
 
+pub mod atomic;
 pub mod hf_config;
 pub mod model_dir;
 pub mod safetensors;
