@@ -68,7 +68,7 @@ impl Loader {
                 let mut targets = Vec::with_capacity(micro_batch * seq_len);
                 let mut window = Vec::with_capacity(seq_len + 1);
                 for _ in 0..micro_batch {
-                    let d = mix.next();
+                    let d = mix.draw();
                     window.clear();
                     data[d.source].train.read_into(
                         d.window * (seq_len as u64 + 1),
@@ -96,7 +96,7 @@ impl Loader {
     }
 
     /// The next micro-batch and how long the step waited for it.
-    pub fn next(&mut self) -> Result<(Batch, Duration)> {
+    pub fn next_batch(&mut self) -> Result<(Batch, Duration)> {
         let t = Instant::now();
         let rx = self.rx.as_ref().expect("receiver lives until drop");
         match rx.recv() {

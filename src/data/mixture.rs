@@ -104,7 +104,7 @@ impl Mixture {
             .unwrap_or(self.cumulative.len() - 1)
     }
 
-    pub fn next(&mut self) -> Draw {
+    pub fn draw(&mut self) -> Draw {
         let source = self.pick_source(self.state.sequences);
         self.state.sequences += 1;
         let n = self.windows[source];
@@ -140,7 +140,7 @@ mod tests {
     fn mixture_proportions_follow_the_weights() {
         let mut m = Mixture::new(7, &[0.693584, 0.306416], vec![50, 3], None);
         let n = 100_000;
-        let first = (0..n).filter(|_| m.next().source == 0).count() as f64 / n as f64;
+        let first = (0..n).filter(|_| m.draw().source == 0).count() as f64 / n as f64;
         // Binomial standard deviation at n = 1e5 is 0.0015; allow 4σ.
         assert!((first - 0.693584).abs() < 0.006, "{first}");
     }
@@ -148,20 +148,20 @@ mod tests {
     #[test]
     fn every_window_once_per_epoch_and_one_window_sources_repeat_it() {
         let mut m = Mixture::new(1, &[1.0], vec![5], None);
-        let mut epoch: Vec<u64> = (0..5).map(|_| m.next().window).collect();
+        let mut epoch: Vec<u64> = (0..5).map(|_| m.draw().window).collect();
         epoch.sort();
         assert_eq!(epoch, vec![0, 1, 2, 3, 4]);
         let mut one = Mixture::new(1, &[1.0], vec![1], None);
-        assert!((0..10).all(|_| one.next().window == 0));
+        assert!((0..10).all(|_| one.draw().window == 0));
     }
 
     #[test]
     fn resuming_from_a_state_continues_the_same_stream() {
         let mut a = Mixture::new(3, &[0.5, 0.5], vec![11, 4], None);
-        let _: Vec<_> = (0..17).map(|_| a.next()).collect();
+        let _: Vec<_> = (0..17).map(|_| a.draw()).collect();
         let mut b = Mixture::new(3, &[0.5, 0.5], vec![11, 4], Some(a.state.clone()));
         for _ in 0..50 {
-            assert_eq!(a.next(), b.next());
+            assert_eq!(a.draw(), b.draw());
         }
     }
 }
