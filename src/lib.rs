@@ -6,7 +6,9 @@
 
 pub mod backend;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod io;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "Pretrain Llama-family language models the TinyLlama way"
-)]
+#[command(name = "kiln", version, about = "Pretrain Llama-family language models the TinyLlama way")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +49,26 @@ enum Command {
         /// Print {"ids": [...], "text": "..."} instead of streaming text
         #[arg(long)]
         json: bool,
+    },
+    /// Train a model (with no CONFIG: the bundled demo, configs/demo.toml)
+    Train {
+        /// Run config (TOML)
+        config: Option<PathBuf>,
+        /// Run directory (default runs/<config name>)
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Override a config field: --set section.key=value (value parsed as TOML)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Print a line per log interval instead of the dashboard
+        #[arg(long)]
+        headless: bool,
+        /// Run this many more optimizer steps, checkpoint and exit (the schedule still follows train.max_steps)
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Continue the run in RUN_DIR from its latest checkpoint
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir"])]
+        resume: Option<PathBuf>,
     },
     /// Tokenize corpora into packed shards (one prepared directory per source)
     Prepare {
@@ -98,16 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let scores = score::run(&model, input)?;
             println!("{}", serde_json::to_string(&scores)?);
         }
-        Command::Generate {
-            model,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            json,
-        } => {
+        Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 anyhow::bail!("--top-p must be in (0, 1]");
             }
@@ -117,11 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = generate::GenerateArgs {
                 prompt: &prompt,
                 max_new_tokens,
-                sampling: SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                },
+                sampling: SamplingParams { temperature, top_k, top_p },
                 seed,
                 stream: !json,
             };
@@ -138,13 +141,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 g.prefill_secs
             );
         }
-        Command::Prepare {
-            tokenizer,
-            out,
-            text_field,
-            val_fraction,
-            inputs,
-        } => {
+        Command::Train { config, run_dir, sets, headless: _, steps, resume } => {
+            // The dashboard arrives with the TUI; until then every run reports headless lines.
+            let args = kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true };
+            kiln::train::run::train(args)?;
+        }
+        Command::Prepare { tokenizer, out, text_field, val_fraction, inputs } => {
             let args = kiln::data::prepare::PrepareArgs {
                 tokenizer,
                 out,
@@ -157,20 +159,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let s = kiln::data::prepare::prepare(&args)?;
             println!("{}", kiln::cli::prepare_summary(&s, &args.out));
         }
-        Command::Bench {
-            preset,
-            batch,
-            seq,
-            steps,
-            decode_tokens,
-        } => {
-            let report = bench::run(&bench::BenchArgs {
-                preset,
-                batch,
-                seq,
-                steps: steps.max(1),
-                decode_tokens,
-            })?;
+        Command::Bench { preset, batch, seq, steps, decode_tokens } => {
+            let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps: steps.max(1), decode_tokens })?;
             for (k, v) in report.lines {
                 println!("{k:<24} {v}");
             }

@@ -5,8 +5,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-pub const LLAMA2_TOKENIZER_JSON: &[u8] =
-    include_bytes!("../assets/tokenizer/llama2/tokenizer.json");
+pub const LLAMA2_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer/llama2/tokenizer.json");
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -16,28 +15,19 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
     /// The bundled Llama-2 tokenizer (32,000 pieces; `<s>` = 1, `</s>` = 2).
     pub fn llama2() -> Self {
-        Self::from_bytes(LLAMA2_TOKENIZER_JSON, "bundled Llama-2 tokenizer")
-            .expect("the bundled tokenizer parses")
+        Self::from_bytes(LLAMA2_TOKENIZER_JSON, "bundled Llama-2 tokenizer").expect("the bundled tokenizer parses")
     }
 
-    fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{source}: not a valid tokenizer.json ({})",
-                one_line(&e.to_string())
-            )
-        })?;
-        Ok(Tokenizer {
-            inner,
-            source: source.to_string(),
-        })
+    pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| anyhow::anyhow!("{source}: not a valid tokenizer.json ({})", one_line(&e.to_string())))?;
+        Ok(Tokenizer { inner, source: source.to_string() })
     }
 
     /// Vocabulary size including added tokens.
@@ -52,13 +42,10 @@ impl Tokenizer {
     /// Encodes `text` without the tokenizer's own special-token template; `bos` is prepended when
     /// given, so the result does not depend on how a tokenizer.json sets up its post-processor.
     pub fn encode(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot encode text ({})",
-                self.source,
-                one_line(&e.to_string())
-            )
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("{}: cannot encode text ({})", self.source, one_line(&e.to_string())))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(bos);
         ids.extend_from_slice(enc.get_ids());
@@ -67,20 +54,19 @@ impl Tokenizer {
 
     /// Decodes ids to text, leaving out special tokens (BOS, EOS).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot decode ids ({})",
-                self.source,
-                one_line(&e.to_string())
-            )
-        })
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("{}: cannot decode ids ({})", self.source, one_line(&e.to_string())))
     }
 
     /// Checks that every id the tokenizer can produce is a row of the model's embedding.
     pub fn check_vocab(&self, model_vocab: usize, model_source: &str) -> Result<()> {
         let n = self.vocab_size();
         if n > model_vocab {
-            bail!("{}: tokenizer has {n} tokens but {model_source} has vocab_size {model_vocab} (vocab mismatch)", self.source);
+            bail!(
+                "{}: tokenizer has {n} tokens but {model_source} has vocab_size {model_vocab} (vocab mismatch)",
+                self.source
+            );
         }
         Ok(())
     }

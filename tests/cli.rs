@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("RUST_BACKTRACE", "1").output().unwrap()
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -20,40 +16,22 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn expected(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap()
 }
 
 fn stdout_json(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "kiln failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "kiln failed: {}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]
 fn score_ids_prints_the_documented_json() {
     let e = expected("gqa_untied_f32");
-    let ids: Vec<String> = e["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-    let out = stdout_json(&kiln(&[
-        "score",
-        "--model",
-        fixture("gqa_untied_f32").to_str().unwrap(),
-        "--ids",
-        &ids.join(" "),
-    ]));
+    let ids: Vec<String> = e["ids"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+    let out =
+        stdout_json(&kiln(&["score", "--model", fixture("gqa_untied_f32").to_str().unwrap(), "--ids", &ids.join(" ")]));
     assert_eq!(out["ids"], e["ids"]);
-    let (got, want) = (
-        out["logprobs"].as_array().unwrap(),
-        e["logprobs"].as_array().unwrap(),
-    );
+    let (got, want) = (out["logprobs"].as_array().unwrap(), e["logprobs"].as_array().unwrap());
     assert_eq!(got.len(), ids.len() - 1);
     for (g, w) in got.iter().zip(want) {
         assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4);
@@ -110,10 +88,7 @@ fn greedy_generate_cli_matches_transformers() {
     // Streaming mode prints the same text.
     let o = kiln(&args);
     assert!(o.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim_end(),
-        e["greedy_text"].as_str().unwrap().trim_end()
-    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end(), e["greedy_text"].as_str().unwrap().trim_end());
 }
 
 #[test]
@@ -158,10 +133,7 @@ fn expect_error(dir: &Path, needle: &str) -> String {
     let o = kiln(&["score", "--model", dir.to_str().unwrap(), "--ids", "1 5 9"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(2), "exit code for {needle}: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "panic: {err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "panic: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains(needle), "{err:?} should mention {needle:?}");
@@ -181,11 +153,7 @@ fn malformed_config() {
     let t = scratch_copy("gqa_untied_f32");
     std::fs::write(t.path().join("config.json"), "{ not json").unwrap();
     expect_error(t.path(), "config.json: not valid JSON");
-    std::fs::write(
-        t.path().join("config.json"),
-        r#"{"model_type": "llama", "hidden_size": 64}"#,
-    )
-    .unwrap();
+    std::fs::write(t.path().join("config.json"), r#"{"model_type": "llama", "hidden_size": 64}"#).unwrap();
     expect_error(t.path(), "\"num_attention_heads\"");
     std::fs::write(t.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     expect_error(t.path(), "gpt2");
@@ -207,23 +175,14 @@ fn truncated_and_corrupt_safetensors() {
 }
 
 /// Rewrites the fixture's weights with one tensor replaced.
-fn with_tensor(
-    dir: &Path,
-    name: &str,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-) {
+fn with_tensor(dir: &Path, name: &str, dtype: safetensors::Dtype, shape: Vec<usize>, data: Vec<u8>) {
     let st = dir.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
     for (n, v) in parsed.tensors() {
         if n == name {
-            views.push((
-                n,
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), &data).unwrap(),
-            ));
+            views.push((n, safetensors::tensor::TensorView::new(dtype, shape.clone(), &data).unwrap()));
         } else {
             views.push((n, v));
         }
@@ -235,23 +194,11 @@ fn with_tensor(
 #[test]
 fn shape_and_dtype_mismatches_name_the_tensor() {
     let t = scratch_copy("gqa_untied_f32");
-    with_tensor(
-        t.path(),
-        "model.norm.weight",
-        safetensors::Dtype::F32,
-        vec![63],
-        vec![0; 63 * 4],
-    );
+    with_tensor(t.path(), "model.norm.weight", safetensors::Dtype::F32, vec![63], vec![0; 63 * 4]);
     let e = expect_error(t.path(), "model.norm.weight");
     assert!(e.contains("shape [63]"), "{e}");
     let t = scratch_copy("gqa_untied_f32");
-    with_tensor(
-        t.path(),
-        "model.norm.weight",
-        safetensors::Dtype::I64,
-        vec![64],
-        vec![0; 64 * 8],
-    );
+    with_tensor(t.path(), "model.norm.weight", safetensors::Dtype::I64, vec![64], vec![0; 64 * 8]);
     expect_error(t.path(), "dtype I64");
 }
 
@@ -262,11 +209,8 @@ fn missing_shard_and_missing_tensor() {
     expect_error(t.path(), "model-00003-of-00009.safetensors");
     let t = scratch_copy("gqa_untied_f32");
     let cfg = std::fs::read_to_string(t.path().join("config.json")).unwrap();
-    std::fs::write(
-        t.path().join("config.json"),
-        cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
-    )
-    .unwrap();
+    std::fs::write(t.path().join("config.json"), cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"))
+        .unwrap();
     expect_error(t.path(), "model.layers.2");
 }
 
@@ -286,25 +230,13 @@ fn bad_tokenizer_and_vocab_mismatch() {
 #[test]
 fn bad_ids_and_overlong_input() {
     let dir = fixture("gqa_untied_f32");
-    let o = kiln(&[
-        "score",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ids",
-        "1 2 99999",
-    ]);
+    let o = kiln(&["score", "--model", dir.to_str().unwrap(), "--ids", "1 2 99999"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("99999"));
     let o = kiln(&["score", "--model", dir.to_str().unwrap(), "--ids", "1 x"]);
     assert_eq!(o.status.code(), Some(2));
     let long: Vec<String> = (0..600).map(|i| (i % 900 + 3).to_string()).collect();
-    let o = kiln(&[
-        "score",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ids",
-        &long.join(" "),
-    ]);
+    let o = kiln(&["score", "--model", dir.to_str().unwrap(), "--ids", &long.join(" ")]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("max_position_embeddings"));
     // Text needs a tokenizer; this model's vocabulary (1000) cannot use the bundled one.

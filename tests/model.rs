@@ -28,10 +28,7 @@ fn random_model(cfg: &LlamaConfig, seed: u64) -> Llama<Cpu> {
     let mut r = rng(seed);
     let host = Weights::try_build(cfg, |s| {
         Ok(if s.shape.len() == 1 {
-            randv(&mut r, s.numel(), 0.3)
-                .iter()
-                .map(|x| 1.0 + x)
-                .collect()
+            randv(&mut r, s.numel(), 0.3).iter().map(|x| 1.0 + x).collect()
         } else {
             randv(&mut r, s.numel(), 1.7 / (s.shape[1] as f32).sqrt())
         })
@@ -42,10 +39,8 @@ fn random_model(cfg: &LlamaConfig, seed: u64) -> Llama<Cpu> {
 
 fn batch(cfg: &LlamaConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
     let mut r = rng(seed);
-    let ids: Vec<u32> = randv(&mut r, b * t, 1.0)
-        .iter()
-        .map(|x| ((x.abs() * 1e4) as usize % cfg.vocab_size) as u32)
-        .collect();
+    let ids: Vec<u32> =
+        randv(&mut r, b * t, 1.0).iter().map(|x| ((x.abs() * 1e4) as usize % cfg.vocab_size) as u32).collect();
     let mut targets: Vec<i32> = ids.iter().skip(1).map(|&x| x as i32).collect();
     targets.push(5);
     targets[3] = -1; // an ignored position
@@ -90,20 +85,12 @@ fn model_gradients_tied_mqa() {
 
 #[test]
 fn model_gradients_mha_with_explicit_head_dim() {
-    check_model_gradients(LlamaConfig {
-        head_dim: Some(6),
-        ..tiny(false, 4)
-    });
+    check_model_gradients(LlamaConfig { head_dim: Some(6), ..tiny(false, 4) });
 }
 
 #[test]
 fn forward_and_backward_are_bit_identical_across_runs() {
-    let cfg = LlamaConfig {
-        d_model: 64,
-        d_ff: 96,
-        vocab_size: 300,
-        ..tiny(false, 2)
-    };
+    let cfg = LlamaConfig { d_model: 64, d_ff: 96, vocab_size: 300, ..tiny(false, 2) };
     let model = random_model(&cfg, 21);
     let (b, t) = (2, 40);
     let (ids, targets) = batch(&cfg, b, t, 22);
@@ -124,10 +111,7 @@ fn forward_and_backward_are_bit_identical_across_runs() {
 
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
-    let cfg = LlamaConfig {
-        max_seq_len: 400,
-        ..tiny(false, 2)
-    };
+    let cfg = LlamaConfig { max_seq_len: 400, ..tiny(false, 2) };
     let model = random_model(&cfg, 31);
     let n = 300; // longer than one prefill chunk (256)
     let (ids, _) = batch(&cfg, 1, n, 32);
@@ -138,12 +122,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let mut cache = KvCache::new(&model, n).unwrap();
     // Prefill 280 tokens (two chunks), then one token at a time.
     let last = model.decode(&mut cache, &ids[..280]).unwrap();
-    let close = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    };
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     assert!(close(&last, &full[279 * v..280 * v]) < 1e-4);
     for i in 280..n {
         let l = model.decode(&mut cache, &ids[i..i + 1]).unwrap();
@@ -151,8 +130,5 @@ fn kv_cache_decoding_matches_full_forward() {
         assert!(err < 1e-4, "position {i}: {err}");
     }
     assert_eq!(cache.len(), n);
-    assert!(
-        model.decode(&mut cache, &[1]).is_err(),
-        "a full cache refuses more tokens"
-    );
+    assert!(model.decode(&mut cache, &[1]).is_err(), "a full cache refuses more tokens");
 }

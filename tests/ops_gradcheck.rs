@@ -22,20 +22,7 @@ fn matmul_all_transposes_match_naive_and_accumulate() {
             let init = randv(&mut r, m * n, 1.0);
             for acc in [false, true] {
                 let mut out = init.clone();
-                b.matmul(
-                    &mut out,
-                    &a,
-                    &w,
-                    Gemm {
-                        m,
-                        n,
-                        k,
-                        trans_a: ta,
-                        trans_b: tb,
-                        accumulate: acc,
-                    },
-                )
-                .unwrap();
+                b.matmul(&mut out, &a, &w, Gemm { m, n, k, trans_a: ta, trans_b: tb, accumulate: acc }).unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let mut s = if acc { init[i * n + j] as f64 } else { 0.0 };
@@ -44,10 +31,7 @@ fn matmul_all_transposes_match_naive_and_accumulate() {
                             let bv = if tb { w[j * k + p] } else { w[p * n + j] };
                             s += av as f64 * bv as f64;
                         }
-                        assert!(
-                            (out[i * n + j] as f64 - s).abs() < 1e-4,
-                            "ta={ta} tb={tb} acc={acc} ({i},{j})"
-                        );
+                        assert!((out[i * n + j] as f64 - s).abs() < 1e-4, "ta={ta} tb={tb} acc={acc} ({i},{j})");
                     }
                 }
             }
@@ -65,25 +49,15 @@ fn linear_backward_matches_finite_differences() {
     let proj = randv(&mut r, rows * dout, 1.0);
     let fwd = |x: &[f32], w: &[f32]| {
         let mut y = vec![0.0; rows * dout];
-        Cpu.matmul(
-            &mut y,
-            &x.to_vec(),
-            &w.to_vec(),
-            Gemm::linear(rows, din, dout),
-        )
-        .unwrap();
+        Cpu.matmul(&mut y, &x.to_vec(), &w.to_vec(), Gemm::linear(rows, din, dout)).unwrap();
         project(&y, &proj)
     };
     let mut dx = vec![0.0; rows * din];
-    b.matmul(&mut dx, &proj, &w, Gemm::linear_dx(rows, din, dout))
-        .unwrap();
+    b.matmul(&mut dx, &proj, &w, Gemm::linear_dx(rows, din, dout)).unwrap();
     let mut dw = vec![0.0; dout * din];
-    b.matmul(&mut dw, &proj, &x, Gemm::linear_dw(rows, din, dout))
-        .unwrap();
+    b.matmul(&mut dw, &proj, &x, Gemm::linear_dw(rows, din, dout)).unwrap();
     let w0 = w.clone();
-    check_grad("linear dx", &mut x.clone(), &dx, 40, H, TOL, |x| {
-        fwd(x, &w0)
-    });
+    check_grad("linear dx", &mut x.clone(), &dx, 40, H, TOL, |x| fwd(x, &w0));
     let x0 = x.clone();
     check_grad("linear dw", &mut w, &dw, 40, H, TOL, |w| fwd(&x0, w));
     x[0] += 0.0;
@@ -119,17 +93,12 @@ fn rmsnorm_forward_and_backward() {
     let proj = randv(&mut r, rows * d, 1.0);
     let run = |x: &[f32], w: &[f32]| {
         let (mut o, mut rs) = (vec![0.0; rows * d], vec![0.0; rows]);
-        Cpu.rmsnorm_forward(&mut o, &mut rs, &x.to_vec(), &w.to_vec(), rows, d, eps)
-            .unwrap();
+        Cpu.rmsnorm_forward(&mut o, &mut rs, &x.to_vec(), &w.to_vec(), rows, d, eps).unwrap();
         (o, rs)
     };
     let (o, rstd) = run(&x, &w);
     for i in 0..rows {
-        let ms: f64 = x[i * d..(i + 1) * d]
-            .iter()
-            .map(|&v| (v as f64).powi(2))
-            .sum::<f64>()
-            / d as f64;
+        let ms: f64 = x[i * d..(i + 1) * d].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
         let rs = 1.0 / (ms + eps as f64).sqrt();
         for j in 0..d {
             assert!((o[i * d + j] as f64 - w[j] as f64 * x[i * d + j] as f64 * rs).abs() < 1e-5);
@@ -138,17 +107,12 @@ fn rmsnorm_forward_and_backward() {
     let base = randv(&mut r, rows * d, 1.0); // dx accumulates onto what is there
     let mut dx = base.clone();
     let mut dw = vec![0.0; d];
-    b.rmsnorm_backward(&mut dx, &mut dw, &proj, &x, &w, &rstd, rows, d)
-        .unwrap();
+    b.rmsnorm_backward(&mut dx, &mut dw, &proj, &x, &w, &rstd, rows, d).unwrap();
     let dx: Vec<f32> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
     let w0 = w.clone();
-    check_grad("rmsnorm dx", &mut x.clone(), &dx, 60, H, TOL, |x| {
-        project(&run(x, &w0).0, &proj)
-    });
+    check_grad("rmsnorm dx", &mut x.clone(), &dx, 60, H, TOL, |x| project(&run(x, &w0).0, &proj));
     let x0 = x.clone();
-    check_grad("rmsnorm dw", &mut w.clone(), &dw, 24, H, TOL, |w| {
-        project(&run(&x0, w).0, &proj)
-    });
+    check_grad("rmsnorm dw", &mut w.clone(), &dw, 24, H, TOL, |w| project(&run(&x0, w).0, &proj));
 }
 
 #[test]
@@ -157,13 +121,7 @@ fn rope_inverse_is_the_backward_and_matches_rotate_half() {
     let mut r = rng(5);
     let (batch, seq, nh, hd, pos0) = (2, 5, 3, 8, 4);
     let (cos, sin) = kiln::model::rope::tables(hd, 32, 10000.0);
-    let shape = RopeShape {
-        rows: batch * seq,
-        seq,
-        pos0,
-        n_head: nh,
-        head_dim: hd,
-    };
+    let shape = RopeShape { rows: batch * seq, seq, pos0, n_head: nh, head_dim: hd };
     let x = randv(&mut r, batch * seq * nh * hd, 1.0);
     let mut y = x.clone();
     b.rope(&mut y, &cos, &sin, shape, false).unwrap();
@@ -175,11 +133,7 @@ fn rope_inverse_is_the_backward_and_matches_rotate_half() {
             for i in 0..hd {
                 let f = 1.0 / 10000f64.powf((2 * (i % (hd / 2))) as f64 / hd as f64);
                 let a = pos as f64 * f;
-                let rot = if i < hd / 2 {
-                    -x[o + i + hd / 2]
-                } else {
-                    x[o + i - hd / 2]
-                } as f64;
+                let rot = if i < hd / 2 { -x[o + i + hd / 2] } else { x[o + i - hd / 2] } as f64;
                 let want = x[o + i] as f64 * a.cos() + rot * a.sin();
                 assert!((y[o + i] as f64 - want).abs() < 1e-5);
             }
@@ -209,10 +163,7 @@ fn naive_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
                 let scores: Vec<f64> = (0..keys)
                     .map(|j| {
                         let ko = ((b * s.kv_stride + j) * s.n_kv_head + kvh) * hd;
-                        (0..hd)
-                            .map(|t| q[qo + t] as f64 * k[ko + t] as f64)
-                            .sum::<f64>()
-                            * scale
+                        (0..hd).map(|t| q[qo + t] as f64 * k[ko + t] as f64).sum::<f64>() * scale
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -231,42 +182,14 @@ fn naive_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
 }
 
 fn attn_shapes() -> Vec<AttnShape> {
-    let base = AttnShape {
-        batch: 2,
-        q_len: 9,
-        kv_len: 9,
-        kv_stride: 9,
-        q_pos0: 0,
-        n_head: 4,
-        n_kv_head: 2,
-        head_dim: 6,
-    };
+    let base =
+        AttnShape { batch: 2, q_len: 9, kv_len: 9, kv_stride: 9, q_pos0: 0, n_head: 4, n_kv_head: 2, head_dim: 6 };
     vec![
         base,
-        AttnShape {
-            n_kv_head: 4,
-            ..base
-        }, // MHA
-        AttnShape {
-            n_kv_head: 1,
-            head_dim: 10,
-            ..base
-        }, // MQA, odd-sized head
-        AttnShape {
-            batch: 1,
-            q_len: 150,
-            kv_len: 150,
-            kv_stride: 150,
-            ..base
-        }, // crosses query and key tiles
-        AttnShape {
-            batch: 1,
-            q_len: 3,
-            kv_len: 80,
-            kv_stride: 96,
-            q_pos0: 77,
-            ..base
-        }, // KV-cache decode
+        AttnShape { n_kv_head: 4, ..base },                                      // MHA
+        AttnShape { n_kv_head: 1, head_dim: 10, ..base },                        // MQA, odd-sized head
+        AttnShape { batch: 1, q_len: 150, kv_len: 150, kv_stride: 150, ..base }, // crosses query and key tiles
+        AttnShape { batch: 1, q_len: 3, kv_len: 80, kv_stride: 96, q_pos0: 77, ..base }, // KV-cache decode
     ]
 }
 
@@ -278,14 +201,9 @@ fn attention_forward_matches_naive_softmax() {
         let k = randv(&mut r, s.kv_elems(), 1.5);
         let v = randv(&mut r, s.kv_elems(), 1.0);
         let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
-        Cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s)
-            .unwrap();
+        Cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
         let want = naive_attention(&q, &k, &v, s);
-        let err = out
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(err < 1e-5, "{s:?}: max error {err}");
         assert!(lse.iter().all(|x| x.is_finite()));
     }
@@ -300,67 +218,30 @@ fn attention_backward_matches_finite_differences() {
         let v = randv(&mut r, s.kv_elems(), 1.0);
         let proj = randv(&mut r, s.q_elems(), 1.0);
         let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
-        Cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s)
-            .unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            vec![f32::NAN; s.q_elems()],
-            vec![f32::NAN; s.kv_elems()],
-            vec![f32::NAN; s.kv_elems()],
-        );
-        Cpu.attention_backward(&mut dq, &mut dk, &mut dv, &proj, &out, &lse, &q, &k, &v, s)
-            .unwrap();
-        assert!(
-            dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()),
-            "{s:?}: every gradient element written"
-        );
+        Cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
+        let (mut dq, mut dk, mut dv) =
+            (vec![f32::NAN; s.q_elems()], vec![f32::NAN; s.kv_elems()], vec![f32::NAN; s.kv_elems()]);
+        Cpu.attention_backward(&mut dq, &mut dk, &mut dv, &proj, &out, &lse, &q, &k, &v, s).unwrap();
+        assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()), "{s:?}: every gradient element written");
         let loss = |q: &[f32], k: &[f32], v: &[f32]| {
             let (mut o, mut l) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
-            Cpu.attention_forward(&mut o, &mut l, &q.to_vec(), &k.to_vec(), &v.to_vec(), s)
-                .unwrap();
+            Cpu.attention_forward(&mut o, &mut l, &q.to_vec(), &k.to_vec(), &v.to_vec(), s).unwrap();
             project(&o, &proj)
         };
-        check_grad(
-            &format!("attention dq {s:?}"),
-            &mut q.clone(),
-            &dq,
-            50,
-            H,
-            TOL,
-            |x| loss(x, &k, &v),
-        );
+        check_grad(&format!("attention dq {s:?}"), &mut q.clone(), &dq, 50, H, TOL, |x| loss(x, &k, &v));
         // Only the first kv_len key rows influence the output; sample those.
         let live = s.batch * s.kv_stride * s.n_kv_head * s.head_dim;
-        let valid = if s.kv_stride == s.kv_len {
-            live
-        } else {
-            s.kv_len * s.n_kv_head * s.head_dim
-        };
-        check_grad(
-            &format!("attention dk {s:?}"),
-            &mut k[..valid].to_vec(),
-            &dk[..valid],
-            50,
-            H,
-            TOL,
-            |x| {
-                let mut kk = k.clone();
-                kk[..valid].copy_from_slice(x);
-                loss(&q, &kk, &v)
-            },
-        );
-        check_grad(
-            &format!("attention dv {s:?}"),
-            &mut v[..valid].to_vec(),
-            &dv[..valid],
-            50,
-            H,
-            TOL,
-            |x| {
-                let mut vv = v.clone();
-                vv[..valid].copy_from_slice(x);
-                loss(&q, &k, &vv)
-            },
-        );
+        let valid = if s.kv_stride == s.kv_len { live } else { s.kv_len * s.n_kv_head * s.head_dim };
+        check_grad(&format!("attention dk {s:?}"), &mut k[..valid].to_vec(), &dk[..valid], 50, H, TOL, |x| {
+            let mut kk = k.clone();
+            kk[..valid].copy_from_slice(x);
+            loss(&q, &kk, &v)
+        });
+        check_grad(&format!("attention dv {s:?}"), &mut v[..valid].to_vec(), &dv[..valid], 50, H, TOL, |x| {
+            let mut vv = v.clone();
+            vv[..valid].copy_from_slice(x);
+            loss(&q, &k, &vv)
+        });
     }
 }
 
@@ -378,20 +259,14 @@ fn swiglu_forward_and_backward() {
         assert!((out[i] as f64 - g / (1.0 + (-g).exp()) * up[i] as f64).abs() < 1e-5);
     }
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    Cpu.swiglu_backward(&mut dg, &mut du, &proj, &gate, &up)
-        .unwrap();
+    Cpu.swiglu_backward(&mut dg, &mut du, &proj, &gate, &up).unwrap();
     let run = |g: &[f32], u: &[f32]| {
         let mut o = vec![0.0; n];
-        Cpu.swiglu_forward(&mut o, &g.to_vec(), &u.to_vec())
-            .unwrap();
+        Cpu.swiglu_forward(&mut o, &g.to_vec(), &u.to_vec()).unwrap();
         project(&o, &proj)
     };
-    check_grad("swiglu dgate", &mut gate.clone(), &dg, 60, H, TOL, |g| {
-        run(g, &up)
-    });
-    check_grad("swiglu dup", &mut up.clone(), &du, 60, H, TOL, |u| {
-        run(&gate, u)
-    });
+    check_grad("swiglu dgate", &mut gate.clone(), &dg, 60, H, TOL, |g| run(g, &up));
+    check_grad("swiglu dup", &mut up.clone(), &du, 60, H, TOL, |u| run(&gate, u));
 }
 
 #[test]
@@ -400,42 +275,22 @@ fn cross_entropy_loss_and_gradient() {
     let (rows, vocab) = (6, 37);
     let logits = randv(&mut r, rows * vocab, 4.0);
     let targets = [3i32, 0, 36, -1, 17, 5];
-    let losses = Cpu
-        .cross_entropy(&mut logits.clone(), &targets, vocab, None)
-        .unwrap();
+    let losses = Cpu.cross_entropy(&mut logits.clone(), &targets, vocab, None).unwrap();
     for (i, &t) in targets.iter().enumerate() {
         let row = &logits[i * vocab..(i + 1) * vocab];
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-        let want = if t < 0 {
-            0.0
-        } else {
-            lse - row[t as usize] as f64
-        };
+        let want = if t < 0 { 0.0 } else { lse - row[t as usize] as f64 };
         assert!((losses[i] as f64 - want).abs() < 1e-5);
     }
     let scale = 0.37;
     let mut grad = logits.clone();
-    Cpu.cross_entropy(&mut grad, &targets, vocab, Some(scale))
-        .unwrap();
-    assert!(
-        grad[3 * vocab..4 * vocab].iter().all(|&g| g == 0.0),
-        "ignored row has no gradient"
-    );
-    check_grad(
-        "cross-entropy",
-        &mut logits.clone(),
-        &grad,
-        80,
-        H,
-        TOL,
-        |x| {
-            let l = Cpu
-                .cross_entropy(&mut x.to_vec(), &targets, vocab, None)
-                .unwrap();
-            l.iter().map(|&v| v as f64).sum::<f64>() * scale as f64
-        },
-    );
+    Cpu.cross_entropy(&mut grad, &targets, vocab, Some(scale)).unwrap();
+    assert!(grad[3 * vocab..4 * vocab].iter().all(|&g| g == 0.0), "ignored row has no gradient");
+    check_grad("cross-entropy", &mut logits.clone(), &grad, 80, H, TOL, |x| {
+        let l = Cpu.cross_entropy(&mut x.to_vec(), &targets, vocab, None).unwrap();
+        l.iter().map(|&v| v as f64).sum::<f64>() * scale as f64
+    });
 }
 
 #[test]
@@ -444,22 +299,13 @@ fn adamw_matches_torch_semantics() {
     let n = 1000;
     let mut p = randv(&mut r, n, 1.0);
     let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let (mut pr, mut mr, mut vr): (Vec<f64>, Vec<f64>, Vec<f64>) = (
-        p.iter().map(|&x| x as f64).collect(),
-        vec![0.0; n],
-        vec![0.0; n],
-    );
+    let (mut pr, mut mr, mut vr): (Vec<f64>, Vec<f64>, Vec<f64>) =
+        (p.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
     let (lr, b1, b2, eps, wd) = (4e-3f64, 0.9f64, 0.95f64, 1e-8f64, 0.1f64);
     for step in 1..=5u64 {
         let g = randv(&mut r, n, 1.0);
-        let hp = AdamW {
-            lr: lr as f32,
-            beta1: b1 as f32,
-            beta2: b2 as f32,
-            eps: eps as f32,
-            weight_decay: wd as f32,
-            step,
-        };
+        let hp =
+            AdamW { lr: lr as f32, beta1: b1 as f32, beta2: b2 as f32, eps: eps as f32, weight_decay: wd as f32, step };
         Cpu.adamw_step(&mut p, &g, &mut m, &mut v, hp).unwrap();
         // torch.optim.AdamW (decoupled decay, bias correction, eps after the square root).
         for i in 0..n {
@@ -471,10 +317,6 @@ fn adamw_matches_torch_semantics() {
             pr[i] -= lr * (mr[i] / (1.0 - b1.powi(step as i32))) / denom;
         }
     }
-    let err = p
-        .iter()
-        .zip(&pr)
-        .map(|(&a, &b)| (a as f64 - b).abs())
-        .fold(0.0, f64::max);
+    let err = p.iter().zip(&pr).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
     assert!(err < 1e-6, "max deviation {err}");
 }

@@ -10,13 +10,8 @@ use kiln::model::sampling::argmax;
 use kiln::model::{KvCache, Workspace};
 use serde_json::Value;
 
-const FIXTURES: [&str; 5] = [
-    "gqa_untied_f32",
-    "mha_tied_bf16",
-    "mqa_hd20_f16_sharded",
-    "llama2_vocab_tied_bf16",
-    "v5_headdim24_bf16",
-];
+const FIXTURES: [&str; 5] =
+    ["gqa_untied_f32", "mha_tied_bf16", "mqa_hd20_f16_sharded", "llama2_vocab_tied_bf16", "v5_headdim24_bf16"];
 
 fn expected(name: &str) -> Value {
     let p = common::fixtures().join(name).join("expected.json");
@@ -24,11 +19,7 @@ fn expected(name: &str) -> Value {
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -39,20 +30,11 @@ fn logprobs_match_transformers_within_1e4() {
         let ids = u32s(&e["ids"]);
         let n = ids.len();
         assert!(n >= 300);
-        let targets: Vec<i32> = (0..n)
-            .map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 })
-            .collect();
+        let targets: Vec<i32> = (0..n).map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 }).collect();
         let mut ws = Workspace::for_inference(&md.model, 1, n).unwrap();
         let losses = md.model.forward(&mut ws, &ids, &targets, None).unwrap();
-        let want: Vec<f64> = e["logprobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let worst = (0..n - 1)
-            .map(|i| (-(losses[i] as f64) - want[i]).abs())
-            .fold(0.0, f64::max);
+        let want: Vec<f64> = e["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let worst = (0..n - 1).map(|i| (-(losses[i] as f64) - want[i]).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-4, "{name}: max |Δ logprob| = {worst:.2e}");
     }
 }

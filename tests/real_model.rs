@@ -12,10 +12,7 @@ use std::process::Command;
 fn model_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("KILN_REAL_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target/real-models/smollm2-135m-instruct")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-models/smollm2-135m-instruct"));
     if dir.join("model.safetensors").exists() {
         return Some(dir);
     }
@@ -24,10 +21,7 @@ fn model_dir() -> Option<PathBuf> {
         "{} is missing: run scripts/fetch-smollm2.sh",
         dir.display()
     );
-    eprintln!(
-        "skipping: {} not present (run scripts/fetch-smollm2.sh)",
-        dir.display()
-    );
+    eprintln!("skipping: {} not present (run scripts/fetch-smollm2.sh)", dir.display());
     None
 }
 
@@ -37,10 +31,7 @@ fn reference() -> Value {
 }
 
 fn kiln_json(args: &[&str]) -> Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
@@ -69,19 +60,10 @@ fn smollm2_greedy_generation_and_scores_match_transformers() {
         assert_eq!(out["text"], g["text"], "{prompt}");
     }
     // The model's authors check that it knows the capital of France.
-    assert!(r["generations"][0]["text"]
-        .as_str()
-        .unwrap()
-        .contains("Paris"));
+    assert!(r["generations"][0]["text"].as_str().unwrap().contains("Paris"));
 
     let s = &r["score"];
-    let out = kiln_json(&[
-        "score",
-        "--model",
-        dir,
-        "--text",
-        s["text"].as_str().unwrap(),
-    ]);
+    let out = kiln_json(&["score", "--model", dir, "--text", s["text"].as_str().unwrap()]);
     assert_eq!(out["ids"], s["ids"], "tokenization of the scored text");
     let worst = out["logprobs"]
         .as_array()
@@ -91,8 +73,5 @@ fn smollm2_greedy_generation_and_scores_match_transformers() {
         .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
         .fold(0.0, f64::max);
     assert!(worst < 1e-4, "max |Δ logprob| {worst:.2e}");
-    eprintln!(
-        "smollm2: {} positions, max |Δ logprob| = {worst:.2e}",
-        s["ids"].as_array().unwrap().len()
-    );
+    eprintln!("smollm2: {} positions, max |Δ logprob| = {worst:.2e}", s["ids"].as_array().unwrap().len());
 }

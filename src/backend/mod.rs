@@ -32,36 +32,15 @@ pub struct Gemm {
 impl Gemm {
     /// `y[rows, out] = x[rows, in] · W[out, in]ᵀ`: a linear layer's forward.
     pub fn linear(rows: usize, d_in: usize, d_out: usize) -> Self {
-        Gemm {
-            m: rows,
-            n: d_out,
-            k: d_in,
-            trans_a: false,
-            trans_b: true,
-            accumulate: false,
-        }
+        Gemm { m: rows, n: d_out, k: d_in, trans_a: false, trans_b: true, accumulate: false }
     }
     /// `dx[rows, in] = dy[rows, out] · W[out, in]`: a linear layer's input gradient.
     pub fn linear_dx(rows: usize, d_in: usize, d_out: usize) -> Self {
-        Gemm {
-            m: rows,
-            n: d_in,
-            k: d_out,
-            trans_a: false,
-            trans_b: false,
-            accumulate: false,
-        }
+        Gemm { m: rows, n: d_in, k: d_out, trans_a: false, trans_b: false, accumulate: false }
     }
     /// `dW[out, in] += dy[rows, out]ᵀ · x[rows, in]`: a linear layer's weight gradient.
     pub fn linear_dw(rows: usize, d_in: usize, d_out: usize) -> Self {
-        Gemm {
-            m: d_out,
-            n: d_in,
-            k: rows,
-            trans_a: true,
-            trans_b: false,
-            accumulate: true,
-        }
+        Gemm { m: d_out, n: d_in, k: rows, trans_a: true, trans_b: false, accumulate: true }
     }
     pub fn accumulating(mut self) -> Self {
         self.accumulate = true;
@@ -136,14 +115,7 @@ pub trait Backend: Send + Sync + 'static {
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
-    fn copy(
-        &self,
-        dst: &mut Self::Buf,
-        dst_off: usize,
-        src: &Self::Buf,
-        src_off: usize,
-        len: usize,
-    ) -> Result<()>;
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()>;
 
     // ---- elementwise helpers ----
     /// `dst += src`.
@@ -157,21 +129,9 @@ pub trait Backend: Send + Sync + 'static {
     fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
 
     /// `out[r] = table[ids[r]]`, rows of width `d`. Ids are checked by the caller.
-    fn embedding_forward(
-        &self,
-        out: &mut Self::Buf,
-        table: &Self::Buf,
-        ids: &[u32],
-        d: usize,
-    ) -> Result<()>;
+    fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], d: usize) -> Result<()>;
     /// `dtable[ids[r]] += dout[r]`.
-    fn embedding_backward(
-        &self,
-        dtable: &mut Self::Buf,
-        dout: &Self::Buf,
-        ids: &[u32],
-        d: usize,
-    ) -> Result<()>;
+    fn embedding_backward(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &[u32], d: usize) -> Result<()>;
 
     /// `out = x / rms(x) * w` per row; saves `rstd = 1 / sqrt(mean(x²) + eps)` per row.
     #[allow(clippy::too_many_arguments)]
@@ -201,14 +161,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Rotates `x` in place by the rotary angles (HF "rotate_half" pairing `i` with `i + head_dim/2`);
     /// `inverse` rotates by the negative angles, which is exactly the backward of the forward rotation.
-    fn rope(
-        &self,
-        x: &mut Self::Buf,
-        cos: &Self::Buf,
-        sin: &Self::Buf,
-        shape: RopeShape,
-        inverse: bool,
-    ) -> Result<()>;
+    fn rope(&self, x: &mut Self::Buf, cos: &Self::Buf, sin: &Self::Buf, shape: RopeShape, inverse: bool) -> Result<()>;
 
     /// Causal grouped-query attention, FlashAttention-2 style: `out` and the per-row logsumexp `lse`
     /// (kept for the backward) are produced without materialising the score matrix.

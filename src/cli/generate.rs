@@ -33,16 +33,12 @@ pub struct Generation {
 }
 
 pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
-    let md = load_model_dir(model_dir, Cpu::new())?;
+    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, Cpu::new())?;
     let (model, tok) = (&md.model, md.tokenizer()?);
     let prompt = tok.encode(args.prompt, Some(md.bos))?;
     let mut cache = KvCache::new(model, prompt.len() + args.max_new_tokens)?;
     if prompt.len() >= cache.capacity() {
-        anyhow::bail!(
-            "the prompt has {} tokens; the model's context is {}",
-            prompt.len(),
-            model.cfg.max_seq_len
-        );
+        anyhow::bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), model.cfg.max_seq_len);
     }
     let mut sampler = Sampler::new(args.sampling, args.seed);
     let t0 = Instant::now();
@@ -63,8 +59,7 @@ pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
             // Decode the whole reply and print what is new, so multi-byte characters split across
             // tokens are printed only once they are complete.
             let text = tok.decode(&ids)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed)
-            {
+            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
                 let mut out = stdout.lock();
                 write!(out, "{}", &text[printed..])?;
                 out.flush()?;
@@ -84,11 +79,5 @@ pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
         }
         writeln!(out)?;
     }
-    Ok(Generation {
-        ids,
-        text,
-        prompt_tokens: prompt.len(),
-        prefill_secs,
-        decode_secs: t1.elapsed().as_secs_f64(),
-    })
+    Ok(Generation { ids, text, prompt_tokens: prompt.len(), prefill_secs, decode_secs: t1.elapsed().as_secs_f64() })
 }

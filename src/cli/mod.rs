@@ -38,10 +38,7 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
     let ids = text
         .split(|c: char| c.is_whitespace() || c == ',')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>()
-                .map_err(|_| anyhow::anyhow!("--ids: {s:?} is not a token id"))
-        })
+        .map(|s| s.parse::<u32>().map_err(|_| anyhow::anyhow!("--ids: {s:?} is not a token id")))
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         bail!("--ids: no token ids given");

@@ -21,24 +21,18 @@ pub enum ScoreInput<'a> {
 }
 
 pub fn run(model_dir: &Path, input: ScoreInput<'_>) -> Result<Scores> {
-    let md = load_model_dir(model_dir, Cpu::new())?;
+    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, Cpu::new())?;
     let ids = match input {
         ScoreInput::Text(t) => md.tokenizer()?.encode(t, Some(md.bos))?,
         ScoreInput::Ids(ids) => ids,
     };
     let model = &md.model;
     if ids.len() > model.cfg.max_seq_len {
-        bail!(
-            "{} tokens exceed the model's max_position_embeddings of {}",
-            ids.len(),
-            model.cfg.max_seq_len
-        );
+        bail!("{} tokens exceed the model's max_position_embeddings of {}", ids.len(), model.cfg.max_seq_len);
     }
     model.check_ids(&ids)?;
     let n = ids.len();
-    let targets: Vec<i32> = (0..n)
-        .map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 })
-        .collect();
+    let targets: Vec<i32> = (0..n).map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 }).collect();
     let mut ws = Workspace::for_inference(model, 1, n)?;
     let losses = model.forward(&mut ws, &ids, &targets, None)?;
     let logprobs: Vec<f32> = losses[..n - 1].iter().map(|&l| -l).collect();

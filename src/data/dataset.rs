@@ -21,30 +21,18 @@ impl TokenStream {
         for e in files {
             let s = Shard::open(&dir.join(&e.file), true)?;
             if s.tokens != e.tokens {
-                bail!(
-                    "{}: corrupt shard (index says {} tokens, shard holds {})",
-                    s.path.display(),
-                    e.tokens,
-                    s.tokens
-                );
+                bail!("{}: corrupt shard (index says {} tokens, shard holds {})", s.path.display(), e.tokens, s.tokens);
             }
             starts.push(len);
             len += s.tokens;
             shards.push(s);
         }
-        Ok(TokenStream {
-            shards,
-            starts,
-            len,
-        })
+        Ok(TokenStream { shards, starts, len })
     }
 
     /// Appends stream tokens `[start, start + len)` to `out`, crossing shard boundaries.
     pub fn read_into(&self, mut start: u64, mut len: usize, out: &mut Vec<u32>) {
-        assert!(
-            start + len as u64 <= self.len,
-            "read past the end of the stream"
-        );
+        assert!(start + len as u64 <= self.len, "read past the end of the stream");
         while len > 0 {
             let i = self.starts.partition_point(|&s| s <= start) - 1;
             let within = start - self.starts[i];
@@ -88,11 +76,6 @@ impl Dataset {
         if train.len == 0 {
             bail!("{}: empty dataset (no training tokens)", dir.display());
         }
-        Ok(Dataset {
-            dir: dir.to_path_buf(),
-            index,
-            train,
-            val,
-        })
+        Ok(Dataset { dir: dir.to_path_buf(), index, train, val })
     }
 }

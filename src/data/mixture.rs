@@ -45,8 +45,7 @@ pub fn permute(i: u64, n: u64, key: u64) -> u64 {
     loop {
         let (mut l, mut r) = (x >> half, x & mask);
         for round in 0..4u64 {
-            let f =
-                splitmix64(r ^ key.wrapping_add(round.wrapping_mul(0xA24B_AED4_963E_E407))) & mask;
+            let f = splitmix64(r ^ key.wrapping_add(round.wrapping_mul(0xA24B_AED4_963E_E407))) & mask;
             (l, r) = (r, l ^ f);
         }
         x = (l << half) | r;
@@ -84,24 +83,17 @@ impl Mixture {
                 acc
             })
             .collect();
-        let state = state.unwrap_or(MixState {
-            sequences: 0,
-            sources: vec![SourceCursor::default(); weights.len()],
-        });
-        Mixture {
-            seed,
-            cumulative,
-            windows,
-            state,
+        let mut state = state.unwrap_or_default();
+        if state.sources.is_empty() {
+            state.sources = vec![SourceCursor::default(); weights.len()];
         }
+        assert_eq!(state.sources.len(), weights.len(), "one cursor per source (the loader checks resumed states)");
+        Mixture { seed, cumulative, windows, state }
     }
 
     pub fn pick_source(&self, k: u64) -> usize {
         let u = (splitmix64(self.seed ^ splitmix64(k)) >> 11) as f64 / (1u64 << 53) as f64;
-        self.cumulative
-            .iter()
-            .position(|&c| u < c)
-            .unwrap_or(self.cumulative.len() - 1)
+        self.cumulative.iter().position(|&c| u < c).unwrap_or(self.cumulative.len() - 1)
     }
 
     pub fn draw(&mut self) -> Draw {

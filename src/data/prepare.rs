@@ -85,22 +85,15 @@ pub struct PrepareSummary {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn read_index(dir: &Path) -> Result<PreparedIndex> {
     let p = dir.join(INDEX_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "{}: not a prepared dataset (run `kiln prepare` first)",
-            p.display()
-        )
-    })?;
-    let idx: PreparedIndex = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: malformed index ({e})", p.display()))?;
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: not a prepared dataset (run `kiln prepare` first)", p.display()))?;
+    let idx: PreparedIndex =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed index ({e})", p.display()))?;
     if idx.format != FORMAT {
         bail!("{}: format {:?} is not {FORMAT:?}", p.display(), idx.format);
     }
@@ -132,20 +125,9 @@ struct SplitWriter {
 
 impl SplitWriter {
     fn new(name: &'static str) -> Self {
-        SplitWriter {
-            name,
-            tokens: Vec::new(),
-            docs: 0,
-            index: SplitIndex::default(),
-        }
+        SplitWriter { name, tokens: Vec::new(), docs: 0, index: SplitIndex::default() }
     }
-    fn push(
-        &mut self,
-        doc: &[u32],
-        out: &Path,
-        shard_tokens: usize,
-        token_bytes: u32,
-    ) -> Result<()> {
+    fn push(&mut self, doc: &[u32], out: &Path, shard_tokens: usize, token_bytes: u32) -> Result<()> {
         self.tokens.extend_from_slice(doc);
         self.docs += 1;
         if self.tokens.len() >= shard_tokens {
@@ -161,63 +143,28 @@ impl SplitWriter {
         write_shard(&out.join(&file), &self.tokens, self.docs, token_bytes)?;
         self.index.tokens += self.tokens.len() as u64;
         self.index.documents += self.docs;
-        self.index.shards.push(ShardEntry {
-            file,
-            tokens: self.tokens.len() as u64,
-            documents: self.docs,
-        });
+        self.index.shards.push(ShardEntry { file, tokens: self.tokens.len() as u64, documents: self.docs });
         self.tokens.clear();
         self.docs = 0;
         Ok(())
     }
 }
 
-fn fingerprint(
-    files: &[PathBuf],
-    tok_sha: &str,
-    args: &PrepareArgs,
-) -> Result<(String, Vec<InputEntry>, u64)> {
+fn fingerprint(files: &[PathBuf], tok_sha: &str, args: &PrepareArgs) -> Result<(String, Vec<InputEntry>, u64)> {
     let mut h = Sha256::new();
     h.update(FORMAT.as_bytes());
     h.update(tok_sha.as_bytes());
-    h.update(
-        format!(
-            "{:?}|{}|{}",
-            args.text_field, args.val_fraction, args.shard_tokens
-        )
-        .as_bytes(),
-    );
+    h.update(format!("{:?}|{}|{}", args.text_field, args.val_fraction, args.shard_tokens).as_bytes());
     let mut entries = Vec::new();
     let mut total = 0;
     for f in files {
         let meta = std::fs::metadata(f).with_context(|| format!("{}: cannot stat", f.display()))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        h.update(
-            format!(
-                "{}|{}|{}.{}\n",
-                f.display(),
-                meta.len(),
-                mtime.as_secs(),
-                mtime.subsec_nanos()
-            )
-            .as_bytes(),
-        );
-        entries.push(InputEntry {
-            path: f.display().to_string(),
-            bytes: meta.len(),
-            documents: 0,
-        });
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+        h.update(format!("{}|{}|{}.{}\n", f.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()).as_bytes());
+        entries.push(InputEntry { path: f.display().to_string(), bytes: meta.len(), documents: 0 });
         total += meta.len();
     }
-    Ok((
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
-        entries,
-        total,
-    ))
+    Ok((h.finalize().iter().map(|b| format!("{b:02x}")).collect(), entries, total))
 }
 
 /// True when `dir` holds a whole prepared dataset with this fingerprint.
@@ -226,20 +173,18 @@ fn up_to_date(dir: &Path, fp: &str) -> Option<PreparedIndex> {
     if idx.fingerprint != fp {
         return None;
     }
-    let all_ok = idx.train.shards.iter().chain(&idx.val.shards).all(|s| {
-        Shard::open(&dir.join(&s.file), true)
-            .map(|sh| sh.tokens == s.tokens)
-            .unwrap_or(false)
-    });
+    let all_ok = idx
+        .train
+        .shards
+        .iter()
+        .chain(&idx.val.shards)
+        .all(|s| Shard::open(&dir.join(&s.file), true).map(|sh| sh.tokens == s.tokens).unwrap_or(false));
     all_ok.then_some(idx)
 }
 
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     if !(0.0..1.0).contains(&args.val_fraction) {
-        bail!(
-            "--val-fraction must be in [0, 1), got {}",
-            args.val_fraction
-        );
+        bail!("--val-fraction must be in [0, 1), got {}", args.val_fraction);
     }
     let t0 = Instant::now();
     let tok_bytes = std::fs::read(&args.tokenizer)
@@ -247,23 +192,14 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     let tok = Tokenizer::from_file(&args.tokenizer)?;
     let tok_sha = sha256_hex(&tok_bytes);
     let piece = |p: &str| {
-        tok.token_id(p).with_context(|| {
-            format!(
-                "{}: no {p:?} token (needed to delimit documents)",
-                args.tokenizer.display()
-            )
-        })
+        tok.token_id(p)
+            .with_context(|| format!("{}: no {p:?} token (needed to delimit documents)", args.tokenizer.display()))
     };
     let (bos, eos) = (piece("<s>")?, piece("</s>")?);
     let files = collect_inputs(&args.inputs)?;
     let (fp, mut inputs, input_bytes) = fingerprint(&files, &tok_sha, args)?;
     if let Some(index) = up_to_date(&args.out, &fp) {
-        return Ok(PrepareSummary {
-            index,
-            input_bytes,
-            secs: t0.elapsed().as_secs_f64(),
-            skipped: true,
-        });
+        return Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: true });
     }
 
     std::fs::create_dir_all(&args.out)
@@ -272,42 +208,28 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     remove_previous(&args.out)?;
     let token_bytes = token_bytes_for(tok.vocab_size());
     let (mut train, mut val) = (SplitWriter::new("train"), SplitWriter::new("val"));
-    let bar = if args.progress {
-        ProgressBar::new(input_bytes)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if args.progress { ProgressBar::new(input_bytes) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{spinner} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+            .expect("valid template"),
     );
     let mut batch: Vec<(u64, String)> = Vec::with_capacity(BATCH_DOCS);
     for (fi, f) in files.iter().enumerate() {
         let name = f.display().to_string();
         let mut doc_no = 0u64;
-        let flush_batch = |batch: &mut Vec<(u64, String)>,
-                           train: &mut SplitWriter,
-                           val: &mut SplitWriter|
-         -> Result<()> {
-            let encoded: Vec<Result<Vec<u32>>> = batch
-                .par_iter()
-                .map(|(_, text)| tok.encode(text, Some(bos)))
-                .collect();
-            for ((doc, _), ids) in batch.iter().zip(encoded) {
-                let mut ids = ids.with_context(|| format!("{name}: document {doc}"))?;
-                ids.push(eos);
-                let split = if is_val(&name, *doc, args.val_fraction) {
-                    &mut *val
-                } else {
-                    &mut *train
-                };
-                split.push(&ids, &args.out, args.shard_tokens, token_bytes)?;
-            }
-            batch.clear();
-            Ok(())
-        };
+        let flush_batch =
+            |batch: &mut Vec<(u64, String)>, train: &mut SplitWriter, val: &mut SplitWriter| -> Result<()> {
+                let encoded: Vec<Result<Vec<u32>>> =
+                    batch.par_iter().map(|(_, text)| tok.encode(text, Some(bos))).collect();
+                for ((doc, _), ids) in batch.iter().zip(encoded) {
+                    let mut ids = ids.with_context(|| format!("{name}: document {doc}"))?;
+                    ids.push(eos);
+                    let split = if is_val(&name, *doc, args.val_fraction) { &mut *val } else { &mut *train };
+                    split.push(&ids, &args.out, args.shard_tokens, token_bytes)?;
+                }
+                batch.clear();
+                Ok(())
+            };
         for_each_document(f, args.text_field.as_deref(), |text| {
             batch.push((doc_no, text));
             doc_no += 1;
@@ -330,22 +252,13 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     if train.index.documents == 0 {
         bail!(
             "{}: the inputs hold no documents",
-            args.inputs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     }
     let index = PreparedIndex {
         format: FORMAT.into(),
         fingerprint: fp,
-        tokenizer: TokenizerInfo {
-            sha256: tok_sha,
-            vocab_size: tok.vocab_size(),
-            bos,
-            eos,
-        },
+        tokenizer: TokenizerInfo { sha256: tok_sha, vocab_size: tok.vocab_size(), bos, eos },
         token_bytes,
         text_field: args.text_field.clone(),
         val_fraction: args.val_fraction,
@@ -353,28 +266,17 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
         train: train.index,
         val: val.index,
     };
-    crate::io::atomic::write_file(
-        &args.out.join(INDEX_FILE),
-        serde_json::to_string_pretty(&index)?.as_bytes(),
-    )?;
-    Ok(PrepareSummary {
-        index,
-        input_bytes,
-        secs: t0.elapsed().as_secs_f64(),
-        skipped: false,
-    })
+    crate::io::atomic::write_file(&args.out.join(INDEX_FILE), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: false })
 }
 
 /// Removes what an earlier run wrote (index first), leaving unrelated files alone.
 fn remove_previous(dir: &Path) -> Result<()> {
     let index = dir.join(INDEX_FILE);
     if index.exists() {
-        std::fs::remove_file(&index)
-            .with_context(|| format!("{}: cannot remove", index.display()))?;
+        std::fs::remove_file(&index).with_context(|| format!("{}: cannot remove", index.display()))?;
     }
-    for entry in
-        std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))?
-    {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
         let p = entry?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let ours = (name.starts_with("train-") || name.starts_with("val-"))

@@ -48,18 +48,12 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             walk(p, &mut found)?;
             found.sort();
             if found.is_empty() {
-                bail!(
-                    "{}: no .jsonl, .jsonl.zst, .parquet or .txt files in this directory",
-                    p.display()
-                );
+                bail!("{}: no .jsonl, .jsonl.zst, .parquet or .txt files in this directory", p.display());
             }
             out.extend(found);
         } else if p.is_file() {
             if Format::of(p).is_none() {
-                bail!(
-                    "{}: unsupported input (expected .jsonl, .jsonl.zst, .parquet or .txt)",
-                    p.display()
-                );
+                bail!("{}: unsupported input (expected .jsonl, .jsonl.zst, .parquet or .txt)", p.display());
             }
             out.push(p.clone());
         } else {
@@ -70,9 +64,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot read directory", dir.display()))?
-    {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read directory", dir.display()))? {
         let p = entry?.path();
         if p.is_dir() {
             walk(&p, out)?;
@@ -84,47 +76,28 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// Calls `f` with every document of `path`, in order.
-pub fn for_each_document(
-    path: &Path,
-    text_field: Option<&str>,
-    mut f: impl FnMut(String) -> Result<()>,
-) -> Result<()> {
-    let format =
-        Format::of(path).with_context(|| format!("{}: unsupported input", path.display()))?;
+pub fn for_each_document(path: &Path, text_field: Option<&str>, mut f: impl FnMut(String) -> Result<()>) -> Result<()> {
+    let format = Format::of(path).with_context(|| format!("{}: unsupported input", path.display()))?;
     let field = text_field.unwrap_or(format.default_field());
     let open = || File::open(path).with_context(|| format!("{}: cannot open", path.display()));
     match format {
         Format::Text => {
             let mut s = String::new();
-            open()?
-                .read_to_string(&mut s)
-                .with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+            open()?.read_to_string(&mut s).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
             f(s)
         }
         Format::Jsonl => jsonl(path, BufReader::new(open()?), field, f),
         Format::JsonlZst => {
-            let dec = zstd::Decoder::new(open()?)
-                .with_context(|| format!("{}: not a zstd stream", path.display()))?;
+            let dec = zstd::Decoder::new(open()?).with_context(|| format!("{}: not a zstd stream", path.display()))?;
             jsonl(path, BufReader::new(dec), field, f)
         }
         Format::Parquet => parquet_docs(path, field, f),
     }
 }
 
-fn jsonl(
-    path: &Path,
-    reader: impl BufRead,
-    field: &str,
-    mut f: impl FnMut(String) -> Result<()>,
-) -> Result<()> {
+fn jsonl(path: &Path, reader: impl BufRead, field: &str, mut f: impl FnMut(String) -> Result<()>) -> Result<()> {
     for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| {
-            format!(
-                "{}:{}: cannot read (corrupt or not UTF-8)",
-                path.display(),
-                i + 1
-            )
-        })?;
+        let line = line.with_context(|| format!("{}:{}: cannot read (corrupt or not UTF-8)", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -132,16 +105,8 @@ fn jsonl(
             .map_err(|e| anyhow::anyhow!("{}:{}: not valid JSON ({e})", path.display(), i + 1))?;
         match v.get(field) {
             Some(serde_json::Value::String(s)) => f(s.clone())?,
-            Some(_) => bail!(
-                "{}:{}: field {field:?} is not a string",
-                path.display(),
-                i + 1
-            ),
-            None => bail!(
-                "{}:{}: no {field:?} field (set --text-field)",
-                path.display(),
-                i + 1
-            ),
+            Some(_) => bail!("{}:{}: field {field:?} is not a string", path.display(), i + 1),
+            None => bail!("{}:{}: no {field:?} field (set --text-field)", path.display(), i + 1),
         }
     }
     Ok(())
@@ -151,28 +116,20 @@ fn parquet_docs(path: &Path, field: &str, mut f: impl FnMut(String) -> Result<()
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| anyhow::anyhow!("{}: not a parquet file ({e})", path.display()))?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| anyhow::anyhow!("{}: not a parquet file ({e})", path.display()))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     if !schema.columns().iter().any(|c| c.name() == field) {
         bail!("{}: no {field:?} column (set --text-field)", path.display());
     }
-    let rows = reader
-        .get_row_iter(None)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let rows = reader.get_row_iter(None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| anyhow::anyhow!("{}: row {i}: {e}", path.display()))?;
-        let text = row
-            .get_column_iter()
-            .find(|(name, _)| name.as_str() == field)
-            .map(|(_, v)| v);
+        let text = row.get_column_iter().find(|(name, _)| name.as_str() == field).map(|(_, v)| v);
         match text {
             Some(Field::Str(s)) => f(s.clone())?,
             Some(Field::Null) => continue,
-            _ => bail!(
-                "{}: row {i}: column {field:?} is not a string",
-                path.display()
-            ),
+            _ => bail!("{}: row {i}: column {field:?} is not a string", path.display()),
         }
     }
     Ok(())

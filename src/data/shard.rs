@@ -94,11 +94,9 @@ pub struct Shard {
 impl Shard {
     /// Opens and validates a shard: header, length and (when `verify`) the payload checksum.
     pub fn open(path: &Path, verify: bool) -> Result<Shard> {
-        let file =
-            File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+        let file = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
         // SAFETY: read-only mapping of a file kiln wrote atomically and never rewrites in place.
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("{}: cannot map shard", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map shard", path.display()))?;
         let bad = |what: &str| anyhow::anyhow!("{}: corrupt shard ({what})", path.display());
         if map.len() < HEADER_LEN || &map[..8] != MAGIC {
             return Err(bad("not a kiln token shard"));
@@ -106,11 +104,7 @@ impl Shard {
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(map[o..o + 8].try_into().unwrap());
         if u32_at(8) != VERSION {
-            bail!(
-                "{}: shard format version {} is not supported (expected {VERSION})",
-                path.display(),
-                u32_at(8)
-            );
+            bail!("{}: shard format version {} is not supported (expected {VERSION})", path.display(), u32_at(8));
         }
         let token_bytes = u32_at(12) as usize;
         if token_bytes != 2 && token_bytes != 4 {
@@ -130,13 +124,7 @@ impl Shard {
                 return Err(bad("checksum mismatch"));
             }
         }
-        Ok(Shard {
-            path: path.to_path_buf(),
-            map,
-            token_bytes,
-            tokens,
-            documents,
-        })
+        Ok(Shard { path: path.to_path_buf(), map, token_bytes, tokens, documents })
     }
 
     /// Token `i` of the shard.

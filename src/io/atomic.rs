@@ -7,9 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: cannot sync directory", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("{}: cannot sync directory", dir.display()))
 }
 
 /// Replaces `path` with `bytes` atomically.

@@ -17,14 +17,12 @@ pub struct HfConfig {
 }
 
 pub fn read_hf_config(path: &Path) -> Result<HfConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     parse_hf_config(&text).with_context(|| format!("{}", path.display()))
 }
 
 pub fn parse_hf_config(text: &str) -> Result<HfConfig> {
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not valid JSON ({e})"))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not valid JSON ({e})"))?;
     let o = v.as_object().context("not a JSON object")?;
     if let Some(t) = o.get("model_type").and_then(Value::as_str) {
         if t != "llama" {
@@ -59,35 +57,20 @@ pub fn parse_hf_config(text: &str) -> Result<HfConfig> {
         max_seq_len: opt_usize(o, "max_position_embeddings")?.unwrap_or(2048),
         rope_theta,
         norm_eps: opt_f64(o, "rms_norm_eps")?.unwrap_or(1e-6),
-        tie_embeddings: o
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        tie_embeddings: o.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
     };
     model.validate()?;
     let bos_token_id = opt_usize(o, "bos_token_id")?.map(|x| x as u32);
-    let eos_token_ids = token_ids(o.get("eos_token_id"))
-        .context("eos_token_id must be an integer or a list of integers")?;
-    let dtype = o
-        .get("dtype")
-        .or_else(|| o.get("torch_dtype"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(HfConfig {
-        model,
-        bos_token_id,
-        eos_token_ids,
-        dtype,
-    })
+    let eos_token_ids =
+        token_ids(o.get("eos_token_id")).context("eos_token_id must be an integer or a list of integers")?;
+    let dtype = o.get("dtype").or_else(|| o.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
+    Ok(HfConfig { model, bos_token_id, eos_token_ids, dtype })
 }
 
 /// `(rope_theta, rope scaling type if any)` from either the 4.x or the 5.x layout.
 fn rope(o: &Map<String, Value>) -> Result<(f64, Option<String>)> {
     let kind_of = |m: &Map<String, Value>| {
-        m.get("rope_type")
-            .or_else(|| m.get("type"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
+        m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str).map(str::to_string)
     };
     if let Some(p) = o.get("rope_parameters").filter(|p| !p.is_null()) {
         let p = p.as_object().context("rope_parameters must be an object")?;
@@ -128,10 +111,7 @@ fn opt_usize(o: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
 fn opt_f64(o: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .with_context(|| format!("field {key:?} must be a number, found {v}")),
+        Some(v) => v.as_f64().map(Some).with_context(|| format!("field {key:?} must be a number, found {v}")),
     }
 }
 
@@ -140,18 +120,14 @@ pub fn read_generation_eos(path: &Path) -> Result<Option<Vec<u32>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", path.display()))?;
     match v.get("eos_token_id") {
         None => Ok(None),
-        x => token_ids(x).map(Some).with_context(|| {
-            format!(
-                "{}: eos_token_id must be an integer or a list",
-                path.display()
-            )
-        }),
+        x => token_ids(x)
+            .map(Some)
+            .with_context(|| format!("{}: eos_token_id must be an integer or a list", path.display())),
     }
 }
 
@@ -168,10 +144,7 @@ mod tests {
     fn reads_transformers_4_layout() {
         let c = parse_hf_config(V4).unwrap();
         assert_eq!(c.model, LlamaConfig::preset("tinyllama-1.1b").unwrap());
-        assert_eq!(
-            (c.bos_token_id, c.eos_token_ids.clone(), c.dtype.as_deref()),
-            (Some(1), vec![2], Some("bfloat16"))
-        );
+        assert_eq!((c.bos_token_id, c.eos_token_ids.clone(), c.dtype.as_deref()), (Some(1), vec![2], Some("bfloat16")));
     }
 
     #[test]
@@ -180,30 +153,18 @@ mod tests {
             "num_attention_heads":4,"num_key_value_heads":2,"head_dim":24,"vocab_size":700,"dtype":"bfloat16",
             "rope_parameters":{"rope_theta":50000.0,"rope_type":"default"},"eos_token_id":[2,7]}"#;
         let c = parse_hf_config(v5).unwrap();
-        assert_eq!(
-            (c.model.head_dim(), c.model.q_dim(), c.model.rope_theta),
-            (24, 96, 50000.0)
-        );
+        assert_eq!((c.model.head_dim(), c.model.q_dim(), c.model.rope_theta), (24, 96, 50000.0));
         assert_eq!(c.eos_token_ids, vec![2, 7]);
         assert_eq!(c.model.norm_eps, 1e-6); // transformers' LlamaConfig default
     }
 
     #[test]
     fn rejects_what_kiln_cannot_run() {
-        let bad = V4.replace(
-            "\"rope_scaling\":null",
-            "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0}",
-        );
-        assert!(parse_hf_config(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("llama3"));
+        let bad = V4.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0}");
+        assert!(parse_hf_config(&bad).unwrap_err().to_string().contains("llama3"));
         let bad = V4.replace("\"num_key_value_heads\":4", "\"num_key_value_heads\":5");
         assert!(format!("{:#}", parse_hf_config(&bad).unwrap_err()).contains("n_kv_head"));
         let bad = V4.replace("\"hidden_size\":2048", "\"hidden_size\":\"big\"");
-        assert!(parse_hf_config(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("hidden_size"));
+        assert!(parse_hf_config(&bad).unwrap_err().to_string().contains("hidden_size"));
     }
 }

@@ -4,5 +4,6 @@ pub mod atomic;
 pub mod hf_config;
 pub mod model_dir;
 pub mod safetensors;
+pub mod save;
 
 pub use model_dir::{load_model_dir, ModelDir};

@@ -30,26 +30,17 @@ pub fn weight_files(dir: &Path) -> Result<TensorFiles> {
     } else if index.exists() {
         TensorFiles::open_index(&index)
     } else {
-        bail!(
-            "{}: no model.safetensors or model.safetensors.index.json",
-            dir.display()
-        )
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
     }
 }
 
 pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>> {
     if !dir.is_dir() {
-        bail!(
-            "{}: not a model directory (it does not exist or is not a directory)",
-            dir.display()
-        );
+        bail!("{}: not a model directory (it does not exist or is not a directory)", dir.display());
     }
     let cfg_path = dir.join("config.json");
     if !cfg_path.exists() {
-        bail!(
-            "{}: missing (a Hugging Face model directory needs config.json)",
-            cfg_path.display()
-        );
+        bail!("{}: missing (a Hugging Face model directory needs config.json)", cfg_path.display());
     }
     let config = read_hf_config(&cfg_path)?;
     let files = weight_files(dir)?;
@@ -68,19 +59,12 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>>
     };
     let piece = |p: &str| tokenizer.as_ref().and_then(|t| t.token_id(p));
     let bos = config.bos_token_id.or_else(|| piece("<s>")).unwrap_or(1);
-    let mut eos = read_generation_eos(&dir.join("generation_config.json"))?
-        .unwrap_or_else(|| config.eos_token_ids.clone());
+    let mut eos =
+        read_generation_eos(&dir.join("generation_config.json"))?.unwrap_or_else(|| config.eos_token_ids.clone());
     if eos.is_empty() {
         eos.extend(piece("</s>"));
     }
-    Ok(ModelDir {
-        path: dir.to_path_buf(),
-        config,
-        model,
-        tokenizer,
-        bos,
-        eos,
-    })
+    Ok(ModelDir { path: dir.to_path_buf(), config, model, tokenizer, bos, eos })
 }
 
 impl<B: Backend> ModelDir<B> {

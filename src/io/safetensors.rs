@@ -46,10 +46,9 @@ impl TensorFiles {
 
     /// Opens `model.safetensors.index.json`'s shards.
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", index.display()))?;
+        let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -57,17 +56,10 @@ impl TensorFiles {
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut files: Vec<String> = Vec::new();
         for (name, f) in map {
-            let f = f.as_str().with_context(|| {
-                format!(
-                    "{}: weight_map[{name:?}] is not a file name",
-                    index.display()
-                )
-            })?;
+            let f =
+                f.as_str().with_context(|| format!("{}: weight_map[{name:?}] is not a file name", index.display()))?;
             if f.contains('/') || f.contains("..") {
-                bail!(
-                    "{}: weight_map[{name:?}] = {f:?} is not a file in the model directory",
-                    index.display()
-                );
+                bail!("{}: weight_map[{name:?}] = {f:?} is not a file in the model directory", index.display());
             }
             if !files.iter().any(|x| x == f) {
                 files.push(f.to_string());
@@ -77,11 +69,7 @@ impl TensorFiles {
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.exists() {
-                bail!(
-                    "{}: shard listed in {} is missing",
-                    p.display(),
-                    index.display()
-                );
+                bail!("{}: shard listed in {} is missing", p.display(), index.display());
             }
         }
         Self::open(&paths)
@@ -94,18 +82,12 @@ impl TensorFiles {
     /// The tensor `spec.name` as f32, checked against `spec.shape`; F32, BF16 and F16 accepted.
     pub fn load_f32(&self, spec: &TensorSpec) -> Result<Vec<f32>> {
         let &i = self.location.get(&spec.name).with_context(|| {
-            let files: Vec<_> = self
-                .maps
-                .iter()
-                .map(|(p, _)| p.display().to_string())
-                .collect();
+            let files: Vec<_> = self.maps.iter().map(|(p, _)| p.display().to_string()).collect();
             format!("{}: tensor {:?} is missing", files.join(", "), spec.name)
         })?;
         let (path, map) = &self.maps[i];
         let st = parse(path, map)?;
-        let view = st
-            .tensor(&spec.name)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let view = st.tensor(&spec.name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if view.shape() != spec.shape.as_slice() {
             bail!(
                 "{}: tensor {:?} has shape {:?}, the config implies {:?}",
@@ -117,39 +99,18 @@ impl TensorFiles {
         }
         let data = view.data();
         let out: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => bail!(
-                "{}: tensor {:?} has dtype {other:?}; kiln reads F32, BF16 and F16",
-                path.display(),
-                spec.name
-            ),
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                bail!("{}: tensor {:?} has dtype {other:?}; kiln reads F32, BF16 and F16", path.display(), spec.name)
+            }
         };
         if out.len() != spec.numel() {
-            bail!(
-                "{}: tensor {:?} holds {} values, expected {}",
-                path.display(),
-                spec.name,
-                out.len(),
-                spec.numel()
-            );
+            bail!("{}: tensor {:?} holds {} values, expected {}", path.display(), spec.name, out.len(), spec.numel());
         }
         if let Some(pos) = out.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "{}: tensor {:?} has a non-finite value at index {pos}",
-                path.display(),
-                spec.name
-            );
+            bail!("{}: tensor {:?} has a non-finite value at index {pos}", path.display(), spec.name);
         }
         Ok(out)
     }

@@ -62,22 +62,14 @@ impl LlamaConfig {
             }
         }
         if !self.n_head.is_multiple_of(self.n_kv_head) {
-            bail!(
-                "n_head ({}) must be a multiple of n_kv_head ({})",
-                self.n_head,
-                self.n_kv_head
-            );
+            bail!("n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }
         let hd = self.head_dim();
         if hd == 0 || !hd.is_multiple_of(2) {
             bail!("head_dim ({hd}) must be even and positive (RoPE rotates pairs)");
         }
         if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_head) {
-            bail!(
-                "d_model ({}) must be divisible by n_head ({}) unless head_dim is given",
-                self.d_model,
-                self.n_head
-            );
+            bail!("d_model ({}) must be divisible by n_head ({}) unless head_dim is given", self.d_model, self.n_head);
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             bail!("rope_theta must be a positive number");
@@ -92,11 +84,7 @@ impl LlamaConfig {
     pub fn n_params(&self) -> usize {
         let (d, q, kv, ff) = (self.d_model, self.q_dim(), self.kv_dim(), self.d_ff);
         let layer = 2 * d + d * q + 2 * d * kv + q * d + 3 * d * ff;
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
+        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
         self.vocab_size * d + self.n_layer * layer + d + head
     }
 
@@ -113,25 +101,16 @@ impl LlamaConfig {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, t)| *t)
-            .with_context(|| {
-                format!(
-                    "unknown model preset {name:?} (known: {})",
-                    preset_names().join(", ")
-                )
-            })?;
-        let cfg: LlamaConfig = toml::from_str(text)
-            .with_context(|| format!("configs/{name}.toml: malformed preset"))?;
-        cfg.validate()
-            .with_context(|| format!("configs/{name}.toml"))?;
+            .with_context(|| format!("unknown model preset {name:?} (known: {})", preset_names().join(", ")))?;
+        let cfg: LlamaConfig =
+            toml::from_str(text).with_context(|| format!("configs/{name}.toml: malformed preset"))?;
+        cfg.validate().with_context(|| format!("configs/{name}.toml"))?;
         Ok(cfg)
     }
 }
 
 const PRESETS: &[(&str, &str)] = &[
-    (
-        "tinyllama-1.1b",
-        include_str!("../../configs/tinyllama-1.1b.toml"),
-    ),
+    ("tinyllama-1.1b", include_str!("../../configs/tinyllama-1.1b.toml")),
     ("tiny", include_str!("../../configs/tiny.toml")),
     ("small", include_str!("../../configs/small.toml")),
 ];
@@ -147,17 +126,7 @@ mod tests {
     #[test]
     fn tinyllama_preset_has_the_published_shape() {
         let c = LlamaConfig::preset("tinyllama-1.1b").unwrap();
-        assert_eq!(
-            (
-                c.n_layer,
-                c.d_model,
-                c.n_head,
-                c.n_kv_head,
-                c.d_ff,
-                c.vocab_size
-            ),
-            (22, 2048, 32, 4, 5632, 32000)
-        );
+        assert_eq!((c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.vocab_size), (22, 2048, 32, 4, 5632, 32000));
         assert_eq!(c.head_dim(), 64);
         assert_eq!(c.n_params(), 1_100_048_384); // TinyLlama-1.1B's parameter count
                                                  // The paper's 7.31 GFLOP/token at sequence length 2048.

@@ -28,12 +28,8 @@ impl<B: Backend> KvCache<B> {
         let (b, cfg) = (&model.backend, &model.cfg);
         let capacity = capacity.min(cfg.max_seq_len);
         let kvd = cfg.kv_dim();
-        let k = (0..cfg.n_layer)
-            .map(|_| b.zeros(capacity * kvd))
-            .collect::<Result<_>>()?;
-        let v = (0..cfg.n_layer)
-            .map(|_| b.zeros(capacity * kvd))
-            .collect::<Result<_>>()?;
+        let k = (0..cfg.n_layer).map(|_| b.zeros(capacity * kvd)).collect::<Result<_>>()?;
+        let v = (0..cfg.n_layer).map(|_| b.zeros(capacity * kvd)).collect::<Result<_>>()?;
         let ws = Workspace::with_layers(model, 1, PREFILL_CHUNK.min(capacity), 1)?;
         Ok(KvCache {
             k,
@@ -70,12 +66,7 @@ impl<B: Backend> Llama<B> {
             bail!("decode needs at least one token");
         }
         if cache.len + ids.len() > cache.capacity {
-            bail!(
-                "context full: {} + {} tokens exceed the cache of {}",
-                cache.len,
-                ids.len(),
-                cache.capacity
-            );
+            bail!("context full: {} + {} tokens exceed the cache of {}", cache.len, ids.len(), cache.capacity);
         }
         self.check_ids(ids)?;
         let (b, cfg) = (&self.backend, &self.cfg);
@@ -88,11 +79,7 @@ impl<B: Backend> Llama<B> {
             for (l, w) in self.weights.layers.iter().enumerate() {
                 // Ping-pong between the two residual buffers: block activations are scratch here.
                 let (r0, r1) = ws.resid.split_at_mut(1);
-                let (x_in, x_out) = if l % 2 == 0 {
-                    (&r0[0], &mut r1[0])
-                } else {
-                    (&r1[0], &mut r0[0])
-                };
+                let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
                 let place = KvPlace::Cache {
                     k: &mut cache.k[l],
                     v: &mut cache.v[l],
@@ -116,12 +103,7 @@ impl<B: Backend> Llama<B> {
             d,
             cfg.norm_eps as f32,
         )?;
-        b.matmul(
-            &mut cache.logits,
-            &cache.last_norm,
-            self.weights.head(),
-            Gemm::linear(1, d, cfg.vocab_size),
-        )?;
+        b.matmul(&mut cache.logits, &cache.last_norm, self.weights.head(), Gemm::linear(1, d, cfg.vocab_size))?;
         b.download(&cache.logits)
     }
 }

@@ -67,13 +67,7 @@ pub struct Workspace<B: Backend> {
 }
 
 impl<Buf> BlockActs<Buf> {
-    fn new<B: Backend<Buf = Buf>>(
-        b: &B,
-        cfg: &LlamaConfig,
-        rows: usize,
-        batch: usize,
-        seq: usize,
-    ) -> Result<Self> {
+    fn new<B: Backend<Buf = Buf>>(b: &B, cfg: &LlamaConfig, rows: usize, batch: usize, seq: usize) -> Result<Self> {
         let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
         Ok(BlockActs {
             ln1: b.zeros(rows * d)?,
@@ -107,21 +101,12 @@ impl<B: Backend> Workspace<B> {
 
     /// `stored_layers` is how many blocks keep their activations: all of them for training, one
     /// for inference, where each block's activations are dead once the next block has run.
-    pub(crate) fn with_layers(
-        model: &Llama<B>,
-        batch: usize,
-        seq: usize,
-        stored_layers: usize,
-    ) -> Result<Self> {
+    pub(crate) fn with_layers(model: &Llama<B>, batch: usize, seq: usize, stored_layers: usize) -> Result<Self> {
         let (b, cfg) = (&model.backend, &model.cfg);
         let rows = batch * seq;
         let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
-        let resid = (0..=stored_layers.min(cfg.n_layer))
-            .map(|_| b.zeros(rows * d))
-            .collect::<Result<Vec<_>>>()?;
-        let blocks = (0..stored_layers)
-            .map(|_| BlockActs::new(b, cfg, rows, batch, seq))
-            .collect::<Result<_>>()?;
+        let resid = (0..=stored_layers.min(cfg.n_layer)).map(|_| b.zeros(rows * d)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..stored_layers).map(|_| BlockActs::new(b, cfg, rows, batch, seq)).collect::<Result<_>>()?;
         let grads = BlockGrads {
             d_ln: b.zeros(rows * d)?,
             d_att: b.zeros(rows * q)?,
@@ -156,12 +141,7 @@ pub(crate) enum KvPlace<'a, Buf> {
     /// In the block's own activations (training, full-sequence scoring).
     Local,
     /// Appended to a per-layer cache at `pos0` (KV-cache decoding, batch 1).
-    Cache {
-        k: &'a mut Buf,
-        v: &'a mut Buf,
-        pos0: usize,
-        capacity: usize,
-    },
+    Cache { k: &'a mut Buf, v: &'a mut Buf, pos0: usize, capacity: usize },
 }
 
 impl<B: Backend> Llama<B> {
@@ -171,13 +151,7 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = rope::tables(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta);
         let rope_cos = backend.upload(&cos)?;
         let rope_sin = backend.upload(&sin)?;
-        Ok(Llama {
-            cfg,
-            backend,
-            weights,
-            rope_cos,
-            rope_sin,
-        })
+        Ok(Llama { cfg, backend, weights, rope_cos, rope_sin })
     }
 
     /// Builds a model from host (f32) tensors in canonical order, uploading them to the backend.
@@ -186,12 +160,7 @@ impl<B: Backend> Llama<B> {
         let weights = Weights::try_build(&cfg, |spec| {
             let t = tensors.next().expect("same config, same tensor count");
             if t.len() != spec.numel() {
-                bail!(
-                    "tensor {} has {} values, expected {}",
-                    spec.name,
-                    t.len(),
-                    spec.numel()
-                );
+                bail!("tensor {} has {} values, expected {}", spec.name, t.len(), spec.numel());
             }
             backend.upload(t)
         })?;
@@ -205,10 +174,7 @@ impl<B: Backend> Llama<B> {
 
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.cfg.vocab_size
-            );
+            bail!("token id {bad} is outside the model's vocabulary of {}", self.cfg.vocab_size);
         }
         Ok(())
     }
@@ -227,13 +193,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let rows = batch * seq;
-        let (d, qd, kvd, ff, hd) = (
-            cfg.d_model,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.d_ff,
-            cfg.head_dim(),
-        );
+        let (d, qd, kvd, ff, hd) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff, cfg.head_dim());
         let eps = cfg.norm_eps as f32;
 
         b.rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x_in, &w.attn_norm, rows, d, eps)?;
@@ -244,24 +204,9 @@ impl<B: Backend> Llama<B> {
             KvPlace::Local => 0,
             KvPlace::Cache { pos0, .. } => *pos0,
         };
-        let rope_q = RopeShape {
-            rows,
-            seq,
-            pos0,
-            n_head: cfg.n_head,
-            head_dim: hd,
-        };
+        let rope_q = RopeShape { rows, seq, pos0, n_head: cfg.n_head, head_dim: hd };
         b.rope(&mut a.q, &self.rope_cos, &self.rope_sin, rope_q, false)?;
-        b.rope(
-            &mut a.k,
-            &self.rope_cos,
-            &self.rope_sin,
-            RopeShape {
-                n_head: cfg.n_kv_head,
-                ..rope_q
-            },
-            false,
-        )?;
+        b.rope(&mut a.k, &self.rope_cos, &self.rope_sin, RopeShape { n_head: cfg.n_kv_head, ..rope_q }, false)?;
         let shape = AttnShape {
             batch,
             q_len: seq,
@@ -273,54 +218,24 @@ impl<B: Backend> Llama<B> {
             head_dim: hd,
         };
         match kv {
-            KvPlace::Local => {
-                b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, shape)?
-            }
-            KvPlace::Cache {
-                k,
-                v,
-                pos0,
-                capacity,
-            } => {
+            KvPlace::Local => b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, shape)?,
+            KvPlace::Cache { k, v, pos0, capacity } => {
                 debug_assert_eq!(batch, 1, "the KV cache holds one sequence");
                 b.copy(k, pos0 * kvd, &a.k, 0, rows * kvd)?;
                 b.copy(v, pos0 * kvd, &a.v, 0, rows * kvd)?;
-                let shape = AttnShape {
-                    kv_len: pos0 + seq,
-                    kv_stride: capacity,
-                    q_pos0: pos0,
-                    ..shape
-                };
+                let shape = AttnShape { kv_len: pos0 + seq, kv_stride: capacity, q_pos0: pos0, ..shape };
                 b.attention_forward(&mut a.att, &mut a.lse, &a.q, k, v, shape)?;
             }
         }
         b.copy(&mut a.x_mid, 0, x_in, 0, rows * d)?;
-        b.matmul(
-            &mut a.x_mid,
-            &a.att,
-            &w.o_proj,
-            Gemm::linear(rows, qd, d).accumulating(),
-        )?;
+        b.matmul(&mut a.x_mid, &a.att, &w.o_proj, Gemm::linear(rows, qd, d).accumulating())?;
 
-        b.rmsnorm_forward(
-            &mut a.ln2,
-            &mut a.rstd2,
-            &a.x_mid,
-            &w.mlp_norm,
-            rows,
-            d,
-            eps,
-        )?;
+        b.rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, rows, d, eps)?;
         b.matmul(&mut a.gate, &a.ln2, &w.gate_proj, Gemm::linear(rows, d, ff))?;
         b.matmul(&mut a.up, &a.ln2, &w.up_proj, Gemm::linear(rows, d, ff))?;
         b.swiglu_forward(&mut a.act, &a.gate, &a.up)?;
         b.copy(x_out, 0, &a.x_mid, 0, rows * d)?;
-        b.matmul(
-            x_out,
-            &a.act,
-            &w.down_proj,
-            Gemm::linear(rows, ff, d).accumulating(),
-        )?;
+        b.matmul(x_out, &a.act, &w.down_proj, Gemm::linear(rows, ff, d).accumulating())?;
         Ok(())
     }
 
@@ -340,25 +255,14 @@ impl<B: Backend> Llama<B> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let rows = ws.rows();
         if ids.len() != rows || targets.len() != rows {
-            bail!(
-                "forward: expected {rows} ids and targets, got {} and {}",
-                ids.len(),
-                targets.len()
-            );
+            bail!("forward: expected {rows} ids and targets, got {} and {}", ids.len(), targets.len());
         }
         if ws.seq > cfg.max_seq_len {
-            bail!(
-                "sequence of {} tokens exceeds the model's max_seq_len {}",
-                ws.seq,
-                cfg.max_seq_len
-            );
+            bail!("sequence of {} tokens exceeds the model's max_seq_len {}", ws.seq, cfg.max_seq_len);
         }
         self.check_ids(ids)?;
         if let Some(&bad) = targets.iter().find(|&&t| t >= cfg.vocab_size as i32) {
-            bail!(
-                "target id {bad} is outside the model's vocabulary of {}",
-                cfg.vocab_size
-            );
+            bail!("target id {bad} is outside the model's vocabulary of {}", cfg.vocab_size);
         }
         ws.ids.clear();
         ws.ids.extend_from_slice(ids);
@@ -368,50 +272,17 @@ impl<B: Backend> Llama<B> {
         for (l, w) in self.weights.layers.iter().enumerate() {
             if stored {
                 let (head, tail) = ws.resid.split_at_mut(l + 1);
-                self.block_forward(
-                    w,
-                    &mut ws.blocks[l],
-                    &head[l],
-                    &mut tail[0],
-                    ws.batch,
-                    ws.seq,
-                    KvPlace::Local,
-                )?;
+                self.block_forward(w, &mut ws.blocks[l], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)?;
             } else {
                 // Inference workspace: one scratch block, residual ping-pong (see `decode`).
                 let (r0, r1) = ws.resid.split_at_mut(1);
-                let (x_in, x_out) = if l % 2 == 0 {
-                    (&r0[0], &mut r1[0])
-                } else {
-                    (&r1[0], &mut r0[0])
-                };
-                self.block_forward(
-                    w,
-                    &mut ws.blocks[0],
-                    x_in,
-                    x_out,
-                    ws.batch,
-                    ws.seq,
-                    KvPlace::Local,
-                )?;
+                let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
+                self.block_forward(w, &mut ws.blocks[0], x_in, x_out, ws.batch, ws.seq, KvPlace::Local)?;
             }
         }
         let last = &ws.resid[if stored { cfg.n_layer } else { cfg.n_layer % 2 }];
-        b.rmsnorm_forward(
-            &mut ws.lnf,
-            &mut ws.rstdf,
-            last,
-            &self.weights.final_norm,
-            rows,
-            d,
-            cfg.norm_eps as f32,
-        )?;
-        b.matmul(
-            &mut ws.logits,
-            &ws.lnf,
-            self.weights.head(),
-            Gemm::linear(rows, d, cfg.vocab_size),
-        )?;
+        b.rmsnorm_forward(&mut ws.lnf, &mut ws.rstdf, last, &self.weights.final_norm, rows, d, cfg.norm_eps as f32)?;
+        b.matmul(&mut ws.logits, &ws.lnf, self.weights.head(), Gemm::linear(rows, d, cfg.vocab_size))?;
         b.cross_entropy(&mut ws.logits, targets, cfg.vocab_size, grad_scale)
     }
 
@@ -420,31 +291,15 @@ impl<B: Backend> Llama<B> {
     pub fn backward(&self, ws: &mut Workspace<B>, grads: &mut Weights<B::Buf>) -> Result<()> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let rows = ws.rows();
-        let (d, qd, kvd, ff, v) = (
-            cfg.d_model,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.d_ff,
-            cfg.vocab_size,
-        );
+        let (d, qd, kvd, ff, v) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff, cfg.vocab_size);
         if ws.blocks.len() != cfg.n_layer {
             bail!("backward needs a training workspace (Workspace::new), not an inference one");
         }
         let g = &mut ws.grads;
 
         // Head and final norm. `ws.logits` holds ∂loss/∂logits.
-        b.matmul(
-            grads.head_mut(),
-            &ws.logits,
-            &ws.lnf,
-            Gemm::linear_dw(rows, d, v),
-        )?;
-        b.matmul(
-            &mut g.d_ln,
-            &ws.logits,
-            self.weights.head(),
-            Gemm::linear_dx(rows, d, v),
-        )?;
+        b.matmul(grads.head_mut(), &ws.logits, &ws.lnf, Gemm::linear_dw(rows, d, v))?;
+        b.matmul(&mut g.d_ln, &ws.logits, self.weights.head(), Gemm::linear_dx(rows, d, v))?;
         b.fill_zero(&mut ws.d_resid)?;
         let last = &ws.resid[cfg.n_layer];
         b.rmsnorm_backward(
@@ -465,40 +320,11 @@ impl<B: Backend> Llama<B> {
             b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
             b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;
             b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up)?;
-            b.matmul(
-                &mut g.d_ln,
-                &g.d_gate,
-                &w.gate_proj,
-                Gemm::linear_dx(rows, d, ff),
-            )?;
-            b.matmul(
-                &mut g.d_ln,
-                &g.d_up,
-                &w.up_proj,
-                Gemm::linear_dx(rows, d, ff).accumulating(),
-            )?;
-            b.matmul(
-                &mut gw.gate_proj,
-                &g.d_gate,
-                &a.ln2,
-                Gemm::linear_dw(rows, d, ff),
-            )?;
-            b.matmul(
-                &mut gw.up_proj,
-                &g.d_up,
-                &a.ln2,
-                Gemm::linear_dw(rows, d, ff),
-            )?;
-            b.rmsnorm_backward(
-                dx,
-                &mut gw.mlp_norm,
-                &g.d_ln,
-                &a.x_mid,
-                &w.mlp_norm,
-                &a.rstd2,
-                rows,
-                d,
-            )?;
+            b.matmul(&mut g.d_ln, &g.d_gate, &w.gate_proj, Gemm::linear_dx(rows, d, ff))?;
+            b.matmul(&mut g.d_ln, &g.d_up, &w.up_proj, Gemm::linear_dx(rows, d, ff).accumulating())?;
+            b.matmul(&mut gw.gate_proj, &g.d_gate, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
+            b.matmul(&mut gw.up_proj, &g.d_up, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
+            b.rmsnorm_backward(dx, &mut gw.mlp_norm, &g.d_ln, &a.x_mid, &w.mlp_norm, &a.rstd2, rows, d)?;
 
             // Attention sub-layer: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = norm(x_in).
             b.matmul(&mut g.d_att, dx, &w.o_proj, Gemm::linear_dx(rows, qd, d))?;
@@ -513,53 +339,17 @@ impl<B: Backend> Llama<B> {
                 n_kv_head: cfg.n_kv_head,
                 head_dim: cfg.head_dim(),
             };
-            b.attention_backward(
-                &mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape,
-            )?;
-            let rope_q = RopeShape {
-                rows,
-                seq: ws.seq,
-                pos0: 0,
-                n_head: cfg.n_head,
-                head_dim: cfg.head_dim(),
-            };
+            b.attention_backward(&mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape)?;
+            let rope_q = RopeShape { rows, seq: ws.seq, pos0: 0, n_head: cfg.n_head, head_dim: cfg.head_dim() };
             b.rope(&mut g.dq, &self.rope_cos, &self.rope_sin, rope_q, true)?;
-            b.rope(
-                &mut g.dk,
-                &self.rope_cos,
-                &self.rope_sin,
-                RopeShape {
-                    n_head: cfg.n_kv_head,
-                    ..rope_q
-                },
-                true,
-            )?;
+            b.rope(&mut g.dk, &self.rope_cos, &self.rope_sin, RopeShape { n_head: cfg.n_kv_head, ..rope_q }, true)?;
             b.matmul(&mut g.d_ln, &g.dq, &w.q_proj, Gemm::linear_dx(rows, d, qd))?;
-            b.matmul(
-                &mut g.d_ln,
-                &g.dk,
-                &w.k_proj,
-                Gemm::linear_dx(rows, d, kvd).accumulating(),
-            )?;
-            b.matmul(
-                &mut g.d_ln,
-                &g.dv,
-                &w.v_proj,
-                Gemm::linear_dx(rows, d, kvd).accumulating(),
-            )?;
+            b.matmul(&mut g.d_ln, &g.dk, &w.k_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
+            b.matmul(&mut g.d_ln, &g.dv, &w.v_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
             b.matmul(&mut gw.q_proj, &g.dq, &a.ln1, Gemm::linear_dw(rows, d, qd))?;
             b.matmul(&mut gw.k_proj, &g.dk, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
             b.matmul(&mut gw.v_proj, &g.dv, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
-            b.rmsnorm_backward(
-                dx,
-                &mut gw.attn_norm,
-                &g.d_ln,
-                &ws.resid[l],
-                &w.attn_norm,
-                &a.rstd1,
-                rows,
-                d,
-            )?;
+            b.rmsnorm_backward(dx, &mut gw.attn_norm, &g.d_ln, &ws.resid[l], &w.attn_norm, &a.rstd1, rows, d)?;
         }
         b.embedding_backward(&mut grads.embed, &ws.d_resid, &ws.ids, d)
     }

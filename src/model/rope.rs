@@ -5,9 +5,7 @@
 /// `(cos, sin)`, each `[max_pos, head_dim / 2]`.
 pub fn tables(head_dim: usize, max_pos: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
     let mut cos = Vec::with_capacity(max_pos * half);
     let mut sin = Vec::with_capacity(max_pos * half);
     for p in 0..max_pos {

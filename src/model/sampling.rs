@@ -31,10 +31,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64) -> Self {
-        Sampler {
-            params,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Sampler { params, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -42,11 +39,8 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i as u32, x / p.temperature))
-            .collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &x)| (i as u32, x / p.temperature)).collect();
         // Highest first; ties by lower id so the order is fully determined.
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
@@ -89,36 +83,15 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), 1);
-        let mut s = Sampler::new(
-            SamplingParams {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-            0,
-        );
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 }, 0);
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [5.0, 4.0, 0.0, -1.0, 4.5];
-        let mut k2 = Sampler::new(
-            SamplingParams {
-                temperature: 1.0,
-                top_k: 2,
-                top_p: 1.0,
-            },
-            3,
-        );
-        let mut p = Sampler::new(
-            SamplingParams {
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 0.5,
-            },
-            3,
-        );
+        let mut k2 = Sampler::new(SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0 }, 3);
+        let mut p = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5 }, 3);
         for _ in 0..200 {
             assert!([0, 4].contains(&k2.sample(&logits)));
             assert_eq!(p.sample(&logits), 0); // token 0 alone holds > 50% of the mass
@@ -128,11 +101,7 @@ mod tests {
     #[test]
     fn sampling_follows_the_distribution_and_the_seed() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
+        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0 };
         let mut s = Sampler::new(params, 42);
         let ones = (0..4000).filter(|_| s.sample(&logits) == 1).count();
         assert!((2800..3200).contains(&ones), "{ones}");

@@ -55,27 +55,12 @@ const LAYER_TENSORS: [&str; 9] = [
 
 /// Every tensor of the model, in the canonical order `Weights::iter` also uses.
 pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<TensorSpec> {
-    let (d, q, kv, ff, v) = (
-        cfg.d_model,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.d_ff,
-        cfg.vocab_size,
-    );
+    let (d, q, kv, ff, v) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff, cfg.vocab_size);
     let spec = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
     let mut specs = vec![spec("model.embed_tokens.weight".into(), vec![v, d])];
     for l in 0..cfg.n_layer {
-        let shapes = [
-            vec![d],
-            vec![q, d],
-            vec![kv, d],
-            vec![kv, d],
-            vec![d, q],
-            vec![d],
-            vec![ff, d],
-            vec![ff, d],
-            vec![d, ff],
-        ];
+        let shapes =
+            [vec![d], vec![q, d], vec![kv, d], vec![kv, d], vec![d, q], vec![d], vec![ff, d], vec![ff, d], vec![d, ff]];
         for (name, shape) in LAYER_TENSORS.iter().zip(shapes) {
             specs.push(spec(format!("model.layers.{l}.{name}.weight"), shape));
         }
@@ -89,10 +74,7 @@ pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<TensorSpec> {
 
 impl<T> Weights<T> {
     /// Builds every tensor in canonical order from its spec.
-    pub fn try_build(
-        cfg: &LlamaConfig,
-        mut make: impl FnMut(&TensorSpec) -> Result<T>,
-    ) -> Result<Self> {
+    pub fn try_build(cfg: &LlamaConfig, mut make: impl FnMut(&TensorSpec) -> Result<T>) -> Result<Self> {
         let specs = tensor_specs(cfg);
         let mut it = specs.iter();
         let mut next = || make(it.next().expect("tensor_specs covers every field"));
@@ -112,17 +94,8 @@ impl<T> Weights<T> {
             });
         }
         let final_norm = next()?;
-        let lm_head = if cfg.tie_embeddings {
-            None
-        } else {
-            Some(next()?)
-        };
-        Ok(Weights {
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-        })
+        let lm_head = if cfg.tie_embeddings { None } else { Some(next()?) };
+        Ok(Weights { embed, layers, final_norm, lm_head })
     }
 
     /// All tensors in canonical order (matching `tensor_specs`).

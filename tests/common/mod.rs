@@ -11,9 +11,7 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 
 /// Uniform values in [-scale, scale).
 pub fn randv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect()
+    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
 }
 
 pub fn fixtures() -> PathBuf {
@@ -22,12 +20,7 @@ pub fn fixtures() -> PathBuf {
 
 /// ‖a − b‖ / max(‖a‖, ‖b‖, tiny).
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
     let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     diff / na.max(nb).max(1e-12)
@@ -60,10 +53,7 @@ pub fn check_grad(
     }
     let err = rel_err(&num, &ana);
     assert!(err < tol, "{what}: finite-difference relative error {err:.2e} >= {tol:.0e}\n num {num:?}\n ana {ana:?}");
-    assert!(
-        ana.iter().any(|&g| g != 0.0),
-        "{what}: analytic gradient is identically zero on the sample"
-    );
+    assert!(ana.iter().any(|&g| g != 0.0), "{what}: analytic gradient is identically zero on the sample");
 }
 
 /// Σ out ⊙ r in f64: a scalar whose gradient with respect to `out` is `r`.
@@ -104,19 +94,13 @@ pub fn check_grad_directional(
         // rounding of the loss is negligible.
         let (d1, d2) = (central(h), central(h / 2.0));
         num.push((4.0 * d2 - d1) / 3.0);
-        ana.push(
-            analytic
-                .iter()
-                .zip(&u)
-                .map(|(&g, &u)| g as f64 * u as f64)
-                .sum(),
-        );
+        ana.push(analytic.iter().zip(&u).map(|(&g, &u)| g as f64 * u as f64).sum());
     }
     x.copy_from_slice(&orig);
     let err = rel_err(&num, &ana);
-    assert!(err < tol, "{what}: directional finite-difference error {err:.2e} >= {tol:.0e}\n num {num:?}\n ana {ana:?}");
     assert!(
-        ana.iter().any(|&g| g != 0.0),
-        "{what}: analytic gradient is identically zero"
+        err < tol,
+        "{what}: directional finite-difference error {err:.2e} >= {tol:.0e}\n num {num:?}\n ana {ana:?}"
     );
+    assert!(ana.iter().any(|&g| g != 0.0), "{what}: analytic gradient is identically zero");
 }

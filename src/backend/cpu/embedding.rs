@@ -1,13 +1,10 @@
 use rayon::prelude::*;
 
 pub fn forward(out: &mut [f32], table: &[f32], ids: &[u32], d: usize) {
-    out[..ids.len() * d]
-        .par_chunks_mut(d)
-        .zip(ids.par_iter())
-        .for_each(|(row, &id)| {
-            let id = id as usize;
-            row.copy_from_slice(&table[id * d..(id + 1) * d]);
-        });
+    out[..ids.len() * d].par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let id = id as usize;
+        row.copy_from_slice(&table[id * d..(id + 1) * d]);
+    });
 }
 
 /// Sequential on purpose: rows that share a token id add into the same table row, and a fixed

@@ -10,36 +10,19 @@ use rayon::prelude::*;
 const GEMV_CHUNK: usize = 64;
 
 fn gemv_rows(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool) {
-    out.par_chunks_mut(GEMV_CHUNK)
-        .enumerate()
-        .for_each(|(c, o)| {
-            for (j, y) in o.iter_mut().enumerate() {
-                let row = (c * GEMV_CHUNK + j) * k;
-                let v = dot(x, &w[row..row + k]);
-                *y = if accumulate { *y + v } else { v };
-            }
-        });
+    out.par_chunks_mut(GEMV_CHUNK).enumerate().for_each(|(c, o)| {
+        for (j, y) in o.iter_mut().enumerate() {
+            let row = (c * GEMV_CHUNK + j) * k;
+            let v = dot(x, &w[row..row + k]);
+            *y = if accumulate { *y + v } else { v };
+        }
+    });
 }
 
 pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
-    let Gemm {
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-        accumulate,
-    } = g;
-    assert!(
-        out.len() >= m * n,
-        "matmul: out has {} elements, needs {}",
-        out.len(),
-        m * n
-    );
-    assert!(
-        a.len() >= m * k && b.len() >= k * n,
-        "matmul: operand too small for {g:?}"
-    );
+    let Gemm { m, n, k, trans_a, trans_b, accumulate } = g;
+    assert!(out.len() >= m * n, "matmul: out has {} elements, needs {}", out.len(), m * n);
+    assert!(a.len() >= m * k && b.len() >= k * n, "matmul: operand too small for {g:?}");
     if m == 0 || n == 0 {
         return;
     }
@@ -56,22 +39,10 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
         return;
     }
     // Element (i, p) of op(a) and (p, j) of op(b), as (row stride, column stride).
-    let (a_rs, a_cs) = if trans_a {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if trans_b {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the bounds above guarantee every strided access stays inside the slices; `out` does
     // not alias `a` or `b` (distinct borrows).
     unsafe {

@@ -67,18 +67,8 @@ impl Backend for Cpu {
         buf.fill(0.0);
         Ok(())
     }
-    fn copy(
-        &self,
-        dst: &mut Vec<f32>,
-        dst_off: usize,
-        src: &Vec<f32>,
-        src_off: usize,
-        len: usize,
-    ) -> Result<()> {
-        ensure!(
-            dst_off + len <= dst.len() && src_off + len <= src.len(),
-            "copy out of bounds"
-        );
+    fn copy(&self, dst: &mut Vec<f32>, dst_off: usize, src: &Vec<f32>, src_off: usize, len: usize) -> Result<()> {
+        ensure!(dst_off + len <= dst.len() && src_off + len <= src.len(), "copy out of bounds");
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
         Ok(())
     }
@@ -100,23 +90,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn embedding_forward(
-        &self,
-        out: &mut Vec<f32>,
-        table: &Vec<f32>,
-        ids: &[u32],
-        d: usize,
-    ) -> Result<()> {
+    fn embedding_forward(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], d: usize) -> Result<()> {
         embedding::forward(out, table, ids, d);
         Ok(())
     }
-    fn embedding_backward(
-        &self,
-        dtable: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        ids: &[u32],
-        d: usize,
-    ) -> Result<()> {
+    fn embedding_backward(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &[u32], d: usize) -> Result<()> {
         embedding::backward(dtable, dout, ids, d);
         Ok(())
     }
@@ -131,14 +109,7 @@ impl Backend for Cpu {
         d: usize,
         eps: f32,
     ) -> Result<()> {
-        norm::forward(
-            &mut out[..rows * d],
-            &mut rstd[..rows],
-            &x[..rows * d],
-            w,
-            d,
-            eps,
-        );
+        norm::forward(&mut out[..rows * d], &mut rstd[..rows], &x[..rows * d], w, d, eps);
         Ok(())
     }
     fn rmsnorm_backward(
@@ -152,26 +123,11 @@ impl Backend for Cpu {
         rows: usize,
         d: usize,
     ) -> Result<()> {
-        norm::backward(
-            &mut dx[..rows * d],
-            dw,
-            &dout[..rows * d],
-            &x[..rows * d],
-            w,
-            &rstd[..rows],
-            d,
-        );
+        norm::backward(&mut dx[..rows * d], dw, &dout[..rows * d], &x[..rows * d], w, &rstd[..rows], d);
         Ok(())
     }
 
-    fn rope(
-        &self,
-        x: &mut Vec<f32>,
-        cos: &Vec<f32>,
-        sin: &Vec<f32>,
-        shape: RopeShape,
-        inverse: bool,
-    ) -> Result<()> {
+    fn rope(&self, x: &mut Vec<f32>, cos: &Vec<f32>, sin: &Vec<f32>, shape: RopeShape, inverse: bool) -> Result<()> {
         rope::apply(x, cos, sin, shape, inverse);
         Ok(())
     }
@@ -228,16 +184,8 @@ impl Backend for Cpu {
         vocab: usize,
         grad_scale: Option<f32>,
     ) -> Result<Vec<f32>> {
-        ensure!(
-            logits.len() >= targets.len() * vocab,
-            "cross_entropy: logits too small"
-        );
-        Ok(xent::cross_entropy(
-            &mut logits[..targets.len() * vocab],
-            targets,
-            vocab,
-            grad_scale,
-        ))
+        ensure!(logits.len() >= targets.len() * vocab, "cross_entropy: logits too small");
+        Ok(xent::cross_entropy(&mut logits[..targets.len() * vocab], targets, vocab, grad_scale))
     }
 
     fn adamw_step(
@@ -251,4 +199,22 @@ impl Backend for Cpu {
         adamw::step(param, grad, m, v, hp);
         Ok(())
     }
+}
+
+/// This machine's f32 GEMM throughput (FLOP/s), measured once: the denominator of MFU on CPU.
+pub fn measured_peak_flops() -> f64 {
+    static PEAK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *PEAK.get_or_init(|| {
+        let n = 512;
+        let x: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut out = vec![0.0f32; n * n];
+        let g = Gemm { m: n, n, k: n, trans_a: false, trans_b: true, accumulate: false };
+        matmul::matmul(&mut out, &x, &x, g);
+        let reps = 4;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            matmul::matmul(&mut out, &x, &x, g);
+        }
+        2.0 * (n * n * n * reps) as f64 / t.elapsed().as_secs_f64()
+    })
 }

@@ -8,14 +8,11 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 pub fn forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|((o, g), u)| {
-            for i in 0..o.len() {
-                o[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((o, g), u)| {
+        for i in 0..o.len() {
+            o[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    });
 }
 
 /// `d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))`.

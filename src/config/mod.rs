@@ -1,0 +1,414 @@
+//! The TOML run configuration: schema, defaults, `--set section.key=value` overrides and
+//! validation. Every error names the file and the offending key.
+
+use crate::model::LlamaConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_TOKENIZER: &str = "assets/tokenizer/llama2/tokenizer.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub sample: SampleSection,
+}
+
+/// `preset = "..."` and/or explicit fields (fields override the preset); `init` is "random" or a
+/// path to a Hugging Face model directory, kiln checkpoint or run directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub preset: Option<String>,
+    #[serde(default = "random")]
+    pub init: String,
+    pub n_layer: Option<usize>,
+    pub d_model: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_kv_head: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub d_ff: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub max_seq_len: Option<usize>,
+    pub rope_theta: Option<f64>,
+    pub norm_eps: Option<f64>,
+    pub tie_embeddings: Option<bool>,
+}
+
+fn random() -> String {
+    "random".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerSection {
+    pub path: PathBuf,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        TokenizerSection { path: DEFAULT_TOKENIZER.into() }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub seq_len: usize,
+    pub sources: Vec<SourceSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub name: String,
+    /// A directory made by `kiln prepare`.
+    pub path: PathBuf,
+    pub weight: f64,
+    /// Raw inputs to prepare into `path` on first use (what the demo does).
+    pub prepare: Option<PrepareSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareSpec {
+    pub inputs: Vec<PathBuf>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    pub text_field: Option<String>,
+}
+
+fn default_val_fraction() -> f64 {
+    0.01
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub micro_batch: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub max_steps: u64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Steps between headless log lines.
+    #[serde(default = "ten")]
+    pub log_every: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn ten() -> u64 {
+    10
+}
+
+/// AdamW and the schedule; defaults are TinyLlama's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global-norm clipping threshold; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        OptimSection {
+            lr: 4e-4,
+            min_lr: 4e-5,
+            warmup_steps: 2000,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub every_steps: u64,
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { every_steps: 1000, keep_last: 3 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelSection {
+    pub device: String,
+    pub world_size: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection { device: "cpu".into(), world_size: 1 }
+    }
+}
+
+/// Held-out loss every `every_steps` (0 = never) over up to `batches` micro-batches per source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    pub every_steps: u64,
+    pub batches: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every_steps: 0, batches: 4 }
+    }
+}
+
+/// Sample generations from `prompts` every `every_steps` (0 = never).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleSection {
+    pub every_steps: u64,
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+impl Default for SampleSection {
+    fn default() -> Self {
+        SampleSection { every_steps: 0, prompts: vec![], max_new_tokens: 48, temperature: 0.8, top_k: 40, top_p: 0.95 }
+    }
+}
+
+/// Applies one `section.key=value` override to a parsed TOML document. The value is parsed as a
+/// TOML value; a bare word that is not valid TOML is taken as a string (`--set model.init=runs/a`).
+pub fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, value) =
+        assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: bad key {key:?}");
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").expect("parsed a table with key v"),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let mut table = doc;
+    for part in &path[..path.len() - 1] {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().with_context(|| format!("--set {key}: {part} is not a section"))?;
+    }
+    table.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Parses TOML text (from `source`, named in errors), applying `--set` overrides first.
+    pub fn parse(text: &str, source: &str, sets: &[String]) -> Result<RunConfig> {
+        let mut doc: toml::Table = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{source}: not valid TOML ({})", one_line(e.message())))?;
+        for s in sets {
+            apply_set(&mut doc, s)?;
+        }
+        let text = toml::to_string(&doc)?;
+        let de =
+            toml::Deserializer::parse(&text).map_err(|e| anyhow::anyhow!("{source}: {}", one_line(e.message())))?;
+        let cfg: RunConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = one_line(e.inner().message());
+            if path == "." {
+                anyhow::anyhow!("{source}: {msg}")
+            } else {
+                anyhow::anyhow!("{source}: {path}: {msg}")
+            }
+        })?;
+        cfg.validate().with_context(|| source.to_string())?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path, sets: &[String]) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), sets)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("data.seq_len", self.data.seq_len as u64),
+            ("train.micro_batch", self.train.micro_batch as u64),
+            ("train.grad_accum", self.train.grad_accum as u64),
+            ("train.max_steps", self.train.max_steps),
+            ("train.log_every", self.train.log_every),
+            ("parallel.world_size", self.parallel.world_size as u64),
+            ("eval.batches", self.eval.batches as u64),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                bail!("{k} must be positive");
+            }
+        }
+        if self.data.sources.is_empty() {
+            bail!("data.sources: at least one source is needed");
+        }
+        for s in &self.data.sources {
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                bail!("data.sources: source {:?} needs a positive weight", s.name);
+            }
+        }
+        let o = &self.optim;
+        for (k, v) in [("optim.lr", o.lr), ("optim.eps", o.eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{k} must be positive");
+            }
+        }
+        if !(o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            bail!("optim.min_lr must be in [0, optim.lr]");
+        }
+        for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{k} must be in [0, 1)");
+            }
+        }
+        if o.weight_decay < 0.0 || o.grad_clip < 0.0 {
+            bail!("optim.weight_decay and optim.grad_clip must be non-negative");
+        }
+        if self.parallel.device != "cpu" {
+            bail!("parallel.device {:?} is not available in this build (only \"cpu\")", self.parallel.device);
+        }
+        if self.parallel.world_size != 1 {
+            bail!(
+                "parallel.world_size {} is not supported yet (FSDP lands with the FSDP engine)",
+                self.parallel.world_size
+            );
+        }
+        if self.checkpoint.keep_last == 0 {
+            bail!("checkpoint.keep_last must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The model shape from `preset` plus explicit fields; `None` when neither is given (the shape
+    /// then comes from `model.init`).
+    pub fn model_config(&self) -> Result<Option<LlamaConfig>> {
+        let m = &self.model;
+        let any_field = m.n_layer.is_some()
+            || m.d_model.is_some()
+            || m.n_head.is_some()
+            || m.n_kv_head.is_some()
+            || m.d_ff.is_some()
+            || m.vocab_size.is_some();
+        let mut c = match (&m.preset, any_field) {
+            (Some(p), _) => LlamaConfig::preset(p).context("model.preset")?,
+            (None, false) => return Ok(None),
+            (None, true) => LlamaConfig {
+                n_layer: m.n_layer.context("model.n_layer is required without a preset")?,
+                d_model: m.d_model.context("model.d_model is required without a preset")?,
+                n_head: m.n_head.context("model.n_head is required without a preset")?,
+                n_kv_head: m.n_kv_head.or(m.n_head).unwrap_or(1),
+                head_dim: None,
+                d_ff: m.d_ff.context("model.d_ff is required without a preset")?,
+                vocab_size: m.vocab_size.unwrap_or(32000),
+                max_seq_len: m.max_seq_len.unwrap_or(2048),
+                rope_theta: 10000.0,
+                norm_eps: 1e-5,
+                tie_embeddings: false,
+            },
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = m.$f { c.$f = v; } )* };
+        }
+        over!(n_layer, d_model, n_head, n_kv_head, d_ff, vocab_size, max_seq_len, rope_theta, norm_eps, tie_embeddings);
+        if m.head_dim.is_some() {
+            c.head_dim = m.head_dim;
+        }
+        c.validate().context("model")?;
+        Ok(Some(c))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+preset = "tiny"
+[data]
+seq_len = 64
+[[data.sources]]
+name = "a"
+path = "d"
+weight = 1.0
+[train]
+micro_batch = 2
+max_steps = 10
+"#;
+
+    #[test]
+    fn defaults_are_tinyllamas() {
+        let c = RunConfig::parse(BASE, "t.toml", &[]).unwrap();
+        assert_eq!((c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.weight_decay), (4e-4, 4e-5, 2000, 0.1));
+        assert_eq!((c.optim.beta1, c.optim.beta2, c.optim.grad_clip), (0.9, 0.95, 1.0));
+        assert_eq!(c.model_config().unwrap().unwrap(), LlamaConfig::preset("tiny").unwrap());
+    }
+
+    #[test]
+    fn set_overrides_any_field_with_toml_values() {
+        let sets = vec![
+            "optim.lr=1e-3".to_string(),
+            "model.n_layer=3".to_string(),
+            "data.sources=[{name=\"x\", path=\"p\", weight=2.0}]".to_string(),
+            "model.init=runs/a".to_string(),
+        ];
+        let c = RunConfig::parse(BASE, "t.toml", &sets).unwrap();
+        assert_eq!(c.optim.lr, 1e-3);
+        assert_eq!(c.model_config().unwrap().unwrap().n_layer, 3);
+        assert_eq!(c.data.sources[0].name, "x");
+        assert_eq!(c.model.init, "runs/a");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_named() {
+        let e = RunConfig::parse(BASE, "t.toml", &["train.micro_bach=3".into()]).unwrap_err().to_string();
+        assert!(e.contains("t.toml") && e.contains("micro_bach"), "{e}");
+        let e = RunConfig::parse(BASE, "t.toml", &["train.micro_batch=\"two\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("train.micro_batch"), "{e}");
+        let e = RunConfig::parse(BASE, "t.toml", &["optim.lr=-1".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("optim.lr"), "{e:#}");
+        let e = RunConfig::parse("[model\n", "t.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("t.toml: not valid TOML"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+}

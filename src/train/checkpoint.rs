@@ -1,0 +1,155 @@
+//! Checkpoints: `RUN/checkpoints/step-NNNNNNNN/` is a Hugging Face model directory plus kiln's
+//! training state (`optimizer.safetensors` with AdamW moments, `trainer.json`). A checkpoint is
+//! written into a temporary directory, fsynced and renamed; only then does `RUN/checkpoints/latest`
+//! move to it, and retention never deletes what `latest` names. A `kill -9` at any moment therefore
+//! leaves `latest` on a whole checkpoint.
+
+use crate::data::mixture::MixState;
+use crate::io::atomic::{fsync_dir, write_file};
+use crate::io::safetensors::TensorFiles;
+use crate::io::save::{write_json, write_model_dir, write_safetensors};
+use crate::model::{tensor_specs, LlamaConfig, TensorSpec, Weights};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_FILE: &str = "trainer.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Data position after the last consumed micro-batch.
+    pub mix: MixState,
+    pub kiln_version: String,
+}
+
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// What a checkpoint holds, on the host.
+pub struct Snapshot<'a> {
+    pub cfg: &'a LlamaConfig,
+    pub weights: &'a Weights<Vec<f32>>,
+    pub m: &'a Weights<Vec<f32>>,
+    pub v: &'a Weights<Vec<f32>>,
+    pub state: &'a TrainerState,
+    pub bos: u32,
+    pub eos: u32,
+    pub tokenizer_files: &'a [(&'a str, &'a [u8])],
+}
+
+/// Writes a checkpoint atomically, points `latest` at it, applies `keep_last` retention.
+pub fn save(run: &Path, snap: &Snapshot<'_>, keep_last: usize) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let name = checkpoint_name(snap.state.step);
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        write_model_dir(&tmp, snap.cfg, snap.weights, snap.bos, snap.eos, snap.tokenizer_files)?;
+        let specs = tensor_specs(snap.cfg);
+        let mut moments = Vec::new();
+        for (prefix, w) in [("exp_avg", snap.m), ("exp_avg_sq", snap.v)] {
+            for (s, t) in specs.iter().zip(w.iter()) {
+                moments.push((format!("{prefix}.{}", s.name), s.shape.clone(), t.as_slice()));
+            }
+        }
+        write_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
+        write_json(&tmp.join(TRAINER_FILE), &serde_json::to_value(snap.state)?)?;
+        fsync_dir(&tmp)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(
+            e.context(format!("{}: checkpoint not written (the previous one is intact)", dir.join(&name).display()))
+        );
+    }
+    let final_dir = dir.join(&name);
+    if final_dir.exists() {
+        // A leftover from a run that was resumed from an earlier checkpoint; `latest` is older.
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("{}: cannot replace", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot move into place", final_dir.display()))?;
+    fsync_dir(&dir)?;
+    write_file(&dir.join("latest"), format!("{name}\n").as_bytes())?;
+    retain(&dir, keep_last, &name)?;
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` checkpoints, never `protect`, and stale temporary dirs.
+fn retain(dir: &Path, keep: usize, protect: &str) -> Result<()> {
+    let mut steps: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if name.starts_with("step-") {
+            steps.push(name);
+        } else if name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id())) {
+            let _ = std::fs::remove_dir_all(dir.join(&name));
+        }
+    }
+    steps.sort();
+    let n = steps.len();
+    for old in steps.into_iter().take(n.saturating_sub(keep)) {
+        if old != protect {
+            std::fs::remove_dir_all(dir.join(&old))
+                .with_context(|| format!("{}: cannot remove", dir.join(&old).display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint `RUN/checkpoints/latest` names, if any.
+pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
+    let p = checkpoints_dir(run).join("latest");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let name = name.trim();
+    if !name.starts_with("step-") || name.contains('/') {
+        bail!("{}: does not name a checkpoint ({name:?})", p.display());
+    }
+    let dir = checkpoints_dir(run).join(name);
+    if !dir.join(TRAINER_FILE).exists() {
+        bail!("{}: latest checkpoint is missing or incomplete", dir.display());
+    }
+    Ok(Some(dir))
+}
+
+/// A model directory from a path that may be a model dir, a checkpoint, or a run dir.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() || !path.join("checkpoints").is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    latest(path)?.with_context(|| format!("{}: run directory has no checkpoint yet", path.display()))
+}
+
+pub fn read_state(ckpt: &Path) -> Result<TrainerState> {
+    let p = ckpt.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))
+}
+
+/// AdamW moments `(m, v)` of a checkpoint, checked against the model shape.
+pub fn read_moments(ckpt: &Path, cfg: &LlamaConfig) -> Result<(Weights<Vec<f32>>, Weights<Vec<f32>>)> {
+    let files = TensorFiles::open(&[ckpt.join(OPTIMIZER_FILE)])?;
+    let load = |prefix: &str| {
+        Weights::try_build(cfg, |s| {
+            files.load_f32(&TensorSpec { name: format!("{prefix}.{}", s.name), shape: s.shape.clone() })
+        })
+    };
+    Ok((load("exp_avg")?, load("exp_avg_sq")?))
+}

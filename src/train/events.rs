@@ -1,0 +1,29 @@
+//! What the engine reports. Headless output prints these; metrics.jsonl records them; the
+//! dashboard will render them. The engine never knows who listens.
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    pub data_wait_ms: f64,
+    /// Model FLOPs per second over the device's peak (on CPU: the measured GEMM peak).
+    pub mfu: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Step(StepMetrics),
+    Eval { step: u64, tokens: u64, loss: f64, per_source: Vec<(String, f64)> },
+    Sample { step: u64, prompt: String, text: String },
+    Checkpoint { step: u64, path: String },
+    Log { step: u64, message: String },
+}

@@ -1,0 +1,10 @@
+//! Training: the step loop, AdamW state and schedule, checkpoints, metrics and the events that
+//! headless output (and later the dashboard) consume.
+
+pub mod checkpoint;
+pub mod events;
+pub mod optimizer;
+pub mod run;
+pub mod schedule;
+pub mod signals;
+pub mod trainer;

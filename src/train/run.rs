@@ -1,0 +1,276 @@
+//! `kiln train`: set up a run directory (new or resumed), prepare data on first use, build the
+//! trainer, and drive it with headless output.
+
+use super::checkpoint::{self, TrainerState};
+use super::events::Event;
+use super::signals;
+use super::trainer::{RunEnd, Trainer, TrainerParts};
+use crate::backend::cpu::{measured_peak_flops, Cpu};
+use crate::backend::Backend;
+use crate::config::{RunConfig, DEFAULT_TOKENIZER};
+use crate::data::dataset::Dataset;
+use crate::data::loader::Source;
+use crate::data::prepare::{prepare, sha256_hex, PrepareArgs, DEFAULT_SHARD_TOKENS};
+use crate::io::atomic::write_file;
+use crate::io::load_model_dir;
+use crate::model::init::random_weights;
+use crate::model::Llama;
+use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const DEMO_CONFIG: &str = "configs/demo.toml";
+
+pub struct TrainArgs {
+    pub config: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub sets: Vec<String>,
+    pub steps: Option<u64>,
+    pub resume: Option<PathBuf>,
+    /// Print progress lines (otherwise silent apart from errors).
+    pub verbose: bool,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The tokenizer bytes: the configured file, or the bundled Llama-2 one for the default path when
+/// kiln runs outside its source tree.
+fn tokenizer_bytes(cfg: &RunConfig) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    let p = &cfg.tokenizer.path;
+    if !p.exists() && p == Path::new(DEFAULT_TOKENIZER) {
+        return Ok((LLAMA2_TOKENIZER_JSON.to_vec(), None));
+    }
+    let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read tokenizer", p.display()))?;
+    let config =
+        p.parent().map(|d| d.join("tokenizer_config.json")).filter(|c| c.exists()).and_then(|c| std::fs::read(c).ok());
+    Ok((bytes, config))
+}
+
+fn open_sources(cfg: &RunConfig, tok_path: &Path, tok_sha: &str, vocab: usize, verbose: bool) -> Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for s in &cfg.data.sources {
+        if let Some(p) = &s.prepare {
+            let args = PrepareArgs {
+                tokenizer: tok_path.to_path_buf(),
+                out: s.path.clone(),
+                inputs: p.inputs.clone(),
+                text_field: p.text_field.clone(),
+                val_fraction: p.val_fraction,
+                shard_tokens: DEFAULT_SHARD_TOKENS,
+                progress: verbose,
+            };
+            let summary = prepare(&args).with_context(|| format!("data source {:?}", s.name))?;
+            if verbose && !summary.skipped {
+                eprintln!("prepared {}", crate::cli::prepare_summary(&summary, &s.path));
+            }
+        }
+        let data = Dataset::open(&s.path, Some(tok_sha), vocab).with_context(|| format!("data source {:?}", s.name))?;
+        out.push(Source { name: s.name.clone(), weight: s.weight, data: Arc::new(data) });
+    }
+    Ok(out)
+}
+
+/// Makes config paths absolute so a run directory resumes from anywhere.
+fn absolutize(cfg: &mut RunConfig) {
+    cfg.tokenizer.path = absolute(&cfg.tokenizer.path);
+    for s in &mut cfg.data.sources {
+        s.path = absolute(&s.path);
+        if let Some(p) = &mut s.prepare {
+            p.inputs = p.inputs.iter().map(|i| absolute(i)).collect();
+        }
+    }
+    if cfg.model.init != "random" {
+        cfg.model.init = absolute(Path::new(&cfg.model.init)).display().to_string();
+    }
+}
+
+/// Builds the trainer for a new run or a resumed one.
+pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
+    let resuming = args.resume.is_some();
+    let (mut cfg, run_dir) = match &args.resume {
+        Some(run) => {
+            let p = run.join("config.toml");
+            if !p.exists() {
+                bail!("{}: not a kiln run directory (no config.toml)", run.display());
+            }
+            (RunConfig::load(&p, &args.sets)?, run.clone())
+        }
+        None => {
+            let path = args.config.clone().unwrap_or_else(|| PathBuf::from(DEMO_CONFIG));
+            if args.config.is_none() && !path.exists() {
+                bail!("{DEMO_CONFIG}: not found (run from the kiln checkout, or give a CONFIG)");
+            }
+            let cfg = RunConfig::load(&path, &args.sets)?;
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
+            let run = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem));
+            (cfg, run)
+        }
+    };
+    if !resuming {
+        absolutize(&mut cfg);
+        if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
+            bail!(
+                "{}: run directory already holds a run (use `kiln train --resume {0}` or another --run-dir)",
+                run_dir.display()
+            );
+        }
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
+        write_file(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    }
+
+    let (tok_bytes, tok_config) = tokenizer_bytes(&cfg)?;
+    let tokenizer = Tokenizer::from_bytes(&tok_bytes, &cfg.tokenizer.path.display().to_string())?;
+    let tok_sha = sha256_hex(&tok_bytes);
+    let piece =
+        |p: &str| tokenizer.token_id(p).with_context(|| format!("{}: no {p:?} token", cfg.tokenizer.path.display()));
+    let (bos, eos) = (piece("<s>")?, piece("</s>")?);
+
+    // The model: a checkpoint when resuming, else random or `model.init`.
+    let (model, moments, state) = if resuming {
+        let ckpt = checkpoint::latest(&run_dir)?
+            .with_context(|| format!("{}: no checkpoint to resume from", run_dir.display()))?;
+        let md = load_model_dir(&ckpt, Cpu::new())?;
+        let moments = checkpoint::read_moments(&ckpt, &md.model.cfg)?;
+        let state = checkpoint::read_state(&ckpt)?;
+        truncate_metrics(&run_dir, state.step)?;
+        (md.model, Some(moments), state)
+    } else {
+        let model = if cfg.model.init == "random" {
+            let mc = cfg.model_config()?.context("model: give a preset or the model fields (or model.init = PATH)")?;
+            Llama::from_host(mc.clone(), Cpu::new(), &random_weights(&mc, cfg.train.seed)?)?
+        } else {
+            let dir = checkpoint::resolve_model_dir(Path::new(&cfg.model.init))?;
+            let md = load_model_dir(&dir, Cpu::new()).context("model.init")?;
+            if let Some(mc) = cfg.model_config()? {
+                if mc != md.model.cfg {
+                    bail!("model.init {}: its shape differs from the configured model", dir.display());
+                }
+            }
+            md.model
+        };
+        let state = TrainerState {
+            step: 0,
+            tokens: 0,
+            mix: Default::default(),
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        (model, None, state)
+    };
+    tokenizer.check_vocab(model.cfg.vocab_size, "the model")?;
+    if cfg.data.seq_len > model.cfg.max_seq_len {
+        bail!("data.seq_len {} exceeds the model's max_seq_len {}", cfg.data.seq_len, model.cfg.max_seq_len);
+    }
+    let sources = open_sources(&cfg, &cfg.tokenizer.path.clone(), &tok_sha, model.cfg.vocab_size, args.verbose)?;
+    let mut tokenizer_files = vec![("tokenizer.json".to_string(), tok_bytes)];
+    if let Some(c) = tok_config {
+        tokenizer_files.push(("tokenizer_config.json".to_string(), c));
+    }
+    Trainer::new(TrainerParts {
+        cfg,
+        model,
+        moments,
+        state,
+        sources,
+        run_dir,
+        tokenizer,
+        tokenizer_files,
+        bos,
+        eos,
+        peak_flops: measured_peak_flops(),
+    })
+}
+
+/// On resume, drops metric records past the checkpoint so replayed steps are not duplicated.
+fn truncate_metrics(run: &Path, step: u64) -> Result<()> {
+    let p = run.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_file(&p, out.as_bytes())
+}
+
+/// One headless line per event worth printing.
+pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
+    match e {
+        Event::Step(m) if m.step % cfg.train.log_every == 0 || m.step == 1 => {
+            let wait = 100.0 * m.data_wait_ms / m.step_ms.max(1e-9);
+            let left = cfg.train.max_steps.saturating_sub(m.step) as f64 * m.step_ms / 1e3;
+            Some(format!(
+                "step {:>6}/{} | loss {:.4} | lr {:.2e} | gnorm {:.3} | {:.0} tok/s | {:.0} ms/step | data wait {:.1}% | mfu {:.1}% | eta {}",
+                m.step,
+                cfg.train.max_steps,
+                m.loss,
+                m.lr,
+                m.grad_norm,
+                m.tokens_per_s,
+                m.step_ms,
+                wait,
+                100.0 * m.mfu,
+                eta(left)
+            ))
+        }
+        Event::Eval { step, loss, .. } => Some(format!("eval   {step:>6} | val loss {loss:.4}")),
+        Event::Sample { step, prompt, text } => Some(format!("sample {step:>6} | {prompt}{}", text.replace('\n', " "))),
+        Event::Checkpoint { step, path } => Some(format!("ckpt   {step:>6} | {path}")),
+        Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),
+        _ => None,
+    }
+}
+
+fn eta(secs: f64) -> String {
+    let s = secs as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+pub fn train(args: TrainArgs) -> Result<RunEnd> {
+    signals::install();
+    let mut trainer = build(&args)?;
+    let until = match args.steps {
+        Some(n) => trainer.state.step + n,
+        None => trainer.cfg.train.max_steps,
+    };
+    if args.verbose {
+        let c = &trainer.model.cfg;
+        eprintln!(
+            "kiln train: {} | {:.1}M params | {} | run dir {} | step {} → {}",
+            trainer.model.backend.name(),
+            c.n_params() as f64 / 1e6,
+            format_args!(
+                "seq {} × micro-batch {} × accum {}",
+                trainer.cfg.data.seq_len, trainer.cfg.train.micro_batch, trainer.cfg.train.grad_accum
+            ),
+            trainer.run_dir().display(),
+            trainer.state.step,
+            until.min(trainer.cfg.train.max_steps)
+        );
+    }
+    let cfg = trainer.cfg.clone();
+    let verbose = args.verbose;
+    let mut print = |e: &Event| {
+        if verbose {
+            if let Some(line) = headless_line(e, &cfg) {
+                println!("{line}");
+            }
+        }
+    };
+    trainer.run(until, &mut print)
+}

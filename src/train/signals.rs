@@ -1,0 +1,25 @@
+//! SIGINT / SIGTERM: the first asks the trainer to checkpoint at the next step boundary and exit 0;
+//! a second SIGINT exits at once with status 130.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+static REQUESTS: AtomicUsize = AtomicUsize::new(0);
+static INSTALLED: OnceLock<()> = OnceLock::new();
+
+/// Installs the handler once per process (later calls are no-ops).
+pub fn install() {
+    INSTALLED.get_or_init(|| {
+        let _ = ctrlc::set_handler(|| {
+            if REQUESTS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: checkpointing at the next step boundary (interrupt again to exit at once)");
+        });
+    });
+}
+
+pub fn stop_requested() -> bool {
+    REQUESTS.load(Ordering::SeqCst) > 0
+}

@@ -1,0 +1,309 @@
+//! The step loop: micro-batches from the prefetching loader, forward + backward with gradient
+//! accumulation, global-norm clipping, AdamW with warmup + cosine, metrics, periodic eval, samples
+//! and atomic checkpoints.
+
+use super::checkpoint::{self, Snapshot, TrainerState};
+use super::events::{Event, StepMetrics};
+use super::optimizer::{clip, grad_norm, AdamWState};
+use super::schedule::lr_at;
+use super::signals;
+use crate::backend::{AdamW, Backend};
+use crate::config::RunConfig;
+use crate::data::loader::{val_sequences, Loader, Source};
+use crate::model::sampling::{Sampler, SamplingParams};
+use crate::model::{KvCache, Llama, Weights, Workspace};
+use crate::tokenizer::Tokenizer;
+use anyhow::{Context, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct Trainer<B: Backend> {
+    pub cfg: RunConfig,
+    pub model: Llama<B>,
+    pub state: TrainerState,
+    grads: Weights<B::Buf>,
+    opt: AdamWState<B>,
+    ws: Workspace<B>,
+    loader: Loader,
+    val: Vec<(String, Vec<u32>, Vec<i32>)>,
+    run_dir: PathBuf,
+    metrics: File,
+    pub tokenizer: Tokenizer,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    bos: u32,
+    eos: u32,
+    peak_flops: f64,
+    last_checkpoint_step: Option<u64>,
+}
+
+/// Why `run` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Reached the requested step (or `train.max_steps`).
+    Done,
+    /// SIGINT / SIGTERM: checkpointed at a step boundary.
+    Interrupted,
+}
+
+pub struct TrainerParts<B: Backend> {
+    pub cfg: RunConfig,
+    pub model: Llama<B>,
+    pub moments: Option<(Weights<Vec<f32>>, Weights<Vec<f32>>)>,
+    pub state: TrainerState,
+    pub sources: Vec<Source>,
+    pub run_dir: PathBuf,
+    pub tokenizer: Tokenizer,
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
+    pub bos: u32,
+    pub eos: u32,
+    pub peak_flops: f64,
+}
+
+impl<B: Backend> Trainer<B> {
+    pub fn new(p: TrainerParts<B>) -> Result<Self> {
+        let c = &p.cfg;
+        let opt = match p.moments {
+            None => AdamWState::new(&p.model)?,
+            Some((m, v)) => {
+                let up = |w: &Weights<Vec<f32>>| {
+                    let mut it = w.iter().into_iter();
+                    Weights::try_build(&p.model.cfg, |_| p.model.backend.upload(it.next().expect("same shape")))
+                };
+                AdamWState { m: up(&m)?, v: up(&v)? }
+            }
+        };
+        let loader =
+            Loader::start(&p.sources, c.train.seed, c.data.seq_len, c.train.micro_batch, Some(p.state.mix.clone()))?;
+        let val = val_sequences(&p.sources, c.data.seq_len, c.eval.batches * c.train.micro_batch);
+        let ws = Workspace::new(&p.model, c.train.micro_batch, c.data.seq_len)?;
+        let grads = p.model.zeros_like_weights()?;
+        let metrics_path = p.run_dir.join("metrics.jsonl");
+        let metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+        Ok(Trainer {
+            cfg: p.cfg,
+            model: p.model,
+            state: p.state,
+            grads,
+            opt,
+            ws,
+            loader,
+            val,
+            run_dir: p.run_dir,
+            metrics,
+            tokenizer: p.tokenizer,
+            tokenizer_files: p.tokenizer_files,
+            bos: p.bos,
+            eos: p.eos,
+            peak_flops: p.peak_flops,
+            last_checkpoint_step: None,
+        })
+    }
+
+    fn record(&mut self, e: &Event) -> Result<()> {
+        let line = serde_json::to_string(e)?;
+        writeln!(self.metrics, "{line}")
+            .with_context(|| format!("{}: cannot append", self.run_dir.join("metrics.jsonl").display()))
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let c = &self.cfg;
+        let b = &self.model.backend;
+        for g in self.grads.iter_mut() {
+            b.fill_zero(g)?;
+        }
+        let tokens_per_micro = c.train.micro_batch * c.data.seq_len;
+        let global_tokens = tokens_per_micro * c.train.grad_accum;
+        // The loss is the mean token cross-entropy over the whole global batch.
+        let scale = 1.0 / global_tokens as f32;
+        let mut loss_sum = 0.0f64;
+        let mut wait = 0.0f64;
+        for _ in 0..c.train.grad_accum {
+            let (batch, waited) = self.loader.next_batch()?;
+            wait += waited.as_secs_f64();
+            let losses = self.model.forward(&mut self.ws, &batch.ids, &batch.targets, Some(scale))?;
+            loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+            self.model.backward(&mut self.ws, &mut self.grads)?;
+            self.state.mix = batch.state;
+        }
+        let norm = grad_norm(b, &self.grads)?;
+        clip(b, &mut self.grads, norm, c.optim.grad_clip)?;
+        let step = self.state.step + 1;
+        let o = &c.optim;
+        let lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, c.train.max_steps);
+        let hp = AdamW {
+            lr: lr as f32,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+            step,
+        };
+        self.opt.step(&mut self.model, &self.grads, hp)?;
+        self.state.step = step;
+        self.state.tokens += global_tokens as u64;
+        let secs = t0.elapsed().as_secs_f64();
+        let tps = global_tokens as f64 / secs;
+        Ok(StepMetrics {
+            step,
+            tokens: self.state.tokens,
+            loss: loss_sum * scale as f64,
+            lr,
+            grad_norm: norm,
+            tokens_per_s: tps,
+            step_ms: secs * 1e3,
+            data_wait_ms: wait * 1e3,
+            mfu: self.model.cfg.train_flops_per_token(c.data.seq_len) * tps / self.peak_flops,
+        })
+    }
+
+    /// Mean held-out loss over the fixed validation windows (overall and per source).
+    pub fn evaluate(&mut self) -> Result<Option<Event>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let (mb, seq) = (self.cfg.train.micro_batch, self.cfg.data.seq_len);
+        let mut per: Vec<(String, f64, usize)> = Vec::new();
+        for chunk in self.val.chunks(mb) {
+            let mut ids = vec![0u32; mb * seq];
+            let mut targets = vec![-1i32; mb * seq];
+            for (i, (_, x, y)) in chunk.iter().enumerate() {
+                ids[i * seq..(i + 1) * seq].copy_from_slice(x);
+                targets[i * seq..(i + 1) * seq].copy_from_slice(y);
+            }
+            let losses = self.model.forward(&mut self.ws, &ids, &targets, None)?;
+            for (i, (name, _, _)) in chunk.iter().enumerate() {
+                let l: f64 = losses[i * seq..(i + 1) * seq].iter().map(|&v| v as f64).sum();
+                match per.iter_mut().find(|(n, _, _)| n == name) {
+                    Some(e) => {
+                        e.1 += l;
+                        e.2 += seq;
+                    }
+                    None => per.push((name.clone(), l, seq)),
+                }
+            }
+        }
+        let (sum, n) = per.iter().fold((0.0, 0), |(s, n), e| (s + e.1, n + e.2));
+        Ok(Some(Event::Eval {
+            step: self.state.step,
+            tokens: self.state.tokens,
+            loss: sum / n as f64,
+            per_source: per.into_iter().map(|(name, l, n)| (name, l / n as f64)).collect(),
+        }))
+    }
+
+    /// One generation per configured prompt from the current weights.
+    pub fn samples(&mut self) -> Result<Vec<Event>> {
+        let s = self.cfg.sample.clone();
+        let params = SamplingParams { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p };
+        let mut out = Vec::new();
+        for prompt in &s.prompts {
+            let ids = self.tokenizer.encode(prompt, Some(self.bos))?;
+            let mut cache = KvCache::new(&self.model, ids.len() + s.max_new_tokens)?;
+            if ids.len() >= cache.capacity() {
+                continue;
+            }
+            let mut sampler = Sampler::new(params, self.cfg.train.seed ^ self.state.step);
+            let mut logits = self.model.decode(&mut cache, &ids)?;
+            let mut gen = Vec::new();
+            while gen.len() < s.max_new_tokens && cache.len() < cache.capacity() {
+                let next = sampler.sample(&logits);
+                if next == self.eos {
+                    break;
+                }
+                gen.push(next);
+                logits = self.model.decode(&mut cache, &[next])?;
+            }
+            out.push(Event::Sample {
+                step: self.state.step,
+                prompt: prompt.clone(),
+                text: self.tokenizer.decode(&gen)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let b = &self.model.backend;
+        let host = |w: &Weights<B::Buf>| -> Result<Weights<Vec<f32>>> {
+            let mut it = w.iter().into_iter();
+            Weights::try_build(&self.model.cfg, |_| b.download(it.next().expect("same shape")))
+        };
+        let (weights, m, v) = (host(&self.model.weights)?, host(&self.opt.m)?, host(&self.opt.v)?);
+        let files: Vec<(&str, &[u8])> = self.tokenizer_files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+        let snap = Snapshot {
+            cfg: &self.model.cfg,
+            weights: &weights,
+            m: &m,
+            v: &v,
+            state: &self.state,
+            bos: self.bos,
+            eos: self.eos,
+            tokenizer_files: &files,
+        };
+        let path = checkpoint::save(&self.run_dir, &snap, self.cfg.checkpoint.keep_last)?;
+        self.last_checkpoint_step = Some(self.state.step);
+        Ok(path)
+    }
+
+    fn emit(&mut self, e: Event, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        self.record(&e)?;
+        on_event(&e);
+        Ok(())
+    }
+
+    /// Trains until step `until` (capped at `train.max_steps`), then checkpoints.
+    pub fn run(&mut self, until: u64, on_event: &mut dyn FnMut(&Event)) -> Result<RunEnd> {
+        let until = until.min(self.cfg.train.max_steps);
+        let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
+        while self.state.step < until {
+            let m = self.step()?;
+            if !m.loss.is_finite() {
+                let e =
+                    Event::Log { step: m.step, message: format!("loss is {} at step {}: stopping", m.loss, m.step) };
+                self.emit(e, on_event)?;
+                anyhow::bail!("training diverged: loss {} at step {} (last good checkpoint kept)", m.loss, m.step);
+            }
+            let step = m.step;
+            self.emit(Event::Step(m), on_event)?;
+            if ev > 0 && step % ev == 0 {
+                if let Some(e) = self.evaluate()? {
+                    self.emit(e, on_event)?;
+                }
+            }
+            if sa > 0 && step % sa == 0 {
+                for e in self.samples()? {
+                    self.emit(e, on_event)?;
+                }
+            }
+            if signals::stop_requested() {
+                self.checkpoint_and_report(on_event)?;
+                return Ok(RunEnd::Interrupted);
+            }
+            if ck > 0 && step % ck == 0 && step < until {
+                self.checkpoint_and_report(on_event)?;
+            }
+        }
+        if self.last_checkpoint_step != Some(self.state.step) {
+            self.checkpoint_and_report(on_event)?;
+        }
+        Ok(RunEnd::Done)
+    }
+
+    fn checkpoint_and_report(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        let p = self.checkpoint()?;
+        let e = Event::Checkpoint { step: self.state.step, path: p.display().to_string() };
+        self.emit(e, on_event)
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+}
