@@ -287,3 +287,38 @@ fn remove_previous(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes an already-tokenized stream as a prepared directory (one train shard, optionally one
+/// validation shard): for pre-tokenized corpora and for tests that need exact token streams.
+pub fn write_token_dataset(dir: &Path, train: &[u32], val: &[u32], tokenizer_json: &[u8]) -> Result<PreparedIndex> {
+    let tok = Tokenizer::from_bytes(tokenizer_json, "tokenizer")?;
+    let token_bytes = token_bytes_for(tok.vocab_size());
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    remove_previous(dir)?;
+    let split = |name: &'static str, tokens: &[u32]| -> Result<SplitIndex> {
+        let mut w = SplitWriter::new(name);
+        w.tokens.extend_from_slice(tokens);
+        w.docs = u64::from(!tokens.is_empty());
+        w.flush(dir, token_bytes)?;
+        Ok(w.index)
+    };
+    let (train, val) = (split("train", train)?, split("val", val)?);
+    let index = PreparedIndex {
+        format: FORMAT.into(),
+        fingerprint: String::new(),
+        tokenizer: TokenizerInfo {
+            sha256: sha256_hex(tokenizer_json),
+            vocab_size: tok.vocab_size(),
+            bos: tok.token_id("<s>").unwrap_or(1),
+            eos: tok.token_id("</s>").unwrap_or(2),
+        },
+        token_bytes,
+        text_field: None,
+        val_fraction: 0.0,
+        inputs: vec![],
+        train,
+        val,
+    };
+    crate::io::atomic::write_file(&dir.join(INDEX_FILE), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    Ok(index)
+}

@@ -1,0 +1,151 @@
+//! `kiln prepare`: every input format round-trips (decoded shards equal the documents), the
+//! held-out split is by document, re-runs are no-ops, and half-written output is never trusted.
+
+use kiln::data::dataset::Dataset;
+use kiln::data::prepare::{prepare, PrepareArgs, DEFAULT_SHARD_TOKENS};
+use kiln::data::readers::for_each_document;
+use kiln::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tok_path() -> PathBuf {
+    root().join("assets/tokenizer/llama2/tokenizer.json")
+}
+
+fn args(out: &Path, inputs: Vec<PathBuf>, val: f64, shard_tokens: usize) -> PrepareArgs {
+    PrepareArgs {
+        tokenizer: tok_path(),
+        out: out.into(),
+        inputs,
+        text_field: None,
+        val_fraction: val,
+        shard_tokens,
+        progress: false,
+    }
+}
+
+/// Splits a packed stream back into documents at BOS … EOS and decodes them.
+fn decode_docs(ds: &Dataset, tok: &Tokenizer) -> Vec<String> {
+    let mut all = Vec::new();
+    ds.train.read_into(0, ds.train.len as usize, &mut all);
+    let mut docs = Vec::new();
+    let mut cur: Vec<u32> = Vec::new();
+    for t in all {
+        match t {
+            1 => cur.clear(),
+            2 => docs.push(tok.decode(&cur).unwrap()),
+            t => cur.push(t),
+        }
+    }
+    docs
+}
+
+#[test]
+fn every_format_round_trips() {
+    let t = tempfile::tempdir().unwrap();
+    let jsonl = t.path().join("a.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"text\": \"Hello world\"}\n{\"text\": \"Ünïcödé and\\ttabs\\nnewlines 🙂\", \"meta\": 1}\n",
+    )
+    .unwrap();
+    let txt = t.path().join("b.txt");
+    std::fs::write(&txt, "fn main() {\n    println!(\"hi\");\n}\n").unwrap();
+    let inputs = vec![
+        jsonl,
+        txt,
+        root().join("assets/corpus/slimpajama_like/validation"),
+        root().join("assets/corpus/starcoder_like/rust"),
+    ];
+    let mut originals = Vec::new();
+    for f in kiln::data::readers::collect_inputs(&inputs).unwrap() {
+        for_each_document(&f, None, |d| {
+            originals.push(d);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let out = t.path().join("out");
+    // Small shards so the stream crosses shard boundaries.
+    let s = prepare(&args(&out, inputs, 0.0, 50_000)).unwrap();
+    assert!(s.index.train.shards.len() > 3);
+    assert_eq!(s.index.train.documents as usize, originals.len());
+    let tok = Tokenizer::from_file(&tok_path()).unwrap();
+    let ds = Dataset::open(&out, None, 32000).unwrap();
+    let decoded = decode_docs(&ds, &tok);
+    assert_eq!(decoded.len(), originals.len());
+    for (i, (d, o)) in decoded.iter().zip(&originals).enumerate() {
+        assert_eq!(d, o, "document {i}");
+    }
+}
+
+#[test]
+fn validation_split_is_by_document_and_reruns_are_no_ops() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let input = vec![root().join("assets/corpus/slimpajama_like/validation")];
+    let a = prepare(&args(&out, input.clone(), 0.1, DEFAULT_SHARD_TOKENS)).unwrap();
+    let (tr, va) = (a.index.train.documents, a.index.val.documents);
+    let frac = va as f64 / (tr + va) as f64;
+    assert!((0.07..0.13).contains(&frac), "held out {frac}");
+    let shard = out.join("train-00000.bin");
+    let mtime = std::fs::metadata(&shard).unwrap().modified().unwrap();
+    let b = prepare(&args(&out, input.clone(), 0.1, DEFAULT_SHARD_TOKENS)).unwrap();
+    assert!(b.skipped);
+    assert_eq!(a.index, b.index);
+    assert_eq!(std::fs::metadata(&shard).unwrap().modified().unwrap(), mtime);
+    // A different split fraction is a different dataset: it is rebuilt.
+    let c = prepare(&args(&out, input, 0.0, DEFAULT_SHARD_TOKENS)).unwrap();
+    assert!(!c.skipped);
+    assert_eq!(c.index.val.documents, 0);
+    assert!(!out.join("val-00000.bin").exists());
+}
+
+#[test]
+fn interrupted_output_is_never_trusted() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let input = vec![root().join("assets/corpus/starcoder_like/c")];
+    prepare(&args(&out, input.clone(), 0.0, DEFAULT_SHARD_TOKENS)).unwrap();
+    // Simulate a run killed mid-way: index gone, a half-written shard left behind.
+    std::fs::remove_file(out.join("index.json")).unwrap();
+    std::fs::write(out.join("train-00001.bin.tmp"), b"partial").unwrap();
+    assert!(Dataset::open(&out, None, 32000).is_err(), "no index, no dataset");
+    let s = prepare(&args(&out, input, 0.0, DEFAULT_SHARD_TOKENS)).unwrap();
+    assert!(!s.skipped);
+    assert!(!out.join("train-00001.bin.tmp").exists());
+    Dataset::open(&out, None, 32000).unwrap();
+    // A truncated shard is caught when opening.
+    let shard = out.join("train-00000.bin");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+    let e = Dataset::open(&out, None, 32000).err().unwrap().to_string();
+    assert!(e.contains("corrupt shard"), "{e}");
+}
+
+#[test]
+fn bad_inputs_name_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let e = prepare(&args(&out, vec![t.path().join("missing.jsonl")], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("missing.jsonl") && e.contains("does not exist"), "{e}");
+    let nofield = t.path().join("nofield.jsonl");
+    std::fs::write(&nofield, "{\"body\": \"x\"}\n").unwrap();
+    let e = prepare(&args(&out, vec![nofield], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("nofield.jsonl:1") && e.contains("\"text\""), "{e}");
+    let empty = t.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let e = prepare(&args(&out, vec![empty], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("no documents"), "{e}");
+    let zst = t.path().join("bad.jsonl.zst");
+    std::fs::write(&zst, b"not zstd at all").unwrap();
+    let e = format!("{:#}", prepare(&args(&out, vec![zst], 0.0, 1000)).unwrap_err());
+    assert!(e.contains("bad.jsonl.zst"), "{e}");
+    let pq = t.path().join("bad.parquet");
+    std::fs::write(&pq, b"PAR1 garbage").unwrap();
+    let e = prepare(&args(&out, vec![pq], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("bad.parquet") && e.contains("not a parquet file"), "{e}");
+}

@@ -1,0 +1,348 @@
+//! The trainer end to end through the `kiln` binary: parity with a PyTorch AdamW loop, exact
+//! resume, the loss falling, crash-safe checkpoints, and every bad input giving a one-line error.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("RAYON_NUM_THREADS", "2").output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "kiln failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Asserts the error contract and returns the message.
+fn fails(o: &Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "expected failure mentioning {needle:?}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let last = err.trim_end().lines().last().unwrap_or("").to_string();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains(needle), "{last:?} should mention {needle:?}");
+    last
+}
+
+fn step_records(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .collect()
+}
+
+fn tokenizer_json() -> Vec<u8> {
+    kiln::tokenizer::LLAMA2_TOKENIZER_JSON.to_vec()
+}
+
+/// A config over the prepared directory `data` for a small model.
+fn small_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let cfg = format!(
+        r#"
+[model]
+n_layer = 2
+d_model = 64
+n_head = 4
+n_kv_head = 2
+d_ff = 128
+vocab_size = 32000
+max_seq_len = 128
+tie_embeddings = true
+[tokenizer]
+path = "{tok}"
+[data]
+seq_len = 64
+[[data.sources]]
+name = "text"
+path = "{data}"
+weight = 1.0
+[train]
+micro_batch = 2
+grad_accum = 2
+max_steps = 20
+seed = 5
+log_every = 5
+[optim]
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 3
+[checkpoint]
+every_steps = 5
+keep_last = 2
+[eval]
+every_steps = 5
+batches = 1
+[sample]
+every_steps = 10
+prompts = ["Once upon a time"]
+max_new_tokens = 8
+{extra}
+"#,
+        tok = root().join("assets/tokenizer/llama2/tokenizer.json").display(),
+        data = data.display()
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+/// The bundled validation text, prepared once per test into `dir/data`.
+fn prepared_text(dir: &Path) -> PathBuf {
+    let out = dir.join("data");
+    let input = root().join("assets/corpus/slimpajama_like/validation");
+    ok(&kiln(&["prepare", "--out", out.to_str().unwrap(), "--val-fraction", "0.05", input.to_str().unwrap()]));
+    out
+}
+
+#[test]
+fn adamw_loop_matches_pytorch_on_a_one_window_dataset() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/train/adamw_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let window: Vec<u32> = r["window"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("one");
+    // The stream is exactly seq_len + 1 tokens: the same window every step.
+    kiln::data::prepare::write_token_dataset(&data, &window, &[], &tokenizer_json()).unwrap();
+    let hp = &r["hp"];
+    let cfg = format!(
+        r#"[model]
+init = "{model}"
+[data]
+seq_len = {seq}
+[[data.sources]]
+name = "one"
+path = "{data}"
+weight = 1.0
+[train]
+micro_batch = 1
+max_steps = {steps}
+[optim]
+lr = {lr}
+min_lr = {min_lr}
+warmup_steps = {warmup}
+weight_decay = {wd}
+beta1 = {b1}
+beta2 = {b2}
+eps = {eps}
+grad_clip = {clip}
+"#,
+        model = root().join("tests/fixtures/models/llama2_vocab_tied_bf16").display(),
+        seq = r["seq_len"],
+        data = data.display(),
+        steps = hp["max_steps"],
+        lr = hp["lr"],
+        min_lr = hp["min_lr"],
+        warmup = hp["warmup_steps"],
+        wd = hp["weight_decay"],
+        b1 = hp["beta1"],
+        b2 = hp["beta2"],
+        eps = hp["eps"],
+        clip = hp["grad_clip"],
+    );
+    let cfg_path = t.path().join("adamw.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let run = t.path().join("run");
+    ok(&kiln(&["train", cfg_path.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"]));
+    let got = step_records(&run);
+    let want = r["steps"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        let step = w["step"].as_u64().unwrap();
+        let tol = if step == 1 { 1e-4 } else { 2e-3 };
+        for key in ["loss", "grad_norm", "lr"] {
+            let (a, b) = (g[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+            assert!(((a - b) / b).abs() < tol, "step {step} {key}: kiln {a} vs torch {b}");
+        }
+    }
+}
+
+#[test]
+fn resume_is_bit_identical_to_an_uninterrupted_run_and_the_loss_falls() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    ok(&kiln(&["train", cfg.to_str().unwrap(), "--run-dir", a.to_str().unwrap(), "--headless"]));
+    ok(&kiln(&["train", cfg.to_str().unwrap(), "--run-dir", b.to_str().unwrap(), "--headless", "--steps", "10"]));
+    assert_eq!(step_records(&b).len(), 10);
+    ok(&kiln(&["train", "--resume", b.to_str().unwrap(), "--headless"]));
+    let (ra, rb) = (step_records(&a), step_records(&b));
+    assert_eq!(ra.len(), 20);
+    assert_eq!(rb.len(), 20);
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!(x["loss"].as_f64().unwrap().to_bits(), y["loss"].as_f64().unwrap().to_bits(), "step {}", x["step"]);
+        assert_eq!(x["grad_norm"].as_f64().unwrap().to_bits(), y["grad_norm"].as_f64().unwrap().to_bits());
+    }
+    let final_a = std::fs::read(a.join("checkpoints/step-00000020/model.safetensors")).unwrap();
+    let final_b = std::fs::read(b.join("checkpoints/step-00000020/model.safetensors")).unwrap();
+    assert!(final_a == final_b, "final weights differ");
+    // The loss falls, evals and samples are recorded, retention kept the newest two.
+    let first = ra[0]["loss"].as_f64().unwrap();
+    let last = ra[19]["loss"].as_f64().unwrap();
+    assert!(last < first - 1.0, "loss {first} -> {last}");
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"sample\""));
+    let mut ckpts: Vec<String> = std::fs::read_dir(a.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    ckpts.sort();
+    assert_eq!(ckpts, vec!["latest", "step-00000015", "step-00000020"]);
+    // A run directory or a checkpoint works as --model.
+    let s: Value =
+        serde_json::from_str(&ok(&kiln(&["score", "--model", a.to_str().unwrap(), "--text", "Once upon a time"])))
+            .unwrap();
+    assert_eq!(s["logprobs"].as_array().unwrap().len(), 4);
+    // Every step record carries the documented fields.
+    for key in ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "data_wait_ms", "mfu"] {
+        assert!(ra[0].get(key).is_some(), "{key}");
+    }
+}
+
+#[test]
+fn kill_9_never_leaves_latest_on_a_broken_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let run = t.path().join("run");
+    let sets = ["--set", "checkpoint.every_steps=1", "--set", "train.max_steps=1000", "--set", "eval.every_steps=0"];
+    let mut args = vec!["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"];
+    args.extend(sets);
+    for (i, delay_ms) in [700u64, 1100, 1500, 1900].iter().enumerate() {
+        let mut child = if i == 0 {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", "--resume", run.to_str().unwrap(), "--headless"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if let Some(latest) = kiln::train::checkpoint::latest(&run).unwrap() {
+            // Whatever `latest` names is whole: it loads as a model and as training state.
+            kiln::io::load_model_dir(&latest, kiln::backend::cpu::Cpu::new()).unwrap();
+            kiln::train::checkpoint::read_state(&latest).unwrap();
+        }
+    }
+    // And the run resumes.
+    ok(&kiln(&["train", "--resume", run.to_str().unwrap(), "--headless", "--steps", "1"]));
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let run = |cfg: &Path, extra: &[&str]| {
+        let dir = t.path().join(format!("run-{}", rand_suffix()));
+        let mut a = vec!["train", cfg.to_str().unwrap(), "--run-dir", dir.to_str().unwrap(), "--headless"];
+        a.extend(extra);
+        kiln(&a)
+    };
+    let cfg = small_config(t.path(), &data, "");
+    fails(&run(&cfg, &["--set", "train.micro_bach=2"]), "micro_bach");
+    fails(&run(&cfg, &["--set", "train.micro_batch=\"two\""]), "train.micro_batch");
+    fails(&run(&cfg, &["--set", "data.sources=[{name=\"x\", path=\"/nope/data\", weight=1.0}]"]), "/nope/data");
+    fails(&run(&cfg, &["--set", "data.seq_len=100000"]), "seq_len");
+    fails(&run(&cfg, &["--set", "model.vocab_size=1000"]), "vocab");
+    // A dataset shorter than seq_len + 1.
+    let short = t.path().join("short");
+    kiln::data::prepare::write_token_dataset(&short, &[1, 2, 3, 4, 5], &[], &tokenizer_json()).unwrap();
+    let p = short.display().to_string();
+    fails(
+        &run(&cfg, &["--set", &format!("data.sources=[{{name=\"s\", path=\"{p}\", weight=1.0}}]")]),
+        "shorter than seq_len + 1",
+    );
+    // An empty dataset.
+    let empty = t.path().join("empty");
+    kiln::data::prepare::write_token_dataset(&empty, &[], &[], &tokenizer_json()).unwrap();
+    let p = empty.display().to_string();
+    fails(&run(&cfg, &["--set", &format!("data.sources=[{{name=\"e\", path=\"{p}\", weight=1.0}}]")]), "empty dataset");
+    // A corrupt shard.
+    let shard = data.join("train-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    fails(&run(&cfg, &[]), "corrupt shard");
+    bytes[100] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    // An unwritable run directory (its parent is a file).
+    let file = t.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let o = kiln(&["train", cfg.to_str().unwrap(), "--run-dir", file.join("run").to_str().unwrap()]);
+    fails(&o, "plain-file");
+    // A malformed config file.
+    let bad = t.path().join("bad.toml");
+    std::fs::write(&bad, "[model\npreset = 1").unwrap();
+    fails(&run(&bad, &[]), "bad.toml");
+    // Resuming something that is not a run.
+    fails(&kiln(&["train", "--resume", t.path().to_str().unwrap()]), "not a kiln run directory");
+    // prepare: a malformed jsonl line names file and line.
+    let jl = t.path().join("bad.jsonl");
+    std::fs::write(&jl, "{\"text\": \"fine\"}\n{oops\n").unwrap();
+    let o = kiln(&["prepare", "--out", t.path().join("p").to_str().unwrap(), jl.to_str().unwrap()]);
+    fails(&o, "bad.jsonl:2");
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+#[test]
+fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let mnt = t.path().join("small-disk");
+    std::fs::create_dir(&mnt).unwrap();
+    // A 40 MiB tmpfs holds one checkpoint of this model (about 27 MB: weights, two moments,
+    // tokenizer) but not two.
+    let mounted =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=40M", "tmpfs", mnt.to_str().unwrap()]).status();
+    if !matches!(mounted, Ok(s) if s.success()) {
+        eprintln!("skipping: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let run = mnt.join("run");
+    let o = kiln(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--headless",
+        "--set",
+        "eval.every_steps=0",
+    ]);
+    let latest = kiln::train::checkpoint::latest(&run);
+    let _ = Command::new("umount").arg(&mnt).status();
+    let msg = fails(&o, "checkpoint not written (the previous one is intact)");
+    assert!(msg.contains("step-00000010"), "{msg}");
+    let latest = latest.unwrap().unwrap();
+    assert!(latest.ends_with("step-00000005"));
+}
