@@ -143,8 +143,11 @@ pub fn read_state(ckpt: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))
 }
 
+/// AdamW first and second moments `(m, v)` on the host.
+pub type HostMoments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
+
 /// AdamW moments `(m, v)` of a checkpoint, checked against the model shape.
-pub fn read_moments(ckpt: &Path, cfg: &LlamaConfig) -> Result<(Weights<Vec<f32>>, Weights<Vec<f32>>)> {
+pub fn read_moments(ckpt: &Path, cfg: &LlamaConfig) -> Result<HostMoments> {
     let files = TensorFiles::open(&[ckpt.join(OPTIMIZER_FILE)])?;
     let load = |prefix: &str| {
         Weights::try_build(cfg, |s| {

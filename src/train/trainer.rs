@@ -50,7 +50,7 @@ pub enum RunEnd {
 pub struct TrainerParts<B: Backend> {
     pub cfg: RunConfig,
     pub model: Llama<B>,
-    pub moments: Option<(Weights<Vec<f32>>, Weights<Vec<f32>>)>,
+    pub moments: Option<checkpoint::HostMoments>,
     pub state: TrainerState,
     pub sources: Vec<Source>,
     pub run_dir: PathBuf,
