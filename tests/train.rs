@@ -346,3 +346,58 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
     let latest = latest.unwrap().unwrap();
     assert!(latest.ends_with("step-00000005"));
 }
+
+fn wait_for_steps(run: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) {
+            if text.lines().filter(|l| l.contains("\"kind\":\"step\"")).count() >= n {
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("training did not reach {n} steps");
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn sigint_checkpoints_at_a_step_boundary_and_a_second_one_exits_130() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let spawn = |run: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+            .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let run = t.path().join("int");
+    let mut child = spawn(&run);
+    wait_for_steps(&run, 2);
+    signal(&child, "-INT");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let latest = kiln::train::checkpoint::latest(&run).unwrap().expect("checkpoint written on SIGINT");
+    let steps = step_records(&run).len() as u64;
+    assert_eq!(kiln::train::checkpoint::read_state(&latest).unwrap().step, steps);
+
+    let run = t.path().join("term");
+    let mut child = spawn(&run);
+    wait_for_steps(&run, 1);
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
+
+    let run = t.path().join("twice");
+    let mut child = spawn(&run);
+    wait_for_steps(&run, 1);
+    signal(&child, "-INT");
+    signal(&child, "-INT");
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}

@@ -16,6 +16,8 @@ pub struct StepMetrics {
     pub data_wait_ms: f64,
     /// Model FLOPs per second over the device's peak (on CPU: the measured GEMM peak).
     pub mfu: f64,
+    /// Wall-clock time at the end of the step (Unix seconds).
+    pub time: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]

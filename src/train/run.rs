@@ -89,8 +89,19 @@ fn absolutize(cfg: &mut RunConfig) {
 
 /// Builds the trainer for a new run or a resumed one.
 pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
-    let resuming = args.resume.is_some();
-    let (mut cfg, run_dir) = match &args.resume {
+    // The demo (no CONFIG) picks up where it left off, so its one command can be run again.
+    let demo_dir = PathBuf::from("runs/demo");
+    let resume = match (&args.resume, &args.config, &args.run_dir) {
+        (None, None, None) if demo_dir.join("config.toml").exists() => {
+            if args.verbose {
+                eprintln!("resuming the demo run in {} (delete it to start over)", demo_dir.display());
+            }
+            Some(demo_dir)
+        }
+        (r, _, _) => r.clone(),
+    };
+    let resuming = resume.is_some();
+    let (mut cfg, run_dir) = match &resume {
         Some(run) => {
             let p = run.join("config.toml");
             if !p.exists() {

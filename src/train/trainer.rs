@@ -161,6 +161,10 @@ impl<B: Backend> Trainer<B> {
             step_ms: secs * 1e3,
             data_wait_ms: wait * 1e3,
             mfu: self.model.cfg.train_flops_per_token(c.data.seq_len) * tps / self.peak_flops,
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
         })
     }
 
@@ -262,6 +266,12 @@ impl<B: Backend> Trainer<B> {
     /// Trains until step `until` (capped at `train.max_steps`), then checkpoints.
     pub fn run(&mut self, until: u64, on_event: &mut dyn FnMut(&Event)) -> Result<RunEnd> {
         let until = until.min(self.cfg.train.max_steps);
+        if self.state.step >= until {
+            let message =
+                format!("nothing to do: the run is at step {} of {}", self.state.step, self.cfg.train.max_steps);
+            on_event(&Event::Log { step: self.state.step, message });
+            return Ok(RunEnd::Done);
+        }
         let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
         while self.state.step < until {
             let m = self.step()?;
