@@ -2,7 +2,7 @@
 //! Every error is one line naming the file and the problem; the exit code is 2.
 
 use clap::{Parser, Subcommand};
-use kiln::cli::{bench, generate, parse_ids, score};
+use kiln::cli::{bench, eval, generate, parse_ids, score};
 use kiln::model::sampling::SamplingParams;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +69,27 @@ enum Command {
         /// Continue the run in RUN_DIR from its latest checkpoint
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir"])]
         resume: Option<PathBuf>,
+    },
+    /// Zero-shot accuracy on the TinyLlama paper's commonsense suite (lm-evaluation-harness scoring)
+    Eval {
+        /// Model directory, checkpoint or run directory
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated tasks, or "all": hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa
+        #[arg(long, default_value = "all")]
+        tasks: String,
+        /// Score only the first N items of each task
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Directory of full-size task files in the same format (default: the bundled 500-item subsets)
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Write one JSON line per item (per-choice log-likelihoods and predictions)
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// Print one JSON object instead of the table
+        #[arg(long)]
+        json: bool,
     },
     /// Tokenize corpora into packed shards (one prepared directory per source)
     Prepare {
@@ -145,6 +166,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The dashboard arrives with the TUI; until then every run reports headless lines.
             let args = kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true };
             kiln::train::run::train(args)?;
+        }
+        Command::Eval { model, tasks, limit, data, predictions, json } => {
+            let args = eval::EvalArgs {
+                model: model.clone(),
+                tasks: kiln::eval::tasks::task_list(&tasks)?,
+                limit,
+                data,
+                predictions,
+                progress: !json,
+            };
+            let out = eval::run(&args)?;
+            if json {
+                println!("{}", eval::json_report(&out, &model));
+            } else {
+                print!("{}", kiln::eval::report::table(&out.results));
+                println!(
+                    "{} items in {:.1} s ({:.1} items/s)",
+                    out.items,
+                    out.secs,
+                    out.items as f64 / out.secs.max(1e-9)
+                );
+            }
         }
         Command::Prepare { tokenizer, out, text_field, val_fraction, inputs } => {
             let args = kiln::data::prepare::PrepareArgs {

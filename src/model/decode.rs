@@ -17,6 +17,14 @@ pub struct KvCache<B: Backend> {
     last_norm: B::Buf,
     rstd: B::Buf,
     logits: B::Buf,
+    /// `[chunk, vocab]` logits for `decode_all`, allocated on first use.
+    all: Option<AllRows<B>>,
+}
+
+struct AllRows<B: Backend> {
+    norm: B::Buf,
+    rstd: B::Buf,
+    logits: B::Buf,
 }
 
 /// Most prompt tokens processed in one prefill pass; longer prompts go in several passes, which
@@ -41,6 +49,7 @@ impl<B: Backend> KvCache<B> {
             last_norm: b.zeros(cfg.d_model)?,
             rstd: b.zeros(1)?,
             logits: b.zeros(cfg.vocab_size)?,
+            all: None,
         })
     }
 
@@ -57,11 +66,25 @@ impl<B: Backend> KvCache<B> {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+    /// Forgets every token after the first `len` (to score several continuations of one context).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 }
 
 impl<B: Backend> Llama<B> {
     /// Appends `ids` to the cache and returns the next-token logits after the last of them.
     pub fn decode(&self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
+        self.decode_impl(cache, ids, false)
+    }
+
+    /// Appends `ids` to the cache and returns the next-token logits after every one of them,
+    /// `[ids.len(), vocab]` row-major (scoring continuations).
+    pub fn decode_all(&self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
+        self.decode_impl(cache, ids, true)
+    }
+
+    fn decode_impl(&self, cache: &mut KvCache<B>, ids: &[u32], all_rows: bool) -> Result<Vec<f32>> {
         if ids.is_empty() {
             bail!("decode needs at least one token");
         }
@@ -72,6 +95,7 @@ impl<B: Backend> Llama<B> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let d = cfg.d_model;
         let mut last_rows = 0;
+        let mut all_logits = Vec::new();
         for chunk in ids.chunks(cache.ws.seq) {
             let seq = chunk.len();
             let ws = &mut cache.ws;
@@ -90,6 +114,23 @@ impl<B: Backend> Llama<B> {
             }
             cache.len += seq;
             last_rows = seq;
+            if all_rows {
+                let (chunk, v) = (cache.ws.seq, cfg.vocab_size);
+                if cache.all.is_none() {
+                    cache.all =
+                        Some(AllRows { norm: b.zeros(chunk * d)?, rstd: b.zeros(chunk)?, logits: b.zeros(chunk * v)? });
+                }
+                let a = cache.all.as_mut().expect("allocated above");
+                let out = &cache.ws.resid[cfg.n_layer % 2];
+                let eps = cfg.norm_eps as f32;
+                b.rmsnorm_forward(&mut a.norm, &mut a.rstd, out, &self.weights.final_norm, seq, d, eps)?;
+                b.matmul(&mut a.logits, &a.norm, self.weights.head(), Gemm::linear(seq, d, v))?;
+                let host = b.download(&a.logits)?;
+                all_logits.extend_from_slice(&host[..seq * v]);
+            }
+        }
+        if all_rows {
+            return Ok(all_logits);
         }
         // Only the last position's logits are needed: normalise and project one row.
         let out = &cache.ws.resid[cfg.n_layer % 2];
