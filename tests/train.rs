@@ -86,6 +86,8 @@ keep_last = 2
 [eval]
 every_steps = 5
 batches = 1
+tasks = ["piqa", "winogrande"]
+task_limit = 4
 [sample]
 every_steps = 10
 prompts = ["Once upon a time"]
@@ -198,6 +200,14 @@ fn resume_is_bit_identical_to_an_uninterrupted_run_and_the_loss_falls() {
     assert!(last < first - 1.0, "loss {first} -> {last}");
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"sample\""));
+    let tasks: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "eval_tasks")
+        .collect();
+    assert_eq!(tasks.len(), 4);
+    assert_eq!(tasks[0]["results"][0]["task"], "piqa");
+    assert_eq!(tasks[0]["results"][1]["n"], 4);
     let mut ckpts: Vec<String> = std::fs::read_dir(a.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into())

@@ -173,17 +173,22 @@ impl Default for ParallelSection {
     }
 }
 
-/// Held-out loss every `every_steps` (0 = never) over up to `batches` micro-batches per source.
+/// Every `every_steps` (0 = never): held-out loss over up to `batches` micro-batches per source, and
+/// the accuracy of `tasks` on their first `task_limit` items.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSection {
     pub every_steps: u64,
     pub batches: usize,
+    /// Commonsense tasks scored on the current weights at each eval (see `kiln eval`).
+    pub tasks: Vec<String>,
+    /// Items per task at each in-training eval (0 = the whole task).
+    pub task_limit: usize,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { every_steps: 0, batches: 4 }
+        EvalSection { every_steps: 0, batches: 4, tasks: vec![], task_limit: 100 }
     }
 }
 
@@ -308,6 +313,11 @@ impl RunConfig {
                 "parallel.world_size {} is not supported yet (FSDP lands with the FSDP engine)",
                 self.parallel.world_size
             );
+        }
+        for t in &self.eval.tasks {
+            if !crate::eval::tasks::TASKS.contains(&t.as_str()) {
+                bail!("eval.tasks: unknown task {t:?} (known: {})", crate::eval::tasks::TASKS.join(", "));
+            }
         }
         if self.checkpoint.keep_last == 0 {
             bail!("checkpoint.keep_last must be at least 1");

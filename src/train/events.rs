@@ -24,8 +24,30 @@ pub struct StepMetrics {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Step(StepMetrics),
-    Eval { step: u64, tokens: u64, loss: f64, per_source: Vec<(String, f64)> },
-    Sample { step: u64, prompt: String, text: String },
-    Checkpoint { step: u64, path: String },
-    Log { step: u64, message: String },
+    Eval {
+        step: u64,
+        tokens: u64,
+        loss: f64,
+        per_source: Vec<(String, f64)>,
+    },
+    Sample {
+        step: u64,
+        prompt: String,
+        text: String,
+    },
+    /// Commonsense accuracies (the TinyLlama paper's metric per task) on the current weights.
+    EvalTasks {
+        step: u64,
+        tokens: u64,
+        results: Vec<crate::eval::report::TaskResult>,
+        average: f64,
+    },
+    Checkpoint {
+        step: u64,
+        path: String,
+    },
+    Log {
+        step: u64,
+        message: String,
+    },
 }

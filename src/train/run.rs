@@ -236,6 +236,10 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
             ))
         }
         Event::Eval { step, loss, .. } => Some(format!("eval   {step:>6} | val loss {loss:.4}")),
+        Event::EvalTasks { step, results, average, .. } => {
+            let per: Vec<String> = results.iter().map(|r| format!("{} {:.1}", r.task, 100.0 * r.headline())).collect();
+            Some(format!("tasks  {step:>6} | avg {:.1} | {}", 100.0 * average, per.join(" | ")))
+        }
         Event::Sample { step, prompt, text } => Some(format!("sample {step:>6} | {prompt}{}", text.replace('\n', " "))),
         Event::Checkpoint { step, path } => Some(format!("ckpt   {step:>6} | {path}")),
         Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),

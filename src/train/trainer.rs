@@ -10,6 +10,9 @@ use super::signals;
 use crate::backend::{AdamW, Backend};
 use crate::config::RunConfig;
 use crate::data::loader::{val_sequences, Loader, Source};
+use crate::eval::report::{self, TaskResult};
+use crate::eval::score::Scorer;
+use crate::eval::tasks;
 use crate::model::sampling::{Sampler, SamplingParams};
 use crate::model::{KvCache, Llama, Weights, Workspace};
 use crate::tokenizer::Tokenizer;
@@ -203,6 +206,26 @@ impl<B: Backend> Trainer<B> {
         }))
     }
 
+    /// The configured commonsense tasks on the current weights (rank 0's job under FSDP).
+    pub fn evaluate_tasks(&mut self) -> Result<Option<Event>> {
+        let e = &self.cfg.eval;
+        if e.tasks.is_empty() {
+            return Ok(None);
+        }
+        let mut scorer = Scorer::new(&self.model, &self.tokenizer, self.bos)?;
+        let mut results = Vec::new();
+        for task in &e.tasks {
+            let mut items = tasks::load(task, None)?;
+            if e.task_limit > 0 {
+                items.truncate(e.task_limit);
+            }
+            let scores = items.iter().map(|i| scorer.score(i)).collect::<Result<Vec<_>>>()?;
+            results.push(TaskResult::from_scores(task, &scores));
+        }
+        let average = report::average(&results);
+        Ok(Some(Event::EvalTasks { step: self.state.step, tokens: self.state.tokens, results, average }))
+    }
+
     /// One generation per configured prompt from the current weights.
     pub fn samples(&mut self) -> Result<Vec<Event>> {
         let s = self.cfg.sample.clone();
@@ -285,6 +308,9 @@ impl<B: Backend> Trainer<B> {
             self.emit(Event::Step(m), on_event)?;
             if ev > 0 && step % ev == 0 {
                 if let Some(e) = self.evaluate()? {
+                    self.emit(e, on_event)?;
+                }
+                if let Some(e) = self.evaluate_tasks()? {
                     self.emit(e, on_event)?;
                 }
             }
