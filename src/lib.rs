@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod io;
 pub mod model;

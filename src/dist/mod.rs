@@ -1,0 +1,28 @@
+//! Collective communication between ranks. `Comm` is what the FSDP engine will speak; `local` is
+//! the in-process group for CPU ranks (one thread per rank, shared memory). An NCCL implementation
+//! for CUDA ranks is the sibling still to come (FSDP issue).
+//!
+//! Every collective sums in rank order, so all ranks see bit-identical results and a run's numbers
+//! do not depend on thread scheduling.
+
+pub mod local;
+pub mod shard;
+
+use anyhow::Result;
+
+pub trait Comm: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// `out = concat(shard of rank 0, …, shard of rank n−1)`; every shard has `out.len() / n` values.
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<()>;
+    /// `out = Σ_ranks input[rank·len .. (rank+1)·len]` with `len = out.len()` (summed over ranks).
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32]) -> Result<()>;
+    /// `buf = Σ_ranks buf`.
+    fn all_reduce(&self, buf: &mut [f32]) -> Result<()>;
+    /// Every rank's `buf` becomes `root`'s.
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// Marks the group failed (a rank errored or panicked): every rank blocked in or entering a
+    /// collective gets an error naming the failed rank instead of hanging.
+    fn abort(&self, reason: &str);
+}
