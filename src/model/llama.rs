@@ -252,7 +252,36 @@ impl<B: Backend> Llama<B> {
         targets: &[i32],
         grad_scale: Option<f32>,
     ) -> Result<Vec<f32>> {
-        let (b, cfg) = (&self.backend, &self.cfg);
+        let w = &self.weights;
+        self.forward_begin(ws, ids, targets)?;
+        self.embed_forward(&w.embed, ws)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            self.layer_forward(l, lw, ws)?;
+        }
+        self.head_forward(&w.final_norm, w.head(), ws, targets, grad_scale)
+    }
+
+    /// Backward of the last `forward` (which must have been called with `grad_scale`): adds the
+    /// parameter gradients into `grads`.
+    pub fn backward(&self, ws: &mut Workspace<B>, grads: &mut Weights<B::Buf>) -> Result<()> {
+        let w = &self.weights;
+        let (g_norm, g_head) = match &mut grads.lm_head {
+            Some(h) => (&mut grads.final_norm, h),
+            None => (&mut grads.final_norm, &mut grads.embed),
+        };
+        self.head_backward(&w.final_norm, w.head(), ws, g_norm, g_head)?;
+        for l in (0..self.cfg.n_layer).rev() {
+            self.layer_backward(l, &w.layers[l], &mut grads.layers[l], ws)?;
+        }
+        self.embed_backward(&mut grads.embed, ws)
+    }
+
+    // ---- Stages. `forward`/`backward` run them over resident weights; the FSDP engine runs the
+    // same stages, gathering each unit's parameters just before its stage and freeing them after.
+
+    /// Validates a batch and remembers its ids for the embedding backward.
+    pub fn forward_begin(&self, ws: &mut Workspace<B>, ids: &[u32], targets: &[i32]) -> Result<()> {
+        let cfg = &self.cfg;
         let rows = ws.rows();
         if ids.len() != rows || targets.len() != rows {
             bail!("forward: expected {rows} ids and targets, got {} and {}", ids.len(), targets.len());
@@ -266,91 +295,122 @@ impl<B: Backend> Llama<B> {
         }
         ws.ids.clear();
         ws.ids.extend_from_slice(ids);
-        let d = cfg.d_model;
-        b.embedding_forward(&mut ws.resid[0], &self.weights.embed, ids, d)?;
-        let stored = ws.blocks.len() == cfg.n_layer;
-        for (l, w) in self.weights.layers.iter().enumerate() {
-            if stored {
-                let (head, tail) = ws.resid.split_at_mut(l + 1);
-                self.block_forward(w, &mut ws.blocks[l], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)?;
-            } else {
-                // Inference workspace: one scratch block, residual ping-pong (see `decode`).
-                let (r0, r1) = ws.resid.split_at_mut(1);
-                let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
-                self.block_forward(w, &mut ws.blocks[0], x_in, x_out, ws.batch, ws.seq, KvPlace::Local)?;
-            }
+        Ok(())
+    }
+
+    pub fn embed_forward(&self, embed: &B::Buf, ws: &mut Workspace<B>) -> Result<()> {
+        self.backend.embedding_forward(&mut ws.resid[0], embed, &ws.ids, self.cfg.d_model)
+    }
+
+    pub fn layer_forward(&self, l: usize, w: &LayerWeights<B::Buf>, ws: &mut Workspace<B>) -> Result<()> {
+        if ws.blocks.len() == self.cfg.n_layer {
+            let (head, tail) = ws.resid.split_at_mut(l + 1);
+            self.block_forward(w, &mut ws.blocks[l], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)
+        } else {
+            // Inference workspace: one scratch block, residual ping-pong (see `decode`).
+            let (r0, r1) = ws.resid.split_at_mut(1);
+            let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
+            self.block_forward(w, &mut ws.blocks[0], x_in, x_out, ws.batch, ws.seq, KvPlace::Local)
         }
-        let last = &ws.resid[if stored { cfg.n_layer } else { cfg.n_layer % 2 }];
-        b.rmsnorm_forward(&mut ws.lnf, &mut ws.rstdf, last, &self.weights.final_norm, rows, d, cfg.norm_eps as f32)?;
-        b.matmul(&mut ws.logits, &ws.lnf, self.weights.head(), Gemm::linear(rows, d, cfg.vocab_size))?;
+    }
+
+    /// Index of the residual buffer that leaves the last block.
+    fn last_resid(&self, ws: &Workspace<B>) -> usize {
+        let stored = ws.blocks.len() == self.cfg.n_layer;
+        if stored {
+            self.cfg.n_layer
+        } else {
+            self.cfg.n_layer % 2
+        }
+    }
+
+    pub fn head_forward(
+        &self,
+        final_norm: &B::Buf,
+        head: &B::Buf,
+        ws: &mut Workspace<B>,
+        targets: &[i32],
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let (rows, d) = (ws.rows(), cfg.d_model);
+        let last = &ws.resid[self.last_resid(ws)];
+        b.rmsnorm_forward(&mut ws.lnf, &mut ws.rstdf, last, final_norm, rows, d, cfg.norm_eps as f32)?;
+        b.matmul(&mut ws.logits, &ws.lnf, head, Gemm::linear(rows, d, cfg.vocab_size))?;
         b.cross_entropy(&mut ws.logits, targets, cfg.vocab_size, grad_scale)
     }
 
-    /// Backward of the last `forward` (which must have been called with `grad_scale`): adds the
-    /// parameter gradients into `grads`.
-    pub fn backward(&self, ws: &mut Workspace<B>, grads: &mut Weights<B::Buf>) -> Result<()> {
+    /// Head and final norm; `ws.logits` holds ∂loss/∂logits. Starts the residual gradient.
+    pub fn head_backward(
+        &self,
+        final_norm: &B::Buf,
+        head: &B::Buf,
+        ws: &mut Workspace<B>,
+        g_final_norm: &mut B::Buf,
+        g_head: &mut B::Buf,
+    ) -> Result<()> {
         let (b, cfg) = (&self.backend, &self.cfg);
-        let rows = ws.rows();
-        let (d, qd, kvd, ff, v) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff, cfg.vocab_size);
+        let (rows, d, v) = (ws.rows(), cfg.d_model, cfg.vocab_size);
         if ws.blocks.len() != cfg.n_layer {
             bail!("backward needs a training workspace (Workspace::new), not an inference one");
         }
         let g = &mut ws.grads;
-
-        // Head and final norm. `ws.logits` holds ∂loss/∂logits.
-        b.matmul(grads.head_mut(), &ws.logits, &ws.lnf, Gemm::linear_dw(rows, d, v))?;
-        b.matmul(&mut g.d_ln, &ws.logits, self.weights.head(), Gemm::linear_dx(rows, d, v))?;
+        b.matmul(g_head, &ws.logits, &ws.lnf, Gemm::linear_dw(rows, d, v))?;
+        b.matmul(&mut g.d_ln, &ws.logits, head, Gemm::linear_dx(rows, d, v))?;
         b.fill_zero(&mut ws.d_resid)?;
         let last = &ws.resid[cfg.n_layer];
-        b.rmsnorm_backward(
-            &mut ws.d_resid,
-            &mut grads.final_norm,
-            &g.d_ln,
-            last,
-            &self.weights.final_norm,
-            &ws.rstdf,
-            rows,
-            d,
-        )?;
+        b.rmsnorm_backward(&mut ws.d_resid, g_final_norm, &g.d_ln, last, final_norm, &ws.rstdf, rows, d)
+    }
 
-        for l in (0..cfg.n_layer).rev() {
-            let (w, a, gw) = (&self.weights.layers[l], &ws.blocks[l], &mut grads.layers[l]);
-            let dx = &mut ws.d_resid;
-            // MLP sub-layer: x_out = x_mid + down(silu(gate(n)) * up(n)), n = norm(x_mid).
-            b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
-            b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;
-            b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up)?;
-            b.matmul(&mut g.d_ln, &g.d_gate, &w.gate_proj, Gemm::linear_dx(rows, d, ff))?;
-            b.matmul(&mut g.d_ln, &g.d_up, &w.up_proj, Gemm::linear_dx(rows, d, ff).accumulating())?;
-            b.matmul(&mut gw.gate_proj, &g.d_gate, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
-            b.matmul(&mut gw.up_proj, &g.d_up, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
-            b.rmsnorm_backward(dx, &mut gw.mlp_norm, &g.d_ln, &a.x_mid, &w.mlp_norm, &a.rstd2, rows, d)?;
+    /// Block `l`'s backward: parameter gradients into `gw`, the residual gradient carried on.
+    pub fn layer_backward(
+        &self,
+        l: usize,
+        w: &LayerWeights<B::Buf>,
+        gw: &mut LayerWeights<B::Buf>,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let rows = ws.rows();
+        let (d, qd, kvd, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
+        let (a, g, dx) = (&ws.blocks[l], &mut ws.grads, &mut ws.d_resid);
+        // MLP sub-layer: x_out = x_mid + down(silu(gate(n)) * up(n)), n = norm(x_mid).
+        b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
+        b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;
+        b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up)?;
+        b.matmul(&mut g.d_ln, &g.d_gate, &w.gate_proj, Gemm::linear_dx(rows, d, ff))?;
+        b.matmul(&mut g.d_ln, &g.d_up, &w.up_proj, Gemm::linear_dx(rows, d, ff).accumulating())?;
+        b.matmul(&mut gw.gate_proj, &g.d_gate, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
+        b.matmul(&mut gw.up_proj, &g.d_up, &a.ln2, Gemm::linear_dw(rows, d, ff))?;
+        b.rmsnorm_backward(dx, &mut gw.mlp_norm, &g.d_ln, &a.x_mid, &w.mlp_norm, &a.rstd2, rows, d)?;
 
-            // Attention sub-layer: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = norm(x_in).
-            b.matmul(&mut g.d_att, dx, &w.o_proj, Gemm::linear_dx(rows, qd, d))?;
-            b.matmul(&mut gw.o_proj, dx, &a.att, Gemm::linear_dw(rows, qd, d))?;
-            let shape = AttnShape {
-                batch: ws.batch,
-                q_len: ws.seq,
-                kv_len: ws.seq,
-                kv_stride: ws.seq,
-                q_pos0: 0,
-                n_head: cfg.n_head,
-                n_kv_head: cfg.n_kv_head,
-                head_dim: cfg.head_dim(),
-            };
-            b.attention_backward(&mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape)?;
-            let rope_q = RopeShape { rows, seq: ws.seq, pos0: 0, n_head: cfg.n_head, head_dim: cfg.head_dim() };
-            b.rope(&mut g.dq, &self.rope_cos, &self.rope_sin, rope_q, true)?;
-            b.rope(&mut g.dk, &self.rope_cos, &self.rope_sin, RopeShape { n_head: cfg.n_kv_head, ..rope_q }, true)?;
-            b.matmul(&mut g.d_ln, &g.dq, &w.q_proj, Gemm::linear_dx(rows, d, qd))?;
-            b.matmul(&mut g.d_ln, &g.dk, &w.k_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
-            b.matmul(&mut g.d_ln, &g.dv, &w.v_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
-            b.matmul(&mut gw.q_proj, &g.dq, &a.ln1, Gemm::linear_dw(rows, d, qd))?;
-            b.matmul(&mut gw.k_proj, &g.dk, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
-            b.matmul(&mut gw.v_proj, &g.dv, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
-            b.rmsnorm_backward(dx, &mut gw.attn_norm, &g.d_ln, &ws.resid[l], &w.attn_norm, &a.rstd1, rows, d)?;
-        }
-        b.embedding_backward(&mut grads.embed, &ws.d_resid, &ws.ids, d)
+        // Attention sub-layer: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = norm(x_in).
+        b.matmul(&mut g.d_att, dx, &w.o_proj, Gemm::linear_dx(rows, qd, d))?;
+        b.matmul(&mut gw.o_proj, dx, &a.att, Gemm::linear_dw(rows, qd, d))?;
+        let shape = AttnShape {
+            batch: ws.batch,
+            q_len: ws.seq,
+            kv_len: ws.seq,
+            kv_stride: ws.seq,
+            q_pos0: 0,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim(),
+        };
+        b.attention_backward(&mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape)?;
+        let rope_q = RopeShape { rows, seq: ws.seq, pos0: 0, n_head: cfg.n_head, head_dim: cfg.head_dim() };
+        b.rope(&mut g.dq, &self.rope_cos, &self.rope_sin, rope_q, true)?;
+        b.rope(&mut g.dk, &self.rope_cos, &self.rope_sin, RopeShape { n_head: cfg.n_kv_head, ..rope_q }, true)?;
+        b.matmul(&mut g.d_ln, &g.dq, &w.q_proj, Gemm::linear_dx(rows, d, qd))?;
+        b.matmul(&mut g.d_ln, &g.dk, &w.k_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
+        b.matmul(&mut g.d_ln, &g.dv, &w.v_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
+        b.matmul(&mut gw.q_proj, &g.dq, &a.ln1, Gemm::linear_dw(rows, d, qd))?;
+        b.matmul(&mut gw.k_proj, &g.dk, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
+        b.matmul(&mut gw.v_proj, &g.dv, &a.ln1, Gemm::linear_dw(rows, d, kvd))?;
+        b.rmsnorm_backward(dx, &mut gw.attn_norm, &g.d_ln, &ws.resid[l], &w.attn_norm, &a.rstd1, rows, d)
+    }
+
+    pub fn embed_backward(&self, g_embed: &mut B::Buf, ws: &mut Workspace<B>) -> Result<()> {
+        self.backend.embedding_backward(g_embed, &ws.d_resid, &ws.ids, self.cfg.d_model)
     }
 }
