@@ -308,9 +308,10 @@ impl RunConfig {
         if self.parallel.device != "cpu" {
             bail!("parallel.device {:?} is not available in this build (only \"cpu\")", self.parallel.device);
         }
-        if self.parallel.world_size != 1 {
+        if !self.train.micro_batch.is_multiple_of(self.parallel.world_size) {
             bail!(
-                "parallel.world_size {} is not supported yet (FSDP lands with the FSDP engine)",
+                "train.micro_batch ({}) must be a multiple of parallel.world_size ({}): each rank takes an equal slice",
+                self.train.micro_batch,
                 self.parallel.world_size
             );
         }

@@ -103,7 +103,7 @@ impl<B: Backend> Llama<B> {
             for (l, w) in self.weights.layers.iter().enumerate() {
                 // Ping-pong between the two residual buffers: block activations are scratch here.
                 let (r0, r1) = ws.resid.split_at_mut(1);
-                let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
+                let (x_in, x_out) = if l.is_multiple_of(2) { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
                 let place = KvPlace::Cache {
                     k: &mut cache.k[l],
                     v: &mut cache.v[l],

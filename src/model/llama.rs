@@ -309,7 +309,7 @@ impl<B: Backend> Llama<B> {
         } else {
             // Inference workspace: one scratch block, residual ping-pong (see `decode`).
             let (r0, r1) = ws.resid.split_at_mut(1);
-            let (x_in, x_out) = if l % 2 == 0 { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
+            let (x_in, x_out) = if l.is_multiple_of(2) { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
             self.block_forward(w, &mut ws.blocks[0], x_in, x_out, ws.batch, ws.seq, KvPlace::Local)
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod events;
+pub mod fsdp;
 pub mod optimizer;
 pub mod run;
 pub mod schedule;

@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, Snapshot, TrainerState};
 use super::events::{Event, StepMetrics};
+use super::fsdp::{Fsdp, RankMemory};
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
 use super::signals;
@@ -26,8 +27,14 @@ pub struct Trainer<B: Backend> {
     pub cfg: RunConfig,
     pub model: Llama<B>,
     pub state: TrainerState,
-    grads: Weights<B::Buf>,
-    opt: AdamWState<B>,
+    /// Gradients and AdamW state of the single-device path (`None` under FSDP, where they exist only
+    /// as rank shards).
+    grads: Option<Weights<B::Buf>>,
+    opt: Option<AdamWState<B>>,
+    /// The sharded engine, for `parallel.world_size > 1`.
+    fsdp: Option<Fsdp>,
+    /// The FSDP shards have moved on since `model.weights` was last consolidated.
+    model_stale: bool,
     ws: Workspace<B>,
     loader: Loader,
     val: Vec<(String, Vec<u32>, Vec<i32>)>,
@@ -67,21 +74,29 @@ pub struct TrainerParts<B: Backend> {
 impl<B: Backend> Trainer<B> {
     pub fn new(p: TrainerParts<B>) -> Result<Self> {
         let c = &p.cfg;
-        let opt = match p.moments {
-            None => AdamWState::new(&p.model)?,
-            Some((m, v)) => {
-                let up = |w: &Weights<Vec<f32>>| {
-                    let mut it = w.iter().into_iter();
-                    Weights::try_build(&p.model.cfg, |_| p.model.backend.upload(it.next().expect("same shape")))
-                };
-                AdamWState { m: up(&m)?, v: up(&v)? }
-            }
+        let world = c.parallel.world_size;
+        let (grads, opt, fsdp) = if world > 1 {
+            let full = host_weights(&p.model, &p.model.weights)?;
+            let rows = c.train.micro_batch / world;
+            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_ref(), world, rows, c.data.seq_len)?;
+            (None, None, Some(f))
+        } else {
+            let opt = match p.moments {
+                None => AdamWState::new(&p.model)?,
+                Some((m, v)) => {
+                    let up = |w: &Weights<Vec<f32>>| {
+                        let mut it = w.iter().into_iter();
+                        Weights::try_build(&p.model.cfg, |_| p.model.backend.upload(it.next().expect("same shape")))
+                    };
+                    AdamWState { m: up(&m)?, v: up(&v)? }
+                }
+            };
+            (Some(p.model.zeros_like_weights()?), Some(opt), None)
         };
         let loader =
             Loader::start(&p.sources, c.train.seed, c.data.seq_len, c.train.micro_batch, Some(p.state.mix.clone()))?;
         let val = val_sequences(&p.sources, c.data.seq_len, c.eval.batches * c.train.micro_batch);
         let ws = Workspace::new(&p.model, c.train.micro_batch, c.data.seq_len)?;
-        let grads = p.model.zeros_like_weights()?;
         let metrics_path = p.run_dir.join("metrics.jsonl");
         let metrics = OpenOptions::new()
             .create(true)
@@ -94,6 +109,8 @@ impl<B: Backend> Trainer<B> {
             state: p.state,
             grads,
             opt,
+            fsdp,
+            model_stale: false,
             ws,
             loader,
             val,
@@ -118,26 +135,9 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let c = &self.cfg;
-        let b = &self.model.backend;
-        for g in self.grads.iter_mut() {
-            b.fill_zero(g)?;
-        }
-        let tokens_per_micro = c.train.micro_batch * c.data.seq_len;
-        let global_tokens = tokens_per_micro * c.train.grad_accum;
+        let global_tokens = c.train.micro_batch * c.data.seq_len * c.train.grad_accum;
         // The loss is the mean token cross-entropy over the whole global batch.
         let scale = 1.0 / global_tokens as f32;
-        let mut loss_sum = 0.0f64;
-        let mut wait = 0.0f64;
-        for _ in 0..c.train.grad_accum {
-            let (batch, waited) = self.loader.next_batch()?;
-            wait += waited.as_secs_f64();
-            let losses = self.model.forward(&mut self.ws, &batch.ids, &batch.targets, Some(scale))?;
-            loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
-            self.model.backward(&mut self.ws, &mut self.grads)?;
-            self.state.mix = batch.state;
-        }
-        let norm = grad_norm(b, &self.grads)?;
-        clip(b, &mut self.grads, norm, c.optim.grad_clip)?;
         let step = self.state.step + 1;
         let o = &c.optim;
         let lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, c.train.max_steps);
@@ -149,7 +149,8 @@ impl<B: Backend> Trainer<B> {
             weight_decay: o.weight_decay as f32,
             step,
         };
-        self.opt.step(&mut self.model, &self.grads, hp)?;
+        let (loss_sum, norm, wait) =
+            if self.fsdp.is_some() { self.step_fsdp(scale, hp)? } else { self.step_single(scale, hp)? };
         self.state.step = step;
         self.state.tokens += global_tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
@@ -163,7 +164,7 @@ impl<B: Backend> Trainer<B> {
             tokens_per_s: tps,
             step_ms: secs * 1e3,
             data_wait_ms: wait * 1e3,
-            mfu: self.model.cfg.train_flops_per_token(c.data.seq_len) * tps / self.peak_flops,
+            mfu: self.model.cfg.train_flops_per_token(self.cfg.data.seq_len) * tps / self.peak_flops,
             time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -171,11 +172,70 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// Single device: `(summed token loss, gradient norm before clipping, seconds waited for data)`.
+    fn step_single(&mut self, scale: f32, hp: AdamW) -> Result<(f64, f64, f64)> {
+        let (grads, opt) =
+            (self.grads.as_mut().expect("single-device state"), self.opt.as_mut().expect("single-device state"));
+        let b = &self.model.backend;
+        for g in grads.iter_mut() {
+            b.fill_zero(g)?;
+        }
+        let (mut loss_sum, mut wait) = (0.0f64, 0.0f64);
+        for _ in 0..self.cfg.train.grad_accum {
+            let (batch, waited) = self.loader.next_batch()?;
+            wait += waited.as_secs_f64();
+            let losses = self.model.forward(&mut self.ws, &batch.ids, &batch.targets, Some(scale))?;
+            loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+            self.model.backward(&mut self.ws, grads)?;
+            self.state.mix = batch.state;
+        }
+        let norm = grad_norm(b, grads)?;
+        clip(b, grads, norm, self.cfg.optim.grad_clip)?;
+        opt.step(&mut self.model, grads, hp)?;
+        Ok((loss_sum, norm, wait))
+    }
+
+    /// FSDP: every rank takes its slice of each micro-batch; the full weights on the coordinator are
+    /// refreshed only when eval, sampling or a checkpoint needs them.
+    fn step_fsdp(&mut self, scale: f32, hp: AdamW) -> Result<(f64, f64, f64)> {
+        let mut batches = Vec::with_capacity(self.cfg.train.grad_accum);
+        let mut wait = 0.0;
+        for _ in 0..self.cfg.train.grad_accum {
+            let (batch, waited) = self.loader.next_batch()?;
+            wait += waited.as_secs_f64();
+            batches.push(batch);
+        }
+        let f = self.fsdp.as_mut().expect("FSDP state");
+        let (loss_sum, norm) = f.step(&batches, hp.step, scale, self.cfg.optim.grad_clip, hp)?;
+        self.state.mix = batches.last().expect("grad_accum >= 1").state.clone();
+        self.model_stale = true;
+        Ok((loss_sum, norm, wait))
+    }
+
+    /// Per-rank memory under FSDP (f32 values), for reports.
+    pub fn rank_memory(&self) -> Option<Vec<RankMemory>> {
+        self.fsdp.as_ref().map(|f| f.memory())
+    }
+
+    /// Brings `model.weights` up to date with the FSDP shards.
+    fn sync_model(&mut self) -> Result<()> {
+        if let (Some(f), true) = (&self.fsdp, self.model_stale) {
+            let full = f.consolidate()?;
+            let b = &self.model.backend;
+            for (dst, src) in self.model.weights.iter_mut().into_iter().zip(full.iter()) {
+                *dst = b.upload(src)?;
+            }
+            self.model_stale = false;
+        }
+        Ok(())
+    }
+
     /// Mean held-out loss over the fixed validation windows (overall and per source).
     pub fn evaluate(&mut self) -> Result<Option<Event>> {
         if self.val.is_empty() {
             return Ok(None);
         }
+        self.sync_model()?;
         let (mb, seq) = (self.cfg.train.micro_batch, self.cfg.data.seq_len);
         let mut per: Vec<(String, f64, usize)> = Vec::new();
         for chunk in self.val.chunks(mb) {
@@ -208,10 +268,11 @@ impl<B: Backend> Trainer<B> {
 
     /// The configured commonsense tasks on the current weights (rank 0's job under FSDP).
     pub fn evaluate_tasks(&mut self) -> Result<Option<Event>> {
-        let e = &self.cfg.eval;
-        if e.tasks.is_empty() {
+        if self.cfg.eval.tasks.is_empty() {
             return Ok(None);
         }
+        self.sync_model()?;
+        let e = &self.cfg.eval;
         let mut scorer = Scorer::new(&self.model, &self.tokenizer, self.bos)?;
         let mut results = Vec::new();
         for task in &e.tasks {
@@ -228,6 +289,7 @@ impl<B: Backend> Trainer<B> {
 
     /// One generation per configured prompt from the current weights.
     pub fn samples(&mut self) -> Result<Vec<Event>> {
+        self.sync_model()?;
         let s = self.cfg.sample.clone();
         let params = SamplingParams { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p };
         let mut out = Vec::new();
@@ -258,12 +320,13 @@ impl<B: Backend> Trainer<B> {
     }
 
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        let b = &self.model.backend;
-        let host = |w: &Weights<B::Buf>| -> Result<Weights<Vec<f32>>> {
-            let mut it = w.iter().into_iter();
-            Weights::try_build(&self.model.cfg, |_| b.download(it.next().expect("same shape")))
+        self.sync_model()?;
+        let weights = host_weights(&self.model, &self.model.weights)?;
+        let (m, v) = match (&self.fsdp, &self.opt) {
+            (Some(f), _) => f.consolidate_moments()?,
+            (None, Some(opt)) => (host_weights(&self.model, &opt.m)?, host_weights(&self.model, &opt.v)?),
+            (None, None) => unreachable!("one engine or the other"),
         };
-        let (weights, m, v) = (host(&self.model.weights)?, host(&self.opt.m)?, host(&self.opt.v)?);
         let files: Vec<(&str, &[u8])> = self.tokenizer_files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
         let snap = Snapshot {
             cfg: &self.model.cfg,
@@ -342,4 +405,10 @@ impl<B: Backend> Trainer<B> {
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }
+}
+
+/// A parameter-shaped set of device buffers copied to the host.
+fn host_weights<B: Backend>(model: &Llama<B>, w: &Weights<B::Buf>) -> Result<Weights<Vec<f32>>> {
+    let mut it = w.iter().into_iter();
+    Weights::try_build(&model.cfg, |_| model.backend.download(it.next().expect("same shape")))
 }
