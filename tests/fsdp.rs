@@ -113,6 +113,13 @@ fn world_sizes_1_to_4_train_to_the_same_losses_and_reshard_on_resume() {
     for world in [2, 3, 4] {
         let dir = run(&format!("w{world}"), world);
         assert_close(&losses(&dir), &base_losses, &format!("world {world}"));
+        // Per-rank metrics flow into metrics.jsonl.
+        let first: Value =
+            serde_json::from_str(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().next().unwrap())
+                .unwrap();
+        let ranks = first["ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), world);
+        assert!(ranks.iter().all(|r| r["comm_ms"].as_f64().unwrap() > 0.0 && r["state_mb"].as_f64().unwrap() > 0.0));
         assert_weights_close(
             &weights(&dir.join("checkpoints/step-00000020")),
             &base_weights,

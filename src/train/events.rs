@@ -18,6 +18,19 @@ pub struct StepMetrics {
     pub mfu: f64,
     /// Wall-clock time at the end of the step (Unix seconds).
     pub time: f64,
+    /// One entry per rank (one for single-device training).
+    pub ranks: Vec<RankMetrics>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RankMetrics {
+    pub rank: usize,
+    pub tokens_per_s: f64,
+    /// Parameters, gradients and optimizer state this rank keeps between steps (MB).
+    pub state_mb: f64,
+    /// Peak of the above plus transiently gathered units and their gradients during the step (MB).
+    pub peak_mb: f64,
+    pub comm_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]

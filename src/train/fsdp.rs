@@ -20,6 +20,7 @@ use crate::model::{LayerWeights, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
 
 /// Which canonical tensors (indices into `Weights::iter`) form each unit.
 fn unit_ranges(cfg: &LlamaConfig) -> Vec<Range<usize>> {
@@ -36,6 +37,8 @@ fn unit_ranges(cfg: &LlamaConfig) -> Vec<Range<usize>> {
 pub struct RankMemory {
     pub persistent: usize,
     pub peak: usize,
+    /// Seconds the last step spent in collectives.
+    pub comm_secs: f64,
 }
 
 struct Rank {
@@ -50,6 +53,8 @@ struct Rank {
     acc: Vec<Option<Vec<f32>>>,
     live: usize,
     peak: usize,
+    /// Seconds spent in collectives during the current step.
+    comm_secs: f64,
 }
 
 pub struct Fsdp {
@@ -74,7 +79,9 @@ impl Rank {
 
     fn gather(&mut self, u: usize, layout: ShardLayout) -> Result<Vec<f32>> {
         let mut full = vec![0.0; layout.padded()];
+        let t = Instant::now();
         self.comm.all_gather(&self.master[u], &mut full)?;
+        self.comm_secs += t.elapsed().as_secs_f64();
         full.truncate(layout.len);
         self.note_alloc(full.len());
         Ok(full)
@@ -93,7 +100,9 @@ impl Rank {
             return Ok(());
         }
         full.resize(layout.padded(), 0.0);
+        let t = Instant::now();
         self.comm.reduce_scatter(&full, &mut self.grad[u])?;
+        self.comm_secs += t.elapsed().as_secs_f64();
         self.note_free(layout.len);
         Ok(())
     }
@@ -180,6 +189,7 @@ impl Fsdp {
                 acc: vec![None; ranges.len()],
                 live: persistent,
                 peak: persistent,
+                comm_secs: 0.0,
             });
         }
         Ok(Fsdp { cfg: cfg.clone(), ranges, sizes, layouts, ranks, fault: None })
@@ -192,7 +202,7 @@ impl Fsdp {
     /// Memory per rank (f32 values): persistent shards (master, two moments, gradient) and the peak.
     pub fn memory(&self) -> Vec<RankMemory> {
         let persistent = 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>();
-        self.ranks.iter().map(|r| RankMemory { persistent, peak: r.peak }).collect()
+        self.ranks.iter().map(|r| RankMemory { persistent, peak: r.peak, comm_secs: r.comm_secs }).collect()
     }
 
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
@@ -207,6 +217,7 @@ impl Fsdp {
                 .enumerate()
                 .map(|(r, rank)| {
                     s.spawn(move || {
+                        rank.comm_secs = 0.0;
                         let run = catch_unwind(AssertUnwindSafe(|| {
                             if fault == Some((r, step)) {
                                 bail!("injected fault at step {step}");
@@ -345,7 +356,9 @@ fn rank_step(
     // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
     let local_sq: f64 = rank.grad.iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum();
     let mut stats = [loss_sum as f32, local_sq as f32];
+    let t = Instant::now();
     rank.comm.all_reduce(&mut stats)?;
+    rank.comm_secs += t.elapsed().as_secs_f64();
     let norm = (stats[1] as f64).sqrt();
     let b = Cpu::new();
     if clip > 0.0 {

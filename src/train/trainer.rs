@@ -3,7 +3,7 @@
 //! and atomic checkpoints.
 
 use super::checkpoint::{self, Snapshot, TrainerState};
-use super::events::{Event, StepMetrics};
+use super::events::{Event, RankMetrics, StepMetrics};
 use super::fsdp::{Fsdp, RankMemory};
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
@@ -155,6 +155,27 @@ impl<B: Backend> Trainer<B> {
         self.state.tokens += global_tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
         let tps = global_tokens as f64 / secs;
+        let ranks = match &self.fsdp {
+            Some(f) => {
+                let n = f.world_size() as f64;
+                f.memory()
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, m)| RankMetrics {
+                        rank,
+                        tokens_per_s: tps / n,
+                        state_mb: m.persistent as f64 * 4e-6,
+                        peak_mb: m.peak as f64 * 4e-6,
+                        comm_ms: m.comm_secs * 1e3,
+                    })
+                    .collect()
+            }
+            None => {
+                // Parameters, gradients and two moments, all resident.
+                let state_mb = 4.0 * self.model.cfg.n_params() as f64 * 4e-6;
+                vec![RankMetrics { rank: 0, tokens_per_s: tps, state_mb, peak_mb: state_mb, comm_ms: 0.0 }]
+            }
+        };
         Ok(StepMetrics {
             step,
             tokens: self.state.tokens,
@@ -169,6 +190,7 @@ impl<B: Backend> Trainer<B> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
+            ranks,
         })
     }
 
