@@ -14,3 +14,4 @@ pub mod io;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod tui;

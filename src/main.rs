@@ -162,9 +162,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 g.prefill_secs
             );
         }
-        Command::Train { config, run_dir, sets, headless: _, steps, resume } => {
-            // The dashboard arrives with the TUI; until then every run reports headless lines.
-            let args = kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true };
+        Command::Train { config, run_dir, sets, headless, steps, resume } => {
+            use std::io::IsTerminal;
+            // The dashboard needs a terminal on both ends; otherwise (or with --headless) a line per
+            // log interval.
+            let dashboard = !headless && std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+            let args = kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true, dashboard };
             kiln::train::run::train(args)?;
         }
         Command::Eval { model, tasks, limit, data, predictions, json } => {

@@ -234,7 +234,9 @@ fn kill_9_never_leaves_latest_on_a_broken_checkpoint() {
     let sets = ["--set", "checkpoint.every_steps=1", "--set", "train.max_steps=1000", "--set", "eval.every_steps=0"];
     let mut args = vec!["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"];
     args.extend(sets);
-    for (i, delay_ms) in [700u64, 1100, 1500, 1900].iter().enumerate() {
+    // Kill points are measured from the moment the run first has a checkpoint, so they land in the
+    // middle of training and checkpointing on fast and slow machines alike.
+    for (i, delay_ms) in [0u64, 150, 400, 700].iter().enumerate() {
         let mut child = if i == 0 {
             Command::new(env!("CARGO_BIN_EXE_kiln"))
                 .args(&args)
@@ -250,6 +252,10 @@ fn kill_9_never_leaves_latest_on_a_broken_checkpoint() {
                 .spawn()
                 .unwrap()
         };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while kiln::train::checkpoint::latest(&run).ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

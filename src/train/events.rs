@@ -59,8 +59,26 @@ pub enum Event {
         step: u64,
         path: String,
     },
+    /// Training paused (or resumed) at a step boundary.
+    Paused {
+        step: u64,
+        paused: bool,
+    },
     Log {
         step: u64,
         message: String,
     },
+}
+
+/// What a viewer (the dashboard, later an attached client) may ask of the engine. Handled at step
+/// boundaries; the engine never waits on the viewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Pause or resume at the next step boundary.
+    TogglePause,
+    CheckpointNow,
+    SampleNow,
+    EvalNow,
+    /// Checkpoint and stop.
+    Stop,
 }

@@ -30,6 +30,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Print progress lines (otherwise silent apart from errors).
     pub verbose: bool,
+    /// Show the terminal dashboard instead of headless lines.
+    pub dashboard: bool,
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -141,9 +143,15 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
     let (bos, eos) = (piece("<s>")?, piece("</s>")?);
 
     // The model: a checkpoint when resuming, else random or `model.init`.
-    let (model, moments, state) = if resuming {
-        let ckpt = checkpoint::latest(&run_dir)?
-            .with_context(|| format!("{}: no checkpoint to resume from", run_dir.display()))?;
+    // A run killed before its first checkpoint resumes from its start: same config, same seed.
+    let ckpt = if resuming { checkpoint::latest(&run_dir)? } else { None };
+    if resuming && ckpt.is_none() {
+        truncate_metrics(&run_dir, 0)?;
+        if args.verbose {
+            eprintln!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
+        }
+    }
+    let (model, moments, state) = if let Some(ckpt) = ckpt {
         let md = load_model_dir(&ckpt, Cpu::new())?;
         let moments = checkpoint::read_moments(&ckpt, &md.model.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
@@ -242,6 +250,7 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
         }
         Event::Sample { step, prompt, text } => Some(format!("sample {step:>6} | {prompt}{}", text.replace('\n', " "))),
         Event::Checkpoint { step, path } => Some(format!("ckpt   {step:>6} | {path}")),
+        Event::Paused { step, paused } => Some(format!("{}  {step:>6}", if *paused { "paused " } else { "resumed" })),
         Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),
         _ => None,
     }
@@ -263,6 +272,9 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         Some(n) => trainer.state.step + n,
         None => trainer.cfg.train.max_steps,
     };
+    if args.dashboard {
+        return train_with_dashboard(trainer, until);
+    }
     if args.verbose {
         let c = &trainer.model.cfg;
         eprintln!(
@@ -270,8 +282,11 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
             trainer.model.backend.name(),
             c.n_params() as f64 / 1e6,
             format_args!(
-                "seq {} × micro-batch {} × accum {}",
-                trainer.cfg.data.seq_len, trainer.cfg.train.micro_batch, trainer.cfg.train.grad_accum
+                "seq {} × micro-batch {} × accum {} × world {}",
+                trainer.cfg.data.seq_len,
+                trainer.cfg.train.micro_batch,
+                trainer.cfg.train.grad_accum,
+                trainer.cfg.parallel.world_size
             ),
             trainer.run_dir().display(),
             trainer.state.step,
@@ -288,4 +303,30 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         }
     };
     trainer.run(until, &mut print)
+}
+
+/// The engine on its own thread, the dashboard on this one; they share only the event and
+/// command channels.
+fn train_with_dashboard(mut trainer: Trainer<Cpu>, until: u64) -> Result<RunEnd> {
+    use crate::tui::{app::App, term, theme};
+    let (ev_tx, ev_rx) = std::sync::mpsc::channel();
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+    let title = format!(
+        "{} · {:.1}M params · {}",
+        trainer.run_dir().display(),
+        trainer.model.cfg.n_params() as f64 / 1e6,
+        trainer.model.backend.name()
+    );
+    let app =
+        App::new(title, trainer.cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
+    let engine = std::thread::Builder::new().name("kiln-engine".into()).spawn(move || {
+        let mut send = |e: &Event| {
+            let _ = ev_tx.send(e.clone());
+        };
+        trainer.run_with_commands(until, Some(&cmd_rx), &mut send)
+    })?;
+    let ui = term::run(app, ev_rx, cmd_tx);
+    let end = engine.join().map_err(|_| anyhow::anyhow!("the training engine panicked"))??;
+    ui?;
+    Ok(end)
 }

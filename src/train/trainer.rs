@@ -3,7 +3,7 @@
 //! and atomic checkpoints.
 
 use super::checkpoint::{self, Snapshot, TrainerState};
-use super::events::{Event, RankMetrics, StepMetrics};
+use super::events::{Command, Event, RankMetrics, StepMetrics};
 use super::fsdp::{Fsdp, RankMemory};
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 pub struct Trainer<B: Backend> {
@@ -373,6 +374,16 @@ impl<B: Backend> Trainer<B> {
 
     /// Trains until step `until` (capped at `train.max_steps`), then checkpoints.
     pub fn run(&mut self, until: u64, on_event: &mut dyn FnMut(&Event)) -> Result<RunEnd> {
+        self.run_with_commands(until, None, on_event)
+    }
+
+    /// `run`, also obeying viewer commands at step boundaries.
+    pub fn run_with_commands(
+        &mut self,
+        until: u64,
+        commands: Option<&Receiver<Command>>,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<RunEnd> {
         let until = until.min(self.cfg.train.max_steps);
         if self.state.step >= until {
             let message =
@@ -381,7 +392,48 @@ impl<B: Backend> Trainer<B> {
             return Ok(RunEnd::Done);
         }
         let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
+        let mut paused = false;
         while self.state.step < until {
+            // Viewer commands; while paused, block on them (a viewer that goes away resumes training).
+            while let Some(rx) = commands {
+                let cmd = if paused {
+                    match rx.recv() {
+                        Ok(c) => c,
+                        Err(_) => Command::TogglePause,
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(c) => c,
+                        Err(_) => break,
+                    }
+                };
+                match cmd {
+                    Command::TogglePause => {
+                        paused = !paused;
+                        self.emit(Event::Paused { step: self.state.step, paused }, on_event)?;
+                    }
+                    Command::CheckpointNow => self.checkpoint_and_report(on_event)?,
+                    Command::SampleNow => {
+                        for e in self.samples()? {
+                            self.emit(e, on_event)?;
+                        }
+                    }
+                    Command::EvalNow => {
+                        if let Some(e) = self.evaluate()? {
+                            self.emit(e, on_event)?;
+                        }
+                        if let Some(e) = self.evaluate_tasks()? {
+                            self.emit(e, on_event)?;
+                        }
+                    }
+                    Command::Stop => {
+                        if self.last_checkpoint_step != Some(self.state.step) {
+                            self.checkpoint_and_report(on_event)?;
+                        }
+                        return Ok(RunEnd::Interrupted);
+                    }
+                }
+            }
             let m = self.step()?;
             if !m.loss.is_finite() {
                 let e =

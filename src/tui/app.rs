@@ -1,0 +1,159 @@
+//! Dashboard state: everything the view shows, updated from engine events and key actions.
+
+use super::keymap::Action;
+use super::theme::Theme;
+use crate::train::events::{Command, Event, RankMetrics};
+use std::collections::VecDeque;
+
+/// One optimizer step as the dashboard keeps it.
+#[derive(Clone, Debug)]
+pub struct Point {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub ema: f64,
+}
+
+/// Weight of the newest point in the smoothed loss curve.
+const EMA_ALPHA: f64 = 0.1;
+/// Step windows that `+` / `-` move between (0 = all).
+const WINDOWS: [usize; 5] = [50, 200, 1000, 5000, 0];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlay {
+    None,
+    Help,
+    QuitPrompt,
+}
+
+pub struct App {
+    pub title: String,
+    pub max_steps: u64,
+    pub points: Vec<Point>,
+    pub evals: Vec<(u64, u64, f64)>,
+    pub last: Option<crate::train::events::StepMetrics>,
+    pub ranks: Vec<RankMetrics>,
+    pub samples: VecDeque<(u64, String, String)>,
+    pub log: VecDeque<String>,
+    pub paused: bool,
+    pub log_y: bool,
+    pub x_tokens: bool,
+    pub window: usize,
+    pub themes: Vec<Theme>,
+    pub theme: usize,
+    pub overlay: Overlay,
+    /// Braille charts need a UTF-8 locale; otherwise plain dots.
+    pub unicode: bool,
+    pub quit: bool,
+}
+
+impl App {
+    pub fn new(title: String, max_steps: u64, themes: Vec<Theme>, unicode: bool) -> App {
+        App {
+            title,
+            max_steps,
+            points: Vec::new(),
+            evals: Vec::new(),
+            last: None,
+            ranks: Vec::new(),
+            samples: VecDeque::new(),
+            log: VecDeque::new(),
+            paused: false,
+            log_y: false,
+            x_tokens: false,
+            window: 2,
+            themes,
+            theme: 0,
+            overlay: Overlay::None,
+            unicode,
+            quit: false,
+        }
+    }
+
+    pub fn theme(&self) -> &Theme {
+        &self.themes[self.theme]
+    }
+
+    fn note(&mut self, line: String) {
+        self.log.push_back(line);
+        while self.log.len() > 200 {
+            self.log.pop_front();
+        }
+    }
+
+    pub fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Step(m) => {
+                let ema = self.points.last().map_or(m.loss, |p| p.ema + EMA_ALPHA * (m.loss - p.ema));
+                self.points.push(Point { step: m.step, tokens: m.tokens, loss: m.loss, ema });
+                self.ranks = m.ranks.clone();
+                self.last = Some(m.clone());
+            }
+            Event::Eval { step, tokens, loss, .. } => {
+                self.evals.push((*step, *tokens, *loss));
+                self.note(format!("step {step}: eval loss {loss:.4}"));
+            }
+            Event::EvalTasks { step, average, .. } => {
+                self.note(format!("step {step}: commonsense average {:.1}", 100.0 * average))
+            }
+            Event::Sample { step, prompt, text } => {
+                self.samples.push_front((*step, prompt.clone(), text.clone()));
+                self.samples.truncate(8);
+            }
+            Event::Checkpoint { step, path } => self.note(format!("step {step}: checkpoint {path}")),
+            Event::Paused { step, paused } => {
+                self.paused = *paused;
+                self.note(format!("step {step}: {}", if *paused { "paused" } else { "resumed" }));
+            }
+            Event::Log { step, message } => self.note(format!("step {step}: {message}")),
+        }
+    }
+
+    /// Applies a key action; returns the command to send to the engine, if any.
+    pub fn on_action(&mut self, a: Action) -> Option<Command> {
+        if self.overlay == Overlay::QuitPrompt {
+            return None; // the prompt takes its own keys (see `on_quit_key`)
+        }
+        match a {
+            Action::TogglePause => return Some(Command::TogglePause),
+            Action::Checkpoint => return Some(Command::CheckpointNow),
+            Action::Sample => return Some(Command::SampleNow),
+            Action::Eval => return Some(Command::EvalNow),
+            Action::LogY => self.log_y = !self.log_y,
+            Action::WindowIn => self.window = self.window.saturating_sub(1),
+            Action::WindowOut => self.window = (self.window + 1).min(WINDOWS.len() - 1),
+            Action::XAxis => self.x_tokens = !self.x_tokens,
+            Action::NextTheme => self.theme = (self.theme + 1) % self.themes.len(),
+            Action::Help => self.overlay = if self.overlay == Overlay::Help { Overlay::None } else { Overlay::Help },
+            Action::Quit => self.overlay = Overlay::QuitPrompt,
+        }
+        None
+    }
+
+    /// Keys of the quit prompt: `s` checkpoint and stop, Esc (or anything else) cancel.
+    pub fn on_quit_key(&mut self, key: Option<char>) -> Option<Command> {
+        self.overlay = Overlay::None;
+        if key == Some('s') {
+            self.quit = true;
+            return Some(Command::Stop);
+        }
+        None
+    }
+
+    /// The points in the current window.
+    pub fn visible(&self) -> &[Point] {
+        let w = WINDOWS[self.window];
+        if w == 0 || self.points.len() <= w {
+            &self.points
+        } else {
+            &self.points[self.points.len() - w..]
+        }
+    }
+
+    pub fn window_label(&self) -> String {
+        match WINDOWS[self.window] {
+            0 => "all steps".into(),
+            w => format!("last {w} steps"),
+        }
+    }
+}

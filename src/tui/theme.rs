@@ -1,0 +1,137 @@
+//! Colour themes from themes/*.toml (compiled in). `NO_COLOR` turns colour off entirely; terminals
+//! without truecolor get the nearest of the 16 base colours.
+
+use ratatui::style::Color;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThemeFile {
+    name: String,
+    fg: String,
+    dim: String,
+    accent: String,
+    raw: String,
+    ema: String,
+    eval: String,
+    warn: String,
+    paused_bg: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Theme {
+    pub name: String,
+    pub fg: Color,
+    pub dim: Color,
+    pub accent: Color,
+    pub raw: Color,
+    pub ema: Color,
+    pub eval: Color,
+    pub warn: Color,
+    pub paused_bg: Color,
+}
+
+const FILES: [&str; 3] = [
+    include_str!("../../themes/dark.toml"),
+    include_str!("../../themes/light.toml"),
+    include_str!("../../themes/high-contrast.toml"),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColorMode {
+    None,
+    Ansi16,
+    TrueColor,
+}
+
+impl ColorMode {
+    /// From the environment: `NO_COLOR` (any value) disables colour; `COLORTERM=truecolor|24bit`
+    /// enables 24-bit colour; anything else gets the 16 base colours.
+    pub fn detect() -> ColorMode {
+        if std::env::var_os("NO_COLOR").is_some() {
+            ColorMode::None
+        } else if matches!(std::env::var("COLORTERM").as_deref(), Ok("truecolor") | Ok("24bit")) {
+            ColorMode::TrueColor
+        } else {
+            ColorMode::Ansi16
+        }
+    }
+}
+
+fn hex(s: &str) -> (u8, u8, u8) {
+    let v = u32::from_str_radix(s.trim_start_matches('#'), 16).unwrap_or(0xffffff);
+    ((v >> 16) as u8, (v >> 8) as u8, v as u8)
+}
+
+/// The nearest of the 16 ANSI colours.
+fn ansi16((r, g, b): (u8, u8, u8)) -> Color {
+    const BASE: [(Color, (u8, u8, u8)); 16] = [
+        (Color::Black, (0, 0, 0)),
+        (Color::Red, (205, 0, 0)),
+        (Color::Green, (0, 205, 0)),
+        (Color::Yellow, (205, 205, 0)),
+        (Color::Blue, (0, 0, 238)),
+        (Color::Magenta, (205, 0, 205)),
+        (Color::Cyan, (0, 205, 205)),
+        (Color::Gray, (229, 229, 229)),
+        (Color::DarkGray, (127, 127, 127)),
+        (Color::LightRed, (255, 0, 0)),
+        (Color::LightGreen, (0, 255, 0)),
+        (Color::LightYellow, (255, 255, 0)),
+        (Color::LightBlue, (92, 92, 255)),
+        (Color::LightMagenta, (255, 0, 255)),
+        (Color::LightCyan, (0, 255, 255)),
+        (Color::White, (255, 255, 255)),
+    ];
+    let d = |c: (u8, u8, u8)| {
+        let f = |a: u8, b: u8| (a as i32 - b as i32).pow(2);
+        f(c.0, r) + f(c.1, g) + f(c.2, b)
+    };
+    BASE.iter().min_by_key(|(_, c)| d(*c)).map(|(col, _)| *col).unwrap_or(Color::Reset)
+}
+
+fn color(s: &str, mode: ColorMode) -> Color {
+    match mode {
+        ColorMode::None => Color::Reset,
+        ColorMode::Ansi16 => ansi16(hex(s)),
+        ColorMode::TrueColor => {
+            let (r, g, b) = hex(s);
+            Color::Rgb(r, g, b)
+        }
+    }
+}
+
+pub fn themes(mode: ColorMode) -> Vec<Theme> {
+    FILES
+        .iter()
+        .map(|t| {
+            let f: ThemeFile = toml::from_str(t).expect("bundled themes parse (tested)");
+            Theme {
+                name: f.name,
+                fg: color(&f.fg, mode),
+                dim: color(&f.dim, mode),
+                accent: color(&f.accent, mode),
+                raw: color(&f.raw, mode),
+                ema: color(&f.ema, mode),
+                eval: color(&f.eval, mode),
+                warn: color(&f.warn, mode),
+                paused_bg: color(&f.paused_bg, mode),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_themes_parse_in_every_mode() {
+        for mode in [ColorMode::None, ColorMode::Ansi16, ColorMode::TrueColor] {
+            let t = themes(mode);
+            assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["dark", "light", "high-contrast"]);
+        }
+        assert_eq!(themes(ColorMode::None)[0].fg, Color::Reset);
+        assert_eq!(themes(ColorMode::Ansi16)[2].warn, Color::LightRed);
+    }
+}

@@ -1,0 +1,129 @@
+//! The dashboard rendered with ratatui's TestBackend at 80x24 and 160x48 (insta snapshots), and
+//! the state transitions keys and events cause.
+
+use kiln::train::events::{Command, Event, RankMetrics, StepMetrics};
+use kiln::tui::app::{App, Overlay};
+use kiln::tui::keymap::{action_for, Action, KEYMAP};
+use kiln::tui::theme::{themes, ColorMode};
+use kiln::tui::view::render;
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+fn step(step: u64) -> Event {
+    let loss = 10.0 * (-(step as f64) / 40.0).exp() + 3.0 + 0.2 * ((step * 7919 % 13) as f64 / 13.0 - 0.5);
+    Event::Step(StepMetrics {
+        step,
+        tokens: step * 2048,
+        loss,
+        lr: 3e-3,
+        grad_norm: 0.75,
+        tokens_per_s: 1800.0,
+        step_ms: 1137.0,
+        data_wait_ms: 0.4,
+        mfu: 0.061,
+        time: 0.0,
+        ranks: (0..2)
+            .map(|rank| RankMetrics { rank, tokens_per_s: 900.0, state_mb: 35.7, peak_mb: 68.5, comm_ms: 12.5 })
+            .collect(),
+    })
+}
+
+fn app_with_history() -> App {
+    let mut app = App::new("runs/demo · 4.5M params · cpu (2 threads)".into(), 400, themes(ColorMode::None), true);
+    for s in 1..=120 {
+        app.on_event(&step(s));
+        if s % 50 == 0 {
+            app.on_event(&Event::Eval { step: s, tokens: s * 2048, loss: 3.4 + 2.0 / s as f64, per_source: vec![] });
+        }
+    }
+    app.on_event(&Event::Sample {
+        step: 100,
+        prompt: "Once upon a time".into(),
+        text: ", there was a little dog.".into(),
+    });
+    app.on_event(&Event::Checkpoint { step: 100, path: "runs/demo/checkpoints/step-00000100".into() });
+    app
+}
+
+fn draw(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| render(f, app)).unwrap();
+    format!("{}", t.backend())
+}
+
+#[test]
+fn dashboard_80x24() {
+    insta::assert_snapshot!(draw(&app_with_history(), 80, 24));
+}
+
+#[test]
+fn dashboard_160x48() {
+    insta::assert_snapshot!(draw(&app_with_history(), 160, 48));
+}
+
+#[test]
+fn paused_help_and_quit_prompt_160x48() {
+    let mut app = app_with_history();
+    app.on_event(&Event::Paused { step: 120, paused: true });
+    let paused = draw(&app, 160, 48);
+    assert!(paused.contains("PAUSED"));
+    app.on_action(Action::Help);
+    insta::assert_snapshot!("help_overlay", draw(&app, 160, 48));
+    app.on_action(Action::Help);
+    app.on_action(Action::Quit);
+    insta::assert_snapshot!("quit_prompt", draw(&app, 80, 24));
+}
+
+#[test]
+fn ascii_fallback_has_no_braille() {
+    let mut app = app_with_history();
+    app.unicode = false;
+    let s = draw(&app, 80, 24);
+    assert!(!s.chars().any(|c| ('\u{2800}'..='\u{28FF}').contains(&c)));
+}
+
+#[test]
+fn keys_map_to_engine_commands_and_view_changes() {
+    let mut app = app_with_history();
+    assert_eq!(app.on_action(action_for('p').unwrap()), Some(Command::TogglePause));
+    assert_eq!(app.on_action(action_for('c').unwrap()), Some(Command::CheckpointNow));
+    assert_eq!(app.on_action(action_for('s').unwrap()), Some(Command::SampleNow));
+    assert_eq!(app.on_action(action_for('e').unwrap()), Some(Command::EvalNow));
+    let n = app.visible().len();
+    app.on_action(action_for('+').unwrap());
+    app.on_action(action_for('+').unwrap());
+    assert_eq!(app.visible().len(), 50, "the window narrows to the last 50 steps");
+    assert!(app.visible().len() < n);
+    for _ in 0..4 {
+        app.on_action(action_for('-').unwrap());
+    }
+    assert_eq!(app.visible().len(), 120, "all steps");
+    app.on_action(action_for('l').unwrap());
+    assert!(app.log_y);
+    app.on_action(action_for('t').unwrap());
+    assert_eq!(app.theme, 1);
+    // q asks; Esc cancels; q then s stops with a checkpoint.
+    app.on_action(action_for('q').unwrap());
+    assert_eq!(app.overlay, Overlay::QuitPrompt);
+    assert_eq!(app.on_quit_key(None), None);
+    assert!(!app.quit);
+    app.on_action(action_for('q').unwrap());
+    assert_eq!(app.on_quit_key(Some('s')), Some(Command::Stop));
+    assert!(app.quit);
+    // Every key in the table is in the help screen.
+    app.overlay = Overlay::None;
+    app.on_action(Action::Help);
+    let help = draw(&app, 160, 48);
+    for b in KEYMAP {
+        assert!(help.contains(b.help), "{}", b.help);
+    }
+}
+
+#[test]
+fn ema_smooths_and_raw_is_kept() {
+    let app = app_with_history();
+    let p = app.points.last().unwrap();
+    assert_ne!(p.loss, p.ema);
+    assert_eq!(app.points.len(), 120);
+    assert_eq!(app.evals.len(), 2);
+}
