@@ -69,7 +69,12 @@ enum Command {
         /// Continue the run in RUN_DIR from its latest checkpoint
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir"])]
         resume: Option<PathBuf>,
+        /// Start the run in the background (log in RUN_DIR/train.log) and print how to attach
+        #[arg(long)]
+        detach: bool,
     },
+    /// Show the dashboard of a running job (over RUN_DIR/kiln.sock)
+    Attach { run_dir: PathBuf },
     /// Zero-shot accuracy on the TinyLlama paper's commonsense suite (lm-evaluation-harness scoring)
     Eval {
         /// Model directory, checkpoint or run directory
@@ -162,7 +167,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 g.prefill_secs
             );
         }
-        Command::Train { config, run_dir, sets, headless, steps, resume } => {
+        Command::Train { config, run_dir, sets, headless: _, steps, resume, detach: true } => {
+            detach_train(config, run_dir, sets, steps, resume)?;
+        }
+        Command::Attach { run_dir } => kiln::tui::attach::attach(&run_dir)?,
+        Command::Train { config, run_dir, sets, headless, steps, resume, detach: false } => {
             use std::io::IsTerminal;
             // The dashboard needs a terminal on both ends; otherwise (or with --headless) a line per
             // log interval.
@@ -212,6 +221,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Re-runs this `kiln train` in the background, headless, detached from the terminal.
+fn detach_train(
+    config: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    sets: Vec<String>,
+    steps: Option<u64>,
+    resume: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::process::CommandExt;
+    let run = match &resume {
+        Some(r) => r.clone(),
+        None => run_dir.unwrap_or_else(|| kiln::train::run::default_run_dir(config.as_deref())),
+    };
+    std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create run directory", run.display()))?;
+    let log_path = run.join("train.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("{}: cannot create", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("train").arg("--headless");
+    match &resume {
+        Some(r) => {
+            cmd.arg("--resume").arg(r);
+        }
+        None => {
+            cmd.args(config.iter()).arg("--run-dir").arg(&run);
+        }
+    }
+    for s in &sets {
+        cmd.arg("--set").arg(s);
+    }
+    if let Some(n) = steps {
+        cmd.arg("--steps").arg(n.to_string());
+    }
+    // Its own process group: closing this terminal does not signal it (and it ignores SIGHUP).
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the background run")?;
+    println!("training in the background (pid {}), log {}", child.id(), log_path.display());
+    println!("attach:  kiln attach {}", run.display());
     Ok(())
 }
 

@@ -2,9 +2,9 @@
 
 use super::score::ItemScore;
 use super::tasks::paper_metric;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskResult {
     pub task: String,
     pub n: usize,
@@ -13,7 +13,7 @@ pub struct TaskResult {
     pub acc_norm: Option<f64>,
     pub acc_norm_stderr: Option<f64>,
     /// The metric the TinyLlama paper reports for this task.
-    pub metric: &'static str,
+    pub metric: String,
 }
 
 /// Mean and standard error of the mean (sample standard deviation / √n), as lm-eval computes them.
@@ -46,7 +46,7 @@ impl TaskResult {
             acc_stderr,
             acc_norm,
             acc_norm_stderr,
-            metric: paper_metric(task),
+            metric: paper_metric(task).to_string(),
         }
     }
 

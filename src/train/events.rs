@@ -1,9 +1,9 @@
 //! What the engine reports. Headless output prints these; metrics.jsonl records them; the
 //! dashboard will render them. The engine never knows who listens.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepMetrics {
     pub step: u64,
     pub tokens: u64,
@@ -22,7 +22,7 @@ pub struct StepMetrics {
     pub ranks: Vec<RankMetrics>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RankMetrics {
     pub rank: usize,
     pub tokens_per_s: f64,
@@ -33,7 +33,7 @@ pub struct RankMetrics {
     pub comm_ms: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Step(StepMetrics),
@@ -81,4 +81,23 @@ pub enum Command {
     EvalNow,
     /// Checkpoint and stop.
     Stop,
+}
+
+impl Command {
+    /// The one-word form viewers send over the run's socket.
+    pub fn wire(self) -> &'static str {
+        match self {
+            Command::TogglePause => "pause",
+            Command::CheckpointNow => "checkpoint",
+            Command::SampleNow => "sample",
+            Command::EvalNow => "eval",
+            Command::Stop => "stop",
+        }
+    }
+
+    pub fn from_wire(s: &str) -> Option<Command> {
+        [Command::TogglePause, Command::CheckpointNow, Command::SampleNow, Command::EvalNow, Command::Stop]
+            .into_iter()
+            .find(|c| c.wire() == s.trim())
+    }
 }

@@ -8,4 +8,5 @@ pub mod optimizer;
 pub mod run;
 pub mod schedule;
 pub mod signals;
+pub mod socket;
 pub mod trainer;

@@ -4,6 +4,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::events::Event;
 use super::signals;
+use super::socket::Server;
 use super::trainer::{RunEnd, Trainer, TrainerParts};
 use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::Backend;
@@ -117,8 +118,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
                 bail!("{DEMO_CONFIG}: not found (run from the kiln checkout, or give a CONFIG)");
             }
             let cfg = RunConfig::load(&path, &args.sets)?;
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
-            let run = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem));
+            let run = args.run_dir.clone().unwrap_or_else(|| default_run_dir(args.config.as_deref()));
             (cfg, run)
         }
     };
@@ -272,13 +272,16 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         Some(n) => trainer.state.step + n,
         None => trainer.cfg.train.max_steps,
     };
+    // Commands reach the engine from the dashboard and from viewers attached over the socket.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+    let server = Server::start(trainer.run_dir(), cmd_tx.clone())?;
     if args.dashboard {
-        return train_with_dashboard(trainer, until);
+        return train_with_dashboard(trainer, until, server, cmd_tx, cmd_rx);
     }
     if args.verbose {
         let c = &trainer.model.cfg;
         eprintln!(
-            "kiln train: {} | {:.1}M params | {} | run dir {} | step {} → {}",
+            "kiln train: {} | {:.1}M params | {} | run dir {} | step {} → {} | attach: kiln attach {}",
             trainer.model.backend.name(),
             c.n_params() as f64 / 1e6,
             format_args!(
@@ -290,43 +293,66 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
             ),
             trainer.run_dir().display(),
             trainer.state.step,
-            until.min(trainer.cfg.train.max_steps)
+            until.min(trainer.cfg.train.max_steps),
+            trainer.run_dir().display()
         );
     }
     let cfg = trainer.cfg.clone();
     let verbose = args.verbose;
     let mut print = |e: &Event| {
+        server.broadcast(e);
         if verbose {
             if let Some(line) = headless_line(e, &cfg) {
                 println!("{line}");
             }
         }
     };
-    trainer.run(until, &mut print)
+    trainer.run_with_commands(until, Some(&cmd_rx), &mut print)
 }
 
 /// The engine on its own thread, the dashboard on this one; they share only the event and
 /// command channels.
-fn train_with_dashboard(mut trainer: Trainer<Cpu>, until: u64) -> Result<RunEnd> {
+fn train_with_dashboard(
+    mut trainer: Trainer<Cpu>,
+    until: u64,
+    server: Server,
+    cmd_tx: std::sync::mpsc::Sender<super::events::Command>,
+    cmd_rx: std::sync::mpsc::Receiver<super::events::Command>,
+) -> Result<RunEnd> {
     use crate::tui::{app::App, term, theme};
     let (ev_tx, ev_rx) = std::sync::mpsc::channel();
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let title = format!(
         "{} · {:.1}M params · {}",
         trainer.run_dir().display(),
         trainer.model.cfg.n_params() as f64 / 1e6,
         trainer.model.backend.name()
     );
+    let run_dir = trainer.run_dir().to_path_buf();
     let app =
         App::new(title, trainer.cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
     let engine = std::thread::Builder::new().name("kiln-engine".into()).spawn(move || {
         let mut send = |e: &Event| {
+            server.broadcast(e);
             let _ = ev_tx.send(e.clone());
         };
         trainer.run_with_commands(until, Some(&cmd_rx), &mut send)
     })?;
     let ui = term::run(app, ev_rx, cmd_tx);
+    if let Ok(true) = ui {
+        eprintln!(
+            "detached: training goes on in process {}; attach again with `kiln attach {}`",
+            std::process::id(),
+            run_dir.display()
+        );
+    }
     let end = engine.join().map_err(|_| anyhow::anyhow!("the training engine panicked"))??;
     ui?;
     Ok(end)
+}
+
+/// The run directory a new run from `config` (or the demo) would use.
+pub fn default_run_dir(config: Option<&Path>) -> PathBuf {
+    let path = config.unwrap_or(Path::new(DEMO_CONFIG));
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+    PathBuf::from("runs").join(stem)
 }

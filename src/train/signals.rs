@@ -1,4 +1,4 @@
-//! SIGINT / SIGTERM: the first asks the trainer to checkpoint at the next step boundary and exit 0;
+//! SIGHUP is ignored. SIGINT / SIGTERM: the first asks the trainer to checkpoint at the next step boundary and exit 0;
 //! a second SIGINT exits at once with status 130.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +10,12 @@ static INSTALLED: OnceLock<()> = OnceLock::new();
 /// Installs the handler once per process (later calls are no-ops).
 pub fn install() {
     INSTALLED.get_or_init(|| {
+        // A dropped SSH connection or a killed tmux pane must not end the run: the dashboard falls
+        // back to headless and the run can be attached again (`kiln attach`).
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        }
         let _ = ctrlc::set_handler(|| {
             if REQUESTS.fetch_add(1, Ordering::SeqCst) >= 1 {
                 eprintln!("\nsecond interrupt: exiting without a checkpoint");

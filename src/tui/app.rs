@@ -45,6 +45,8 @@ pub struct App {
     /// Braille charts need a UTF-8 locale; otherwise plain dots.
     pub unicode: bool,
     pub quit: bool,
+    /// The viewer left; training goes on.
+    pub detached: bool,
 }
 
 impl App {
@@ -67,6 +69,7 @@ impl App {
             overlay: Overlay::None,
             unicode,
             quit: false,
+            detached: false,
         }
     }
 
@@ -84,6 +87,9 @@ impl App {
     pub fn on_event(&mut self, e: &Event) {
         match e {
             Event::Step(m) => {
+                if self.points.last().is_some_and(|p| p.step >= m.step) {
+                    return; // already seen (an attached viewer replays history, then goes live)
+                }
                 let ema = self.points.last().map_or(m.loss, |p| p.ema + EMA_ALPHA * (m.loss - p.ema));
                 self.points.push(Point { step: m.step, tokens: m.tokens, loss: m.loss, ema });
                 self.ranks = m.ranks.clone();
@@ -130,14 +136,21 @@ impl App {
         None
     }
 
-    /// Keys of the quit prompt: `s` checkpoint and stop, Esc (or anything else) cancel.
+    /// Keys of the quit prompt: `s` checkpoint and stop, `d` detach (training goes on), Esc (or
+    /// anything else) cancel.
     pub fn on_quit_key(&mut self, key: Option<char>) -> Option<Command> {
         self.overlay = Overlay::None;
-        if key == Some('s') {
-            self.quit = true;
-            return Some(Command::Stop);
+        match key {
+            Some('s') => {
+                self.quit = true;
+                Some(Command::Stop)
+            }
+            Some('d') => {
+                self.detached = true;
+                None
+            }
+            _ => None,
         }
-        None
     }
 
     /// The points in the current window.

@@ -33,7 +33,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding { key: 'x', action: Action::XAxis, help: "x axis: steps or tokens" },
     Binding { key: 't', action: Action::NextTheme, help: "next theme" },
     Binding { key: '?', action: Action::Help, help: "this help" },
-    Binding { key: 'q', action: Action::Quit, help: "quit (asks: s = checkpoint and stop, Esc = cancel)" },
+    Binding { key: 'q', action: Action::Quit, help: "quit (asks: s = checkpoint and stop, d = detach, Esc = cancel)" },
 ];
 
 pub fn action_for(key: char) -> Option<Action> {

@@ -4,6 +4,7 @@
 //! commands go back over another, the same protocol headless mode consumes.
 
 pub mod app;
+pub mod attach;
 pub mod keymap;
 pub mod term;
 pub mod theme;

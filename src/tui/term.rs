@@ -29,8 +29,9 @@ fn restore() {
     let _ = execute!(std::io::stdout(), LeaveAlternateScreen);
 }
 
-/// Runs the dashboard until the engine's event channel closes (training ended or stopped).
-pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<()> {
+/// Runs the dashboard until the engine's event channel closes (training ended or stopped) or the
+/// user detaches; returns whether they detached.
+pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<bool> {
     enable_raw_mode()?;
     execute!(std::io::stdout(), EnterAlternateScreen)?;
     let default_hook = std::panic::take_hook();
@@ -41,7 +42,7 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     let mut engine_done = false;
     let mut drawing = true;
-    while !engine_done {
+    while !engine_done && !app.detached {
         loop {
             match events.try_recv() {
                 Ok(e) => app.on_event(&e),
@@ -83,5 +84,5 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
         }
     }
     restore();
-    Ok(())
+    Ok(app.detached)
 }

@@ -240,7 +240,7 @@ fn overlay(f: &mut Frame, app: &App) {
                     ])
                 })
                 .collect();
-            let r = centered(area, 64, KEYMAP.len() as u16 + 2);
+            let r = centered(area, 80, KEYMAP.len() as u16 + 2);
             f.render_widget(Clear, r);
             f.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" keys ")), r);
         }
@@ -248,9 +248,10 @@ fn overlay(f: &mut Frame, app: &App) {
             let text = vec![
                 Line::styled("Quit the dashboard?", Style::default().fg(t.fg).add_modifier(Modifier::BOLD)),
                 Line::styled("  s   checkpoint and stop training", Style::default().fg(t.fg)),
+                Line::styled("  d   detach (training goes on)", Style::default().fg(t.fg)),
                 Line::styled("  Esc cancel", Style::default().fg(t.fg)),
             ];
-            let r = centered(area, 40, 5);
+            let r = centered(area, 40, 6);
             f.render_widget(Clear, r);
             f.render_widget(Paragraph::new(text).block(Block::default().borders(Borders::ALL).title(" quit ")), r);
         }

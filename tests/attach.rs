@@ -1,0 +1,110 @@
+//! The run's control socket: viewers receive every event as a JSON line and steer the run with
+//! one-word commands; `--detach` runs in the background and can be attached to.
+
+use kiln::train::events::Event;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn setup(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    let input = root().join("assets/corpus/slimpajama_like/validation");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let cfg = format!(
+        "[model]\nn_layer = 1\nd_model = 32\nn_head = 2\nn_kv_head = 1\nd_ff = 64\nvocab_size = 32000\nmax_seq_len = 64\n\
+         tie_embeddings = true\n[tokenizer]\npath = \"{}\"\n[data]\nseq_len = 32\n[[data.sources]]\nname = \"t\"\npath = \"{}\"\n\
+         weight = 1.0\n[train]\nmicro_batch = 2\nmax_steps = 100000\n[checkpoint]\nevery_steps = 100000\nkeep_last = 1\n",
+        root().join("assets/tokenizer/llama2/tokenizer.json").display(),
+        data.display()
+    );
+    let p = dir.join("a.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads events until `pred` holds for one.
+fn read_until(r: &mut impl BufRead, pred: impl Fn(&Event) -> bool) -> Event {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "socket closed");
+        let e: Event = serde_json::from_str(&line).unwrap();
+        if pred(&e) {
+            return e;
+        }
+    }
+}
+
+fn drive(run: &Path) {
+    let sock = run.join("kiln.sock");
+    wait_for(&sock);
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    read_until(&mut r, |e| matches!(e, Event::Step(_)));
+    writeln!(w, "pause").unwrap();
+    read_until(&mut r, |e| matches!(e, Event::Paused { paused: true, .. }));
+    writeln!(w, "checkpoint").unwrap();
+    read_until(&mut r, |e| matches!(e, Event::Checkpoint { .. }));
+    writeln!(w, "pause").unwrap();
+    read_until(&mut r, |e| matches!(e, Event::Paused { paused: false, .. }));
+    writeln!(w, "stop").unwrap();
+}
+
+#[test]
+fn viewers_get_events_and_steer_the_run_over_the_socket() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = setup(t.path());
+    let run = t.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drive(&run);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
+    assert!(!run.join("kiln.sock").exists(), "the socket goes away with the run");
+}
+
+#[test]
+fn detach_runs_in_the_background_and_can_be_attached() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = setup(t.path());
+    let run = t.path().join("bg");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--detach"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("kiln attach"), "{out}");
+    drive(&run);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run.join("kiln.sock").exists() {
+        assert!(Instant::now() < deadline, "background run did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::fs::read_to_string(run.join("train.log")).unwrap().contains("ckpt"));
+}
