@@ -73,6 +73,13 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Plot loss, learning rate and throughput of a run (PNG or SVG)
+    Plot {
+        run_dir: PathBuf,
+        /// Output file (.png or .svg); default RUN_DIR/plot.png
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Show the dashboard of a running job (over RUN_DIR/kiln.sock)
     Attach { run_dir: PathBuf },
     /// Zero-shot accuracy on the TinyLlama paper's commonsense suite (lm-evaluation-harness scoring)
@@ -171,6 +178,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             detach_train(config, run_dir, sets, steps, resume)?;
         }
         Command::Attach { run_dir } => kiln::tui::attach::attach(&run_dir)?,
+        Command::Plot { run_dir, out } => {
+            let out = out.unwrap_or_else(|| run_dir.join("plot.png"));
+            kiln::cli::plot::plot(&run_dir, &out, 0)?;
+            println!("{}", out.display());
+        }
         Command::Train { config, run_dir, sets, headless, steps, resume, detach: false } => {
             use std::io::IsTerminal;
             // The dashboard needs a terminal on both ends; otherwise (or with --headless) a line per

@@ -219,6 +219,14 @@ fn resume_is_bit_identical_to_an_uninterrupted_run_and_the_loss_falls() {
         serde_json::from_str(&ok(&kiln(&["score", "--model", a.to_str().unwrap(), "--text", "Once upon a time"])))
             .unwrap();
     assert_eq!(s["logprobs"].as_array().unwrap().len(), 4);
+    // `kiln plot` renders the run as PNG or SVG; a bad output name is a one-line error.
+    ok(&kiln(&["plot", a.to_str().unwrap()]));
+    assert!(std::fs::metadata(a.join("plot.png")).unwrap().len() > 10_000);
+    let svg = t.path().join("curves.svg");
+    ok(&kiln(&["plot", a.to_str().unwrap(), "--out", svg.to_str().unwrap()]));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    fails(&kiln(&["plot", a.to_str().unwrap(), "--out", "x.jpg"]), "must end in .png or .svg");
+    fails(&kiln(&["plot", t.path().to_str().unwrap()]), "metrics.jsonl");
     // Every step record carries the documented fields.
     for key in ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "data_wait_ms", "mfu"] {
         assert!(ra[0].get(key).is_some(), "{key}");

@@ -102,6 +102,12 @@ fn keys_map_to_engine_commands_and_view_changes() {
     assert!(app.log_y);
     app.on_action(action_for('t').unwrap());
     assert_eq!(app.theme, 1);
+    app.on_action(action_for('a').unwrap());
+    assert!(app.x_tokens);
+    app.on_action(action_for('x').unwrap());
+    assert!(app.export_requested);
+    app.export(); // no run directory here: noted, not fatal
+    assert!(app.log.back().unwrap().contains("no run directory"));
     // q asks; Esc cancels; q then s stops with a checkpoint.
     app.on_action(action_for('q').unwrap());
     assert_eq!(app.overlay, Overlay::QuitPrompt);

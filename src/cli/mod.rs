@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod plot;
 pub mod score;
 
 use anyhow::{bail, Result};

@@ -328,8 +328,9 @@ fn train_with_dashboard(
         trainer.model.backend.name()
     );
     let run_dir = trainer.run_dir().to_path_buf();
-    let app =
+    let mut app =
         App::new(title, trainer.cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
+    app.run_dir = Some(run_dir.clone());
     let engine = std::thread::Builder::new().name("kiln-engine".into()).spawn(move || {
         let mut send = |e: &Event| {
             server.broadcast(e);

@@ -47,6 +47,10 @@ pub struct App {
     pub quit: bool,
     /// The viewer left; training goes on.
     pub detached: bool,
+    /// Where metrics.jsonl lives, for `x` (export the view as a PNG).
+    pub run_dir: Option<std::path::PathBuf>,
+    /// `x` was pressed; the terminal loop renders the plot.
+    pub export_requested: bool,
 }
 
 impl App {
@@ -70,6 +74,8 @@ impl App {
             unicode,
             quit: false,
             detached: false,
+            run_dir: None,
+            export_requested: false,
         }
     }
 
@@ -129,6 +135,7 @@ impl App {
             Action::WindowIn => self.window = self.window.saturating_sub(1),
             Action::WindowOut => self.window = (self.window + 1).min(WINDOWS.len() - 1),
             Action::XAxis => self.x_tokens = !self.x_tokens,
+            Action::Export => self.export_requested = true,
             Action::NextTheme => self.theme = (self.theme + 1) % self.themes.len(),
             Action::Help => self.overlay = if self.overlay == Overlay::Help { Overlay::None } else { Overlay::Help },
             Action::Quit => self.overlay = Overlay::QuitPrompt,
@@ -167,6 +174,24 @@ impl App {
         match WINDOWS[self.window] {
             0 => "all steps".into(),
             w => format!("last {w} steps"),
+        }
+    }
+}
+
+impl App {
+    /// Renders the current window of the run to `RUN_DIR/plot-step-N.png` and notes where.
+    pub fn export(&mut self) {
+        self.export_requested = false;
+        let Some(dir) = self.run_dir.clone() else {
+            self.note("export: no run directory known".into());
+            return;
+        };
+        let from = self.visible().first().map_or(0, |p| p.step);
+        let step = self.points.last().map_or(0, |p| p.step);
+        let out = dir.join(format!("plot-step-{step:08}.png"));
+        match crate::cli::plot::plot(&dir, &out, from) {
+            Ok(()) => self.note(format!("exported {}", out.display())),
+            Err(e) => self.note(format!("export failed: {e:#}")),
         }
     }
 }

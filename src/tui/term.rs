@@ -53,6 +53,9 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
                 }
             }
         }
+        if app.export_requested {
+            app.export();
+        }
         if drawing && terminal.draw(|f| render(f, &app)).is_err() {
             drawing = false; // the terminal is gone: keep training, headless
         }

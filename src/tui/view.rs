@@ -211,7 +211,7 @@ fn events(app: &App, height: u16) -> Paragraph<'_> {
 fn footer(app: &App) -> Line<'_> {
     let t = app.theme();
     Line::styled(
-        "p pause · c ckpt · s sample · e eval · l log-y · +/- window · x axis · t theme · ? help · q quit",
+        "p pause · c ckpt · s sample · e eval · l log-y · +/- window · a axis · x export · t theme · ? help · q quit",
         Style::default().fg(t.dim),
     )
 }
