@@ -272,6 +272,15 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         Some(n) => trainer.state.step + n,
         None => trainer.cfg.train.max_steps,
     };
+    if trainer.state.step >= until.min(trainer.cfg.train.max_steps) {
+        eprintln!(
+            "{}: nothing to do, the run is at step {} of {} (delete it to start over, or raise train.max_steps)",
+            trainer.run_dir().display(),
+            trainer.state.step,
+            trainer.cfg.train.max_steps
+        );
+        return Ok(RunEnd::Done);
+    }
     // Commands reach the engine from the dashboard and from viewers attached over the socket.
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let server = Server::start(trainer.run_dir(), cmd_tx.clone())?;
