@@ -41,17 +41,21 @@ const FILES: [&str; 3] = [
 pub enum ColorMode {
     None,
     Ansi16,
+    Ansi256,
     TrueColor,
 }
 
 impl ColorMode {
     /// From the environment: `NO_COLOR` (any value) disables colour; `COLORTERM=truecolor|24bit`
-    /// enables 24-bit colour; anything else gets the 16 base colours.
+    /// enables 24-bit colour; a `TERM` ending in `256color` gets the xterm 256-colour palette;
+    /// anything else the 16 base colours.
     pub fn detect() -> ColorMode {
         if std::env::var_os("NO_COLOR").is_some() {
             ColorMode::None
         } else if matches!(std::env::var("COLORTERM").as_deref(), Ok("truecolor") | Ok("24bit")) {
             ColorMode::TrueColor
+        } else if std::env::var("TERM").is_ok_and(|t| t.contains("256color")) {
+            ColorMode::Ansi256
         } else {
             ColorMode::Ansi16
         }
@@ -90,10 +94,31 @@ fn ansi16((r, g, b): (u8, u8, u8)) -> Color {
     BASE.iter().min_by_key(|(_, c)| d(*c)).map(|(col, _)| *col).unwrap_or(Color::Reset)
 }
 
+/// The nearest colour of the xterm 256-colour palette's 6×6×6 cube or grey ramp.
+fn ansi256((r, g, b): (u8, u8, u8)) -> Color {
+    const LEVELS: [u8; 6] = [0, 95, 135, 175, 215, 255];
+    let level =
+        |v: u8| LEVELS.iter().enumerate().min_by_key(|(_, &l)| (l as i32 - v as i32).abs()).map_or(0, |(i, _)| i);
+    let (ri, gi, bi) = (level(r), level(g), level(b));
+    let cube = (LEVELS[ri], LEVELS[gi], LEVELS[bi]);
+    let grey_i = (((r as u32 + g as u32 + b as u32) / 3).saturating_sub(3) / 10).min(23) as u8;
+    let grey = 8 + 10 * grey_i;
+    let d = |c: (u8, u8, u8)| {
+        let f = |a: u8, b: u8| (a as i32 - b as i32).pow(2);
+        f(c.0, r) + f(c.1, g) + f(c.2, b)
+    };
+    if d((grey, grey, grey)) < d(cube) {
+        Color::Indexed(232 + grey_i)
+    } else {
+        Color::Indexed(16 + 36 * ri as u8 + 6 * gi as u8 + bi as u8)
+    }
+}
+
 fn color(s: &str, mode: ColorMode) -> Color {
     match mode {
         ColorMode::None => Color::Reset,
         ColorMode::Ansi16 => ansi16(hex(s)),
+        ColorMode::Ansi256 => ansi256(hex(s)),
         ColorMode::TrueColor => {
             let (r, g, b) = hex(s);
             Color::Rgb(r, g, b)
@@ -127,11 +152,14 @@ mod tests {
 
     #[test]
     fn bundled_themes_parse_in_every_mode() {
-        for mode in [ColorMode::None, ColorMode::Ansi16, ColorMode::TrueColor] {
+        for mode in [ColorMode::None, ColorMode::Ansi16, ColorMode::Ansi256, ColorMode::TrueColor] {
             let t = themes(mode);
             assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["dark", "light", "high-contrast"]);
         }
         assert_eq!(themes(ColorMode::None)[0].fg, Color::Reset);
         assert_eq!(themes(ColorMode::Ansi16)[2].warn, Color::LightRed);
+        assert_eq!(themes(ColorMode::Ansi256)[2].warn, Color::Indexed(196)); // pure red in the cube
+        assert_eq!(ansi256((0x6c, 0x6c, 0x6c)), Color::Indexed(242)); // a grey takes the grey ramp
+        assert_eq!(ansi256((0x5f, 0xaf, 0xff)), Color::Indexed(75));
     }
 }
