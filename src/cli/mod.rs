@@ -35,6 +35,16 @@ pub fn prepare_summary(s: &crate::data::prepare::PrepareSummary, out: &Path) -> 
     )
 }
 
+/// A duration as `1h02m` or `3m07s` (ETAs in headless lines and the dashboard).
+pub fn eta(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
 /// Parses `"1 2 3"` or `"1,2,3"` into token ids.
 pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
     let ids = text

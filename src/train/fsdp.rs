@@ -87,6 +87,15 @@ impl Rank {
         Ok(full)
     }
 
+    /// Splits a gathered block unit into its tensors. The split copies, so for a moment the unit is
+    /// held twice; the accounting says so, then the flat copy is dropped.
+    fn unpack_layer(&mut self, flat: Vec<f32>, sizes: &[usize]) -> LayerWeights<Vec<f32>> {
+        self.note_alloc(flat.len());
+        let lw = layer_from(split(&flat, sizes));
+        self.note_free(flat.len());
+        lw
+    }
+
     /// Hands a unit's full gradient to its owners (or accumulates it until the last micro-step).
     fn push_grad(&mut self, u: usize, mut full: Vec<f32>, layout: ShardLayout, last: bool) -> Result<()> {
         if let Some(acc) = self.acc[u].take() {
@@ -311,14 +320,21 @@ fn rank_step(
         drop(e);
         for l in 0..n_layer {
             let flat = rank.gather(1 + l, layouts[1 + l])?;
-            let lw = layer_from(split(&flat, &sizes[ranges[1 + l].clone()]));
+            let lw = rank.unpack_layer(flat, &sizes[ranges[1 + l].clone()]);
             rank.model.layer_forward(l, &lw, &mut rank.ws)?;
-            rank.note_free(flat.len());
+            rank.note_free(layouts[1 + l].len);
         }
-        let head_flat = rank.gather(head_unit, layouts[head_unit])?;
-        let final_norm = head_flat[..d].to_vec();
-        // A tied head is the embedding: gather that unit again.
-        let head = if cfg.tie_embeddings { rank.gather(0, layouts[0])? } else { head_flat[d..].to_vec() };
+        let mut head_flat = rank.gather(head_unit, layouts[head_unit])?;
+        // A tied head is the embedding: gather that unit again. Untied, the head is the unit's tail;
+        // splitting it off copies it (the gathered buffer keeps its allocation until dropped).
+        let head = if cfg.tie_embeddings {
+            rank.gather(0, layouts[0])?
+        } else {
+            let h = head_flat.split_off(d);
+            rank.note_alloc(h.len());
+            h
+        };
+        let final_norm = head_flat;
         let losses = rank.model.head_forward(&final_norm, &head, &mut rank.ws, targets, Some(scale))?;
         loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
 
@@ -326,27 +342,36 @@ fn rank_step(
         let mut g_head = vec![0.0f32; vocab * d];
         rank.note_alloc(g_norm.len() + g_head.len());
         rank.model.head_backward(&final_norm, &head, &mut rank.ws, &mut g_norm, &mut g_head)?;
-        rank.note_free(head_flat.len() + if cfg.tie_embeddings { head.len() } else { 0 });
-        drop((head_flat, head, final_norm));
+        rank.note_free(layouts[head_unit].len + head.len());
+        drop((head, final_norm));
         let g_embed = if cfg.tie_embeddings {
             rank.push_grad(head_unit, g_norm, layouts[head_unit], last)?;
             g_head // the embedding's gradient starts with the head's contribution
         } else {
-            g_norm.extend_from_slice(&g_head); // g_norm now holds the unit's whole gradient
+            // g_norm grows to hold the unit's whole gradient: a moment with the head gradient twice.
+            rank.note_alloc(g_head.len());
+            g_norm.extend_from_slice(&g_head);
+            rank.note_free(g_head.len());
             drop(g_head);
             rank.push_grad(head_unit, g_norm, layouts[head_unit], last)?;
             rank.note_alloc(vocab * d);
             vec![0.0f32; vocab * d]
         };
         for l in (0..n_layer).rev() {
+            let w = layouts[1 + l].len;
             let flat = rank.gather(1 + l, layouts[1 + l])?;
-            let lw = layer_from(split(&flat, &sizes[ranges[1 + l].clone()]));
+            let lw = rank.unpack_layer(flat, &sizes[ranges[1 + l].clone()]);
             let mut gw = layer_from(sizes[ranges[1 + l].clone()].iter().map(|&n| vec![0.0f32; n]).collect());
-            rank.note_alloc(flat.len());
+            rank.note_alloc(w);
             rank.model.layer_backward(l, &lw, &mut gw, &mut rank.ws)?;
-            rank.note_free(flat.len());
-            drop((flat, lw));
-            rank.push_grad(1 + l, layer_flat(&gw), layouts[1 + l], last)?;
+            rank.note_free(w);
+            drop(lw);
+            // Flattening the gradient copies it; the per-tensor copy goes right after.
+            rank.note_alloc(w);
+            let g = layer_flat(&gw);
+            drop(gw);
+            rank.note_free(w);
+            rank.push_grad(1 + l, g, layouts[1 + l], last)?;
         }
         let mut g_embed = g_embed;
         rank.model.embed_backward(&mut g_embed, &mut rank.ws)?;

@@ -240,7 +240,7 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
                 m.step_ms,
                 wait,
                 100.0 * m.mfu,
-                eta(left)
+                crate::cli::eta(left)
             ))
         }
         Event::Eval { step, loss, .. } => Some(format!("eval   {step:>6} | val loss {loss:.4}")),
@@ -253,15 +253,6 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
         Event::Paused { step, paused } => Some(format!("{}  {step:>6}", if *paused { "paused " } else { "resumed" })),
         Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),
         _ => None,
-    }
-}
-
-fn eta(secs: f64) -> String {
-    let s = secs as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::checkpoint::{self, Snapshot, TrainerState};
 use super::events::{Command, Event, RankMetrics, StepMetrics};
-use super::fsdp::{Fsdp, RankMemory};
+use super::fsdp::Fsdp;
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
 use super::signals;
@@ -233,11 +233,6 @@ impl<B: Backend> Trainer<B> {
         self.state.mix = batches.last().expect("grad_accum >= 1").state.clone();
         self.model_stale = true;
         Ok((loss_sum, norm, wait))
-    }
-
-    /// Per-rank memory under FSDP (f32 values), for reports.
-    pub fn rank_memory(&self) -> Option<Vec<RankMemory>> {
-        self.fsdp.as_ref().map(|f| f.memory())
     }
 
     /// Brings `model.weights` up to date with the FSDP shards.

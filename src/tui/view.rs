@@ -10,15 +10,6 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Clear, Dataset, GraphType, Paragraph, Row, Table, Wrap};
 use ratatui::Frame;
 
-fn eta(secs: f64) -> String {
-    let s = secs.max(0.0) as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
-    }
-}
-
 fn human(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
@@ -39,7 +30,13 @@ fn title_line(app: &App, wide: bool) -> Line<'_> {
         let pct = 100.0 * m.step as f64 / app.max_steps.max(1) as f64;
         let left = app.max_steps.saturating_sub(m.step) as f64 * m.step_ms / 1e3;
         spans.push(Span::styled(
-            format!("  step {}/{} ({pct:.1}%)  {} tokens  eta {}", m.step, app.max_steps, human(m.tokens), eta(left)),
+            format!(
+                "  step {}/{} ({pct:.1}%)  {} tokens  eta {}",
+                m.step,
+                app.max_steps,
+                human(m.tokens),
+                crate::cli::eta(left)
+            ),
             Style::default().fg(t.fg),
         ));
     } else {
