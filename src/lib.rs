@@ -5,6 +5,7 @@
 //! directories), `tokenizer`, and `cli` (the commands the binary exposes).
 
 pub mod backend;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -50,6 +50,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Chat with a model: one message per line on stdin, replies streamed (its chat template, or plain continuation)
+    Chat {
+        /// Model directory, checkpoint or run directory
+        #[arg(long)]
+        model: PathBuf,
+        /// A system message to open the conversation with
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Train a model (with no CONFIG: the bundled demo, configs/demo.toml)
     Train {
         /// Run config (TOML)
@@ -147,13 +164,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let scores = score::run(&model, input)?;
             println!("{}", serde_json::to_string(&scores)?);
         }
+        Command::Chat { model, system, temperature, top_p, max_tokens, seed } => {
+            check_sampling(temperature, top_p)?;
+            kiln::cli::chat::run(&model, kiln::cli::chat::ChatArgs { system, temperature, top_p, max_tokens, seed })?;
+        }
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json } => {
-            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-                anyhow::bail!("--top-p must be in (0, 1]");
-            }
-            if temperature < 0.0 || !temperature.is_finite() {
-                anyhow::bail!("--temperature must be a non-negative number");
-            }
+            check_sampling(temperature, top_p)?;
             let args = generate::GenerateArgs {
                 prompt: &prompt,
                 max_new_tokens,
@@ -290,4 +306,14 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn check_sampling(temperature: f32, top_p: f32) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        anyhow::bail!("--top-p must be in (0, 1]");
+    }
+    if temperature < 0.0 || !temperature.is_finite() {
+        anyhow::bail!("--temperature must be a non-negative number");
+    }
+    Ok(())
 }

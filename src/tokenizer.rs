@@ -7,6 +7,7 @@ use std::path::Path;
 
 pub const LLAMA2_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer/llama2/tokenizer.json");
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Where it came from, for error messages.

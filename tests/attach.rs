@@ -1,6 +1,8 @@
 //! The run's control socket: viewers receive every event as a JSON line and steer the run with
 //! one-word commands; `--detach` runs in the background and can be attached to.
 
+use kiln::chat::service::ChatRequest;
+use kiln::chat::Message;
 use kiln::train::events::Event;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -42,7 +44,7 @@ fn wait_for(path: &Path) {
 }
 
 /// Reads events until `pred` holds for one.
-fn read_until(r: &mut impl BufRead, pred: impl Fn(&Event) -> bool) -> Event {
+fn read_until(r: &mut impl BufRead, mut pred: impl FnMut(&Event) -> bool) -> Event {
     let mut line = String::new();
     loop {
         line.clear();
@@ -67,7 +69,25 @@ fn drive(run: &Path) {
     read_until(&mut r, |e| matches!(e, Event::Paused { paused: true, .. }));
     writeln!(w, "checkpoint").unwrap();
     read_until(&mut r, |e| matches!(e, Event::Checkpoint { .. }));
-    writeln!(w, "pause").unwrap();
+    // Chat with the paused weights: the reply streams back as events.
+    let req = ChatRequest {
+        id: 99,
+        messages: vec![Message::new("user", "Once upon a time")],
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 8,
+    };
+    writeln!(w, "{}", kiln::train::events::Command::Chat(req).wire()).unwrap();
+    let mut pieces = 0;
+    let done = read_until(&mut r, |e| {
+        pieces += matches!(e, Event::ChatToken { id: 99, .. }) as usize;
+        matches!(e, Event::ChatDone { id: 99, .. })
+    });
+    let Event::ChatDone { tokens, ended, .. } = done else { unreachable!() };
+    assert!(!ended.starts_with("error"), "{ended}");
+    assert!(tokens == 8 || ended == "end of turn", "{tokens} {ended}");
+    assert!(pieces > 0 || tokens == 0);
+    writeln!(w, "pause off").unwrap();
     read_until(&mut r, |e| matches!(e, Event::Paused { paused: false, .. }));
     writeln!(w, "stop").unwrap();
 }

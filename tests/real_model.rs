@@ -5,25 +5,12 @@
 //! The checkpoint is 540 MB, so it is not committed: without it this test says so and passes,
 //! unless `KILN_REQUIRE_REAL_MODEL=1` (set by `.ci/run`, which fetches it first).
 
+mod common;
+
+use common::real_model_dir as model_dir;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("KILN_REAL_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-models/smollm2-135m-instruct"));
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("KILN_REQUIRE_REAL_MODEL").as_deref() != Ok("1"),
-        "{} is missing: run scripts/fetch-smollm2.sh",
-        dir.display()
-    );
-    eprintln!("skipping: {} not present (run scripts/fetch-smollm2.sh)", dir.display());
-    None
-}
 
 fn reference() -> Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2.json");

@@ -3,6 +3,7 @@
 
 use kiln::train::events::{Command, Event, RankMetrics, StepMetrics};
 use kiln::tui::app::{App, Overlay};
+use kiln::tui::chat::ChatKey;
 use kiln::tui::keymap::{action_for, Action, KEYMAP};
 use kiln::tui::theme::{themes, ColorMode};
 use kiln::tui::view::render;
@@ -85,10 +86,10 @@ fn ascii_fallback_has_no_braille() {
 #[test]
 fn keys_map_to_engine_commands_and_view_changes() {
     let mut app = app_with_history();
-    assert_eq!(app.on_action(action_for('p').unwrap()), Some(Command::TogglePause));
-    assert_eq!(app.on_action(action_for('c').unwrap()), Some(Command::CheckpointNow));
-    assert_eq!(app.on_action(action_for('s').unwrap()), Some(Command::SampleNow));
-    assert_eq!(app.on_action(action_for('e').unwrap()), Some(Command::EvalNow));
+    assert_eq!(app.on_action(action_for('p').unwrap()), vec![Command::TogglePause]);
+    assert_eq!(app.on_action(action_for('c').unwrap()), vec![Command::CheckpointNow]);
+    assert_eq!(app.on_action(action_for('s').unwrap()), vec![Command::SampleNow]);
+    assert_eq!(app.on_action(action_for('e').unwrap()), vec![Command::EvalNow]);
     let n = app.visible().len();
     app.on_action(action_for('+').unwrap());
     app.on_action(action_for('+').unwrap());
@@ -111,10 +112,10 @@ fn keys_map_to_engine_commands_and_view_changes() {
     // q asks; Esc cancels; q then s stops with a checkpoint.
     app.on_action(action_for('q').unwrap());
     assert_eq!(app.overlay, Overlay::QuitPrompt);
-    assert_eq!(app.on_quit_key(None), None);
+    assert!(app.on_quit_key(None).is_empty());
     assert!(!app.quit);
     app.on_action(action_for('q').unwrap());
-    assert_eq!(app.on_quit_key(Some('s')), Some(Command::Stop));
+    assert_eq!(app.on_quit_key(Some('s')), vec![Command::Stop]);
     assert!(app.quit);
     // Every key in the table is in the help screen.
     app.overlay = Overlay::None;
@@ -132,4 +133,73 @@ fn ema_smooths_and_raw_is_kept() {
     assert_ne!(p.loss, p.ema);
     assert_eq!(app.points.len(), 120);
     assert_eq!(app.evals.len(), 2);
+}
+
+fn type_line(app: &mut App, text: &str) -> Vec<Command> {
+    for c in text.chars() {
+        assert!(app.on_chat_key(ChatKey::Char(c)).is_empty());
+    }
+    app.on_chat_key(ChatKey::Enter)
+}
+
+#[test]
+fn chat_pane_pauses_streams_stops_and_restores() {
+    let mut app = app_with_history();
+    // Opening pauses training (it was running); letters are text now.
+    assert_eq!(app.on_action(action_for('g').unwrap()), vec![Command::SetPaused(true)]);
+    app.on_event(&Event::Paused { step: 120, paused: true });
+    assert!(type_line(&mut app, "/temp 0.3").is_empty());
+    assert!(type_line(&mut app, "/max 64").is_empty());
+    assert_eq!((app.chat.temperature, app.chat.max_tokens), (0.3, 64));
+    assert!(type_line(&mut app, "/temp hot").is_empty());
+    assert!(app.chat.status.contains("/temp"), "{}", app.chat.status);
+    let sent = type_line(&mut app, "Tell me a story");
+    let [Command::Chat(req)] = sent.as_slice() else { panic!("{sent:?}") };
+    assert_eq!(req.messages, vec![kiln::chat::Message::new("user", "Tell me a story")]);
+    assert_eq!((req.temperature, req.max_tokens), (0.3, 64));
+    let id = req.id;
+    // Another viewer's reply is not ours.
+    app.on_event(&Event::ChatToken { id: id + 1, text: "noise".into() });
+    app.on_event(&Event::ChatToken { id, text: "Once there".into() });
+    app.on_event(&Event::ChatToken { id, text: " was a kiln.".into() });
+    assert_eq!(app.chat.messages.last().unwrap().content, "Once there was a kiln.");
+    insta::assert_snapshot!("chat_streaming_80x24", draw(&app, 80, 24));
+    // Esc while streaming stops the reply, and does not leave.
+    assert_eq!(app.on_chat_key(ChatKey::Esc), vec![Command::ChatStop(id)]);
+    assert!(app.chat.open);
+    let done = Event::ChatDone { id, step: 120, tokens: 6, tokens_per_s: 41.5, ended: "stopped".into(), dropped: 0 };
+    app.on_event(&done);
+    assert_eq!(app.chat.pending, None);
+    assert!(app.chat.status.contains("41.5 tok/s"), "{}", app.chat.status);
+    insta::assert_snapshot!("chat_done_160x48", draw(&app, 160, 48));
+    // The second turn carries the whole conversation.
+    let sent = type_line(&mut app, "And then?");
+    let [Command::Chat(req)] = sent.as_slice() else { panic!("{sent:?}") };
+    assert_eq!(req.messages.len(), 3);
+    assert_eq!(req.messages[1].content, "Once there was a kiln.");
+    let err =
+        Event::ChatDone { id: req.id, step: 120, tokens: 0, tokens_per_s: 0.0, ended: "error: x".into(), dropped: 0 };
+    app.on_event(&err);
+    assert_eq!(app.chat.messages.len(), 2, "a failed turn leaves the conversation as it was");
+    assert_eq!(app.chat.input, "And then?", "and gives the words back");
+    app.chat.input.clear();
+    // Leaving restores the state before: training resumes.
+    assert_eq!(app.on_chat_key(ChatKey::Esc), vec![Command::SetPaused(false)]);
+    assert!(!app.chat.open);
+}
+
+#[test]
+fn chat_keeps_a_pause_it_did_not_take_and_can_train_meanwhile() {
+    let mut app = app_with_history();
+    app.on_event(&Event::Paused { step: 120, paused: true });
+    assert!(app.open_chat().is_empty(), "already paused by the user");
+    assert!(draw(&app, 80, 24).contains("stays paused"));
+    assert!(app.on_chat_key(ChatKey::Tab).is_empty(), "and it stays paused on leaving");
+    app.on_event(&Event::Paused { step: 120, paused: false });
+    assert_eq!(app.open_chat(), vec![Command::SetPaused(true)]);
+    assert_eq!(type_line(&mut app, "/train"), vec![Command::SetPaused(false)]);
+    app.on_event(&Event::Paused { step: 120, paused: false });
+    assert!(draw(&app, 80, 24).contains("training goes on"));
+    assert!(app.on_chat_key(ChatKey::Tab).is_empty());
+    assert!(app.open_chat().is_empty(), "/train is remembered");
 }

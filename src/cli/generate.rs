@@ -1,6 +1,7 @@
 //! `kiln generate`: KV-cache decoding with greedy or sampled next tokens, streamed as text.
 
 use crate::backend::cpu::Cpu;
+use crate::chat::reply::TextStream;
 use crate::io::load_model_dir;
 use crate::model::sampling::{Sampler, SamplingParams};
 use crate::model::KvCache;
@@ -47,23 +48,18 @@ pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
 
     let t1 = Instant::now();
     let mut ids = Vec::new();
-    let mut printed = 0usize;
-    let stdout = std::io::stdout();
+    let mut text = TextStream::new(tok);
+    let mut out = std::io::stdout();
     while ids.len() < args.max_new_tokens {
         let next = sampler.sample(&logits);
         ids.push(next);
         if md.eos.contains(&next) {
             break;
         }
-        if args.stream {
-            // Decode the whole reply and print what is new, so multi-byte characters split across
-            // tokens are printed only once they are complete.
-            let text = tok.decode(&ids)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-                let mut out = stdout.lock();
-                write!(out, "{}", &text[printed..])?;
+        if let Some(s) = text.push(next)? {
+            if args.stream {
+                write!(out, "{s}")?;
                 out.flush()?;
-                printed = text.len();
             }
         }
         if ids.len() == args.max_new_tokens || cache.len() == cache.capacity() {
@@ -71,13 +67,12 @@ pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
         }
         logits = model.decode(&mut cache, &[next])?;
     }
-    let text = tok.decode(&ids)?;
     if args.stream {
-        let mut out = stdout.lock();
-        if text.len() > printed && text.is_char_boundary(printed) {
-            write!(out, "{}", &text[printed..])?;
+        if let Some(s) = text.finish()? {
+            write!(out, "{s}")?;
         }
         writeln!(out)?;
     }
+    let text = tok.decode(&ids)?;
     Ok(Generation { ids, text, prompt_tokens: prompt.len(), prefill_secs, decode_secs: t1.elapsed().as_secs_f64() })
 }

@@ -1,6 +1,7 @@
 //! What the engine reports. Headless output prints these; metrics.jsonl records them; the
 //! dashboard will render them. The engine never knows who listens.
 
+use crate::chat::service::ChatRequest;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,36 +69,112 @@ pub enum Event {
         step: u64,
         message: String,
     },
+    /// The next piece of a chat reply (to viewers only, never to metrics.jsonl).
+    ChatToken {
+        id: u64,
+        text: String,
+    },
+    /// A chat reply ended.
+    ChatDone {
+        /// The request's id.
+        id: u64,
+        /// The training step whose weights answered.
+        step: u64,
+        tokens: usize,
+        tokens_per_s: f64,
+        /// "end of turn", "token limit", "context full", "stopped" or "error: ...".
+        ended: String,
+        /// Oldest messages left out to fit the model's context.
+        dropped: usize,
+    },
 }
 
-/// What a viewer (the dashboard, later an attached client) may ask of the engine. Handled at step
-/// boundaries; the engine never waits on the viewer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a viewer (the dashboard, an attached client) may ask of the engine. Handled at step
+/// boundaries, except `ChatStop`, which reaches the chat worker directly; the engine never waits on
+/// a viewer.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// Pause or resume at the next step boundary.
     TogglePause,
+    /// Pause (true) or resume (false); idempotent, so several viewers cannot undo each other.
+    SetPaused(bool),
     CheckpointNow,
     SampleNow,
     EvalNow,
     /// Checkpoint and stop.
     Stop,
+    /// Reply to a conversation with the current weights.
+    Chat(ChatRequest),
+    /// Stop the reply with this id.
+    ChatStop(u64),
 }
 
 impl Command {
-    /// The one-word form viewers send over the run's socket.
-    pub fn wire(self) -> &'static str {
+    /// The line a viewer sends over the run's socket: one word for the simple commands
+    /// (`pause`, `pause on`, `pause off`, `checkpoint`, `sample`, `eval`, `stop`), `chat {json}`
+    /// and `chat-stop ID`.
+    pub fn wire(&self) -> String {
         match self {
-            Command::TogglePause => "pause",
-            Command::CheckpointNow => "checkpoint",
-            Command::SampleNow => "sample",
-            Command::EvalNow => "eval",
-            Command::Stop => "stop",
+            Command::TogglePause => "pause".into(),
+            Command::SetPaused(true) => "pause on".into(),
+            Command::SetPaused(false) => "pause off".into(),
+            Command::CheckpointNow => "checkpoint".into(),
+            Command::SampleNow => "sample".into(),
+            Command::EvalNow => "eval".into(),
+            Command::Stop => "stop".into(),
+            Command::Chat(r) => format!("chat {}", serde_json::to_string(r).unwrap_or_default()),
+            Command::ChatStop(id) => format!("chat-stop {id}"),
         }
     }
 
-    pub fn from_wire(s: &str) -> Option<Command> {
-        [Command::TogglePause, Command::CheckpointNow, Command::SampleNow, Command::EvalNow, Command::Stop]
-            .into_iter()
-            .find(|c| c.wire() == s.trim())
+    pub fn from_wire(line: &str) -> Option<Command> {
+        let line = line.trim();
+        let (word, rest) = line.split_once(' ').map_or((line, ""), |(w, r)| (w, r.trim()));
+        Some(match (word, rest) {
+            ("pause", "") => Command::TogglePause,
+            ("pause", "on") => Command::SetPaused(true),
+            ("pause", "off") => Command::SetPaused(false),
+            ("checkpoint", "") => Command::CheckpointNow,
+            ("sample", "") => Command::SampleNow,
+            ("eval", "") => Command::EvalNow,
+            ("stop", "") => Command::Stop,
+            ("chat", json) => Command::Chat(serde_json::from_str(json).ok()?),
+            ("chat-stop", id) => Command::ChatStop(id.parse().ok()?),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::Message;
+
+    #[test]
+    fn commands_survive_the_wire() {
+        let chat = ChatRequest {
+            id: 7,
+            messages: vec![Message::new("user", "hi\nthere")],
+            temperature: 0.7,
+            top_p: 0.9,
+            max_tokens: 64,
+        };
+        for c in [
+            Command::TogglePause,
+            Command::SetPaused(true),
+            Command::SetPaused(false),
+            Command::CheckpointNow,
+            Command::SampleNow,
+            Command::EvalNow,
+            Command::Stop,
+            Command::Chat(chat),
+            Command::ChatStop(7),
+        ] {
+            let w = c.wire();
+            assert!(!w.contains('\n'), "one line: {w}");
+            assert_eq!(Command::from_wire(&w), Some(c));
+        }
+        assert_eq!(Command::from_wire("pause sideways"), None);
+        assert_eq!(Command::from_wire("chat {"), None);
     }
 }

@@ -2,12 +2,13 @@
 //! trainer, and drive it with headless output.
 
 use super::checkpoint::{self, TrainerState};
-use super::events::Event;
+use super::events::{Command, Event};
 use super::signals;
-use super::socket::Server;
+use super::socket::{CloseOnDrop, Server};
 use super::trainer::{RunEnd, Trainer, TrainerParts};
 use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::Backend;
+use crate::chat::service::{ChatService, ChatStopper, Sink};
 use crate::config::{RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
 use crate::data::loader::Source;
@@ -19,6 +20,7 @@ use crate::model::Llama;
 use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
 pub const DEMO_CONFIG: &str = "configs/demo.toml";
@@ -273,10 +275,24 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         return Ok(RunEnd::Done);
     }
     // Commands reach the engine from the dashboard and from viewers attached over the socket.
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
-    let server = Server::start(trainer.run_dir(), cmd_tx.clone())?;
+    let (cmd_tx, raw_rx) = channel();
+    let server = Arc::new(Server::start(trainer.run_dir(), cmd_tx.clone())?);
+    let _close_socket = CloseOnDrop(server.clone());
+    // Chat replies stream to every viewer from their own thread, whatever the engine is doing.
+    let (ui_tx, ui_rx) = channel::<Event>();
+    let ui_tx = args.dashboard.then_some(ui_tx);
+    let viewers = server.clone();
+    let sink: Sink = Arc::new(move |e: &Event| {
+        viewers.broadcast(e);
+        if let Some(tx) = &ui_tx {
+            let _ = tx.send(e.clone());
+        }
+    });
+    let chat = ChatService::start(trainer.chat_format()?, sink.clone())?;
+    let cmd_rx = route(raw_rx, chat.stopper())?;
+    trainer.attach_chat(chat);
     if args.dashboard {
-        return train_with_dashboard(trainer, until, server, cmd_tx, cmd_rx);
+        return train_with_dashboard(trainer, until, sink, ui_rx, cmd_tx, cmd_rx);
     }
     if args.verbose {
         let c = &trainer.model.cfg;
@@ -300,7 +316,7 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
     let cfg = trainer.cfg.clone();
     let verbose = args.verbose;
     let mut print = |e: &Event| {
-        server.broadcast(e);
+        sink(e);
         if verbose {
             if let Some(line) = headless_line(e, &cfg) {
                 println!("{line}");
@@ -315,12 +331,12 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
 fn train_with_dashboard(
     mut trainer: Trainer<Cpu>,
     until: u64,
-    server: Server,
-    cmd_tx: std::sync::mpsc::Sender<super::events::Command>,
-    cmd_rx: std::sync::mpsc::Receiver<super::events::Command>,
+    sink: Sink,
+    ev_rx: Receiver<Event>,
+    cmd_tx: Sender<Command>,
+    cmd_rx: Receiver<Command>,
 ) -> Result<RunEnd> {
     use crate::tui::{app::App, term, theme};
-    let (ev_tx, ev_rx) = std::sync::mpsc::channel();
     let title = format!(
         "{} · {:.1}M params · {}",
         trainer.run_dir().display(),
@@ -332,10 +348,7 @@ fn train_with_dashboard(
         App::new(title, trainer.cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
     app.run_dir = Some(run_dir.clone());
     let engine = std::thread::Builder::new().name("kiln-engine".into()).spawn(move || {
-        let mut send = |e: &Event| {
-            server.broadcast(e);
-            let _ = ev_tx.send(e.clone());
-        };
+        let mut send = |e: &Event| sink(e);
         trainer.run_with_commands(until, Some(&cmd_rx), &mut send)
     })?;
     let ui = term::run(app, ev_rx, cmd_tx);
@@ -349,6 +362,25 @@ fn train_with_dashboard(
     let end = engine.join().map_err(|_| anyhow::anyhow!("the training engine panicked"))??;
     ui?;
     Ok(end)
+}
+
+/// Passes viewer commands on to the engine, except stop requests for chat replies, which go
+/// straight to the chat worker (the engine only reads commands between steps).
+fn route(raw: Receiver<Command>, chat: ChatStopper) -> Result<Receiver<Command>> {
+    let (tx, rx) = channel();
+    std::thread::Builder::new().name("kiln-commands".into()).spawn(move || {
+        for c in raw {
+            match c {
+                Command::ChatStop(id) => chat.stop(id),
+                other => {
+                    if tx.send(other).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(rx)
 }
 
 /// The run directory a new run from `config` (or the demo) would use.

@@ -10,12 +10,6 @@ static INSTALLED: OnceLock<()> = OnceLock::new();
 /// Installs the handler once per process (later calls are no-ops).
 pub fn install() {
     INSTALLED.get_or_init(|| {
-        // A dropped SSH connection or a killed tmux pane must not end the run: the dashboard falls
-        // back to headless and the run can be attached again (`kiln attach`).
-        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
-        unsafe {
-            libc::signal(libc::SIGHUP, libc::SIG_IGN);
-        }
         let _ = ctrlc::set_handler(|| {
             if REQUESTS.fetch_add(1, Ordering::SeqCst) >= 1 {
                 eprintln!("\nsecond interrupt: exiting without a checkpoint");
@@ -23,6 +17,13 @@ pub fn install() {
             }
             eprintln!("\ninterrupt: checkpointing at the next step boundary (interrupt again to exit at once)");
         });
+        // A dropped SSH connection or a killed tmux pane must not end the run: the dashboard falls
+        // back to headless and the run can be attached again (`kiln attach`). This comes after
+        // ctrlc, whose `termination` feature also claims SIGHUP.
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        }
     });
 }
 

@@ -68,9 +68,26 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Removes the socket file: the run is over for viewers. Also done on drop.
+    pub fn close(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.close();
+    }
+}
+
+/// Closes the socket when the run ends, however it ends, even while chat threads still hold the
+/// server (a process that exits does not wait for them).
+pub struct CloseOnDrop(pub std::sync::Arc<Server>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

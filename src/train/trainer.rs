@@ -9,6 +9,9 @@ use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
 use super::signals;
 use crate::backend::{AdamW, Backend};
+use crate::chat::prompt::ChatFormat;
+use crate::chat::service::{ChatRequest, ChatService};
+use crate::chat::ChatTemplate;
 use crate::config::RunConfig;
 use crate::data::loader::{val_sequences, Loader, Source};
 use crate::eval::report::{self, TaskResult};
@@ -22,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct Trainer<B: Backend> {
@@ -47,6 +51,10 @@ pub struct Trainer<B: Backend> {
     eos: u32,
     peak_flops: f64,
     last_checkpoint_step: Option<u64>,
+    /// Answers viewers' chat requests (see `attach_chat`).
+    chat: Option<ChatService>,
+    /// The weights chat replies use until the next step changes them.
+    chat_weights: Option<(u64, Arc<Weights<Vec<f32>>>)>,
 }
 
 /// Why `run` returned.
@@ -123,6 +131,8 @@ impl<B: Backend> Trainer<B> {
             eos: p.eos,
             peak_flops: p.peak_flops,
             last_checkpoint_step: None,
+            chat: None,
+            chat_weights: None,
         })
     }
 
@@ -135,6 +145,7 @@ impl<B: Backend> Trainer<B> {
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
+        self.chat_weights = None; // stale after this step; chat snapshots again when asked
         let c = &self.cfg;
         let global_tokens = c.train.micro_batch * c.data.seq_len * c.train.grad_accum;
         // The loss is the mean token cross-entropy over the whole global batch.
@@ -394,7 +405,7 @@ impl<B: Backend> Trainer<B> {
                 let cmd = if paused {
                     match rx.recv() {
                         Ok(c) => c,
-                        Err(_) => Command::TogglePause,
+                        Err(_) => Command::SetPaused(false),
                     }
                 } else {
                     match rx.try_recv() {
@@ -406,6 +417,18 @@ impl<B: Backend> Trainer<B> {
                     Command::TogglePause => {
                         paused = !paused;
                         self.emit(Event::Paused { step: self.state.step, paused }, on_event)?;
+                    }
+                    Command::SetPaused(p) => {
+                        if p != paused {
+                            paused = p;
+                            self.emit(Event::Paused { step: self.state.step, paused }, on_event)?;
+                        }
+                    }
+                    Command::Chat(req) => self.submit_chat(req, on_event)?,
+                    Command::ChatStop(id) => {
+                        if let Some(c) = &self.chat {
+                            c.stop(id);
+                        }
                     }
                     Command::CheckpointNow => self.checkpoint_and_report(on_event)?,
                     Command::SampleNow => {
@@ -473,6 +496,46 @@ impl<B: Backend> Trainer<B> {
 
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
+    }
+
+    /// How this run's model wants conversations written: its tokenizer, the chat template of the
+    /// tokenizer_config.json beside tokenizer.json (if any), BOS and EOS.
+    pub fn chat_format(&self) -> Result<ChatFormat> {
+        let config = self.tokenizer_files.iter().find(|(n, _)| n == "tokenizer_config.json");
+        let template = match config {
+            Some((name, bytes)) => {
+                let source = self.cfg.tokenizer.path.with_file_name(name).display().to_string();
+                ChatTemplate::from_tokenizer_config(bytes, &source)?
+            }
+            None => None,
+        };
+        Ok(ChatFormat::new(self.tokenizer.clone(), template, self.bos, &[self.eos]))
+    }
+
+    /// Lets viewers chat with the weights being trained.
+    pub fn attach_chat(&mut self, chat: ChatService) {
+        self.chat = Some(chat);
+    }
+
+    /// Hands a chat request and a snapshot of the current weights to the chat worker.
+    fn submit_chat(&mut self, req: ChatRequest, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        let Some(chat) = self.chat.clone() else {
+            let message = "chat is not available in this run".to_string();
+            on_event(&Event::Log { step: self.state.step, message });
+            return Ok(());
+        };
+        let step = self.state.step;
+        let weights = match &self.chat_weights {
+            Some((s, w)) if *s == step => w.clone(),
+            _ => {
+                self.sync_model()?;
+                let w = Arc::new(host_weights(&self.model, &self.model.weights)?);
+                self.chat_weights = Some((step, w.clone()));
+                w
+            }
+        };
+        chat.submit(req, step, self.model.cfg.clone(), weights);
+        Ok(())
     }
 }
 

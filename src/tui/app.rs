@@ -1,5 +1,6 @@
 //! Dashboard state: everything the view shows, updated from engine events and key actions.
 
+use super::chat::ChatPane;
 use super::keymap::Action;
 use super::theme::Theme;
 use crate::train::events::{Command, Event, RankMetrics};
@@ -51,6 +52,11 @@ pub struct App {
     pub run_dir: Option<std::path::PathBuf>,
     /// `x` was pressed; the terminal loop renders the plot.
     pub export_requested: bool,
+    /// The chat pane (`g` or Tab).
+    pub chat: ChatPane,
+    /// An attached viewer leaves when its terminal goes away (the engine's own dashboard stays,
+    /// headless, so training goes on).
+    pub leave_on_hangup: bool,
 }
 
 impl App {
@@ -76,6 +82,8 @@ impl App {
             detached: false,
             run_dir: None,
             export_requested: false,
+            chat: ChatPane::default(),
+            leave_on_hangup: false,
         }
     }
 
@@ -118,19 +126,24 @@ impl App {
                 self.note(format!("step {step}: {}", if *paused { "paused" } else { "resumed" }));
             }
             Event::Log { step, message } => self.note(format!("step {step}: {message}")),
+            Event::ChatToken { .. } | Event::ChatDone { .. } => self.on_chat_event(e),
         }
     }
 
-    /// Applies a key action; returns the command to send to the engine, if any.
-    pub fn on_action(&mut self, a: Action) -> Option<Command> {
+    /// Applies a key action; returns the commands to send to the engine.
+    pub fn on_action(&mut self, a: Action) -> Vec<Command> {
         if self.overlay == Overlay::QuitPrompt {
-            return None; // the prompt takes its own keys (see `on_quit_key`)
+            return Vec::new(); // the prompt takes its own keys (see `on_quit_key`)
         }
         match a {
-            Action::TogglePause => return Some(Command::TogglePause),
-            Action::Checkpoint => return Some(Command::CheckpointNow),
-            Action::Sample => return Some(Command::SampleNow),
-            Action::Eval => return Some(Command::EvalNow),
+            Action::TogglePause => return vec![Command::TogglePause],
+            Action::Checkpoint => return vec![Command::CheckpointNow],
+            Action::Sample => return vec![Command::SampleNow],
+            Action::Eval => return vec![Command::EvalNow],
+            Action::Chat => {
+                self.overlay = Overlay::None;
+                return self.open_chat();
+            }
             Action::LogY => self.log_y = !self.log_y,
             Action::WindowIn => self.window = self.window.saturating_sub(1),
             Action::WindowOut => self.window = (self.window + 1).min(WINDOWS.len() - 1),
@@ -140,23 +153,23 @@ impl App {
             Action::Help => self.overlay = if self.overlay == Overlay::Help { Overlay::None } else { Overlay::Help },
             Action::Quit => self.overlay = Overlay::QuitPrompt,
         }
-        None
+        Vec::new()
     }
 
     /// Keys of the quit prompt: `s` checkpoint and stop, `d` detach (training goes on), Esc (or
-    /// anything else) cancel.
-    pub fn on_quit_key(&mut self, key: Option<char>) -> Option<Command> {
+    /// anything else) cancel. Leaving also gives back a pause the chat pane took.
+    pub fn on_quit_key(&mut self, key: Option<char>) -> Vec<Command> {
         self.overlay = Overlay::None;
         match key {
             Some('s') => {
                 self.quit = true;
-                Some(Command::Stop)
+                vec![Command::Stop]
             }
             Some('d') => {
                 self.detached = true;
-                None
+                self.close_chat()
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 

@@ -5,6 +5,8 @@
 
 pub mod app;
 pub mod attach;
+pub mod chat;
+pub mod chat_view;
 pub mod keymap;
 pub mod term;
 pub mod theme;

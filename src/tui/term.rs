@@ -3,17 +3,18 @@
 //! drawing and keeps draining events, so training continues headless.
 
 use super::app::{App, Overlay};
-use super::keymap::action_for;
+use super::chat::ChatKey;
+use super::keymap::{action_for, Action};
 use super::view::render;
 use crate::train::events::{Command, Event};
 use anyhow::Result;
-use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind};
+use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen};
 use ratatui::prelude::CrosstermBackend;
 use ratatui::Terminal;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// True when the locale promises UTF-8 (braille charts); otherwise the charts use ASCII dots.
 pub fn utf8_locale() -> bool {
@@ -29,8 +30,70 @@ fn restore() {
     let _ = execute!(std::io::stdout(), LeaveAlternateScreen);
 }
 
+enum Input {
+    Ready,
+    Idle,
+    /// The terminal hung up (SSH dropped, tmux pane killed).
+    Gone,
+}
+
+/// Waits up to `ms` for a key on the terminal (standard input). Asked of the kernel directly:
+/// crossterm's own poll spins on a terminal that hung up instead of reporting it.
+fn wait_for_input(ms: i32) -> Input {
+    let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, and its count.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    if n < 0 {
+        return Input::Idle; // interrupted by a signal: look again next round
+    }
+    if fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Input::Gone;
+    }
+    if fd.revents & libc::POLLIN != 0 {
+        Input::Ready
+    } else {
+        Input::Idle
+    }
+}
+
+/// Redraw at least this often even when nothing happened (the clock in the ETA moves).
+const IDLE_REDRAW: Duration = Duration::from_secs(1);
+
+/// The commands a key press asks for, given the pane or overlay that has the keyboard.
+fn on_key(app: &mut App, code: KeyCode, ctrl: bool) -> Vec<Command> {
+    let ch = match code {
+        KeyCode::Char(c) if !ctrl => Some(c),
+        _ => None,
+    };
+    if app.chat.open && app.overlay != Overlay::QuitPrompt {
+        let key = match code {
+            KeyCode::Enter => ChatKey::Enter,
+            KeyCode::Backspace => ChatKey::Backspace,
+            KeyCode::Esc => ChatKey::Esc,
+            KeyCode::Tab => ChatKey::Tab,
+            _ => match ch {
+                Some(c) => ChatKey::Char(c),
+                None => return Vec::new(),
+            },
+        };
+        return app.on_chat_key(key);
+    }
+    if app.overlay == Overlay::QuitPrompt {
+        return app.on_quit_key(if code == KeyCode::Esc { None } else { ch });
+    }
+    match code {
+        KeyCode::Esc => {
+            app.overlay = Overlay::None;
+            Vec::new()
+        }
+        KeyCode::Tab => app.on_action(Action::Chat),
+        _ => ch.and_then(action_for).map(|a| app.on_action(a)).unwrap_or_default(),
+    }
+}
+
 /// Runs the dashboard until the engine's event channel closes (training ended or stopped) or the
-/// user detaches; returns whether they detached.
+/// user detaches; returns whether they detached. The screen is redrawn only when something changed
+/// (an event, a key, a resize) or once a second, so an idle dashboard costs next to nothing.
 pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<bool> {
     enable_raw_mode()?;
     execute!(std::io::stdout(), EnterAlternateScreen)?;
@@ -42,10 +105,15 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     let mut engine_done = false;
     let mut drawing = true;
+    let mut dirty = true;
+    let mut last_draw = Instant::now();
     while !engine_done && !app.detached {
         loop {
             match events.try_recv() {
-                Ok(e) => app.on_event(&e),
+                Ok(e) => {
+                    app.on_event(&e);
+                    dirty = true;
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     engine_done = true;
@@ -56,33 +124,40 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
         if app.export_requested {
             app.export();
         }
-        if drawing && terminal.draw(|f| render(f, &app)).is_err() {
-            drawing = false; // the terminal is gone: keep training, headless
+        if drawing && (dirty || last_draw.elapsed() >= IDLE_REDRAW) {
+            if terminal.draw(|f| render(f, &app)).is_err() {
+                drawing = false; // the terminal is gone: keep training, headless
+                app.detached |= app.leave_on_hangup;
+            }
+            dirty = false;
+            last_draw = Instant::now();
         }
         if !drawing {
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        if event::poll(Duration::from_millis(100)).unwrap_or(false) {
-            if let Ok(TermEvent::Key(k)) = event::read() {
-                if k.kind != KeyEventKind::Press {
-                    continue;
+        let input = match wait_for_input(100) {
+            Input::Gone => {
+                // The terminal hung up: the engine's own dashboard keeps training headless; an
+                // attached viewer just leaves.
+                drawing = false;
+                app.detached |= app.leave_on_hangup;
+                continue;
+            }
+            Input::Idle => continue,
+            Input::Ready => event::poll(Duration::ZERO).unwrap_or(false),
+        };
+        if input {
+            match event::read() {
+                Ok(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => {
+                    let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
+                    for c in on_key(&mut app, k.code, ctrl) {
+                        let _ = commands.send(c);
+                    }
+                    dirty = true;
                 }
-                let ch = match k.code {
-                    KeyCode::Char(c) => Some(c),
-                    _ => None,
-                };
-                let cmd = if app.overlay == Overlay::QuitPrompt {
-                    app.on_quit_key(if k.code == KeyCode::Esc { None } else { ch })
-                } else if k.code == KeyCode::Esc {
-                    app.overlay = Overlay::None;
-                    None
-                } else {
-                    ch.and_then(action_for).and_then(|a| app.on_action(a))
-                };
-                if let Some(c) = cmd {
-                    let _ = commands.send(c);
-                }
+                Ok(TermEvent::Resize(..)) => dirty = true,
+                _ => {}
             }
         }
     }

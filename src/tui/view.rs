@@ -45,7 +45,7 @@ fn title_line(app: &App, wide: bool) -> Line<'_> {
     if app.paused {
         spans.push(Span::raw("  "));
         spans.push(Span::styled(
-            " PAUSED — p to resume ",
+            if app.chat.open { " PAUSED " } else { " PAUSED — p to resume " },
             Style::default().bg(t.paused_bg).fg(ratatui::style::Color::Black).add_modifier(Modifier::BOLD),
         ));
     }
@@ -207,10 +207,12 @@ fn events(app: &App, height: u16) -> Paragraph<'_> {
 
 fn footer(app: &App) -> Line<'_> {
     let t = app.theme();
-    Line::styled(
-        "p pause · c ckpt · s sample · e eval · l log-y · +/- window · a axis · x export · t theme · ? help · q quit",
-        Style::default().fg(t.dim),
-    )
+    let keys = if app.chat.open {
+        super::chat::CHAT_HELP
+    } else {
+        "p pause · c ckpt · g chat · s sample · e eval · l log-y · +/- window · a axis · x export · t theme · ? help · q quit"
+    };
+    Line::styled(keys, Style::default().fg(t.dim))
 }
 
 fn centered(area: Rect, w: u16, h: u16) -> Rect {
@@ -255,6 +257,30 @@ fn overlay(f: &mut Frame, app: &App) {
     }
 }
 
+/// The chat pane in place of the charts; wide terminals keep the run figures and the events beside it.
+fn chat_layout(f: &mut Frame, app: &App, area: Rect, wide: bool) {
+    if !wide {
+        super::chat_view::chat_pane(f, app, area);
+        return;
+    }
+    let cols = Layout::default()
+        .direction(Direction::Horizontal)
+        .constraints([Constraint::Percentage(62), Constraint::Percentage(38)])
+        .split(area);
+    super::chat_view::chat_pane(f, app, cols[0]);
+    let right = Layout::default()
+        .direction(Direction::Vertical)
+        .constraints([Constraint::Length(10), Constraint::Min(3)])
+        .split(cols[1]);
+    let t = app.theme();
+    f.render_widget(
+        Paragraph::new(stats(app))
+            .block(Block::default().borders(Borders::ALL).title(" run ").border_style(Style::default().fg(t.dim))),
+        right[0],
+    );
+    f.render_widget(events(app, right[1].height), right[1]);
+}
+
 pub fn render(f: &mut Frame, app: &App) {
     let area = f.area();
     let wide = area.width >= 120;
@@ -268,6 +294,12 @@ pub fn render(f: &mut Frame, app: &App) {
         ])
         .split(area);
     f.render_widget(Paragraph::new(title_line(app, wide)), rows[0]);
+    if app.chat.open {
+        chat_layout(f, app, Rect { height: rows[1].height + rows[2].height, ..rows[1] }, wide);
+        f.render_widget(Paragraph::new(footer(app)), rows[3]);
+        overlay(f, app);
+        return;
+    }
     let mid = Layout::default()
         .direction(Direction::Horizontal)
         .constraints(if wide {

@@ -104,3 +104,21 @@ pub fn check_grad_directional(
     );
     assert!(ana.iter().any(|&g| g != 0.0), "{what}: analytic gradient is identically zero");
 }
+
+/// The SmolLM2-135M-Instruct directory from `scripts/fetch-smollm2.sh` (or `KILN_REAL_MODEL_DIR`).
+/// Without it the caller skips, unless `KILN_REQUIRE_REAL_MODEL=1` (set by `.ci/run`).
+pub fn real_model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("KILN_REAL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-models/smollm2-135m-instruct"));
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("KILN_REQUIRE_REAL_MODEL").as_deref() != Ok("1"),
+        "{} is missing: run scripts/fetch-smollm2.sh",
+        dir.display()
+    );
+    eprintln!("skipping: {} not present (run scripts/fetch-smollm2.sh)", dir.display());
+    None
+}
