@@ -1,6 +1,8 @@
 //! The run's control socket: viewers receive every event as a JSON line and steer the run with
 //! one-word commands; `--detach` runs in the background and can be attached to.
 
+mod common;
+
 use kiln::chat::service::ChatRequest;
 use kiln::chat::Message;
 use kiln::train::events::Event;
@@ -16,13 +18,7 @@ fn root() -> PathBuf {
 }
 
 fn setup(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let input = root().join("assets/corpus/slimpajama_like/validation");
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    let data = common::prepared_corpus(dir);
     let cfg = format!(
         "[model]\nn_layer = 1\nd_model = 32\nn_head = 2\nn_kv_head = 1\nd_ff = 64\nvocab_size = 32000\nmax_seq_len = 64\n\
          tie_embeddings = true\n[tokenizer]\npath = \"{}\"\n[data]\nseq_len = 32\n[[data.sources]]\nname = \"t\"\npath = \"{}\"\n\

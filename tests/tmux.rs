@@ -3,6 +3,8 @@
 //! attach and detach. Needs tmux; without it the test says so and passes, unless
 //! `KILN_REQUIRE_TMUX=1` (set by `.ci/run`).
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,13 +80,7 @@ impl Drop for Tmux {
 }
 
 fn setup(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let input = root().join("assets/corpus/slimpajama_like/validation");
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    let data = common::prepared_corpus(dir);
     // Small enough to step every few milliseconds, so the step count visibly moves.
     let cfg = format!(
         "[model]\nn_layer = 2\nd_model = 64\nn_head = 4\nn_kv_head = 2\nd_ff = 128\nvocab_size = 32000\nmax_seq_len = 128\n\

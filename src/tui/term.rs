@@ -136,28 +136,31 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        let input = match wait_for_input(100) {
+        match wait_for_input(100) {
             Input::Gone => {
                 // The terminal hung up: the engine's own dashboard keeps training headless; an
                 // attached viewer just leaves.
                 drawing = false;
                 app.detached |= app.leave_on_hangup;
-                continue;
             }
-            Input::Idle => continue,
-            Input::Ready => event::poll(Duration::ZERO).unwrap_or(false),
-        };
-        if input {
-            match event::read() {
-                Ok(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => {
-                    let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
-                    for c in on_key(&mut app, k.code, ctrl) {
-                        let _ = commands.send(c);
+            Input::Idle => {}
+            // crossterm reads every pending byte at once and queues the events: take them all
+            // now, or the queued ones would wait for the next key press.
+            Input::Ready => {
+                while event::poll(Duration::ZERO).unwrap_or(false) {
+                    match event::read() {
+                        Ok(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => {
+                            let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
+                            for c in on_key(&mut app, k.code, ctrl) {
+                                let _ = commands.send(c);
+                            }
+                            dirty = true;
+                        }
+                        Ok(TermEvent::Resize(..)) => dirty = true,
+                        Ok(_) => {}
+                        Err(_) => break,
                     }
-                    dirty = true;
                 }
-                Ok(TermEvent::Resize(..)) => dirty = true,
-                _ => {}
             }
         }
     }

@@ -268,17 +268,22 @@ fn chat_layout(f: &mut Frame, app: &App, area: Rect, wide: bool) {
         .constraints([Constraint::Percentage(62), Constraint::Percentage(38)])
         .split(area);
     super::chat_view::chat_pane(f, app, cols[0]);
+    side_column(f, app, cols[1], |f, r| f.render_widget(events(app, r.height), r));
+}
+
+/// The right-hand column: the run's figures above `lower`.
+fn side_column(f: &mut Frame, app: &App, area: Rect, lower: impl FnOnce(&mut Frame, Rect)) {
     let right = Layout::default()
         .direction(Direction::Vertical)
         .constraints([Constraint::Length(10), Constraint::Min(3)])
-        .split(cols[1]);
+        .split(area);
     let t = app.theme();
     f.render_widget(
         Paragraph::new(stats(app))
             .block(Block::default().borders(Borders::ALL).title(" run ").border_style(Style::default().fg(t.dim))),
         right[0],
     );
-    f.render_widget(events(app, right[1].height), right[1]);
+    lower(f, right[1]);
 }
 
 pub fn render(f: &mut Frame, app: &App) {
@@ -309,17 +314,7 @@ pub fn render(f: &mut Frame, app: &App) {
         })
         .split(rows[1]);
     loss_chart(f, app, mid[0]);
-    let right = Layout::default()
-        .direction(Direction::Vertical)
-        .constraints([Constraint::Length(10), Constraint::Min(3)])
-        .split(mid[1]);
-    let t = app.theme();
-    f.render_widget(
-        Paragraph::new(stats(app))
-            .block(Block::default().borders(Borders::ALL).title(" run ").border_style(Style::default().fg(t.dim))),
-        right[0],
-    );
-    f.render_widget(ranks_table(app), right[1]);
+    side_column(f, app, mid[1], |f, r| f.render_widget(ranks_table(app), r));
     let bottom = Layout::default()
         .direction(Direction::Horizontal)
         .constraints([Constraint::Percentage(55), Constraint::Percentage(45)])

@@ -122,3 +122,16 @@ pub fn real_model_dir() -> Option<PathBuf> {
     eprintln!("skipping: {} not present (run scripts/fetch-smollm2.sh)", dir.display());
     None
 }
+
+/// The bundled SlimPajama-like sample prepared into `dir/data` by the real binary (no held-out
+/// split); returns the data directory.
+pub fn prepared_corpus(dir: &std::path::Path) -> PathBuf {
+    let data = dir.join("data");
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/slimpajama_like/validation");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    data
+}
