@@ -124,3 +124,40 @@ fn detach_runs_in_the_background_and_can_be_attached() {
     }
     assert!(std::fs::read_to_string(run.join("train.log")).unwrap().contains("ckpt"));
 }
+
+#[test]
+fn sigterm_ends_a_paused_run_with_a_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = setup(t.path());
+    let run = t.path().join("paused");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = run.join("kiln.sock");
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    read_until(&mut r, |e| matches!(e, Event::Step(_)));
+    writeln!(w, "pause on").unwrap();
+    let Event::Paused { step, .. } = read_until(&mut r, |e| matches!(e, Event::Paused { paused: true, .. })) else {
+        unreachable!()
+    };
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "a paused run ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let latest = kiln::train::checkpoint::latest(&run).unwrap().unwrap();
+    assert!(latest.ends_with(format!("step-{step:08}")), "{}", latest.display());
+}

@@ -14,19 +14,21 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A private tmux server, killed when the test ends.
+/// A private tmux server, killed when the test ends together with every process started under
+/// `dir` (a `kiln train` outlives its terminal by design, so a failed test would leave it running).
 struct Tmux {
     socket: String,
+    dir: PathBuf,
 }
 
 impl Tmux {
-    fn new(name: &str) -> Option<Tmux> {
+    fn new(name: &str, dir: &Path) -> Option<Tmux> {
         if Command::new("tmux").arg("-V").output().is_err() {
             assert!(std::env::var("KILN_REQUIRE_TMUX").as_deref() != Ok("1"), "tmux is not installed");
             eprintln!("skipping: tmux is not installed");
             return None;
         }
-        Some(Tmux { socket: format!("kiln-test-{name}-{}", std::process::id()) })
+        Some(Tmux { socket: format!("kiln-test-{name}-{}", std::process::id()), dir: dir.to_path_buf() })
     }
 
     fn run(&self, args: &[&str]) -> String {
@@ -76,6 +78,7 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         self.run(&["kill-server"]);
+        let _ = Command::new("pkill").arg("-f").arg(self.dir.as_os_str()).status();
     }
 }
 
@@ -156,8 +159,8 @@ fn chat(t: &Tmux, s: &str) {
 
 #[test]
 fn dashboard_in_tmux_pauses_checkpoints_chats_and_quits_with_a_checkpoint() {
-    let Some(t) = Tmux::new("dash") else { return };
     let dir = tempfile::tempdir().unwrap();
+    let Some(t) = Tmux::new("dash", dir.path()) else { return };
     let cfg = setup(dir.path());
     let run = dir.path().join("run");
     let exit = dir.path().join("exit");
@@ -200,8 +203,8 @@ fn dashboard_in_tmux_pauses_checkpoints_chats_and_quits_with_a_checkpoint() {
 
 #[test]
 fn a_killed_terminal_leaves_training_running_and_attach_takes_over() {
-    let Some(t) = Tmux::new("attach") else { return };
     let dir = tempfile::tempdir().unwrap();
+    let Some(t) = Tmux::new("attach", dir.path()) else { return };
     let cfg = setup(dir.path());
     let run = dir.path().join("run");
     let cmd = format!("{} train {} --run-dir {}", env!("CARGO_BIN_EXE_kiln"), cfg.display(), run.display());

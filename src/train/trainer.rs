@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -400,12 +400,18 @@ impl<B: Backend> Trainer<B> {
         let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
         let mut paused = false;
         while self.state.step < until {
-            // Viewer commands; while paused, block on them (a viewer that goes away resumes training).
+            // Viewer commands; while paused, wait for them (a viewer that goes away resumes
+            // training), still obeying SIGINT / SIGTERM.
             while let Some(rx) = commands {
                 let cmd = if paused {
-                    match rx.recv() {
+                    match rx.recv_timeout(std::time::Duration::from_millis(200)) {
                         Ok(c) => c,
-                        Err(_) => Command::SetPaused(false),
+                        Err(RecvTimeoutError::Disconnected) => Command::SetPaused(false),
+                        Err(RecvTimeoutError::Timeout) if signals::stop_requested() => {
+                            self.checkpoint_unless_current(on_event)?;
+                            return Ok(RunEnd::Interrupted);
+                        }
+                        Err(RecvTimeoutError::Timeout) => continue,
                     }
                 } else {
                     match rx.try_recv() {
@@ -445,9 +451,7 @@ impl<B: Backend> Trainer<B> {
                         }
                     }
                     Command::Stop => {
-                        if self.last_checkpoint_step != Some(self.state.step) {
-                            self.checkpoint_and_report(on_event)?;
-                        }
+                        self.checkpoint_unless_current(on_event)?;
                         return Ok(RunEnd::Interrupted);
                     }
                 }
@@ -482,10 +486,16 @@ impl<B: Backend> Trainer<B> {
                 self.checkpoint_and_report(on_event)?;
             }
         }
+        self.checkpoint_unless_current(on_event)?;
+        Ok(RunEnd::Done)
+    }
+
+    /// Checkpoints unless the latest checkpoint already holds this step.
+    fn checkpoint_unless_current(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         if self.last_checkpoint_step != Some(self.state.step) {
             self.checkpoint_and_report(on_event)?;
         }
-        Ok(RunEnd::Done)
+        Ok(())
     }
 
     fn checkpoint_and_report(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
