@@ -58,6 +58,9 @@ fn wait_for_input(ms: i32) -> Input {
 
 /// Redraw at least this often even when nothing happened (the clock in the ETA moves).
 const IDLE_REDRAW: Duration = Duration::from_secs(1);
+/// Engine events redraw at most this often (keys redraw at once): a fast run emits a step every few
+/// milliseconds, and drawing each would take CPU from training.
+const EVENT_REDRAW: Duration = Duration::from_millis(250);
 
 /// The commands a key press asks for, given the pane or overlay that has the keyboard.
 fn on_key(app: &mut App, code: KeyCode, ctrl: bool) -> Vec<Command> {
@@ -105,14 +108,17 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
     let mut engine_done = false;
     let mut drawing = true;
-    let mut dirty = true;
+    // What changed since the last frame: engine events (drawn at most every EVENT_REDRAW) or the
+    // user's own input (drawn at once).
+    let mut events_changed = true;
+    let mut input_changed = true;
     let mut last_draw = Instant::now();
     while !engine_done && !app.detached {
         loop {
             match events.try_recv() {
                 Ok(e) => {
                     app.on_event(&e);
-                    dirty = true;
+                    events_changed = true;
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -124,12 +130,13 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
         if app.export_requested {
             app.export();
         }
-        if drawing && (dirty || last_draw.elapsed() >= IDLE_REDRAW) {
+        let since = last_draw.elapsed();
+        if drawing && (input_changed || (events_changed && since >= EVENT_REDRAW) || since >= IDLE_REDRAW) {
             if terminal.draw(|f| render(f, &app)).is_err() {
                 drawing = false; // the terminal is gone: keep training, headless
                 app.detached |= app.leave_on_hangup;
             }
-            dirty = false;
+            (events_changed, input_changed) = (false, false);
             last_draw = Instant::now();
         }
         if !drawing {
@@ -154,9 +161,9 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
                             for c in on_key(&mut app, k.code, ctrl) {
                                 let _ = commands.send(c);
                             }
-                            dirty = true;
+                            input_changed = true;
                         }
-                        Ok(TermEvent::Resize(..)) => dirty = true,
+                        Ok(TermEvent::Resize(..)) => input_changed = true,
                         Ok(_) => {}
                         Err(_) => break,
                     }
