@@ -139,7 +139,10 @@ enum Command {
         inputs: Vec<PathBuf>,
     },
     /// Measure CPU throughput: GEMM, training forward+backward, decoding
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
         #[arg(long, default_value = "small")]
         preset: String,
         #[arg(long, default_value_t = 4)]
@@ -150,6 +153,30 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
+    Dashboard {
+        #[arg(long, default_value = "configs/demo.toml")]
+        config: PathBuf,
+        /// Steps per run
+        #[arg(long, default_value_t = 60)]
+        steps: u64,
+        /// Headless/dashboard pairs, interleaved
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Steps left out of each run's median
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+        /// Seconds a paused dashboard is watched (0 skips it)
+        #[arg(long, default_value_t = 20)]
+        idle_secs: u64,
+        /// Terminal size as COLSxROWS
+        #[arg(long, default_value = "160x48")]
+        size: String,
     },
 }
 
@@ -242,7 +269,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let s = kiln::data::prepare::prepare(&args)?;
             println!("{}", kiln::cli::prepare_summary(&s, &args.out));
         }
-        Command::Bench { preset, batch, seq, steps, decode_tokens } => {
+        Command::Bench {
+            what: Some(BenchWhat::Dashboard { config, steps, pairs, warmup, idle_secs, size }), ..
+        } => {
+            let (cols, rows) = size
+                .split_once('x')
+                .and_then(|(c, r)| Some((c.parse().ok()?, r.parse().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--size {size}: expected COLSxROWS, e.g. 160x48"))?;
+            let args = kiln::cli::bench_dashboard::DashboardBenchArgs {
+                config,
+                steps: steps.max(warmup + 1),
+                pairs: pairs.max(1),
+                warmup,
+                idle_secs,
+                cols,
+                rows,
+            };
+            for (k, v) in kiln::cli::bench_dashboard::run(&args)? {
+                println!("{k:<24} {v}");
+            }
+        }
+        Command::Bench { what: None, preset, batch, seq, steps, decode_tokens } => {
             let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps: steps.max(1), decode_tokens })?;
             for (k, v) in report.lines {
                 println!("{k:<24} {v}");
