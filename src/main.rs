@@ -138,6 +138,21 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Check a node (or a cluster) for training: the multi-node rendezvous, then NCCL collectives
+    /// and bandwidth on every local GPU. Launch it like training (MASTER_ADDR, NNODES, ... or SLURM)
+    CommCheck {
+        /// GPUs of this node to use (default: all)
+        #[arg(long)]
+        gpus: Option<usize>,
+        /// All-reduce size for the bandwidth figure, in MiB
+        #[arg(long, default_value_t = 256)]
+        megabytes: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Seconds to wait for the other nodes
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Measure CPU throughput: GEMM, training forward+backward, decoding
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
@@ -268,6 +283,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let s = kiln::data::prepare::prepare(&args)?;
             println!("{}", kiln::cli::prepare_summary(&s, &args.out));
+        }
+        Command::CommCheck { gpus, megabytes, iters, timeout } => {
+            let args = kiln::cli::comm_check::CommCheckArgs {
+                gpus,
+                megabytes,
+                iters,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            for line in kiln::cli::comm_check::run(&args)? {
+                println!("{line}");
+            }
         }
         Command::Bench {
             what: Some(BenchWhat::Dashboard { config, steps, pairs, warmup, idle_secs, size }), ..

@@ -131,8 +131,10 @@ fn world_sizes_1_to_4_train_to_the_same_losses_and_reshard_on_resume() {
         let dir = t.path().join(format!("r{from}{to}"));
         let set = format!("parallel.world_size={from}");
         ok(kiln(&["train", cfg.to_str().unwrap(), "--run-dir", dir.to_str().unwrap(), "--set", &set, "--steps", "10"]));
+        assert_rank_files(&dir.join("checkpoints/step-00000010"), from);
         let set = format!("parallel.world_size={to}");
         ok(kiln(&["train", "--resume", dir.to_str().unwrap(), "--set", &set]));
+        assert_rank_files(&dir.join("checkpoints/step-00000020"), to);
         assert_close(&losses(&dir), &base_losses, &format!("resume {from} -> {to}"));
         assert_weights_close(
             &weights(&dir.join("checkpoints/step-00000020")),
@@ -140,6 +142,19 @@ fn world_sizes_1_to_4_train_to_the_same_losses_and_reshard_on_resume() {
             &format!("resume {from} -> {to}"),
         );
     }
+}
+
+/// The optimizer state is one file per rank, each holding about 1/world of the moments.
+fn assert_rank_files(ckpt: &Path, world: usize) {
+    use kiln::train::optim_state::{rank_file, OPTIMIZER_DIR};
+    let dir = ckpt.join(OPTIMIZER_DIR);
+    assert!(!ckpt.join("optimizer.safetensors").exists(), "no consolidated optimizer file");
+    let sizes: Vec<u64> = (0..world).map(|r| std::fs::metadata(dir.join(rank_file(r, world))).unwrap().len()).collect();
+    let n = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(n, world + 1, "{world} rank files and the layout in {}", dir.display());
+    let (lo, hi) = (*sizes.iter().min().unwrap(), *sizes.iter().max().unwrap());
+    // Even shards; only the header and the padding of the last rank differ.
+    assert!(hi - lo < 4096, "{sizes:?}");
 }
 
 fn tiny() -> LlamaConfig {

@@ -323,6 +323,32 @@ fn bad_inputs_give_one_line_errors() {
     let bad = t.path().join("bad.toml");
     std::fs::write(&bad, "[model\npreset = 1").unwrap();
     fails(&run(&bad, &[]), "bad.toml");
+    // A device this machine cannot provide, checked before the run directory is made.
+    let dir = t.path().join("cuda-run");
+    let o = kiln(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--run-dir",
+        dir.to_str().unwrap(),
+        "--set",
+        "parallel.device=\"cuda\"",
+    ]);
+    fails(&o, "parallel.device = \"cuda\"");
+    assert!(!dir.exists(), "a refused run leaves no directory");
+    fails(&run(&cfg, &["--set", "parallel.device=\"tpu\""]), "unknown device");
+    // Multi-node launches need NCCL; a torchrun-style launch of CPU ranks is refused clearly.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", t.path().join("mn").to_str().unwrap()])
+        .envs([("NNODES", "2"), ("NODE_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")])
+        .output()
+        .unwrap();
+    fails(&o, "NNODES=2");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", t.path().join("mn").to_str().unwrap()])
+        .envs([("NNODES", "2"), ("NODE_RANK", "5"), ("MASTER_ADDR", "127.0.0.1")])
+        .output()
+        .unwrap();
+    fails(&o, "NODE_RANK=5");
     // Resuming something that is not a run.
     fails(&kiln(&["train", "--resume", t.path().to_str().unwrap()]), "not a kiln run directory");
     // prepare: a malformed jsonl line names file and line.

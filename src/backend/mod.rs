@@ -12,6 +12,7 @@
 //!   ops that produce activation gradients overwrite unless documented otherwise.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_dashboard;
 pub mod chat;
+pub mod comm_check;
 pub mod eval;
 pub mod generate;
 pub mod plot;

@@ -305,8 +305,8 @@ impl RunConfig {
         if o.weight_decay < 0.0 || o.grad_clip < 0.0 {
             bail!("optim.weight_decay and optim.grad_clip must be non-negative");
         }
-        if self.parallel.device != "cpu" {
-            bail!("parallel.device {:?} is not available in this build (only \"cpu\")", self.parallel.device);
+        if !["cpu", "cuda"].contains(&self.parallel.device.as_str()) {
+            bail!("parallel.device {:?}: unknown device (\"cpu\" or \"cuda\")", self.parallel.device);
         }
         if !self.train.micro_batch.is_multiple_of(self.parallel.world_size) {
             bail!(

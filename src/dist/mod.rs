@@ -1,11 +1,15 @@
-//! Collective communication between ranks. `Comm` is what the FSDP engine will speak; `local` is
-//! the in-process group for CPU ranks (one thread per rank, shared memory). An NCCL implementation
-//! for CUDA ranks is the sibling still to come (FSDP issue).
+//! Collective communication between ranks. `Comm` is what the FSDP engine speaks; `local` is the
+//! in-process group for CPU ranks (one thread per rank, shared memory) and `nccl` the group for
+//! CUDA ranks, on one node or many. `launch` reads where this process sits in a multi-node run and
+//! `rendezvous` hands NCCL's unique id from node 0 to the others.
 //!
-//! Every collective sums in rank order, so all ranks see bit-identical results and a run's numbers
-//! do not depend on thread scheduling.
+//! Every local collective sums in rank order, so all ranks see bit-identical results and a run's
+//! numbers do not depend on thread scheduling.
 
+pub mod launch;
 pub mod local;
+pub mod nccl;
+pub mod rendezvous;
 pub mod shard;
 
 use anyhow::Result;

@@ -1,18 +1,20 @@
 //! Checkpoints: `RUN/checkpoints/step-NNNNNNNN/` is a Hugging Face model directory plus kiln's
-//! training state (`optimizer.safetensors` with AdamW moments, `trainer.json`). A checkpoint is
+//! training state (`optimizer/` with each rank's shard of the AdamW moments, see `optim_state`, and
+//! `trainer.json`). A checkpoint is
 //! written into a temporary directory, fsynced and renamed; only then does `RUN/checkpoints/latest`
 //! move to it, and retention never deletes what `latest` names. A `kill -9` at any moment therefore
 //! leaves `latest` on a whole checkpoint.
 
+use super::optim_state::{self, RankMoments};
 use crate::data::mixture::MixState;
 use crate::io::atomic::{fsync_dir, write_file};
-use crate::io::safetensors::TensorFiles;
-use crate::io::save::{write_json, write_model_dir, write_safetensors};
-use crate::model::{tensor_specs, LlamaConfig, TensorSpec, Weights};
+use crate::io::save::{write_json, write_model_dir};
+use crate::model::{LlamaConfig, Weights};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The consolidated AdamW moments of checkpoints written before per-rank files (still read).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
@@ -39,8 +41,8 @@ pub fn checkpoint_name(step: u64) -> String {
 pub struct Snapshot<'a> {
     pub cfg: &'a LlamaConfig,
     pub weights: &'a Weights<Vec<f32>>,
-    pub m: &'a Weights<Vec<f32>>,
-    pub v: &'a Weights<Vec<f32>>,
+    /// Each rank's shard of the AdamW moments.
+    pub optimizer: &'a [RankMoments<'a>],
     pub state: &'a TrainerState,
     pub bos: u32,
     pub eos: u32,
@@ -59,14 +61,7 @@ pub fn save(run: &Path, snap: &Snapshot<'_>, keep_last: usize) -> Result<PathBuf
         }
         std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         write_model_dir(&tmp, snap.cfg, snap.weights, snap.bos, snap.eos, snap.tokenizer_files)?;
-        let specs = tensor_specs(snap.cfg);
-        let mut moments = Vec::new();
-        for (prefix, w) in [("exp_avg", snap.m), ("exp_avg_sq", snap.v)] {
-            for (s, t) in specs.iter().zip(w.iter()) {
-                moments.push((format!("{prefix}.{}", s.name), s.shape.clone(), t.as_slice()));
-            }
-        }
-        write_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
+        optim_state::write(&tmp, &optim_state::unit_lens(snap.cfg), snap.optimizer)?;
         write_json(&tmp.join(TRAINER_FILE), &serde_json::to_value(snap.state)?)?;
         fsync_dir(&tmp)?;
         Ok(())
@@ -145,14 +140,3 @@ pub fn read_state(ckpt: &Path) -> Result<TrainerState> {
 
 /// AdamW first and second moments `(m, v)` on the host.
 pub type HostMoments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
-
-/// AdamW moments `(m, v)` of a checkpoint, checked against the model shape.
-pub fn read_moments(ckpt: &Path, cfg: &LlamaConfig) -> Result<HostMoments> {
-    let files = TensorFiles::open(&[ckpt.join(OPTIMIZER_FILE)])?;
-    let load = |prefix: &str| {
-        Weights::try_build(cfg, |s| {
-            files.load_f32(&TensorSpec { name: format!("{prefix}.{}", s.name), shape: s.shape.clone() })
-        })
-    };
-    Ok((load("exp_avg")?, load("exp_avg_sq")?))
-}

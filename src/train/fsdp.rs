@@ -9,7 +9,7 @@
 //! accumulate locally). Each rank runs a disjoint slice of every micro-batch, so the global batch,
 //! and hence the loss, is the same whatever the world size.
 
-use super::checkpoint::HostMoments;
+use super::optim_state::{unit_ranges, MomentSource, RankMoments};
 use crate::backend::cpu::Cpu;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Batch;
@@ -21,16 +21,6 @@ use anyhow::{bail, Result};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
-
-/// Which canonical tensors (indices into `Weights::iter`) form each unit.
-fn unit_ranges(cfg: &LlamaConfig) -> Vec<Range<usize>> {
-    let total = 1 + 9 * cfg.n_layer + 1 + usize::from(!cfg.tie_embeddings);
-    let mut r: Vec<Range<usize>> = Vec::with_capacity(cfg.n_layer + 2);
-    r.push(0..1); // the embedding
-    r.extend((0..cfg.n_layer).map(|l| 1 + 9 * l..1 + 9 * (l + 1)));
-    r.push(1 + 9 * cfg.n_layer..total);
-    r
-}
 
 /// Per-rank memory, in f32 values: what persists (shards) and the peak during a step.
 #[derive(Clone, Copy, Debug, Default)]
@@ -156,7 +146,7 @@ impl Fsdp {
     pub fn new(
         cfg: &LlamaConfig,
         full: &Weights<Vec<f32>>,
-        moments: Option<&HostMoments>,
+        moments: Option<&dyn MomentSource>,
         world: usize,
         rows_per_rank: usize,
         seq: usize,
@@ -178,13 +168,18 @@ impl Fsdp {
                 ranges.iter().zip(&layouts).map(|(rg, l)| l.take(&flat_of(w, rg), r)).collect()
             };
             let master = shard(full);
-            let (m, v) = match moments {
-                Some((m, v)) => (shard(m), shard(v)),
-                None => (
-                    layouts.iter().map(|l| vec![0.0; l.shard]).collect(),
-                    layouts.iter().map(|l| vec![0.0; l.shard]).collect(),
-                ),
-            };
+            // Each rank reads only its own part of each unit's moments.
+            let (mut m, mut v) = (Vec::with_capacity(layouts.len()), Vec::with_capacity(layouts.len()));
+            for (u, l) in layouts.iter().enumerate() {
+                let (mut mu, mut vu) = match moments {
+                    Some(src) => src.read(u, l.owned(r))?,
+                    None => (Vec::new(), Vec::new()),
+                };
+                mu.resize(l.shard, 0.0);
+                vu.resize(l.shard, 0.0);
+                m.push(mu);
+                v.push(vu);
+            }
             let grad = layouts.iter().map(|l| vec![0.0; l.shard]).collect();
             let persistent: usize = 4 * layouts.iter().map(|l| l.shard).sum::<usize>();
             ranks.push(Rank {
@@ -276,8 +271,15 @@ impl Fsdp {
         self.consolidate_with(|r, u| &r.master[u])
     }
 
-    pub fn consolidate_moments(&self) -> Result<HostMoments> {
-        Ok((self.consolidate_with(|r, u| &r.m[u])?, self.consolidate_with(|r, u| &r.v[u])?))
+    /// Each rank's shard of the AdamW moments, as the checkpoint stores them.
+    pub fn rank_moments(&self) -> Vec<RankMoments<'_>> {
+        self.ranks
+            .iter()
+            .map(|r| RankMoments {
+                m: r.m.iter().map(|x| x.as_slice()).collect(),
+                v: r.v.iter().map(|x| x.as_slice()).collect(),
+            })
+            .collect()
     }
 
     fn consolidate_with(&self, pick: impl Fn(&Rank, usize) -> &Vec<f32>) -> Result<Weights<Vec<f32>>> {

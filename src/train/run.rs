@@ -124,6 +124,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
             (cfg, run)
         }
     };
+    check_placement(&cfg)?;
     if !resuming {
         absolutize(&mut cfg);
         if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
@@ -155,7 +156,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
     }
     let (model, moments, state) = if let Some(ckpt) = ckpt {
         let md = load_model_dir(&ckpt, Cpu::new())?;
-        let moments = checkpoint::read_moments(&ckpt, &md.model.cfg)?;
+        let moments = super::optim_state::open(&ckpt, &md.model.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
         truncate_metrics(&run_dir, state.step)?;
         (md.model, Some(moments), state)
@@ -381,6 +382,28 @@ fn route(raw: Receiver<Command>, chat: ChatStopper) -> Result<Receiver<Command>>
         }
     })?;
     Ok(rx)
+}
+
+/// Where the ranks run: checked before anything is written, so a wrong device or launch leaves no
+/// half-made run directory behind.
+fn check_placement(cfg: &RunConfig) -> Result<()> {
+    use crate::backend::cuda::libs::{require, CudaLib};
+    let node = crate::dist::launch::Node::from_env()?;
+    match cfg.parallel.device.as_str() {
+        "cuda" => {
+            node.local_ranks(cfg.parallel.world_size)?;
+            require(
+                "parallel.device = \"cuda\"",
+                &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::Cublas, CudaLib::CublasLt, CudaLib::Nccl],
+            )?;
+            bail!("parallel.device = \"cuda\": CUDA was found, but kiln's CUDA training engine is not built yet; use \"cpu\"")
+        }
+        _ if node.nnodes > 1 => bail!(
+            "NNODES={}: multi-node runs go over NCCL and need parallel.device = \"cuda\" (CPU ranks share one process)",
+            node.nnodes
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The run directory a new run from `config` (or the demo) would use.

@@ -5,6 +5,7 @@
 use super::checkpoint::{self, Snapshot, TrainerState};
 use super::events::{Command, Event, RankMetrics, StepMetrics};
 use super::fsdp::Fsdp;
+use super::optim_state::{self, MomentSource, OwnedRankMoments};
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
 use super::signals;
@@ -69,7 +70,8 @@ pub enum RunEnd {
 pub struct TrainerParts<B: Backend> {
     pub cfg: RunConfig,
     pub model: Llama<B>,
-    pub moments: Option<checkpoint::HostMoments>,
+    /// AdamW moments to resume from (any world size's checkpoint).
+    pub moments: Option<Box<dyn MomentSource>>,
     pub state: TrainerState,
     pub sources: Vec<Source>,
     pub run_dir: PathBuf,
@@ -87,12 +89,13 @@ impl<B: Backend> Trainer<B> {
         let (grads, opt, fsdp) = if world > 1 {
             let full = host_weights(&p.model, &p.model.weights)?;
             let rows = c.train.micro_batch / world;
-            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_ref(), world, rows, c.data.seq_len)?;
+            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), world, rows, c.data.seq_len)?;
             (None, None, Some(f))
         } else {
             let opt = match p.moments {
                 None => AdamWState::new(&p.model)?,
-                Some((m, v)) => {
+                Some(src) => {
+                    let (m, v) = optim_state::full(src.as_ref(), &p.model.cfg)?;
                     let up = |w: &Weights<Vec<f32>>| {
                         let mut it = w.iter().into_iter();
                         Weights::try_build(&p.model.cfg, |_| p.model.backend.upload(it.next().expect("same shape")))
@@ -351,17 +354,31 @@ impl<B: Backend> Trainer<B> {
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         self.sync_model()?;
         let weights = host_weights(&self.model, &self.model.weights)?;
-        let (m, v) = match (&self.fsdp, &self.opt) {
-            (Some(f), _) => f.consolidate_moments()?,
-            (None, Some(opt)) => (host_weights(&self.model, &opt.m)?, host_weights(&self.model, &opt.v)?),
+        // One file per rank; the single-rank engine is a world of one.
+        let single: Option<OwnedRankMoments> = match (&self.fsdp, &self.opt) {
+            (None, Some(opt)) => {
+                let units = |w: &Weights<B::Buf>| -> Result<Vec<Vec<f32>>> {
+                    let host = host_weights(&self.model, w)?;
+                    let t = host.iter();
+                    Ok(optim_state::unit_ranges(&self.model.cfg)
+                        .into_iter()
+                        .map(|r| t[r].iter().flat_map(|x| x.iter().copied()).collect())
+                        .collect())
+                };
+                Some(OwnedRankMoments { m: units(&opt.m)?, v: units(&opt.v)? })
+            }
+            _ => None,
+        };
+        let optimizer = match (&self.fsdp, &single) {
+            (Some(f), _) => f.rank_moments(),
+            (None, Some(one)) => vec![one.view()],
             (None, None) => unreachable!("one engine or the other"),
         };
         let files: Vec<(&str, &[u8])> = self.tokenizer_files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
         let snap = Snapshot {
             cfg: &self.model.cfg,
             weights: &weights,
-            m: &m,
-            v: &v,
+            optimizer: &optimizer,
             state: &self.state,
             bos: self.bos,
             eos: self.eos,
