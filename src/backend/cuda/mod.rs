@@ -1,4 +1,15 @@
 //! The CUDA side of kiln, loaded at run time so that the same binary runs on machines without
-//! CUDA. So far: finding the libraries (`libs`); the device backend is the CUDA issue's.
+//! CUDA: finding the libraries (`libs`), compiling `kernels/*.cu` with NVRTC (`kernels`), and one
+//! launcher file per kernel file, named alike.
 
+pub mod adamw;
+pub mod cast;
+pub mod cross_entropy;
+pub mod device;
+pub mod elementwise;
+pub mod flash_attn;
+pub mod kernels;
 pub mod libs;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

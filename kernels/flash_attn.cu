@@ -1,0 +1,371 @@
+// FlashAttention-2, causal, grouped-query, bf16 in and out, f32 accumulation, on tensor cores
+// (mma.sync m16n8k16; sm_80 and newer). Layouts match the CPU backend:
+//   q, out, dq, dout: [batch, q_len, n_head, D]     k, v, dk, dv: [batch, kv_stride, n_kv_head, D]
+//   lse, delta: [batch, n_head, q_len] f32 (lse is the natural-log logsumexp of the scaled scores)
+// Query i sits at absolute position q_pos0 + i and sees keys 0 ..= q_pos0 + i.
+//
+// Forward: a block owns 64 queries of one head (4 warps × 16 rows) and streams 64-key tiles of
+// K/V through shared memory; scores, the online softmax and the output stay in registers (the
+// score accumulators are reused directly as the A operand of P·V, FA2's trick).
+// Backward: a block owns 64 keys of one KV head (4 warps × 16 keys) and walks every query tile of
+// every query head of its group, so dK and dV are summed in registers and written once (no repeated
+// K/V, no atomics); dQ is accumulated in f32 with atomics and cast at the end.
+#include "common.cuh"
+
+namespace {
+
+constexpr int BR = 64;  // queries per tile
+constexpr int BC = 64;  // keys per tile
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned pack(bf16 lo, bf16 hi) {
+    __nv_bfloat162 v;
+    v.x = lo;
+    v.y = hi;
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// Two adjacent bf16 as one register (the column index is even, so the load is aligned).
+__device__ __forceinline__ unsigned pair(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// Copies `rows` rows of D bf16 (row stride `stride` in global memory) into shared memory with
+// row stride D + 8 (the padding spreads rows over banks); rows past `valid` become zero.
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, long stride, int rows, int valid) {
+    constexpr int KS = D + 8, VEC = D / 8;
+    for (int idx = threadIdx.x; idx < rows * VEC; idx += blockDim.x) {
+        const int r = idx / VEC, c = (idx % VEC) * 8;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (r < valid) x = *reinterpret_cast<const uint4*>(src + r * stride + c);
+        *reinterpret_cast<uint4*>(dst + r * KS + c) = x;
+    }
+}
+
+template <int D>
+__device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len,
+                    int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    constexpr int KS = D + 8;
+    __shared__ __align__(16) bf16 Ks[BC * KS];
+    __shared__ __align__(16) bf16 Vs[BC * KS];
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (n_head / n_kv_head);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
+    const bf16* qb_ptr = q + (long)b * q_len * qs + (long)h * D;
+    const bf16* kb_ptr = k + (long)b * kv_stride * ks + (long)hk * D;
+    const bf16* vb_ptr = v + (long)b * kv_stride * ks + (long)hk * D;
+    const int row0 = qb * BR + warp * 16;
+    const int rlo = row0 + g, rhi = row0 + g + 8;
+
+    // This warp's 16 query rows as A fragments, straight from global memory.
+    unsigned qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int c = kk * 16 + 2 * tq;
+        qf[kk][0] = rlo < q_len ? pair(qb_ptr + rlo * qs + c) : 0u;
+        qf[kk][1] = rhi < q_len ? pair(qb_ptr + rhi * qs + c) : 0u;
+        qf[kk][2] = rlo < q_len ? pair(qb_ptr + rlo * qs + c + 8) : 0u;
+        qf[kk][3] = rhi < q_len ? pair(qb_ptr + rhi * qs + c + 8) : 0u;
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const float sl2 = scale * LOG2E;  // scores in the log2 domain: exp2 is one instruction
+
+    const int kv_end = min(kv_len, q_pos0 + min(q_len, (qb + 1) * BR));
+    for (int j0 = 0; j0 < kv_end; j0 += BC) {
+        __syncthreads();  // the previous tile is no longer read
+        load_tile<D>(Ks, kb_ptr + j0 * ks, ks, BC, kv_len - j0);
+        load_tile<D>(Vs, vb_ptr + j0 * ks, ks, BC, kv_len - j0);
+        __syncthreads();
+
+        float s[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const bf16* kr = Ks + (nt * 8 + g) * KS + kk * 16 + 2 * tq;
+                mma16816(s[nt], qf[kk], pair(kr), pair(kr + 8));
+            }
+        }
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = e < 2 ? rlo : rhi;
+                const int key = j0 + nt * 8 + 2 * tq + (e & 1);
+                float x = s[nt][e] * sl2;
+                if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float alpha[2], mref[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            // The four threads of a quad share a row.
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            mref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row with no key yet stays all zero
+            alpha[i] = exp2f(m[i] - mref[i]);
+            m[i] = mx[i];
+            l[i] *= alpha[i];
+        }
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
+                l[e >> 1] += s[nt][e];
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            o[nt][0] *= alpha[0];
+            o[nt][1] *= alpha[0];
+            o[nt][2] *= alpha[1];
+            o[nt][3] *= alpha[1];
+        }
+        // O += P·V: the accumulators of key tiles 2kk and 2kk+1 are the A fragment of step kk.
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const unsigned a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
+                                   pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const bf16* vr = Vs + (kk * 16 + 2 * tq) * KS + g;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                const bf16* p = vr + nt * 8;
+                mma16816(o[nt], a, pack(p[0], p[KS]), pack(p[8 * KS], p[9 * KS]));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    bf16* ob = out + (long)b * q_len * qs + (long)h * D;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = half ? rhi : rlo;
+        if (row >= q_len) continue;
+        const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            *reinterpret_cast<unsigned*>(ob + row * qs + nt * 8 + 2 * tq) =
+                pack(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
+        }
+        if (tq == 0) lse[((long)b * n_head + h) * q_len + row] = (m[half] + log2f(l[half])) * LN2;
+    }
+}
+
+template <int D>
+__device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
+                    const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
+                    int n_head, int n_kv_head, float scale) {
+    constexpr int KS = D + 8, SS = BR + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem);
+    bf16* Vs = Ks + BC * KS;
+    bf16* Qs = Vs + BC * KS;
+    bf16* Os = Qs + BR * KS;   // dO
+    bf16* dSs = Os + BR * KS;  // dSᵀ: [keys][queries]
+    float* lse2 = reinterpret_cast<float*>(dSs + BC * SS);
+    float* dlt = lse2 + BR;
+
+    const int kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int group = n_head / n_kv_head;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
+    const int j0 = kb * BC;
+    const int klo = warp * 16 + g, khi = klo + 8;  // this warp's key rows within the tile
+    load_tile<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+    load_tile<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+
+    float dK[D / 8][4], dV[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dK[i][e] = dV[i][e] = 0.0f;
+    const float sl2 = scale * LOG2E;
+    // Queries before this tile's first key cannot see it.
+    const int first_tile = max(0, j0 - q_pos0) / BR;
+
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = hk * group + hh;
+        for (int i0 = first_tile * BR; i0 < q_len; i0 += BR) {
+            __syncthreads();
+            load_tile<D>(Qs, q + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
+            load_tile<D>(Os, dout + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
+            for (int r = threadIdx.x; r < BR; r += blockDim.x) {
+                const bool ok = i0 + r < q_len;
+                const long at = ((long)b * n_head + h) * q_len + i0 + r;
+                lse2[r] = ok ? lse[at] * LOG2E : INFINITY;  // padding rows get probability 0
+                dlt[r] = ok ? delta[at] : 0.0f;
+            }
+            __syncthreads();
+
+            // Sᵀ = K·Qᵀ for this warp's 16 keys × 64 queries, then Pᵀ.
+            float p[BR / 8][4], dp[BR / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BR / 8; ++nt) {
+                p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int c = kk * 16 + 2 * tq;
+                const unsigned ka[4] = {pair(Ks + klo * KS + c), pair(Ks + khi * KS + c), pair(Ks + klo * KS + c + 8),
+                                        pair(Ks + khi * KS + c + 8)};
+                const unsigned va[4] = {pair(Vs + klo * KS + c), pair(Vs + khi * KS + c), pair(Vs + klo * KS + c + 8),
+                                        pair(Vs + khi * KS + c + 8)};
+#pragma unroll
+                for (int nt = 0; nt < BR / 8; ++nt) {
+                    const bf16* qr = Qs + (nt * 8 + g) * KS + c;
+                    mma16816(p[nt], ka, pair(qr), pair(qr + 8));
+                    const bf16* orow = Os + (nt * 8 + g) * KS + c;
+                    mma16816(dp[nt], va, pair(orow), pair(orow + 8));  // dPᵀ = V·dOᵀ
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = j0 + (e < 2 ? klo : khi);
+                    const int qi = nt * 8 + 2 * tq + (e & 1);
+                    const bool visible = key <= q_pos0 + i0 + qi && key < kv_len;
+                    const float pr = visible ? exp2f(p[nt][e] * sl2 - lse2[qi]) : 0.0f;
+                    p[nt][e] = pr;
+                    dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
+#pragma unroll
+            for (int kk = 0; kk < BR / 16; ++kk) {
+                const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
+                                        pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                                        pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+                const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
+                                        pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                        pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                const int r = (kk * 16 + 2 * tq) * KS + g;
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    const bf16* od = Os + r + nt * 8;
+                    mma16816(dV[nt], pa, pack(od[0], od[KS]), pack(od[8 * KS], od[9 * KS]));
+                    const bf16* qd = Qs + r + nt * 8;
+                    mma16816(dK[nt], sa, pack(qd[0], qd[KS]), pack(qd[8 * KS], qd[9 * KS]));
+                }
+            }
+            // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
+#pragma unroll
+            for (int nt = 0; nt < BR / 8; ++nt) {
+                const int qi = nt * 8 + 2 * tq;
+                dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
+                dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
+                dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
+                dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+            }
+            __syncthreads();
+            // This warp's 16 queries × D of dQ, accumulated in f32 in global memory.
+            const int qlo = warp * 16 + g, qhi = qlo + 8;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kk = 0; kk < BC / 16; ++kk) {
+                    const int c = kk * 16 + 2 * tq;  // key index within the tile
+                    const unsigned a[4] = {pack(dSs[c * SS + qlo], dSs[(c + 1) * SS + qlo]),
+                                           pack(dSs[c * SS + qhi], dSs[(c + 1) * SS + qhi]),
+                                           pack(dSs[(c + 8) * SS + qlo], dSs[(c + 9) * SS + qlo]),
+                                           pack(dSs[(c + 8) * SS + qhi], dSs[(c + 9) * SS + qhi])};
+                    const bf16* kd = Ks + c * KS + nt * 8 + g;
+                    mma16816(acc, a, pack(kd[0], kd[KS]), pack(kd[8 * KS], kd[9 * KS]));
+                }
+                const int col = nt * 8 + 2 * tq;
+                if (i0 + qlo < q_len) {
+                    float* d = dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col;
+                    atomicAdd(d, acc[0] * scale);
+                    atomicAdd(d + 1, acc[1] * scale);
+                }
+                if (i0 + qhi < q_len) {
+                    float* d = dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col;
+                    atomicAdd(d, acc[2] * scale);
+                    atomicAdd(d + 1, acc[3] * scale);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = j0 + (half ? khi : klo);
+        if (key >= kv_len) continue;
+        const long at = ((long)b * kv_stride + key) * ks + (long)hk * D;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            const int col = nt * 8 + 2 * tq;
+            *reinterpret_cast<unsigned*>(dk + at + col) = pack(dK[nt][2 * half] * scale, dK[nt][2 * half + 1] * scale);
+            *reinterpret_cast<unsigned*>(dv + at + col) = pack(dV[nt][2 * half], dV[nt][2 * half + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+// Dynamic shared memory the backward needs (the launcher computes the same and raises the limit).
+// D=64: 4·64·72·2 + 64·72·2 + 2·64·4 = 46,592 bytes; D=128: 4·64·136·2 + 9,216 + 512 = 79,360 bytes.
+
+extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, float* lse, const bf16* q,
+    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
+    float scale) {
+    fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d128(bf16* out, float* lse, const bf16* q,
+    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
+    float scale) {
+    fwd<128>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+
+// delta[b, h, i] = Σ_d dO·O, one warp per query row and head.
+extern "C" __global__ void flash_attn_bwd_delta(float* delta, const bf16* dout, const bf16* out, int rows_total,
+                                                int q_len, int n_head, int head_dim) {
+    const long w = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= rows_total) return;  // rows_total = batch · q_len · n_head, ordered like q
+    const long base = w * head_dim;
+    float acc = 0.0f;
+    for (int d = lane; d < head_dim; d += 32) acc += to_f32(dout[base + d]) * to_f32(out[base + d]);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const long h = w % n_head, bi = w / n_head, i = bi % q_len, b = bi / q_len;
+        delta[(b * n_head + h) * q_len + i] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d64(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d128(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<128>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}

@@ -1,0 +1,94 @@
+//! One GPU: its context and stream, and every kernel compiled for its architecture and loaded.
+
+use super::kernels::{compile_cached, ALL};
+use super::libs::{require, CudaLib};
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The element types kernels come in; a launcher picks `name_SUFFIX`.
+pub trait Elem: DeviceRepr + Copy + Default + Send + Sync + 'static {
+    const SUFFIX: &'static str;
+}
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+pub struct Gpu {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub arch: &'static str,
+    functions: HashMap<&'static str, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+/// NVRTC's name for a compute capability. Unknown (newer) devices get the newest PTX we know,
+/// which the driver compiles forward.
+fn arch_of(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ => "compute_80",
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and compiles (or loads from the cache) every kernel for it.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        require("the CUDA backend", &[CudaLib::Driver, CudaLib::Nvrtc])?;
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e:?}"))? as usize;
+        if ordinal >= count {
+            anyhow::bail!("GPU {ordinal} requested, this machine has {count}");
+        }
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open GPU {ordinal}"))?;
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            anyhow::bail!(
+                "GPU {ordinal} has compute capability {major}.{minor}; kiln's kernels need 8.0 (Ampere) or newer"
+            );
+        }
+        let arch = arch_of(major, minor);
+        let mut functions = HashMap::new();
+        let mut modules = Vec::new();
+        for k in ALL {
+            let ptx = compile_cached(k, arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| anyhow!("kernels/{}.cu: the driver refused its PTX ({e:?})", k.name))?;
+            for &e in k.entries {
+                functions.insert(e, module.load_function(e).map_err(|err| anyhow!("{}: {err:?}", e))?);
+            }
+            modules.push(module);
+        }
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx.default_stream();
+        Ok(Gpu { ordinal, ctx, stream, name, arch, functions, _modules: modules })
+    }
+
+    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).with_context(|| format!("no kernel entry point {name}"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+pub fn elementwise_config(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 4) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}

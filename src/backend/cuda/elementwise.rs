@@ -1,0 +1,93 @@
+//! Launcher for `kernels/elementwise.cu`: accumulate, scale, squared norm, embedding gather / scatter-add.
+
+use super::device::{elementwise_config, Elem, Gpu};
+use super::kernels::Kernel;
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub const KERNEL: Kernel = Kernel {
+    name: "elementwise",
+    source: include_str!("../../../kernels/elementwise.cu"),
+    entries: &[
+        "add_assign_f32",
+        "add_assign_bf16",
+        "scale_f32",
+        "sum_squares_f32",
+        "embedding_fwd_f32",
+        "embedding_fwd_bf16",
+        "embedding_bwd_f32",
+        "embedding_bwd_bf16",
+    ],
+};
+
+pub fn add_assign<T: Elem>(gpu: &Gpu, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) -> Result<()> {
+    let n = dst.len() as i64;
+    let f = gpu.function(&format!("add_assign_{}", T::SUFFIX))?;
+    // SAFETY: argument order and types match the kernel.
+    unsafe { gpu.stream.launch_builder(f).arg(dst).arg(src).arg(&n).launch(elementwise_config(n as usize)) }?;
+    Ok(())
+}
+
+pub fn scale(gpu: &Gpu, buf: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+    let n = buf.len() as i64;
+    let f = gpu.function("scale_f32")?;
+    // SAFETY: as above.
+    unsafe { gpu.stream.launch_builder(f).arg(buf).arg(&s).arg(&n).launch(elementwise_config(n as usize)) }?;
+    Ok(())
+}
+
+/// Σ buf², in f64.
+pub fn sum_squares(gpu: &Gpu, buf: &CudaSlice<f32>) -> Result<f64> {
+    let n = buf.len() as i64;
+    let mut out = gpu.stream.alloc_zeros::<f64>(1)?;
+    let f = gpu.function("sum_squares_f32")?;
+    // SAFETY: as above; the block size is a multiple of 32 (the kernel's reduction needs it).
+    unsafe { gpu.stream.launch_builder(f).arg(&mut out).arg(buf).arg(&n).launch(elementwise_config(n as usize)) }?;
+    Ok(gpu.stream.clone_dtoh(&out)?[0])
+}
+
+pub fn embedding_forward<T: Elem>(
+    gpu: &Gpu,
+    out: &mut CudaSlice<T>,
+    table: &CudaSlice<T>,
+    ids: &CudaSlice<u32>,
+    d: usize,
+) -> Result<()> {
+    let (rows, d32) = (ids.len() as i64, d as i32);
+    let f = gpu.function(&format!("embedding_fwd_{}", T::SUFFIX))?;
+    // SAFETY: as above; ids were checked against the vocabulary by the caller.
+    unsafe {
+        gpu.stream
+            .launch_builder(f)
+            .arg(out)
+            .arg(table)
+            .arg(ids)
+            .arg(&rows)
+            .arg(&d32)
+            .launch(elementwise_config(ids.len() * d))
+    }?;
+    Ok(())
+}
+
+pub fn embedding_backward<T: Elem>(
+    gpu: &Gpu,
+    dtable: &mut CudaSlice<f32>,
+    dout: &CudaSlice<T>,
+    ids: &CudaSlice<u32>,
+    d: usize,
+) -> Result<()> {
+    let (rows, d32) = (ids.len() as i64, d as i32);
+    let f = gpu.function(&format!("embedding_bwd_{}", T::SUFFIX))?;
+    // SAFETY: as above.
+    unsafe {
+        gpu.stream
+            .launch_builder(f)
+            .arg(dtable)
+            .arg(dout)
+            .arg(ids)
+            .arg(&rows)
+            .arg(&d32)
+            .launch(elementwise_config(ids.len() * d))
+    }?;
+    Ok(())
+}

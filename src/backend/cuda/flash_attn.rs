@@ -1,0 +1,159 @@
+//! Launcher for `kernels/flash_attn.cu`: FlashAttention-2 forward and backward (bf16, head_dim 64 or 128).
+
+use super::device::Gpu;
+use super::kernels::Kernel;
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+pub const KERNEL: Kernel = Kernel {
+    name: "flash_attn",
+    source: include_str!("../../../kernels/flash_attn.cu"),
+    entries: &[
+        "flash_attn_fwd_d64",
+        "flash_attn_fwd_d128",
+        "flash_attn_bwd_delta",
+        "flash_attn_bwd_d64",
+        "flash_attn_bwd_d128",
+    ],
+};
+
+use super::cast;
+use crate::backend::AttnShape;
+use anyhow::bail;
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use half::bf16;
+
+const BR: usize = 64;
+const BC: usize = 64;
+
+/// Dynamic shared memory of the backward kernel (mirrors the layout in the source).
+pub fn bwd_shared_bytes(head_dim: usize) -> usize {
+    let ks = head_dim + 8;
+    2 * (2 * BC * ks + 2 * BR * ks) + 2 * BC * (BR + 8) + 4 * 2 * BR
+}
+
+fn check(s: &AttnShape) -> Result<&'static str> {
+    if s.n_kv_head == 0 || !s.n_head.is_multiple_of(s.n_kv_head) {
+        bail!("attention: {} heads do not group over {} KV heads", s.n_head, s.n_kv_head);
+    }
+    match s.head_dim {
+        64 => Ok("d64"),
+        128 => Ok("d128"),
+        d => bail!("attention: head_dim {d} has no CUDA kernel (64 or 128)"),
+    }
+}
+
+fn scale(s: &AttnShape) -> f32 {
+    1.0 / (s.head_dim as f32).sqrt()
+}
+
+/// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention.
+pub fn forward(
+    gpu: &Gpu,
+    out: &mut CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    s: AttnShape,
+) -> Result<()> {
+    let d = check(&s)?;
+    let f = gpu.function(&format!("flash_attn_fwd_{d}"))?;
+    let a = [s.q_len as i32, s.kv_len as i32, s.kv_stride as i32, s.q_pos0 as i32, s.n_head as i32, s.n_kv_head as i32];
+    let sc = scale(&s);
+    let cfg = LaunchConfig {
+        grid_dim: (s.q_len.div_ceil(BR) as u32, s.n_head as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match the kernel; buffers hold AttnShape's sizes.
+    unsafe {
+        gpu.stream
+            .launch_builder(f)
+            .arg(out)
+            .arg(lse)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&a[2])
+            .arg(&a[3])
+            .arg(&a[4])
+            .arg(&a[5])
+            .arg(&sc)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    dq: &mut CudaSlice<bf16>,
+    dk: &mut CudaSlice<bf16>,
+    dv: &mut CudaSlice<bf16>,
+    dout: &CudaSlice<bf16>,
+    out: &CudaSlice<bf16>,
+    lse: &CudaSlice<f32>,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    s: AttnShape,
+) -> Result<()> {
+    let d = check(&s)?;
+    let st = &gpu.stream;
+    // delta = rowsum(dO ∘ O)
+    let rows = s.batch * s.q_len * s.n_head;
+    let mut delta = st.alloc_zeros::<f32>(s.lse_elems())?;
+    let (rows32, ql, nh, hd) = (rows as i32, s.q_len as i32, s.n_head as i32, s.head_dim as i32);
+    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: one warp per row; argument order and types match the kernel.
+    unsafe {
+        st.launch_builder(gpu.function("flash_attn_bwd_delta")?)
+            .arg(&mut delta)
+            .arg(dout)
+            .arg(out)
+            .arg(&rows32)
+            .arg(&ql)
+            .arg(&nh)
+            .arg(&hd)
+            .launch(cfg)
+    }?;
+    let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
+    let f = gpu.function(&format!("flash_attn_bwd_{d}"))?;
+    let smem = bwd_shared_bytes(s.head_dim);
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let a = [s.q_len as i32, s.kv_len as i32, s.kv_stride as i32, s.q_pos0 as i32, s.n_head as i32, s.n_kv_head as i32];
+    let sc = scale(&s);
+    let cfg = LaunchConfig {
+        grid_dim: (s.kv_len.div_ceil(BC) as u32, s.n_kv_head as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: as above; dk/dv rows past kv_len are left untouched, so zero them first.
+    st.memset_zeros(dk)?;
+    st.memset_zeros(dv)?;
+    unsafe {
+        st.launch_builder(f)
+            .arg(&mut dq_acc)
+            .arg(&mut *dk)
+            .arg(&mut *dv)
+            .arg(dout)
+            .arg(lse)
+            .arg(&delta)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&a[2])
+            .arg(&a[3])
+            .arg(&a[4])
+            .arg(&a[5])
+            .arg(&sc)
+            .launch(cfg)
+    }?;
+    cast::to_bf16(gpu, dq, &dq_acc)
+}

@@ -1,0 +1,132 @@
+//! The CUDA sources in `kernels/`, compiled by NVRTC for the device at hand (its compute
+//! capability is read, not assumed) and cached on disk keyed by source hash and architecture, so a
+//! restart does not recompile. The sources are built into the binary: a machine that runs kiln
+//! needs only the driver and the CUDA libraries, not a checkout.
+
+use super::libs::{require, CudaLib};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// One `kernels/NAME.cu` and the `extern "C"` entry points its launcher calls.
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel file, in the order the model uses them.
+pub const ALL: &[Kernel] = &[
+    super::elementwise::KERNEL,
+    super::cast::KERNEL,
+    super::rmsnorm::KERNEL,
+    super::rope::KERNEL,
+    super::flash_attn::KERNEL,
+    super::swiglu::KERNEL,
+    super::cross_entropy::KERNEL,
+    super::adamw::KERNEL,
+];
+
+impl Kernel {
+    /// The source with the shared header inlined (NVRTC is given no file system).
+    pub fn full_source(&self) -> String {
+        self.source.replace("#include \"common.cuh\"", COMMON)
+    }
+}
+
+/// Where `cuda_bf16.h` lives: `KILN_CUDA_INCLUDE`, `CUDA_HOME`/`CUDA_PATH`, the include directory
+/// beside any CUDA library directory on `LD_LIBRARY_PATH` (pip wheels: `nvidia/cu13/{lib,include}`),
+/// or /usr/local/cuda.
+pub fn include_dir() -> Result<PathBuf> {
+    let has = |d: &Path| d.join("cuda_bf16.h").is_file();
+    if let Some(d) = std::env::var_os("KILN_CUDA_INCLUDE").map(PathBuf::from) {
+        if has(&d) {
+            return Ok(d);
+        }
+        bail!("KILN_CUDA_INCLUDE={}: no cuda_bf16.h there", d.display());
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(d).join("include"));
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        for lib in std::env::split_paths(&paths) {
+            candidates.push(lib.join("../include"));
+        }
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates.into_iter().find(|d| has(d)).context(
+        "cannot find cuda_bf16.h for NVRTC: set KILN_CUDA_INCLUDE to a CUDA 13 include directory (pip: nvidia-cuda-runtime's nvidia/cu13/include)",
+    )
+}
+
+/// PTX for `kernel` on `arch` (e.g. "compute_90"), straight from NVRTC.
+pub fn compile(kernel: &Kernel, arch: &'static str, include: &Path) -> Result<String> {
+    require("compiling CUDA kernels", &[CudaLib::Nvrtc])?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![include.display().to_string()],
+        options: vec!["--std=c++17".into()],
+        name: Some(format!("{}.cu", kernel.name)),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernel.full_source(), opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            let log = log.to_string_lossy().replace('\n', " | ");
+            anyhow::anyhow!("kernels/{}.cu does not compile for {arch}: {log}", kernel.name)
+        }
+        other => anyhow::anyhow!("kernels/{}.cu: NVRTC failed: {other:?}", kernel.name),
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// `compile`, through the on-disk cache (`$XDG_CACHE_HOME/kiln/kernels` or `~/.cache/kiln/kernels`).
+pub fn compile_cached(kernel: &Kernel, arch: &'static str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let source = kernel.full_source();
+    let key = format!("{:x}", Sha256::digest(format!("{arch}\n{source}").as_bytes()));
+    let dir = cache_dir();
+    let path = dir.join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]));
+    if let Ok(ptx) = std::fs::read_to_string(&path) {
+        return Ok(ptx);
+    }
+    let ptx = compile(kernel, arch, &include_dir()?)?;
+    // A cache that cannot be written only costs a recompile next time.
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &ptx).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(ptx)
+}
+
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("kiln").join("kernels")
+}
+
+/// The `extern "C" __global__` functions a source defines (for checking launchers against it).
+pub fn entry_points(source: &str) -> Vec<String> {
+    const MARK: &str = "extern \"C\" __global__";
+    source
+        .split(MARK)
+        .skip(1)
+        .filter_map(|decl| {
+            // `void [__launch_bounds__(N)] name(`: the name is the last identifier before the
+            // parameter list.
+            let decl = match decl.find("__launch_bounds__") {
+                Some(i) => &decl[i + decl[i..].find(')')? + 1..],
+                None => decl,
+            };
+            let head = &decl[..decl.find('(')?];
+            head.split(|c: char| !(c.is_alphanumeric() || c == '_')).rfind(|s| !s.is_empty()).map(str::to_string)
+        })
+        .collect()
+}

@@ -1,0 +1,250 @@
+//! Every CUDA kernel against the CPU backend on fresh random inputs, run where a GPU is present
+//! (scripts/gpu-check.sh); elsewhere each test says it was skipped. Outputs are poisoned with NaN
+//! before each launch, so a kernel that skips an element fails. Tolerances are relative error
+//! norms: f32 paths 1e-5, bf16 paths 1e-2 (inputs are rounded to bf16 before the CPU sees them, so
+//! only the kernel's own rounding is measured).
+
+use half::bf16;
+use kiln::backend::cpu::Cpu;
+use kiln::backend::cuda::device::Gpu;
+use kiln::backend::cuda::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
+use kiln::backend::{AdamW, AttnShape, Backend, RopeShape};
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            if std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("KILN_REQUIRE_GPU=1 but {e:#}");
+            }
+            eprintln!("skipped: {e:#}");
+            None
+        }
+    }
+}
+
+fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
+}
+
+/// Rounds through bf16, so the CPU reference sees exactly what the GPU sees.
+fn bf(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite output (NaN poison survived?)");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:.3e} ≥ {tol:.0e}");
+    eprintln!("{what}: relative error {e:.2e}");
+}
+
+fn up_f32(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {
+    g.stream.clone_htod(x).unwrap()
+}
+fn up_bf16(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<bf16> {
+    let v: Vec<bf16> = x.iter().map(|&a| bf16::from_f32(a)).collect();
+    g.stream.clone_htod(&v).unwrap()
+}
+fn poison_f32(g: &Gpu, n: usize) -> cudarc::driver::CudaSlice<f32> {
+    g.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
+}
+fn poison_bf16(g: &Gpu, n: usize) -> cudarc::driver::CudaSlice<bf16> {
+    g.stream.clone_htod(&vec![bf16::NAN; n]).unwrap()
+}
+fn down_f32(g: &Gpu, x: &cudarc::driver::CudaSlice<f32>) -> Vec<f32> {
+    g.stream.clone_dtoh(x).unwrap()
+}
+fn down_bf16(g: &Gpu, x: &cudarc::driver::CudaSlice<bf16>) -> Vec<f32> {
+    g.stream.clone_dtoh(x).unwrap().iter().map(|v| v.to_f32()).collect()
+}
+
+#[test]
+fn rmsnorm_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    let cpu = Cpu::new();
+    let (rows, d) = (300, 2048);
+    let (x, w, dy) = (bf(&randn(rows * d, 1, 2.0)), bf(&randn(d, 2, 1.0)), bf(&randn(rows * d, 3, 1.0)));
+    let (mut out, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows]);
+    cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, d, 1e-5).unwrap();
+    let dx0 = randn(rows * d, 4, 0.5);
+    let (mut dx, mut dw) = (dx0.clone(), vec![0.0; d]);
+    cpu.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, d).unwrap();
+
+    // f32
+    let (mut go, mut gr) = (poison_f32(&g, rows * d), poison_f32(&g, rows));
+    rmsnorm::forward(&g, &mut go, &mut gr, &up_f32(&g, &x), &up_f32(&g, &w), rows, d, 1e-5).unwrap();
+    assert_close(&down_f32(&g, &go), &out, 1e-5, "rmsnorm fwd f32");
+    assert_close(&down_f32(&g, &gr), &rstd, 1e-5, "rmsnorm rstd f32");
+    let (mut gdx, mut gdw) = (up_f32(&g, &dx0), g.stream.alloc_zeros::<f32>(d).unwrap());
+    rmsnorm::backward(&g, &mut gdx, &mut gdw, &up_f32(&g, &dy), &up_f32(&g, &x), &up_f32(&g, &w), &gr, rows, d)
+        .unwrap();
+    assert_close(&down_f32(&g, &gdx), &dx, 1e-5, "rmsnorm dx f32");
+    assert_close(&down_f32(&g, &gdw), &dw, 1e-5, "rmsnorm dw f32");
+
+    // bf16
+    let (mut go, mut gr) = (poison_bf16(&g, rows * d), poison_f32(&g, rows));
+    rmsnorm::forward(&g, &mut go, &mut gr, &up_bf16(&g, &x), &up_bf16(&g, &w), rows, d, 1e-5).unwrap();
+    assert_close(&down_bf16(&g, &go), &out, 1e-2, "rmsnorm fwd bf16");
+    let (mut gdx, mut gdw) = (up_bf16(&g, &dx0), g.stream.alloc_zeros::<f32>(d).unwrap());
+    let dx0b = bf(&dx0);
+    let (mut dxb, mut dwb) = (dx0b.clone(), vec![0.0; d]);
+    cpu.rmsnorm_backward(&mut dxb, &mut dwb, &dy, &x, &w, &rstd, rows, d).unwrap();
+    rmsnorm::backward(&g, &mut gdx, &mut gdw, &up_bf16(&g, &dy), &up_bf16(&g, &x), &up_bf16(&g, &w), &gr, rows, d)
+        .unwrap();
+    assert_close(&down_bf16(&g, &gdx), &dxb, 1e-2, "rmsnorm dx bf16");
+    assert_close(&down_f32(&g, &gdw), &dwb, 1e-2, "rmsnorm dw bf16");
+}
+
+#[test]
+fn rope_forward_and_inverse() {
+    let Some(g) = gpu() else { return };
+    let cpu = Cpu::new();
+    let s = RopeShape { rows: 2 * 100, seq: 100, pos0: 7, n_head: 4, head_dim: 64 };
+    let half = s.head_dim / 2;
+    let max_pos = 128;
+    let cos: Vec<f32> = (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).cos()).collect();
+    let sin: Vec<f32> = (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).sin()).collect();
+    let x = bf(&randn(s.rows * s.n_head * s.head_dim, 5, 1.0));
+    for inverse in [false, true] {
+        let mut want = x.clone();
+        cpu.rope(&mut want, &cos, &sin, s, inverse).unwrap();
+        let mut gx = up_f32(&g, &x);
+        rope::apply(&g, &mut gx, &up_f32(&g, &cos), &up_f32(&g, &sin), s, inverse).unwrap();
+        assert_close(&down_f32(&g, &gx), &want, 1e-5, &format!("rope f32 inverse={inverse}"));
+        let mut gx = up_bf16(&g, &x);
+        rope::apply(&g, &mut gx, &up_f32(&g, &cos), &up_f32(&g, &sin), s, inverse).unwrap();
+        assert_close(&down_bf16(&g, &gx), &want, 1e-2, &format!("rope bf16 inverse={inverse}"));
+    }
+}
+
+#[test]
+fn swiglu_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    let cpu = Cpu::new();
+    let n = 1 << 20;
+    let (gate, up, dout) = (bf(&randn(n, 6, 4.0)), bf(&randn(n, 7, 2.0)), bf(&randn(n, 8, 1.0)));
+    let mut out = vec![0.0; n];
+    cpu.swiglu_forward(&mut out, &gate, &up).unwrap();
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    cpu.swiglu_backward(&mut dg, &mut du, &dout, &gate, &up).unwrap();
+    let mut go = poison_f32(&g, n);
+    swiglu::forward(&g, &mut go, &up_f32(&g, &gate), &up_f32(&g, &up)).unwrap();
+    assert_close(&down_f32(&g, &go), &out, 1e-5, "swiglu fwd f32");
+    let (mut gdg, mut gdu) = (poison_f32(&g, n), poison_f32(&g, n));
+    swiglu::backward(&g, &mut gdg, &mut gdu, &up_f32(&g, &dout), &up_f32(&g, &gate), &up_f32(&g, &up)).unwrap();
+    assert_close(&down_f32(&g, &gdg), &dg, 1e-5, "swiglu dgate f32");
+    assert_close(&down_f32(&g, &gdu), &du, 1e-5, "swiglu dup f32");
+    let mut go = poison_bf16(&g, n);
+    swiglu::forward(&g, &mut go, &up_bf16(&g, &gate), &up_bf16(&g, &up)).unwrap();
+    assert_close(&down_bf16(&g, &go), &out, 1e-2, "swiglu fwd bf16");
+}
+
+#[test]
+fn cross_entropy_loss_and_in_place_gradient() {
+    let Some(g) = gpu() else { return };
+    let cpu = Cpu::new();
+    let (rows, vocab) = (64, 32000);
+    let logits = bf(&randn(rows * vocab, 9, 8.0));
+    let targets: Vec<i32> = (0..rows).map(|r| if r % 17 == 5 { -1 } else { (r * 7919 % vocab) as i32 }).collect();
+    let mut want = logits.clone();
+    let loss = cpu.cross_entropy(&mut want, &targets, vocab, Some(1.0 / rows as f32)).unwrap();
+    let gt = g.stream.clone_htod(&targets).unwrap();
+    let mut gl = up_f32(&g, &logits);
+    let mut gloss = poison_f32(&g, rows);
+    cross_entropy::forward(&g, &mut gl, &mut gloss, &gt, vocab, Some(1.0 / rows as f32)).unwrap();
+    assert_close(&down_f32(&g, &gloss), &loss, 1e-5, "cross-entropy loss f32");
+    assert_close(&down_f32(&g, &gl), &want, 1e-5, "cross-entropy grad f32");
+    let mut gl = up_bf16(&g, &logits);
+    let mut gloss = poison_f32(&g, rows);
+    cross_entropy::forward(&g, &mut gl, &mut gloss, &gt, vocab, Some(1.0 / rows as f32)).unwrap();
+    assert_close(&down_f32(&g, &gloss), &loss, 1e-2, "cross-entropy loss bf16");
+    assert_close(&down_bf16(&g, &gl), &want, 1e-2, "cross-entropy grad bf16");
+}
+
+#[test]
+fn adamw_multi_tensor_matches_the_cpu_step() {
+    let Some(g) = gpu() else { return };
+    let cpu = Cpu::new();
+    let hp = AdamW { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 7 };
+    let sizes = [5, 100_000, 3 * adamw::CHUNK + 11];
+    let mut gpu_bufs = Vec::new();
+    let mut want = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let (p, gr, m) = (randn(n, 10 + i as u64, 1.0), randn(n, 20 + i as u64, 0.1), randn(n, 30 + i as u64, 0.01));
+        let v: Vec<f32> = randn(n, 40 + i as u64, 0.01).iter().map(|x| x * x).collect();
+        let (mut cp, mut cm, mut cv) = (p.clone(), m.clone(), v.clone());
+        cpu.adamw_step(&mut cp, &gr, &mut cm, &mut cv, hp).unwrap();
+        want.push((cp, cm, cv));
+        gpu_bufs.push((up_f32(&g, &p), up_f32(&g, &gr), up_f32(&g, &m), up_f32(&g, &v), poison_bf16(&g, n)));
+    }
+    let mut tensors: Vec<adamw::AdamTensor> = gpu_bufs
+        .iter_mut()
+        .map(|(p, gr, m, v, b)| adamw::AdamTensor { param: p, grad: gr, m, v, param_bf16: Some(b) })
+        .collect();
+    adamw::step(&g, &mut tensors, hp, 1.0).unwrap();
+    drop(tensors);
+    for ((p, _, m, v, b), (wp, wm, wv)) in gpu_bufs.iter().zip(&want) {
+        assert_close(&down_f32(&g, p), wp, 1e-5, "adamw param");
+        assert_close(&down_f32(&g, m), wm, 1e-5, "adamw m");
+        assert_close(&down_f32(&g, v), wv, 1e-5, "adamw v");
+        assert_close(&down_bf16(&g, b), wp, 1e-2, "adamw bf16 copy");
+    }
+    let ss = elementwise::sum_squares(&g, &gpu_bufs[1].0).unwrap();
+    let want_ss: f64 = want[1].0.iter().map(|x| (*x as f64).powi(2)).sum();
+    assert!((ss - want_ss).abs() / want_ss < 1e-6, "sum_squares {ss} vs {want_ss}");
+}
+
+fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
+    let cpu = Cpu::new();
+    let q = bf(&randn(s.q_elems(), seed, 1.0));
+    let k = bf(&randn(s.kv_elems(), seed + 1, 1.0));
+    let v = bf(&randn(s.kv_elems(), seed + 2, 1.0));
+    let dout = bf(&randn(s.q_elems(), seed + 3, 1.0));
+    let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+    cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; s.q_elems()], vec![0.0; s.kv_elems()], vec![0.0; s.kv_elems()]);
+    cpu.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s).unwrap();
+
+    let (gq, gk, gv) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v));
+    let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
+    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s).unwrap();
+    let tag = format!("flash-attn hd{} q{} kv{} heads {}/{}", s.head_dim, s.q_len, s.kv_len, s.n_head, s.n_kv_head);
+    assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("{tag} out"));
+    assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("{tag} lse"));
+    let (mut gdq, mut gdk, mut gdv) =
+        (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
+    // The backward starts from the CPU's output so only the backward's own error is measured.
+    let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));
+    flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s).unwrap();
+    assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("{tag} dq"));
+    assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk"));
+    assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv"));
+}
+
+#[test]
+fn flash_attention_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    for (hd, len, nh, nkv) in [(64, 256, 8, 2), (128, 200, 4, 4), (64, 77, 4, 1), (128, 512, 32, 4)] {
+        let s = AttnShape {
+            batch: 2,
+            q_len: len,
+            kv_len: len,
+            kv_stride: len,
+            q_pos0: 0,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+        };
+        attention_case(&g, s, hd as u64 + len as u64);
+    }
+}
