@@ -48,6 +48,15 @@ for t in kernels gpu; do
   fi
 done
 
+for hd in 64 128; do
+  echo "== kiln bench attention --head-dim $hd"
+  if out=$(timeout 120 "$KILN" bench attention --head-dim $hd 2>&1); then
+    echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep -o '[0-9]* TFLOP/s')"
+  else
+    echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1
+  fi
+done
+
 echo "== PyTorch baseline (bench/torch_baseline.py)"
 if [ -x "$PY" ]; then
   timeout 240 "$PY" bench/torch_baseline.py | tee "$LIBS/torch.jsonl"

@@ -173,6 +173,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// FlashAttention-2 forward + backward TFLOP/s on GPU 0 (compare: bench/torch_baseline.py)
+    Attention {
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        /// Query heads (KV heads: an eighth)
+        #[arg(long)]
+        heads: Option<usize>,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
     /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
     Dashboard {
         #[arg(long, default_value = "configs/demo.toml")]
@@ -293,6 +307,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             for line in kiln::cli::comm_check::run(&args)? {
                 println!("{line}");
+            }
+        }
+        Command::Bench { what: Some(BenchWhat::Attention { batch, seq, head_dim, heads, iters }), .. } => {
+            // d_model 2048 as in TinyLlama unless told otherwise.
+            let heads = heads.unwrap_or((2048 / head_dim.max(1)).max(1));
+            let args = kiln::cli::bench_attention::AttentionBenchArgs { batch, seq, head_dim, heads, iters };
+            for (k, v) in kiln::cli::bench_attention::run(&args)? {
+                println!("{k:<24} {v}");
             }
         }
         Command::Bench {

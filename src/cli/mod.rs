@@ -1,6 +1,7 @@
 //! The commands of the `kiln` binary. `main.rs` only parses arguments and maps errors to exit codes.
 
 pub mod bench;
+pub mod bench_attention;
 pub mod bench_dashboard;
 pub mod chat;
 pub mod comm_check;

@@ -56,6 +56,21 @@ fn wait_for_input(ms: i32) -> Input {
     }
 }
 
+/// Lowers this (the dashboard's) thread to nice 10, so that when the cores are busy training, a
+/// redraw waits for a gap instead of preempting a worker that the rest of the step is waiting on.
+/// Only this thread changes: the engine's threads already exist. Failing to lower it is harmless.
+fn yield_to_training() {
+    // SAFETY: gettid and setpriority have no memory-safety preconditions.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// How long the loop sleeps waiting for a key; engine events are picked up when it wakes, and are
+/// drawn at most every EVENT_REDRAW anyway, so waking more often would only cost CPU.
+const KEY_WAIT_MS: i32 = 250;
+
 /// Redraw at least this often even when nothing happened (the clock in the ETA moves).
 const IDLE_REDRAW: Duration = Duration::from_secs(1);
 /// Engine events redraw at most this often (keys redraw at once): a fast run emits a step every few
@@ -98,6 +113,7 @@ fn on_key(app: &mut App, code: KeyCode, ctrl: bool) -> Vec<Command> {
 /// user detaches; returns whether they detached. The screen is redrawn only when something changed
 /// (an event, a key, a resize) or once a second, so an idle dashboard costs next to nothing.
 pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<bool> {
+    yield_to_training();
     enable_raw_mode()?;
     execute!(std::io::stdout(), EnterAlternateScreen)?;
     let default_hook = std::panic::take_hook();
@@ -143,7 +159,7 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        match wait_for_input(100) {
+        match wait_for_input(KEY_WAIT_MS) {
             Input::Gone => {
                 // The terminal hung up: the engine's own dashboard keeps training headless; an
                 // attached viewer just leaves.

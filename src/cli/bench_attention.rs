@@ -1,0 +1,76 @@
+//! `kiln bench attention`: FlashAttention-2 forward + backward TFLOP/s on the GPU, counted the way
+//! the FA2 paper and bench/torch_baseline.py count (causal forward 2·b·h·s²·d FLOPs, backward 2.5×),
+//! so the two figures in scripts/gpu-check.sh's table compare directly.
+
+use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::flash_attn;
+use crate::backend::AttnShape;
+use anyhow::Result;
+use half::bf16;
+use std::time::Instant;
+
+pub struct AttentionBenchArgs {
+    pub batch: usize,
+    pub seq: usize,
+    pub head_dim: usize,
+    /// Query heads; KV heads are an eighth of them (TinyLlama's ratio), at least one.
+    pub heads: usize,
+    pub iters: usize,
+}
+
+pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
+    let gpu = Gpu::open(0)?;
+    let s = AttnShape {
+        batch: a.batch,
+        q_len: a.seq,
+        kv_len: a.seq,
+        kv_stride: a.seq,
+        q_pos0: 0,
+        n_head: a.heads,
+        n_kv_head: (a.heads / 8).max(1),
+        head_dim: a.head_dim,
+    };
+    let st = &gpu.stream;
+    let fill = |n: usize, salt: usize| -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32((((i * 2654435761 + salt) % 2001) as f32 - 1000.0) / 1000.0)).collect()
+    };
+    let (q, k, v) = (
+        st.clone_htod(&fill(s.q_elems(), 1))?,
+        st.clone_htod(&fill(s.kv_elems(), 2))?,
+        st.clone_htod(&fill(s.kv_elems(), 3))?,
+    );
+    let dout = st.clone_htod(&fill(s.q_elems(), 4))?;
+    let mut out = st.alloc_zeros::<bf16>(s.q_elems())?;
+    let mut lse = st.alloc_zeros::<f32>(s.lse_elems())?;
+    let (mut dq, mut dk, mut dv) = (
+        st.alloc_zeros::<bf16>(s.q_elems())?,
+        st.alloc_zeros::<bf16>(s.kv_elems())?,
+        st.alloc_zeros::<bf16>(s.kv_elems())?,
+    );
+    let mut once = || -> Result<()> {
+        flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s)?;
+        flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)
+    };
+    for _ in 0..3 {
+        once()?;
+    }
+    gpu.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..a.iters.max(1) {
+        once()?;
+    }
+    gpu.synchronize()?;
+    let secs = t.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+    let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
+    Ok(vec![
+        ("device".into(), format!("{} ({})", gpu.name, gpu.arch)),
+        (
+            "shape".into(),
+            format!(
+                "batch {} · seq {} · {} heads / {} KV · head_dim {}",
+                s.batch, s.q_len, s.n_head, s.n_kv_head, s.head_dim
+            ),
+        ),
+        ("flash-attn fwd+bwd".into(), format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, 3.5 * fwd_flops / secs / 1e12)),
+    ])
+}
