@@ -13,6 +13,18 @@ import time
 import torch
 
 
+def timed(fn, warmup: int, iters: int) -> float:
+    """Seconds per call of `fn` after `warmup` calls, with the GPU drained on both ends."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
 def tinyllama_step(seq: int, micro_batch: int, steps: int, warmup: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,14 +51,7 @@ def tinyllama_step(seq: int, micro_batch: int, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    secs = (time.perf_counter() - t) / steps
+    secs = timed(step, warmup, steps)
     n_params = sum(p.numel() for p in model.parameters())
     tokens = micro_batch * seq
     # 6N per token for the weights plus attention's 6·n_layer·seq·d_model (causal half of 12).
@@ -75,14 +80,7 @@ def sdpa_flash(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, i
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
         o.backward(dout)
 
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        run()
-    torch.cuda.synchronize()
-    secs = (time.perf_counter() - t) / iters
+    secs = timed(run, 3, iters)
     # FA2 paper's count: forward 4·b·h·s²·d/2 (causal), backward 2.5× the forward.
     fwd = 4 * batch * heads * seq * seq * head_dim / 2
     return {

@@ -46,21 +46,24 @@ pub fn sum_squares(gpu: &Gpu, buf: &CudaSlice<f32>) -> Result<f64> {
     Ok(gpu.stream.clone_dtoh(&out)?[0])
 }
 
-pub fn embedding_forward<T: Elem>(
+/// Both embedding kernels take `(dst, src, ids, rows, d)` and touch `rows · d` values.
+fn embedding<D: cudarc::driver::DeviceRepr, S: cudarc::driver::DeviceRepr>(
     gpu: &Gpu,
-    out: &mut CudaSlice<T>,
-    table: &CudaSlice<T>,
+    entry: &str,
+    dst: &mut CudaSlice<D>,
+    src: &CudaSlice<S>,
     ids: &CudaSlice<u32>,
     d: usize,
 ) -> Result<()> {
     let (rows, d32) = (ids.len() as i64, d as i32);
-    let f = gpu.function(&format!("embedding_fwd_{}", T::SUFFIX))?;
-    // SAFETY: as above; ids were checked against the vocabulary by the caller.
+    let f = gpu.function(entry)?;
+    // SAFETY: argument order and types match both kernels; ids were checked against the
+    // vocabulary by the caller.
     unsafe {
         gpu.stream
             .launch_builder(f)
-            .arg(out)
-            .arg(table)
+            .arg(dst)
+            .arg(src)
             .arg(ids)
             .arg(&rows)
             .arg(&d32)
@@ -69,6 +72,18 @@ pub fn embedding_forward<T: Elem>(
     Ok(())
 }
 
+/// `out[r] = table[ids[r]]`.
+pub fn embedding_forward<T: Elem>(
+    gpu: &Gpu,
+    out: &mut CudaSlice<T>,
+    table: &CudaSlice<T>,
+    ids: &CudaSlice<u32>,
+    d: usize,
+) -> Result<()> {
+    embedding(gpu, &format!("embedding_fwd_{}", T::SUFFIX), out, table, ids, d)
+}
+
+/// `dtable[ids[r]] += dout[r]`, into f32.
 pub fn embedding_backward<T: Elem>(
     gpu: &Gpu,
     dtable: &mut CudaSlice<f32>,
@@ -76,18 +91,5 @@ pub fn embedding_backward<T: Elem>(
     ids: &CudaSlice<u32>,
     d: usize,
 ) -> Result<()> {
-    let (rows, d32) = (ids.len() as i64, d as i32);
-    let f = gpu.function(&format!("embedding_bwd_{}", T::SUFFIX))?;
-    // SAFETY: as above.
-    unsafe {
-        gpu.stream
-            .launch_builder(f)
-            .arg(dtable)
-            .arg(dout)
-            .arg(ids)
-            .arg(&rows)
-            .arg(&d32)
-            .launch(elementwise_config(ids.len() * d))
-    }?;
-    Ok(())
+    embedding(gpu, &format!("embedding_bwd_{}", T::SUFFIX), dtable, dout, ids, d)
 }

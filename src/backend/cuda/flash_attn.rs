@@ -3,7 +3,7 @@
 use super::device::Gpu;
 use super::kernels::Kernel;
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 pub const KERNEL: Kernel = Kernel {
     name: "flash_attn",
@@ -43,8 +43,31 @@ fn check(s: &AttnShape) -> Result<&'static str> {
     }
 }
 
-fn scale(s: &AttnShape) -> f32 {
-    1.0 / (s.head_dim as f32).sqrt()
+/// The scalar tail of both kernels' parameters: q_len, kv_len, kv_stride, q_pos0, n_head,
+/// n_kv_head, then the softmax scale.
+struct ShapeArgs {
+    ints: [i32; 6],
+    scale: f32,
+}
+
+impl ShapeArgs {
+    fn new(s: &AttnShape) -> Self {
+        let ints = [s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head].map(|x| x as i32);
+        ShapeArgs { ints, scale: 1.0 / (s.head_dim as f32).sqrt() }
+    }
+}
+
+trait PushShape<'a> {
+    fn push_shape(&mut self, a: &'a ShapeArgs) -> &mut Self;
+}
+
+impl<'a> PushShape<'a> for LaunchArgs<'a> {
+    fn push_shape(&mut self, a: &'a ShapeArgs) -> &mut Self {
+        for x in &a.ints {
+            self.arg(x);
+        }
+        self.arg(&a.scale)
+    }
 }
 
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention.
@@ -59,31 +82,14 @@ pub fn forward(
 ) -> Result<()> {
     let d = check(&s)?;
     let f = gpu.function(&format!("flash_attn_fwd_{d}"))?;
-    let a = [s.q_len as i32, s.kv_len as i32, s.kv_stride as i32, s.q_pos0 as i32, s.n_head as i32, s.n_kv_head as i32];
-    let sc = scale(&s);
+    let shape_args = ShapeArgs::new(&s);
     let cfg = LaunchConfig {
         grid_dim: (s.q_len.div_ceil(BR) as u32, s.n_head as u32, s.batch as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: argument order and types match the kernel; buffers hold AttnShape's sizes.
-    unsafe {
-        gpu.stream
-            .launch_builder(f)
-            .arg(out)
-            .arg(lse)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2])
-            .arg(&a[3])
-            .arg(&a[4])
-            .arg(&a[5])
-            .arg(&sc)
-            .launch(cfg)
-    }?;
+    unsafe { gpu.stream.launch_builder(f).arg(out).arg(lse).arg(q).arg(k).arg(v).push_shape(&shape_args).launch(cfg) }?;
     Ok(())
 }
 
@@ -125,8 +131,7 @@ pub fn backward(
     let f = gpu.function(&format!("flash_attn_bwd_{d}"))?;
     let smem = bwd_shared_bytes(s.head_dim);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-    let a = [s.q_len as i32, s.kv_len as i32, s.kv_stride as i32, s.q_pos0 as i32, s.n_head as i32, s.n_kv_head as i32];
-    let sc = scale(&s);
+    let shape_args = ShapeArgs::new(&s);
     let cfg = LaunchConfig {
         grid_dim: (s.kv_len.div_ceil(BC) as u32, s.n_kv_head as u32, s.batch as u32),
         block_dim: (128, 1, 1),
@@ -146,13 +151,7 @@ pub fn backward(
             .arg(q)
             .arg(k)
             .arg(v)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2])
-            .arg(&a[3])
-            .arg(&a[4])
-            .arg(&a[5])
-            .arg(&sc)
+            .push_shape(&shape_args)
             .launch(cfg)
     }?;
     cast::to_bf16(gpu, dq, &dq_acc)
