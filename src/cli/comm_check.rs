@@ -21,12 +21,13 @@ pub struct CommCheckArgs {
     pub timeout: Duration,
 }
 
-/// A fingerprint of what every node must agree on.
+/// A fingerprint of what every node must agree on. SHA-256, not std's hasher, so that it does not
+/// depend on which Rust built each node's binary.
 fn fingerprint(node: &Node, local: usize, args: &CommCheckArgs) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    ("kiln comm-check", node.nnodes, local, args.megabytes, args.iters).hash(&mut h);
-    h.finish()
+    use sha2::{Digest, Sha256};
+    let what = format!("kiln comm-check {} {local} {} {}", node.nnodes, args.megabytes, args.iters);
+    let digest = Sha256::digest(what.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }
 
 pub fn run(args: &CommCheckArgs) -> Result<Vec<String>> {
