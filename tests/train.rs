@@ -444,10 +444,28 @@ fn sigint_checkpoints_at_a_step_boundary_and_a_second_one_exits_130() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
 
+    // The second SIGINT goes only once the first has been taken (two signals pending together
+    // merge into one), and right away, while the run is still finishing its step: steps are made
+    // long (64 micro-steps) so that the run cannot reach its checkpoint in between. The test stops
+    // reading stderr before the second signal: a closed stderr must not swallow it.
     let run = t.path().join("twice");
-    let mut child = spawn(&run);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
+        .args(["--set", "train.grad_accum=64"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for_steps(&run, 1);
     signal(&child, "-INT");
-    signal(&child, "-INT");
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    for line in std::io::BufRead::lines(stderr) {
+        if line.unwrap().contains("interrupt: checkpointing") {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            break;
+        }
+    }
     assert_eq!(child.wait().unwrap().code(), Some(130));
 }

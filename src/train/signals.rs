@@ -11,11 +11,17 @@ static INSTALLED: OnceLock<()> = OnceLock::new();
 pub fn install() {
     INSTALLED.get_or_init(|| {
         let _ = ctrlc::set_handler(|| {
+            use std::io::Write;
+            // Not eprintln!: it panics when stderr is gone (a closed pipe, a dropped terminal), and
+            // a panic here would swallow the second interrupt.
             if REQUESTS.fetch_add(1, Ordering::SeqCst) >= 1 {
-                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: checkpointing at the next step boundary (interrupt again to exit at once)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\ninterrupt: checkpointing at the next step boundary (interrupt again to exit at once)"
+            );
         });
         // A dropped SSH connection or a killed tmux pane must not end the run: the dashboard falls
         // back to headless and the run can be attached again (`kiln attach`). This comes after
