@@ -9,7 +9,7 @@
 //! accumulate locally). Each rank runs a disjoint slice of every micro-batch, so the global batch,
 //! and hence the loss, is the same whatever the world size.
 
-use super::optim_state::{unit_ranges, MomentSource, RankMoments};
+use super::optim_state::{flat_units, unit_ranges, MomentSource, RankMoments};
 use crate::backend::cpu::Cpu;
 use crate::backend::{AdamW, Backend};
 use crate::data::loader::Batch;
@@ -154,9 +154,8 @@ impl Fsdp {
         let ranges = unit_ranges(cfg);
         let tensors = full.iter();
         let sizes: Vec<usize> = tensors.iter().map(|t| t.len()).collect();
-        let flat_of = |w: &Weights<Vec<f32>>, r: &Range<usize>| -> Vec<f32> {
-            w.iter()[r.clone()].iter().flat_map(|t| t.iter().copied()).collect()
-        };
+        // Flattened once; each rank takes its shard of it.
+        let full_units = flat_units(cfg, full);
         let layouts: Vec<ShardLayout> =
             ranges.iter().map(|r| ShardLayout::new(sizes[r.clone()].iter().sum(), world)).collect();
         let mut ranks = Vec::with_capacity(world);
@@ -164,10 +163,7 @@ impl Fsdp {
             let empty = Weights::try_build(cfg, |_| Ok(Vec::new()))?;
             let model = Llama::new(cfg.clone(), Cpu::new(), empty)?;
             let ws = Workspace::new(&model, rows_per_rank, seq)?;
-            let shard = |w: &Weights<Vec<f32>>| -> Vec<Vec<f32>> {
-                ranges.iter().zip(&layouts).map(|(rg, l)| l.take(&flat_of(w, rg), r)).collect()
-            };
-            let master = shard(full);
+            let master: Vec<Vec<f32>> = layouts.iter().zip(&full_units).map(|(l, f)| l.take(f, r)).collect();
             // Each rank reads only its own part of each unit's moments.
             let (mut m, mut v) = (Vec::with_capacity(layouts.len()), Vec::with_capacity(layouts.len()));
             for (u, l) in layouts.iter().enumerate() {

@@ -31,6 +31,13 @@ pub fn unit_ranges(cfg: &LlamaConfig) -> Vec<Range<usize>> {
     r
 }
 
+/// Each unit of `w` flattened: tensors of the unit back to back, in canonical order (the form
+/// FSDP shards and the optimizer files store).
+pub fn flat_units(cfg: &LlamaConfig, w: &Weights<Vec<f32>>) -> Vec<Vec<f32>> {
+    let t = w.iter();
+    unit_ranges(cfg).into_iter().map(|r| t[r].iter().flat_map(|x| x.iter().copied()).collect()).collect()
+}
+
 /// Values in each unit of `cfg`.
 pub fn unit_lens(cfg: &LlamaConfig) -> Vec<usize> {
     let specs = crate::model::tensor_specs(cfg);
@@ -186,11 +193,8 @@ impl Consolidated {
                 files.load_f32(&TensorSpec { name: format!("{prefix}.{}", s.name), shape: s.shape.clone() })
             })
         };
-        let (m, v) = (load("exp_avg")?, load("exp_avg_sq")?);
-        let flat = |w: &Weights<Vec<f32>>, r: Range<usize>| -> Vec<f32> {
-            w.iter()[r].iter().flat_map(|t| t.iter().copied()).collect()
-        };
-        Ok(Consolidated { units: unit_ranges(cfg).into_iter().map(|r| (flat(&m, r.clone()), flat(&v, r))).collect() })
+        let (m, v) = (flat_units(cfg, &load("exp_avg")?), flat_units(cfg, &load("exp_avg_sq")?));
+        Ok(Consolidated { units: m.into_iter().zip(v).collect() })
     }
 }
 

@@ -357,13 +357,8 @@ impl<B: Backend> Trainer<B> {
         // One file per rank; the single-rank engine is a world of one.
         let single: Option<OwnedRankMoments> = match (&self.fsdp, &self.opt) {
             (None, Some(opt)) => {
-                let units = |w: &Weights<B::Buf>| -> Result<Vec<Vec<f32>>> {
-                    let host = host_weights(&self.model, w)?;
-                    let t = host.iter();
-                    Ok(optim_state::unit_ranges(&self.model.cfg)
-                        .into_iter()
-                        .map(|r| t[r].iter().flat_map(|x| x.iter().copied()).collect())
-                        .collect())
+                let units = |w: &Weights<B::Buf>| {
+                    Ok::<_, anyhow::Error>(optim_state::flat_units(&self.model.cfg, &host_weights(&self.model, w)?))
                 };
                 Some(OwnedRankMoments { m: units(&opt.m)?, v: units(&opt.v)? })
             }
