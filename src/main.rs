@@ -187,6 +187,25 @@ enum BenchWhat {
         #[arg(long, default_value_t = 20)]
         iters: usize,
     },
+    /// A full training step's tokens/s, MFU and peak memory (default: TinyLlama-1.1B on GPU 0)
+    Train {
+        /// cpu or cuda
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value = "tinyllama-1.1b")]
+        preset: String,
+        /// Micro-batch (sequences per step)
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Timed steps
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
     /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
     Dashboard {
         #[arg(long, default_value = "configs/demo.toml")]
@@ -315,6 +334,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = kiln::cli::bench_attention::AttentionBenchArgs { batch, seq, head_dim, heads, iters };
             for (k, v) in kiln::cli::bench_attention::run(&args)? {
                 println!("{k:<24} {v}");
+            }
+        }
+        Command::Bench { what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup }), .. } => {
+            let args = kiln::cli::bench_train::TrainBenchArgs {
+                device,
+                preset,
+                batch: batch.max(1),
+                seq: seq.max(1),
+                steps: steps.max(1),
+                warmup,
+            };
+            for (k, v) in kiln::cli::bench_train::run(&args)? {
+                println!("{k:<28} {v}");
             }
         }
         Command::Bench {

@@ -91,6 +91,23 @@ pub struct RopeShape {
     pub head_dim: usize,
 }
 
+/// What a buffer holds, so that a mixed-precision backend can pick its storage. The CPU backend
+/// keeps everything in f32 and ignores it; the CUDA backend stores activations in bf16 and the
+/// rest in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Activations and activation gradients: the compute type.
+    Activation,
+    /// Per-row statistics and tables that lose too much in bf16 (RMSNorm's `rstd`, attention's
+    /// logsumexp, the RoPE tables): always f32.
+    Stats,
+    /// Parameters: f32 master weights; a mixed-precision backend keeps a compute-type copy beside
+    /// them for the forward and backward to read, refreshed by every `adamw_step`.
+    Param,
+    /// Parameter gradients and optimizer moments: f32, because they accumulate.
+    Accum,
+}
+
 /// Hyper-parameters of one AdamW update with torch.optim.AdamW semantics.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
@@ -110,8 +127,24 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
 
     // ---- memory ----
+    /// A zeroed activation buffer.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// An activation buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A zeroed buffer for `role` (see [`Role`]); a single-precision backend needs no override.
+    fn zeros_as(&self, len: usize, role: Role) -> Result<Self::Buf> {
+        let _ = role;
+        self.zeros(len)
+    }
+    /// A buffer for `role` holding `data`.
+    fn upload_as(&self, data: &[f32], role: Role) -> Result<Self::Buf> {
+        let _ = role;
+        self.upload(data)
+    }
+    /// Waits for queued work (a no-op on a synchronous backend); benchmarks call it before reading a clock.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;

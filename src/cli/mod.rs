@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_attention;
 pub mod bench_dashboard;
+pub mod bench_train;
 pub mod chat;
 pub mod comm_check;
 pub mod eval;

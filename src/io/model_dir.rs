@@ -3,7 +3,7 @@
 
 use super::hf_config::{read_generation_eos, read_hf_config, HfConfig};
 use super::safetensors::TensorFiles;
-use crate::backend::Backend;
+use crate::backend::{Backend, Role};
 use crate::model::{Llama, Weights};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
@@ -45,7 +45,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>>
     let config = read_hf_config(&cfg_path)?;
     let files = weight_files(dir)?;
     let cfg = config.model.clone();
-    let weights = Weights::try_build(&cfg, |spec| backend.upload(&files.load_f32(spec)?))?;
+    let weights = Weights::try_build(&cfg, |spec| backend.upload_as(&files.load_f32(spec)?, Role::Param))?;
     let model = Llama::new(cfg, backend, weights)?;
 
     let tok_path = dir.join("tokenizer.json");

@@ -2,7 +2,7 @@
 //! later token costs one matrix-vector pass per layer plus attention over the cache.
 
 use super::llama::{KvPlace, Llama, Workspace};
-use crate::backend::{Backend, Gemm};
+use crate::backend::{Backend, Gemm, Role};
 use anyhow::{bail, Result};
 
 /// Keys and values of every layer for one sequence, `[capacity, n_kv_head · head_dim]` each.
@@ -47,7 +47,7 @@ impl<B: Backend> KvCache<B> {
             ws,
             last_hidden: b.zeros(cfg.d_model)?,
             last_norm: b.zeros(cfg.d_model)?,
-            rstd: b.zeros(1)?,
+            rstd: b.zeros_as(1, Role::Stats)?,
             logits: b.zeros(cfg.vocab_size)?,
             all: None,
         })
@@ -118,7 +118,7 @@ impl<B: Backend> Llama<B> {
                 let (chunk, v) = (cache.ws.seq, cfg.vocab_size);
                 if cache.all.is_none() {
                     cache.all =
-                        Some(AllRows { norm: b.zeros(chunk * d)?, rstd: b.zeros(chunk)?, logits: b.zeros(chunk * v)? });
+                        Some(AllRows { norm: b.zeros(chunk * d)?, rstd: b.zeros_as(chunk, Role::Stats)?, logits: b.zeros(chunk * v)? });
                 }
                 let a = cache.all.as_mut().expect("allocated above");
                 let out = &cache.ws.resid[cfg.n_layer % 2];

@@ -9,7 +9,7 @@
 use super::config::LlamaConfig;
 use super::rope;
 use super::weights::{LayerWeights, Weights};
-use crate::backend::{AttnShape, Backend, Gemm, RopeShape};
+use crate::backend::{AttnShape, Backend, Gemm, Role, RopeShape};
 use anyhow::{bail, Result};
 
 pub struct Llama<B: Backend> {
@@ -71,15 +71,15 @@ impl<Buf> BlockActs<Buf> {
         let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
         Ok(BlockActs {
             ln1: b.zeros(rows * d)?,
-            rstd1: b.zeros(rows)?,
+            rstd1: b.zeros_as(rows, Role::Stats)?,
             q: b.zeros(rows * q)?,
             k: b.zeros(rows * kv)?,
             v: b.zeros(rows * kv)?,
             att: b.zeros(rows * q)?,
-            lse: b.zeros(batch * cfg.n_head * seq)?,
+            lse: b.zeros_as(batch * cfg.n_head * seq, Role::Stats)?,
             x_mid: b.zeros(rows * d)?,
             ln2: b.zeros(rows * d)?,
-            rstd2: b.zeros(rows)?,
+            rstd2: b.zeros_as(rows, Role::Stats)?,
             gate: b.zeros(rows * ff)?,
             up: b.zeros(rows * ff)?,
             act: b.zeros(rows * ff)?,
@@ -123,7 +123,7 @@ impl<B: Backend> Workspace<B> {
             resid,
             blocks,
             lnf: b.zeros(rows * d)?,
-            rstdf: b.zeros(rows)?,
+            rstdf: b.zeros_as(rows, Role::Stats)?,
             logits: b.zeros(rows * cfg.vocab_size)?,
             d_resid: b.zeros(rows * d)?,
             grads,
@@ -149,8 +149,8 @@ impl<B: Backend> Llama<B> {
     pub fn new(cfg: LlamaConfig, backend: B, weights: Weights<B::Buf>) -> Result<Self> {
         cfg.validate()?;
         let (cos, sin) = rope::tables(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta);
-        let rope_cos = backend.upload(&cos)?;
-        let rope_sin = backend.upload(&sin)?;
+        let rope_cos = backend.upload_as(&cos, Role::Stats)?;
+        let rope_sin = backend.upload_as(&sin, Role::Stats)?;
         Ok(Llama { cfg, backend, weights, rope_cos, rope_sin })
     }
 
@@ -162,14 +162,14 @@ impl<B: Backend> Llama<B> {
             if t.len() != spec.numel() {
                 bail!("tensor {} has {} values, expected {}", spec.name, t.len(), spec.numel());
             }
-            backend.upload(t)
+            backend.upload_as(t, Role::Param)
         })?;
         Self::new(cfg, backend, weights)
     }
 
     /// Allocates a zeroed buffer for every parameter (gradients, optimizer moments).
     pub fn zeros_like_weights(&self) -> Result<Weights<B::Buf>> {
-        Weights::try_build(&self.cfg, |s| self.backend.zeros(s.numel()))
+        Weights::try_build(&self.cfg, |s| self.backend.zeros_as(s.numel(), Role::Accum))
     }
 
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {

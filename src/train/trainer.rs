@@ -9,7 +9,7 @@ use super::optim_state::{self, MomentSource, OwnedRankMoments};
 use super::optimizer::{clip, grad_norm, AdamWState};
 use super::schedule::lr_at;
 use super::signals;
-use crate::backend::{AdamW, Backend};
+use crate::backend::{AdamW, Backend, Role};
 use crate::chat::prompt::ChatFormat;
 use crate::chat::service::{ChatRequest, ChatService};
 use crate::chat::ChatTemplate;
@@ -98,7 +98,7 @@ impl<B: Backend> Trainer<B> {
                     let (m, v) = optim_state::full(src.as_ref(), &p.model.cfg)?;
                     let up = |w: &Weights<Vec<f32>>| {
                         let mut it = w.iter().into_iter();
-                        Weights::try_build(&p.model.cfg, |_| p.model.backend.upload(it.next().expect("same shape")))
+                        Weights::try_build(&p.model.cfg, |_| p.model.backend.upload_as(it.next().expect("same shape"), Role::Accum))
                     };
                     AdamWState { m: up(&m)?, v: up(&v)? }
                 }
@@ -255,7 +255,7 @@ impl<B: Backend> Trainer<B> {
             let full = f.consolidate()?;
             let b = &self.model.backend;
             for (dst, src) in self.model.weights.iter_mut().into_iter().zip(full.iter()) {
-                *dst = b.upload(src)?;
+                *dst = b.upload_as(src, Role::Param)?;
             }
             self.model_stale = false;
         }

@@ -3,13 +3,18 @@
 //! launcher file per kernel file, named alike.
 
 pub mod adamw;
+pub mod buf;
 pub mod cast;
 pub mod cross_entropy;
 pub mod device;
 pub mod elementwise;
+pub mod engine;
 pub mod flash_attn;
+pub mod gemm;
 pub mod kernels;
 pub mod libs;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+
+pub use engine::{Cuda, CudaMemory};

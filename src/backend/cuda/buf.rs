@@ -1,0 +1,133 @@
+//! The CUDA backend's buffer: device memory in the precision its [`Role`] asks for, counted so the
+//! engine can report live and peak bytes.
+//!
+//! - activations: bf16;
+//! - statistics, gradients, optimizer moments: f32;
+//! - parameters: f32 master weights plus the bf16 copy every op reads, both refreshed by AdamW.
+
+use crate::backend::Role;
+use anyhow::{bail, Result};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Bytes held by live buffers, and the most ever held at once.
+#[derive(Default)]
+pub struct MemStats {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemStats {
+    pub fn add(&self, bytes: usize) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    pub fn sub(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    /// Starts a new peak window at the current level (benchmarks measure one phase at a time).
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live(), Ordering::Relaxed);
+    }
+}
+
+pub enum Data {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+    Param { master: CudaSlice<f32>, compute: CudaSlice<bf16> },
+}
+
+pub struct CudaBuf {
+    pub data: Data,
+    bytes: usize,
+    mem: Arc<MemStats>,
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        self.mem.sub(self.bytes);
+    }
+}
+
+/// Which storage a role gets.
+pub fn storage_of(role: Role) -> &'static str {
+    match role {
+        Role::Activation => "bf16",
+        Role::Stats | Role::Accum => "f32",
+        Role::Param => "f32 master + bf16 copy",
+    }
+}
+
+impl CudaBuf {
+    pub fn new(data: Data, mem: Arc<MemStats>) -> CudaBuf {
+        let bytes = match &data {
+            Data::Bf16(s) => 2 * s.len(),
+            Data::F32(s) => 4 * s.len(),
+            Data::Param { master, compute } => 4 * master.len() + 2 * compute.len(),
+        };
+        mem.add(bytes);
+        CudaBuf { data, bytes, mem }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::Bf16(s) => s.len(),
+            Data::F32(s) => s.len(),
+            Data::Param { master, .. } => master.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn kind(&self) -> &'static str {
+        match &self.data {
+            Data::Bf16(_) => "a bf16 activation",
+            Data::F32(_) => "an f32",
+            Data::Param { .. } => "a parameter",
+        }
+    }
+
+    /// The bf16 values an op reads: an activation, or a parameter's compute copy.
+    pub fn bf16(&self, what: &str) -> Result<&CudaSlice<bf16>> {
+        match &self.data {
+            Data::Bf16(s) => Ok(s),
+            Data::Param { compute, .. } => Ok(compute),
+            Data::F32(_) => bail!("{what}: expected bf16 values, got {} buffer", self.kind()),
+        }
+    }
+
+    /// A bf16 activation to write. Parameters are written only by AdamW, which keeps the two
+    /// copies in step, so they are refused here.
+    pub fn bf16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<bf16>> {
+        let kind = self.kind();
+        match &mut self.data {
+            Data::Bf16(s) => Ok(s),
+            _ => bail!("{what}: expected a bf16 activation to write, got {kind} buffer"),
+        }
+    }
+
+    pub fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            Data::F32(s) => Ok(s),
+            _ => bail!("{what}: expected an f32 buffer, got {}", self.kind()),
+        }
+    }
+
+    pub fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        let kind = self.kind();
+        match &mut self.data {
+            Data::F32(s) => Ok(s),
+            _ => bail!("{what}: expected an f32 buffer, got {kind}"),
+        }
+    }
+}

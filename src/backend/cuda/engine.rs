@@ -1,0 +1,340 @@
+//! `Cuda`: the [`Backend`] on one GPU, bf16 mixed precision.
+//!
+//! Activations are bf16; everything that accumulates or is a statistic is f32 (see `buf`).
+//! Parameters carry an f32 master copy that AdamW updates and a bf16 copy, written in the same
+//! AdamW pass, that the forward and backward read. GEMMs go through cuBLASLt (`gemm`), every other
+//! op through the kernels in `kernels/` via their same-named launchers. All work is queued on the
+//! GPU's one stream, so ops are ordered without host synchronisation; only `download`,
+//! `sum_squares` and `cross_entropy` (which return host values) wait.
+
+use super::buf::{CudaBuf, Data, MemStats};
+use super::device::Gpu;
+use super::gemm::Blas;
+use super::libs::{require, CudaLib};
+use super::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
+use crate::backend::{AdamW, AttnShape, Backend, Gemm, Role, RopeShape};
+use anyhow::{bail, Result};
+use half::bf16;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    blas: Arc<Blas>,
+    mem: Arc<MemStats>,
+}
+
+/// Device memory as the engine and the driver see it.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaMemory {
+    /// Bytes in live kiln buffers.
+    pub live: usize,
+    /// Most bytes in kiln buffers at once since the last `reset_peak`.
+    pub peak: usize,
+    /// Bytes in use on the device by every allocator (cuBLASLt's workspace, caching pools, other processes).
+    pub device_used: usize,
+    pub device_total: usize,
+}
+
+fn to_bf16(data: &[f32]) -> Vec<bf16> {
+    data.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+impl Cuda {
+    /// Opens GPU `ordinal`: checks the libraries, compiles (or loads) the kernels, creates cuBLASLt.
+    pub fn open(ordinal: usize) -> Result<Cuda> {
+        require("the CUDA backend", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        let blas = Arc::new(Blas::new(&gpu)?);
+        Ok(Cuda { gpu, blas, mem: Arc::new(MemStats::default()) })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn memory(&self) -> Result<CudaMemory> {
+        self.gpu.ctx.bind_to_thread()?;
+        let (free, total) = self.gpu.ctx.mem_get_info()?;
+        Ok(CudaMemory {
+            live: self.mem.live(),
+            peak: self.mem.peak(),
+            device_used: total - free,
+            device_total: total,
+        })
+    }
+
+    pub fn reset_peak(&self) {
+        self.mem.reset_peak();
+    }
+
+    fn wrap(&self, data: Data) -> CudaBuf {
+        CudaBuf::new(data, self.mem.clone())
+    }
+
+    fn ids(&self, ids: &[u32]) -> Result<cudarc::driver::CudaSlice<u32>> {
+        Ok(self.gpu.stream.clone_htod(ids)?)
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+
+    fn name(&self) -> String {
+        format!("cuda:{} {} ({}, bf16 mixed precision)", self.gpu.ordinal, self.gpu.name, self.gpu.arch)
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_as(len, Role::Activation)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        self.upload_as(data, Role::Activation)
+    }
+
+    fn zeros_as(&self, len: usize, role: Role) -> Result<CudaBuf> {
+        let s = &self.gpu.stream;
+        let data = match role {
+            Role::Activation => Data::Bf16(s.alloc_zeros(len)?),
+            Role::Stats | Role::Accum => Data::F32(s.alloc_zeros(len)?),
+            Role::Param => Data::Param { master: s.alloc_zeros(len)?, compute: s.alloc_zeros(len)? },
+        };
+        Ok(self.wrap(data))
+    }
+
+    fn upload_as(&self, data: &[f32], role: Role) -> Result<CudaBuf> {
+        let s = &self.gpu.stream;
+        let d = match role {
+            Role::Activation => Data::Bf16(s.clone_htod(&to_bf16(data))?),
+            Role::Stats | Role::Accum => Data::F32(s.clone_htod(data)?),
+            Role::Param => Data::Param { master: s.clone_htod(data)?, compute: s.clone_htod(&to_bf16(data))? },
+        };
+        Ok(self.wrap(d))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.synchronize()
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let s = &self.gpu.stream;
+        Ok(match &buf.data {
+            Data::Bf16(x) => s.clone_dtoh(x)?.into_iter().map(f32::from).collect(),
+            Data::F32(x) | Data::Param { master: x, .. } => s.clone_dtoh(x)?,
+        })
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
+        let s = &self.gpu.stream;
+        match &mut buf.data {
+            Data::Bf16(x) => s.memset_zeros(x)?,
+            Data::F32(x) => s.memset_zeros(x)?,
+            Data::Param { master, compute } => {
+                s.memset_zeros(master)?;
+                s.memset_zeros(compute)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut CudaBuf, dst_off: usize, src: &CudaBuf, src_off: usize, len: usize) -> Result<()> {
+        if dst_off + len > dst.len() || src_off + len > src.len() {
+            bail!("copy of {len} values: out of range ({dst_off}/{} ← {src_off}/{})", dst.len(), src.len());
+        }
+        let s = &self.gpu.stream;
+        match &mut dst.data {
+            Data::F32(d) => {
+                let x = src.f32("copy")?;
+                s.memcpy_dtod(&x.slice(src_off..src_off + len), &mut d.slice_mut(dst_off..dst_off + len))?
+            }
+            _ => {
+                let x = src.bf16("copy")?;
+                let d = dst.bf16_mut("copy")?;
+                s.memcpy_dtod(&x.slice(src_off..src_off + len), &mut d.slice_mut(dst_off..dst_off + len))?
+            }
+        }
+        Ok(())
+    }
+
+    fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        if dst.len() != src.len() {
+            bail!("add_assign: {} values += {} values", dst.len(), src.len());
+        }
+        match &mut dst.data {
+            Data::F32(d) => elementwise::add_assign(&self.gpu, d, src.f32("add_assign")?),
+            _ => elementwise::add_assign(&self.gpu, dst.bf16_mut("add_assign")?, src.bf16("add_assign")?),
+        }
+    }
+
+    fn scale(&self, buf: &mut CudaBuf, s: f32) -> Result<()> {
+        elementwise::scale(&self.gpu, buf.f32_mut("scale")?, s)
+    }
+
+    fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
+        elementwise::sum_squares(&self.gpu, buf.f32("sum_squares")?)
+    }
+
+    fn matmul(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
+        let (a, b) = (a.bf16("matmul operand")?, b.bf16("matmul operand")?);
+        match &mut out.data {
+            Data::F32(o) => self.blas.matmul(&self.gpu, o, a, b, g),
+            _ => self.blas.matmul(&self.gpu, out.bf16_mut("matmul result")?, a, b, g),
+        }
+    }
+
+    fn embedding_forward(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], d: usize) -> Result<()> {
+        if ids.len() * d > out.len() {
+            bail!("embedding: {} ids of width {d} do not fit {} values", ids.len(), out.len());
+        }
+        let ids = self.ids(ids)?;
+        elementwise::embedding_forward(&self.gpu, out.bf16_mut("embedding")?, table.bf16("embedding table")?, &ids, d)
+    }
+
+    fn embedding_backward(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &[u32], d: usize) -> Result<()> {
+        let ids = self.ids(ids)?;
+        elementwise::embedding_backward(&self.gpu, dtable.f32_mut("embedding grad")?, dout.bf16("embedding")?, &ids, d)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (x, w) = (x.bf16("rmsnorm input")?, w.bf16("rmsnorm weight")?);
+        rmsnorm::forward(&self.gpu, out.bf16_mut("rmsnorm")?, rstd.f32_mut("rmsnorm rstd")?, x, w, rows, d, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        rmsnorm::backward(
+            &self.gpu,
+            dx.bf16_mut("rmsnorm dx")?,
+            dw.f32_mut("rmsnorm dw")?,
+            dout.bf16("rmsnorm dout")?,
+            x.bf16("rmsnorm input")?,
+            w.bf16("rmsnorm weight")?,
+            rstd.f32("rmsnorm rstd")?,
+            rows,
+            d,
+        )
+    }
+
+    fn rope(&self, x: &mut CudaBuf, cos: &CudaBuf, sin: &CudaBuf, shape: RopeShape, inverse: bool) -> Result<()> {
+        let (c, s) = (cos.f32("rope cos table")?, sin.f32("rope sin table")?);
+        rope::apply(&self.gpu, x.bf16_mut("rope")?, c, s, shape, inverse)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: AttnShape,
+    ) -> Result<()> {
+        let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
+        flash_attn::forward(&self.gpu, out.bf16_mut("attention")?, lse.f32_mut("attention lse")?, q, k, v, shape)
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: AttnShape,
+    ) -> Result<()> {
+        flash_attn::backward(
+            &self.gpu,
+            dq.bf16_mut("attention dq")?,
+            dk.bf16_mut("attention dk")?,
+            dv.bf16_mut("attention dv")?,
+            dout.bf16("attention dout")?,
+            out.bf16("attention out")?,
+            lse.f32("attention lse")?,
+            q.bf16("attention q")?,
+            k.bf16("attention k")?,
+            v.bf16("attention v")?,
+            shape,
+        )
+    }
+
+    fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
+        swiglu::forward(&self.gpu, out.bf16_mut("swiglu")?, gate.bf16("swiglu gate")?, up.bf16("swiglu up")?)
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) -> Result<()> {
+        swiglu::backward(
+            &self.gpu,
+            dgate.bf16_mut("swiglu dgate")?,
+            dup.bf16_mut("swiglu dup")?,
+            dout.bf16("swiglu dout")?,
+            gate.bf16("swiglu gate")?,
+            up.bf16("swiglu up")?,
+        )
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut CudaBuf,
+        targets: &[i32],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        if targets.len() * vocab != logits.len() {
+            bail!("cross_entropy: {} rows of {vocab} logits expected, got {} values", targets.len(), logits.len());
+        }
+        let s = &self.gpu.stream;
+        let t = s.clone_htod(targets)?;
+        let mut loss = s.alloc_zeros::<f32>(targets.len())?;
+        cross_entropy::forward(&self.gpu, logits.bf16_mut("cross_entropy logits")?, &mut loss, &t, vocab, grad_scale)?;
+        Ok(s.clone_dtoh(&loss)?)
+    }
+
+    fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) -> Result<()> {
+        let n = param.len();
+        if grad.len() != n || m.len() != n || v.len() != n {
+            bail!("adamw: parameter of {n} values with gradient/moments of {}/{}/{}", grad.len(), m.len(), v.len());
+        }
+        let grad = grad.f32("adamw gradient")?;
+        let (m, v) = (m.f32_mut("adamw m")?, v.f32_mut("adamw v")?);
+        let (param, param_bf16) = match &mut param.data {
+            Data::Param { master, compute } => (master, Some(compute)),
+            Data::F32(p) => (p, None),
+            Data::Bf16(_) => bail!("adamw: the parameter has no f32 master copy (allocate it as Role::Param)"),
+        };
+        let mut t = [adamw::AdamTensor { param, grad, m, v, param_bf16 }];
+        adamw::step(&self.gpu, &mut t, hp, 1.0)
+    }
+}

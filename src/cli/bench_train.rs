@@ -1,0 +1,201 @@
+//! `kiln bench train`: one full training step (forward, backward, global-norm clipping, AdamW) of
+//! a preset model on random tokens, timed over several steps after a warm-up. Prints tokens/s,
+//! model FLOP/s, MFU and peak memory; on CUDA also a bf16 GEMM ceiling measured on the same card, so
+//! MFU can be read against the datasheet and against what the card really sustains.
+//! The step is the trainer's own (`Llama::forward`/`backward`, `optimizer::{grad_norm, clip}`,
+//! `AdamWState`), not a copy of it.
+
+use crate::backend::cpu::{measured_peak_flops, Cpu};
+use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::gemm::Blas;
+use crate::backend::cuda::Cuda;
+use crate::backend::{AdamW, Backend, Gemm};
+use crate::model::init::random_weights;
+use crate::model::{Llama, LlamaConfig, Workspace};
+use crate::train::optimizer::{clip, grad_norm, AdamWState};
+use anyhow::{bail, Result};
+use half::bf16;
+use std::time::Instant;
+
+pub struct TrainBenchArgs {
+    pub device: String,
+    pub preset: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+/// Dense bf16 tensor-core peak from the datasheet, for the cards kiln is measured on.
+pub fn datasheet_bf16_flops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let tf = if n.contains("H200") || (n.contains("H100") && !n.contains("PCIE")) {
+        989.4
+    } else if n.contains("H100") {
+        756.0
+    } else if n.contains("A100") {
+        312.0
+    } else if n.contains("L40S") {
+        362.0
+    } else {
+        return None;
+    };
+    Some(tf * 1e12)
+}
+
+/// Sustained bf16 GEMM FLOP/s on this card: an 8192³ product through the same cuBLASLt path.
+fn gemm_ceiling(gpu: &Gpu) -> Result<f64> {
+    let n = 8192;
+    let blas = Blas::new(gpu)?;
+    let x: Vec<bf16> = (0..n * n).map(|i| bf16::from_f32(((i % 251) as f32 - 125.0) / 125.0)).collect();
+    let a = gpu.stream.clone_htod(&x)?;
+    let mut out = gpu.stream.alloc_zeros::<bf16>(n * n)?;
+    let g = Gemm { m: n, n, k: n, trans_a: false, trans_b: true, accumulate: false };
+    for _ in 0..3 {
+        blas.matmul(gpu, &mut out, &a, &a, g)?;
+    }
+    gpu.synchronize()?;
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        blas.matmul(gpu, &mut out, &a, &a, g)?;
+    }
+    gpu.synchronize()?;
+    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64())
+}
+
+struct StepTiming {
+    secs_per_step: f64,
+    loss: f32,
+}
+
+/// Everything one benchmark step needs besides the model.
+struct Stepper<B: Backend> {
+    ws: Workspace<B>,
+    grads: crate::model::Weights<B::Buf>,
+    opt: AdamWState<B>,
+    ids: Vec<u32>,
+    targets: Vec<i32>,
+    scale: f32,
+}
+
+impl<B: Backend> Stepper<B> {
+    fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        let v = model.cfg.vocab_size;
+        let rows = batch * seq;
+        let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let targets = ids.iter().map(|&t| ((t as usize * 31 + 7) % v) as i32).collect();
+        Ok(Stepper {
+            ws: Workspace::new(model, batch, seq)?,
+            grads: model.zeros_like_weights()?,
+            opt: AdamWState::new(model)?,
+            ids,
+            targets,
+            scale: 1.0 / rows as f32,
+        })
+    }
+
+    /// One optimizer step (1-based `n`); returns the mean loss.
+    fn step(&mut self, model: &mut Llama<B>, n: u64) -> Result<f32> {
+        let b = &model.backend;
+        for g in self.grads.iter_mut() {
+            b.fill_zero(g)?;
+        }
+        let losses = model.forward(&mut self.ws, &self.ids, &self.targets, Some(self.scale))?;
+        model.backward(&mut self.ws, &mut self.grads)?;
+        let norm = grad_norm(b, &self.grads)?;
+        clip(b, &mut self.grads, norm, 1.0)?;
+        let hp = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: n };
+        self.opt.step(model, &self.grads, hp)?;
+        Ok(losses.iter().sum::<f32>() * self.scale)
+    }
+}
+
+/// Times `steps` training steps after `warmup` untimed ones.
+fn time_steps<B: Backend>(
+    model: &mut Llama<B>,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<StepTiming> {
+    let mut s = Stepper::new(model, batch, seq)?;
+    for n in 0..warmup {
+        s.step(model, n as u64 + 1)?;
+    }
+    model.backend.synchronize()?;
+    let t = Instant::now();
+    let mut loss = 0.0;
+    for n in 0..steps {
+        loss = s.step(model, (warmup + n) as u64 + 1)?;
+    }
+    model.backend.synchronize()?;
+    Ok(StepTiming { secs_per_step: t.elapsed().as_secs_f64() / steps.max(1) as f64, loss })
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
+    let cfg = LlamaConfig::preset(&a.preset)?;
+    if a.seq > cfg.max_seq_len {
+        bail!("--seq {} exceeds {}'s max_seq_len {}", a.seq, a.preset, cfg.max_seq_len);
+    }
+    let host = random_weights(&cfg, 0)?;
+    let tokens = (a.batch * a.seq) as f64;
+    let flops_per_token = cfg.train_flops_per_token(a.seq);
+    let mut lines = vec![(
+        "model".to_string(),
+        format!("{} ({:.1}M params, {:.2} GFLOP/token)", a.preset, cfg.n_params() as f64 / 1e6, flops_per_token / 1e9),
+    )];
+    let shape = format!("{}x{}", a.batch, a.seq);
+    match a.device.as_str() {
+        "cuda" => {
+            let b = Cuda::open(0)?;
+            lines.push(("device".into(), b.name()));
+            let ceiling = gemm_ceiling(b.gpu())?;
+            let sheet = datasheet_bf16_flops(&b.gpu().name);
+            let mut model = Llama::from_host(cfg.clone(), b.clone(), &host)?;
+            drop(host);
+            b.reset_peak();
+            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup)?;
+            let mem = b.memory()?;
+            let tps = tokens / t.secs_per_step;
+            let flops = flops_per_token * tps;
+            lines.push(("bf16 GEMM 8192³".into(), format!("{:.0} TFLOP/s", ceiling / 1e12)));
+            lines.push((
+                format!("train step {shape}"),
+                format!("{tps:.0} tokens/s ({:.1} ms/step, {:.0} TFLOP/s model)", t.secs_per_step * 1e3, flops / 1e12),
+            ));
+            let mfu_sheet = sheet.map(|p| format!("{:.1}% of datasheet", 100.0 * flops / p)).unwrap_or_default();
+            lines.push(("MFU".into(), format!("{mfu_sheet}; {:.1}% of the measured GEMM ceiling", 100.0 * flops / ceiling)));
+            lines.push((
+                "memory".into(),
+                format!(
+                    "peak {:.1} GiB in kiln buffers, {:.1} GiB in use on the device of {:.0} GiB",
+                    gib(mem.peak),
+                    gib(mem.device_used),
+                    gib(mem.device_total)
+                ),
+            ));
+            lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+        }
+        "cpu" => {
+            let b = Cpu::new();
+            lines.push(("device".into(), b.name()));
+            let mut model = Llama::from_host(cfg.clone(), b, &host)?;
+            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup)?;
+            let tps = tokens / t.secs_per_step;
+            let flops = flops_per_token * tps;
+            lines.push((
+                format!("train step {shape}"),
+                format!("{tps:.0} tokens/s ({:.1} ms/step, {:.1} GFLOP/s model)", t.secs_per_step * 1e3, flops / 1e9),
+            ));
+            lines.push(("MFU".into(), format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops())));
+            lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+        }
+        other => bail!("--device {other:?}: expected cpu or cuda"),
+    }
+    Ok(lines)
+}
