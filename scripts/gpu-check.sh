@@ -4,6 +4,7 @@
 # the checkout. Prints a short table last. Exit status: non-zero when any test failed.
 #
 #   scripts/gpu-check.sh            # from the repository root
+#   KILN_GPU_SUMMARY=$OUT/summary.txt scripts/gpu-check.sh   # also write each table row as it is known
 #
 # Finds the CUDA libraries of the machine's PyTorch install (or TORCH_VENV), gives NCCL the
 # libnccl.so name cudarc loads, and points NVRTC at cuda_bf16.h.
@@ -25,23 +26,28 @@ export KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
 
 declare -a rows
 status=0
-row() { rows+=("$(printf '%-34s %s' "$1" "$2")"); }
+# Each row also goes to $KILN_GPU_SUMMARY as it is known, so a run cut short keeps what it measured.
+row() {
+  rows+=("$(printf '%-34s %s' "$1" "$2")")
+  [ -n "${KILN_GPU_SUMMARY:-}" ] && printf '%-34s %s\n' "$1" "$2" >> "$KILN_GPU_SUMMARY"
+  return 0
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 KILN=target/release/kiln
 
 echo "== comm-check (NCCL on every local GPU)"
-if out=$(timeout 120 "$KILN" comm-check --megabytes 256 2>&1); then
+if out=$(timeout 60 "$KILN" comm-check --megabytes 256 2>&1); then
   echo "$out"; row "nccl all_reduce" "$(echo "$out" | grep -o '[0-9.]* GB/s bus' | head -1)"
 else
   echo "$out"; row "nccl all_reduce" "FAILED"; status=1
 fi
 
-for t in kernels gpu; do
+for t in kernels gpu gpu_model; do
   bin=$(ls -t target/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1)
   echo "== test $t ($bin)"
   if [ -z "$bin" ]; then row "test $t" "MISSING (cargo test --release --no-run)"; status=1; continue; fi
-  if timeout 300 "$bin" --test-threads=1 --nocapture 2>&1 | tee "$LIBS/$t.log"; then
+  if timeout 120 "$bin" --test-threads=1 --nocapture 2>&1 | tee "$LIBS/$t.log"; then
     row "test $t" "passed"
   else
     row "test $t" "FAILED"; status=1
@@ -50,16 +56,27 @@ done
 
 for hd in 64 128; do
   echo "== kiln bench attention --head-dim $hd"
-  if out=$(timeout 120 "$KILN" bench attention --head-dim $hd 2>&1); then
+  if out=$(timeout 60 "$KILN" bench attention --head-dim $hd 2>&1); then
     echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep -o '[0-9]* TFLOP/s')"
   else
     echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1
   fi
 done
 
+echo "== kiln bench train (TinyLlama-1.1B, micro-batch 8 x 2048, the same step as the PyTorch baseline)"
+if out=$(timeout 180 "$KILN" bench train --preset tinyllama-1.1b --batch 8 --seq 2048 --steps 10 --warmup 3 2>&1); then
+  echo "$out"
+  row "kiln TinyLlama-1.1B step" "$(echo "$out" | grep '^train step' | sed 's/^train step [0-9x]* *//')"
+  row "kiln TinyLlama-1.1B MFU" "$(echo "$out" | grep '^MFU' | sed 's/^MFU *//')"
+  row "kiln TinyLlama-1.1B memory" "$(echo "$out" | grep '^memory' | sed 's/^memory *//')"
+  row "kiln bf16 GEMM 8192^3" "$(echo "$out" | grep '^bf16 GEMM' | grep -o '[0-9]* TFLOP/s')"
+else
+  echo "$out"; row "kiln TinyLlama-1.1B step" "FAILED"; status=1
+fi
+
 echo "== PyTorch baseline (bench/torch_baseline.py)"
 if [ -x "$PY" ]; then
-  timeout 240 "$PY" bench/torch_baseline.py | tee "$LIBS/torch.jsonl"
+  timeout 180 "$PY" bench/torch_baseline.py | tee "$LIBS/torch.jsonl"
   while read -r line; do
     b=$(echo "$line" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["bench"])')
     case $b in
@@ -72,7 +89,6 @@ if [ -x "$PY" ]; then
 else
   row "torch baseline" "skipped (no $PY)"
 fi
-row "kiln TinyLlama-1.1B step" "not measured: the CUDA training engine is not built yet"
 
 echo
 echo "== summary"

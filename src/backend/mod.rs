@@ -120,6 +120,13 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Device memory held by a backend's buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    pub live_bytes: usize,
+    pub peak_bytes: usize,
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
 
@@ -140,6 +147,11 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_as(&self, data: &[f32], role: Role) -> Result<Self::Buf> {
         let _ = role;
         self.upload(data)
+    }
+    /// Bytes held in this backend's buffers now and at most so far, where the backend counts
+    /// them (a GPU's memory is the scarce resource; the CPU backend leaves it to the allocator).
+    fn memory(&self) -> Option<MemoryUse> {
+        None
     }
     /// Waits for queued work (a no-op on a synchronous backend); benchmarks call it before reading a clock.
     fn synchronize(&self) -> Result<()> {

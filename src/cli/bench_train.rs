@@ -6,7 +6,7 @@
 //! `AdamWState`), not a copy of it.
 
 use crate::backend::cpu::{measured_peak_flops, Cpu};
-use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::device::{datasheet_bf16_flops, Gpu};
 use crate::backend::cuda::gemm::Blas;
 use crate::backend::cuda::Cuda;
 use crate::backend::{AdamW, Backend, Gemm};
@@ -24,23 +24,6 @@ pub struct TrainBenchArgs {
     pub seq: usize,
     pub steps: usize,
     pub warmup: usize,
-}
-
-/// Dense bf16 tensor-core peak from the datasheet, for the cards kiln is measured on.
-pub fn datasheet_bf16_flops(name: &str) -> Option<f64> {
-    let n = name.to_ascii_uppercase();
-    let tf = if n.contains("H200") || (n.contains("H100") && !n.contains("PCIE")) {
-        989.4
-    } else if n.contains("H100") {
-        756.0
-    } else if n.contains("A100") {
-        312.0
-    } else if n.contains("L40S") {
-        362.0
-    } else {
-        return None;
-    };
-    Some(tf * 1e12)
 }
 
 /// Sustained bf16 GEMM FLOP/s on this card: an 8192³ product through the same cuBLASLt path.
@@ -169,7 +152,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 format!("{tps:.0} tokens/s ({:.1} ms/step, {:.0} TFLOP/s model)", t.secs_per_step * 1e3, flops / 1e12),
             ));
             let mfu_sheet = sheet.map(|p| format!("{:.1}% of datasheet", 100.0 * flops / p)).unwrap_or_default();
-            lines.push(("MFU".into(), format!("{mfu_sheet}; {:.1}% of the measured GEMM ceiling", 100.0 * flops / ceiling)));
+            lines.push((
+                "MFU".into(),
+                format!("{mfu_sheet}; {:.1}% of the measured GEMM ceiling", 100.0 * flops / ceiling),
+            ));
             lines.push((
                 "memory".into(),
                 format!(
@@ -192,7 +178,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 format!("train step {shape}"),
                 format!("{tps:.0} tokens/s ({:.1} ms/step, {:.1} GFLOP/s model)", t.secs_per_step * 1e3, flops / 1e9),
             ));
-            lines.push(("MFU".into(), format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops())));
+            lines.push((
+                "MFU".into(),
+                format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops()),
+            ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
         }
         other => bail!("--device {other:?}: expected cpu or cuda"),

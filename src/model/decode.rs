@@ -117,8 +117,11 @@ impl<B: Backend> Llama<B> {
             if all_rows {
                 let (chunk, v) = (cache.ws.seq, cfg.vocab_size);
                 if cache.all.is_none() {
-                    cache.all =
-                        Some(AllRows { norm: b.zeros(chunk * d)?, rstd: b.zeros_as(chunk, Role::Stats)?, logits: b.zeros(chunk * v)? });
+                    cache.all = Some(AllRows {
+                        norm: b.zeros(chunk * d)?,
+                        rstd: b.zeros_as(chunk, Role::Stats)?,
+                        logits: b.zeros(chunk * v)?,
+                    });
                 }
                 let a = cache.all.as_mut().expect("allocated above");
                 let out = &cache.ws.resid[cfg.n_layer % 2];

@@ -7,6 +7,8 @@ use super::signals;
 use super::socket::{CloseOnDrop, Server};
 use super::trainer::{RunEnd, Trainer, TrainerParts};
 use crate::backend::cpu::{measured_peak_flops, Cpu};
+use crate::backend::cuda::device::datasheet_bf16_flops;
+use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
 use crate::chat::service::{ChatService, ChatStopper, Sink};
 use crate::config::{RunConfig, DEFAULT_TOKENIZER};
@@ -93,7 +95,15 @@ fn absolutize(cfg: &mut RunConfig) {
 }
 
 /// Builds the trainer for a new run or a resumed one.
-pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
+/// A run's configuration and directory, found before anything is written or any device opened.
+pub struct Located {
+    pub cfg: RunConfig,
+    pub run_dir: PathBuf,
+    pub resuming: bool,
+}
+
+/// Finds the run: `--resume DIR`, the demo's own run directory, or a new run from CONFIG.
+pub fn locate(args: &TrainArgs) -> Result<Located> {
     // The demo (no CONFIG) picks up where it left off, so its one command can be run again.
     let demo_dir = PathBuf::from("runs/demo");
     let resume = match (&args.resume, &args.config, &args.run_dir) {
@@ -106,7 +116,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
         (r, _, _) => r.clone(),
     };
     let resuming = resume.is_some();
-    let (mut cfg, run_dir) = match &resume {
+    let (cfg, run_dir) = match &resume {
         Some(run) => {
             let p = run.join("config.toml");
             if !p.exists() {
@@ -125,6 +135,18 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
         }
     };
     check_placement(&cfg)?;
+    Ok(Located { cfg, run_dir, resuming })
+}
+
+/// Builds the trainer on `backend`: creates a new run's directory, loads or initialises the model,
+/// opens the data. `peak_flops` is what MFU is reported against.
+pub fn build_on<B: Backend + Clone>(
+    args: &TrainArgs,
+    located: Located,
+    backend: B,
+    peak_flops: f64,
+) -> Result<Trainer<B>> {
+    let Located { mut cfg, run_dir, resuming } = located;
     if !resuming {
         absolutize(&mut cfg);
         if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
@@ -155,7 +177,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
         }
     }
     let (model, moments, state) = if let Some(ckpt) = ckpt {
-        let md = load_model_dir(&ckpt, Cpu::new())?;
+        let md = load_model_dir(&ckpt, backend.clone())?;
         let moments = super::optim_state::open(&ckpt, &md.model.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
         truncate_metrics(&run_dir, state.step)?;
@@ -163,10 +185,10 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
     } else {
         let model = if cfg.model.init == "random" {
             let mc = cfg.model_config()?.context("model: give a preset or the model fields (or model.init = PATH)")?;
-            Llama::from_host(mc.clone(), Cpu::new(), &random_weights(&mc, cfg.train.seed)?)?
+            Llama::from_host(mc.clone(), backend.clone(), &random_weights(&mc, cfg.train.seed)?)?
         } else {
             let dir = checkpoint::resolve_model_dir(Path::new(&cfg.model.init))?;
-            let md = load_model_dir(&dir, Cpu::new()).context("model.init")?;
+            let md = load_model_dir(&dir, backend.clone()).context("model.init")?;
             if let Some(mc) = cfg.model_config()? {
                 if mc != md.model.cfg {
                     bail!("model.init {}: its shape differs from the configured model", dir.display());
@@ -202,7 +224,7 @@ pub fn build(args: &TrainArgs) -> Result<Trainer<Cpu>> {
         tokenizer_files,
         bos,
         eos,
-        peak_flops: measured_peak_flops(),
+        peak_flops,
     })
 }
 
@@ -261,7 +283,24 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
 
 pub fn train(args: TrainArgs) -> Result<RunEnd> {
     signals::install();
-    let mut trainer = build(&args)?;
+    let located = locate(&args)?;
+    match located.cfg.parallel.device.as_str() {
+        // The GPU is opened (libraries, kernels) before a new run's directory is made, so a
+        // machine without CUDA leaves nothing behind.
+        "cuda" => {
+            let gpu = Cuda::open(0)?;
+            let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
+            drive(build_on(&args, located, gpu, peak)?, &args)
+        }
+        _ => drive(build_on(&args, located, Cpu::new(), measured_peak_flops())?, &args),
+    }
+}
+
+/// MFU's denominator on a GPU kiln has no datasheet figure for: an H100 SXM's dense bf16 peak.
+const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
+
+/// Runs a built trainer to `--steps` or `train.max_steps`, headless or with the dashboard.
+fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
     let until = match args.steps {
         Some(n) => trainer.state.step + n,
         None => trainer.cfg.train.max_steps,
@@ -329,8 +368,8 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
 
 /// The engine on its own thread, the dashboard on this one; they share only the event and
 /// command channels.
-fn train_with_dashboard(
-    mut trainer: Trainer<Cpu>,
+fn train_with_dashboard<B: Backend>(
+    mut trainer: Trainer<B>,
     until: u64,
     sink: Sink,
     ev_rx: Receiver<Event>,
@@ -392,11 +431,13 @@ fn check_placement(cfg: &RunConfig) -> Result<()> {
     match cfg.parallel.device.as_str() {
         "cuda" => {
             node.local_ranks(cfg.parallel.world_size)?;
-            require(
-                "parallel.device = \"cuda\"",
-                &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::Cublas, CudaLib::CublasLt, CudaLib::Nccl],
-            )?;
-            bail!("parallel.device = \"cuda\": CUDA was found, but kiln's CUDA training engine is not built yet; use \"cpu\"")
+            require("parallel.device = \"cuda\"", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
+            if cfg.parallel.world_size > 1 || node.nnodes > 1 {
+                bail!(
+                    "parallel.device = \"cuda\" trains on one GPU so far (world_size = 1, one node); FSDP over NCCL on GPUs is not built yet"
+                );
+            }
+            Ok(())
         }
         _ if node.nnodes > 1 => bail!(
             "NNODES={}: multi-node runs go over NCCL and need parallel.device = \"cuda\" (CPU ranks share one process)",

@@ -98,7 +98,9 @@ impl<B: Backend> Trainer<B> {
                     let (m, v) = optim_state::full(src.as_ref(), &p.model.cfg)?;
                     let up = |w: &Weights<Vec<f32>>| {
                         let mut it = w.iter().into_iter();
-                        Weights::try_build(&p.model.cfg, |_| p.model.backend.upload_as(it.next().expect("same shape"), Role::Accum))
+                        Weights::try_build(&p.model.cfg, |_| {
+                            p.model.backend.upload_as(it.next().expect("same shape"), Role::Accum)
+                        })
                     };
                     AdamWState { m: up(&m)?, v: up(&v)? }
                 }
@@ -186,9 +188,16 @@ impl<B: Backend> Trainer<B> {
                     .collect()
             }
             None => {
-                // Parameters, gradients and two moments, all resident.
-                let state_mb = 4.0 * self.model.cfg.n_params() as f64 * 4e-6;
-                vec![RankMetrics { rank: 0, tokens_per_s: tps, state_mb, peak_mb: state_mb, comm_ms: 0.0 }]
+                let (state_mb, peak_mb) = match self.model.backend.memory() {
+                    // A GPU counts its buffers: weights, gradients, moments and activations.
+                    Some(m) => (m.live_bytes as f64 * 1e-6, m.peak_bytes as f64 * 1e-6),
+                    None => {
+                        // Parameters, gradients and two moments, all resident in f32.
+                        let mb = 4.0 * self.model.cfg.n_params() as f64 * 4e-6;
+                        (mb, mb)
+                    }
+                };
+                vec![RankMetrics { rank: 0, tokens_per_s: tps, state_mb, peak_mb, comm_ms: 0.0 }]
             }
         };
         Ok(StepMetrics {

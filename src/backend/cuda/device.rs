@@ -86,6 +86,23 @@ impl Gpu {
     }
 }
 
+/// Dense bf16 tensor-core peak from the datasheet, for the cards kiln is measured on.
+pub fn datasheet_bf16_flops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let tf = if n.contains("H200") || (n.contains("H100") && !n.contains("PCIE")) {
+        989.4
+    } else if n.contains("H100") {
+        756.0
+    } else if n.contains("A100") {
+        312.0
+    } else if n.contains("L40S") {
+        362.0
+    } else {
+        return None;
+    };
+    Some(tf * 1e12)
+}
+
 /// A grid-stride launch over `n` elements.
 pub fn elementwise_config(n: usize) -> LaunchConfig {
     let threads = 256u32;

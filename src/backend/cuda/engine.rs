@@ -12,7 +12,7 @@ use super::device::Gpu;
 use super::gemm::Blas;
 use super::libs::{require, CudaLib};
 use super::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
-use crate::backend::{AdamW, AttnShape, Backend, Gemm, Role, RopeShape};
+use crate::backend::{AdamW, AttnShape, Backend, Gemm, MemoryUse, Role, RopeShape};
 use anyhow::{bail, Result};
 use half::bf16;
 use std::sync::Arc;
@@ -56,12 +56,7 @@ impl Cuda {
     pub fn memory(&self) -> Result<CudaMemory> {
         self.gpu.ctx.bind_to_thread()?;
         let (free, total) = self.gpu.ctx.mem_get_info()?;
-        Ok(CudaMemory {
-            live: self.mem.live(),
-            peak: self.mem.peak(),
-            device_used: total - free,
-            device_total: total,
-        })
+        Ok(CudaMemory { live: self.mem.live(), peak: self.mem.peak(), device_used: total - free, device_total: total })
     }
 
     pub fn reset_peak(&self) {
@@ -110,6 +105,10 @@ impl Backend for Cuda {
             Role::Param => Data::Param { master: s.clone_htod(data)?, compute: s.clone_htod(&to_bf16(data))? },
         };
         Ok(self.wrap(d))
+    }
+
+    fn memory(&self) -> Option<MemoryUse> {
+        Some(MemoryUse { live_bytes: self.mem.live(), peak_bytes: self.mem.peak() })
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -322,7 +321,14 @@ impl Backend for Cuda {
         Ok(s.clone_dtoh(&loss)?)
     }
 
-    fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) -> Result<()> {
+    fn adamw_step(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        hp: AdamW,
+    ) -> Result<()> {
         let n = param.len();
         if grad.len() != n || m.len() != n || v.len() != n {
             bail!("adamw: parameter of {n} values with gradient/moments of {}/{}/{}", grad.len(), m.len(), v.len());

@@ -107,9 +107,8 @@ impl Blas {
         let PlanKey { m, n, k, trans_a, trans_b, .. } = key;
         let out_type = if key.out_type == 0 { sys::cudaDataType::CUDA_R_32F } else { sys::cudaDataType::CUDA_R_16BF };
         let bf = sys::cudaDataType::CUDA_R_16BF;
-        let desc =
-            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
-                .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e}"))?;
+        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+            .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e}"))?;
         // cuBLAS's A is kiln's b (stored [n,k], or [k,n] when not transposed) and its B is kiln's a.
         let (ta, tb) = (op(trans_b), op(trans_a));
         let a = if trans_b { layout(bf, n, k)? } else { layout(bf, k, n)? };
@@ -140,14 +139,11 @@ impl Blas {
                 &ws as *const u64 as *const c_void,
                 std::mem::size_of::<u64>(),
             )
-            .and_then(|_| {
-                lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref)
-            });
+            .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref));
             let _ = lt::destroy_matmul_pref(pref);
             r
         };
-        let h = heuristic
-            .map_err(|e| anyhow!("cuBLASLt has no algorithm for a {m}x{n}x{k} bf16 GEMM ({e})"))?;
+        let h = heuristic.map_err(|e| anyhow!("cuBLASLt has no algorithm for a {m}x{n}x{k} bf16 GEMM ({e})"))?;
         plan.algo = h.algo;
         Ok(plan)
     }
