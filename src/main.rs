@@ -205,6 +205,9 @@ enum BenchWhat {
         /// Untimed steps first
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Recompute each block's activations in the backward
+        #[arg(long)]
+        recompute: bool,
     },
     /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
     Dashboard {
@@ -336,7 +339,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{k:<24} {v}");
             }
         }
-        Command::Bench { what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup }), .. } => {
+        Command::Bench {
+            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute }),
+            ..
+        } => {
             let args = kiln::cli::bench_train::TrainBenchArgs {
                 device,
                 preset,
@@ -344,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seq: seq.max(1),
                 steps: steps.max(1),
                 warmup,
+                recompute,
             };
             for (k, v) in kiln::cli::bench_train::run(&args)? {
                 println!("{k:<28} {v}");

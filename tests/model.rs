@@ -6,7 +6,7 @@ mod common;
 use common::{check_grad_directional, randv, rng};
 use kiln::backend::cpu::Cpu;
 use kiln::backend::Backend;
-use kiln::model::{KvCache, Llama, LlamaConfig, Weights, Workspace};
+use kiln::model::{Keep, KvCache, Llama, LlamaConfig, Weights, Workspace};
 
 fn tiny(tie: bool, n_kv_head: usize) -> LlamaConfig {
     LlamaConfig {
@@ -107,6 +107,36 @@ fn forward_and_backward_are_bit_identical_across_runs() {
     for (a, b) in g1.iter().zip(&g2) {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
+}
+
+#[test]
+fn recomputing_block_activations_gives_the_same_loss_and_gradients_bit_for_bit() {
+    let cfg = LlamaConfig { d_model: 64, d_ff: 96, vocab_size: 300, n_layer: 3, ..tiny(false, 2) };
+    let model = random_model(&cfg, 31);
+    let (b, t) = (2, 24);
+    let (ids, targets) = batch(&cfg, b, t, 32);
+    let run = |keep: Keep| {
+        let mut ws = Workspace::keeping(&model, b, t, keep).unwrap();
+        let mut g = model.zeros_like_weights().unwrap();
+        // Two micro-batches into the same gradients, as gradient accumulation does.
+        let mut l = model.forward(&mut ws, &ids, &targets, Some(0.01)).unwrap();
+        model.backward(&mut ws, &mut g).unwrap();
+        l.extend(model.forward(&mut ws, &ids, &targets, Some(0.01)).unwrap());
+        model.backward(&mut ws, &mut g).unwrap();
+        (l, g.iter().into_iter().cloned().collect::<Vec<_>>(), ws.blocks.len())
+    };
+    let (l1, g1, kept1) = run(Keep::All);
+    let (l2, g2, kept2) = run(Keep::BlockInputs);
+    assert_eq!((kept1, kept2), (3, 1), "recomputation keeps one block of activations");
+    assert!(l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()));
+    for (a, b) in g1.iter().zip(&g2) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+    // An inference workspace still refuses the backward.
+    let mut ws = Workspace::keeping(&model, b, t, Keep::Nothing).unwrap();
+    model.forward(&mut ws, &ids, &targets, Some(0.01)).unwrap();
+    let mut g = model.zeros_like_weights().unwrap();
+    assert!(model.backward(&mut ws, &mut g).is_err());
 }
 
 #[test]

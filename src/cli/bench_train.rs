@@ -11,7 +11,7 @@ use crate::backend::cuda::gemm::Blas;
 use crate::backend::cuda::Cuda;
 use crate::backend::{AdamW, Backend, Gemm};
 use crate::model::init::random_weights;
-use crate::model::{Llama, LlamaConfig, Workspace};
+use crate::model::{Keep, Llama, LlamaConfig, Workspace};
 use crate::train::optimizer::{clip, grad_norm, AdamWState};
 use anyhow::{bail, Result};
 use half::bf16;
@@ -24,6 +24,8 @@ pub struct TrainBenchArgs {
     pub seq: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// Recompute each block's activations in the backward (`train.recompute`).
+    pub recompute: bool,
 }
 
 /// Sustained bf16 GEMM FLOP/s on this card: an 8192³ product through the same cuBLASLt path.
@@ -63,13 +65,13 @@ struct Stepper<B: Backend> {
 }
 
 impl<B: Backend> Stepper<B> {
-    fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+    fn new(model: &Llama<B>, batch: usize, seq: usize, keep: Keep) -> Result<Self> {
         let v = model.cfg.vocab_size;
         let rows = batch * seq;
         let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % v) as u32).collect();
         let targets = ids.iter().map(|&t| ((t as usize * 31 + 7) % v) as i32).collect();
         Ok(Stepper {
-            ws: Workspace::new(model, batch, seq)?,
+            ws: Workspace::keeping(model, batch, seq, keep)?,
             grads: model.zeros_like_weights()?,
             opt: AdamWState::new(model)?,
             ids,
@@ -101,8 +103,9 @@ fn time_steps<B: Backend>(
     seq: usize,
     steps: usize,
     warmup: usize,
+    keep: Keep,
 ) -> Result<StepTiming> {
-    let mut s = Stepper::new(model, batch, seq)?;
+    let mut s = Stepper::new(model, batch, seq, keep)?;
     for n in 0..warmup {
         s.step(model, n as u64 + 1)?;
     }
@@ -130,9 +133,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
     let flops_per_token = cfg.train_flops_per_token(a.seq);
     let mut lines = vec![(
         "model".to_string(),
-        format!("{} ({:.1}M params, {:.2} GFLOP/token)", a.preset, cfg.n_params() as f64 / 1e6, flops_per_token / 1e9),
+        format!("{} ({:.1}M params, {:.3} GFLOP/token)", a.preset, cfg.n_params() as f64 / 1e6, flops_per_token / 1e9),
     )];
-    let shape = format!("{}x{}", a.batch, a.seq);
+    let keep = if a.recompute { Keep::BlockInputs } else { Keep::All };
+    let shape = format!("{}x{}{}", a.batch, a.seq, if a.recompute { ", recompute" } else { "" });
     match a.device.as_str() {
         "cuda" => {
             let b = Cuda::open(0)?;
@@ -142,7 +146,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
             let mut model = Llama::from_host(cfg.clone(), b.clone(), &host)?;
             drop(host);
             b.reset_peak();
-            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup)?;
+            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup, keep)?;
             let mem = b.memory()?;
             let tps = tokens / t.secs_per_step;
             let flops = flops_per_token * tps;
@@ -171,7 +175,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
             let b = Cpu::new();
             lines.push(("device".into(), b.name()));
             let mut model = Llama::from_host(cfg.clone(), b, &host)?;
-            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup)?;
+            let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup, keep)?;
             let tps = tokens / t.secs_per_step;
             let flops = flops_per_token * tps;
             lines.push((

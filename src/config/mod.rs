@@ -108,6 +108,10 @@ pub struct TrainSection {
     /// Steps between headless log lines.
     #[serde(default = "ten")]
     pub log_every: u64,
+    /// Keep only each block's input and recompute its activations in the backward: about a
+    /// third more compute for most of the activation memory back.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn one() -> usize {

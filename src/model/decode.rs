@@ -38,7 +38,7 @@ impl<B: Backend> KvCache<B> {
         let kvd = cfg.kv_dim();
         let k = (0..cfg.n_layer).map(|_| b.zeros(capacity * kvd)).collect::<Result<_>>()?;
         let v = (0..cfg.n_layer).map(|_| b.zeros(capacity * kvd)).collect::<Result<_>>()?;
-        let ws = Workspace::with_layers(model, 1, PREFILL_CHUNK.min(capacity), 1)?;
+        let ws = Workspace::for_inference(model, 1, PREFILL_CHUNK.min(capacity))?;
         Ok(KvCache {
             k,
             v,

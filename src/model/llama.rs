@@ -50,10 +50,23 @@ pub struct BlockGrads<Buf> {
     pub d_up: Buf,
 }
 
+/// Which activations a workspace keeps between the forward and the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Every block's activations (the fastest backward).
+    All,
+    /// Only each block's input; the backward recomputes one block's activations at a time, a
+    /// third more compute for a fraction of the memory (activation checkpointing per block).
+    BlockInputs,
+    /// Nothing: a forward-only pass; `backward` refuses it.
+    Nothing,
+}
+
 /// Every buffer one forward + backward over `[batch, seq]` tokens needs, allocated once.
 pub struct Workspace<B: Backend> {
     pub batch: usize,
     pub seq: usize,
+    pub keep: Keep,
     /// `resid[l]` is the residual stream entering block `l`; `resid[n_layer]` leaves the last one.
     pub resid: Vec<B::Buf>,
     pub blocks: Vec<BlockActs<B::Buf>>,
@@ -90,23 +103,34 @@ impl<Buf> BlockActs<Buf> {
 impl<B: Backend> Workspace<B> {
     /// Buffers for a training (or full-sequence scoring) pass over `[batch, seq]` tokens.
     pub fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
-        Self::with_layers(model, batch, seq, model.cfg.n_layer)
+        Self::keeping(model, batch, seq, Keep::All)
+    }
+
+    /// Buffers for training with per-block activation recomputation (see [`Keep::BlockInputs`]).
+    pub fn recomputing(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        Self::keeping(model, batch, seq, Keep::BlockInputs)
     }
 
     /// Buffers for a forward-only pass (scoring): one block of scratch activations reused by
     /// every layer, so memory does not grow with depth. `backward` refuses this workspace.
     pub fn for_inference(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
-        Self::with_layers(model, batch, seq, 1)
+        Self::keeping(model, batch, seq, Keep::Nothing)
     }
 
-    /// `stored_layers` is how many blocks keep their activations: all of them for training, one
-    /// for inference, where each block's activations are dead once the next block has run.
-    pub(crate) fn with_layers(model: &Llama<B>, batch: usize, seq: usize, stored_layers: usize) -> Result<Self> {
+    /// Training keeps every block's input (`resid`) and, with [`Keep::All`], every block's
+    /// activations; inference keeps two residual buffers and one block's scratch, since each
+    /// block's activations are dead once the next block has run.
+    pub fn keeping(model: &Llama<B>, batch: usize, seq: usize, keep: Keep) -> Result<Self> {
         let (b, cfg) = (&model.backend, &model.cfg);
         let rows = batch * seq;
         let (d, q, kv, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
-        let resid = (0..=stored_layers.min(cfg.n_layer)).map(|_| b.zeros(rows * d)).collect::<Result<Vec<_>>>()?;
-        let blocks = (0..stored_layers).map(|_| BlockActs::new(b, cfg, rows, batch, seq)).collect::<Result<_>>()?;
+        let (n_resid, n_blocks) = match keep {
+            Keep::All => (cfg.n_layer + 1, cfg.n_layer),
+            Keep::BlockInputs => (cfg.n_layer + 1, 1),
+            Keep::Nothing => (2.min(cfg.n_layer + 1), 1),
+        };
+        let resid = (0..n_resid).map(|_| b.zeros(rows * d)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks).map(|_| BlockActs::new(b, cfg, rows, batch, seq)).collect::<Result<_>>()?;
         let grads = BlockGrads {
             d_ln: b.zeros(rows * d)?,
             d_att: b.zeros(rows * q)?,
@@ -120,6 +144,7 @@ impl<B: Backend> Workspace<B> {
         Ok(Workspace {
             batch,
             seq,
+            keep,
             resid,
             blocks,
             lnf: b.zeros(rows * d)?,
@@ -303,9 +328,10 @@ impl<B: Backend> Llama<B> {
     }
 
     pub fn layer_forward(&self, l: usize, w: &LayerWeights<B::Buf>, ws: &mut Workspace<B>) -> Result<()> {
-        if ws.blocks.len() == self.cfg.n_layer {
+        if ws.keep != Keep::Nothing {
+            let b = if ws.keep == Keep::All { l } else { 0 };
             let (head, tail) = ws.resid.split_at_mut(l + 1);
-            self.block_forward(w, &mut ws.blocks[l], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)
+            self.block_forward(w, &mut ws.blocks[b], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)
         } else {
             // Inference workspace: one scratch block, residual ping-pong (see `decode`).
             let (r0, r1) = ws.resid.split_at_mut(1);
@@ -316,8 +342,7 @@ impl<B: Backend> Llama<B> {
 
     /// Index of the residual buffer that leaves the last block.
     fn last_resid(&self, ws: &Workspace<B>) -> usize {
-        let stored = ws.blocks.len() == self.cfg.n_layer;
-        if stored {
+        if ws.keep != Keep::Nothing {
             self.cfg.n_layer
         } else {
             self.cfg.n_layer % 2
@@ -351,7 +376,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let (rows, d, v) = (ws.rows(), cfg.d_model, cfg.vocab_size);
-        if ws.blocks.len() != cfg.n_layer {
+        if ws.keep == Keep::Nothing {
             bail!("backward needs a training workspace (Workspace::new), not an inference one");
         }
         let g = &mut ws.grads;
@@ -373,7 +398,18 @@ impl<B: Backend> Llama<B> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let rows = ws.rows();
         let (d, qd, kvd, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
-        let (a, g, dx) = (&ws.blocks[l], &mut ws.grads, &mut ws.d_resid);
+        let slot = match ws.keep {
+            Keep::All => l,
+            Keep::BlockInputs => {
+                // Recompute this block's activations from its kept input. The output lands on
+                // resid[l + 1] again, bit for bit what the forward wrote; no later layer needs it.
+                let (head, tail) = ws.resid.split_at_mut(l + 1);
+                self.block_forward(w, &mut ws.blocks[0], &head[l], &mut tail[0], ws.batch, ws.seq, KvPlace::Local)?;
+                0
+            }
+            Keep::Nothing => bail!("backward needs a training workspace (Workspace::new), not an inference one"),
+        };
+        let (a, g, dx) = (&ws.blocks[slot], &mut ws.grads, &mut ws.d_resid);
         // MLP sub-layer: x_out = x_mid + down(silu(gate(n)) * up(n)), n = norm(x_mid).
         b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
         b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;

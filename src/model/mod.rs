@@ -11,5 +11,5 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use decode::KvCache;
-pub use llama::{Llama, Workspace};
+pub use llama::{Keep, Llama, Workspace};
 pub use weights::{tensor_specs, LayerWeights, TensorSpec, Weights};

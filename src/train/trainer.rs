@@ -19,7 +19,7 @@ use crate::eval::report::{self, TaskResult};
 use crate::eval::score::Scorer;
 use crate::eval::tasks;
 use crate::model::sampling::{Sampler, SamplingParams};
-use crate::model::{KvCache, Llama, Weights, Workspace};
+use crate::model::{Keep, KvCache, Llama, Weights, Workspace};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
@@ -110,7 +110,8 @@ impl<B: Backend> Trainer<B> {
         let loader =
             Loader::start(&p.sources, c.train.seed, c.data.seq_len, c.train.micro_batch, Some(p.state.mix.clone()))?;
         let val = val_sequences(&p.sources, c.data.seq_len, c.eval.batches * c.train.micro_batch);
-        let ws = Workspace::new(&p.model, c.train.micro_batch, c.data.seq_len)?;
+        let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
+        let ws = Workspace::keeping(&p.model, c.train.micro_batch, c.data.seq_len, keep)?;
         let metrics_path = p.run_dir.join("metrics.jsonl");
         let metrics = OpenOptions::new()
             .create(true)
