@@ -170,6 +170,10 @@ pub trait Backend: Send + Sync + 'static {
     fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()>;
     /// Σ buf², accumulated in f64 (global-norm gradient clipping).
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
+    /// Σ over every buffer of Σ buf²; a GPU overrides it to wait for the host once, not per tensor.
+    fn sum_squares_all(&self, bufs: &[&Self::Buf]) -> Result<f64> {
+        bufs.iter().map(|b| self.sum_squares(b)).sum()
+    }
 
     // ---- ops ----
     fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
@@ -270,4 +274,29 @@ pub trait Backend: Send + Sync + 'static {
         v: &mut Self::Buf,
         hp: AdamW,
     ) -> Result<()>;
+
+    /// One AdamW step on every tensor of a model (`params[i]` with `grads[i]`, `m[i]`, `v[i]`);
+    /// a GPU overrides it with a single multi-tensor launch.
+    fn adamw_step_all(
+        &self,
+        params: &mut [&mut Self::Buf],
+        grads: &[&Self::Buf],
+        m: &mut [&mut Self::Buf],
+        v: &mut [&mut Self::Buf],
+        hp: AdamW,
+    ) -> Result<()> {
+        if grads.len() != params.len() || m.len() != params.len() || v.len() != params.len() {
+            anyhow::bail!(
+                "adamw: {} parameters, {} gradients, {}/{} moments",
+                params.len(),
+                grads.len(),
+                m.len(),
+                v.len()
+            );
+        }
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            self.adamw_step(p, g, m, v, hp)?;
+        }
+        Ok(())
+    }
 }

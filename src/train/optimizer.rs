@@ -18,21 +18,19 @@ impl<B: Backend> AdamWState<B> {
     /// One update of every tensor; `hp.step` is the 1-based optimizer step.
     pub fn step(&mut self, model: &mut Llama<B>, grads: &Weights<B::Buf>, hp: AdamW) -> Result<()> {
         let b = &model.backend;
-        let params = model.weights.iter_mut();
-        for (((p, g), m), v) in params.into_iter().zip(grads.iter()).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
-            b.adamw_step(p, g, m, v, hp)?;
-        }
-        Ok(())
+        b.adamw_step_all(
+            &mut model.weights.iter_mut(),
+            &grads.iter(),
+            &mut self.m.iter_mut(),
+            &mut self.v.iter_mut(),
+            hp,
+        )
     }
 }
 
 /// Global L2 norm of all gradients.
 pub fn grad_norm<B: Backend>(b: &B, grads: &Weights<B::Buf>) -> Result<f64> {
-    let mut sq = 0.0;
-    for g in grads.iter() {
-        sq += b.sum_squares(g)?;
-    }
-    Ok(sq.sqrt())
+    Ok(b.sum_squares_all(&grads.iter())?.sqrt())
 }
 
 /// Scales gradients by `max_norm / (norm + 1e-6)` when that is below 1, as torch does.

@@ -38,11 +38,19 @@ pub fn scale(gpu: &Gpu, buf: &mut CudaSlice<f32>, s: f32) -> Result<()> {
 
 /// Σ buf², in f64.
 pub fn sum_squares(gpu: &Gpu, buf: &CudaSlice<f32>) -> Result<f64> {
-    let n = buf.len() as i64;
+    sum_squares_all(gpu, &[buf])
+}
+
+/// Σ over every buffer of Σ buf², into one device accumulator: one host wait in all.
+pub fn sum_squares_all(gpu: &Gpu, bufs: &[&CudaSlice<f32>]) -> Result<f64> {
     let mut out = gpu.stream.alloc_zeros::<f64>(1)?;
     let f = gpu.function("sum_squares_f32")?;
-    // SAFETY: as above; the block size is a multiple of 32 (the kernel's reduction needs it).
-    unsafe { gpu.stream.launch_builder(f).arg(&mut out).arg(buf).arg(&n).launch(elementwise_config(n as usize)) }?;
+    for buf in bufs {
+        let n = buf.len() as i64;
+        // SAFETY: argument order and types match the kernel, which adds its partial sums into
+        // `out`; the block size is a multiple of 32 (its reduction needs it).
+        unsafe { gpu.stream.launch_builder(f).arg(&mut out).arg(*buf).arg(&n).launch(elementwise_config(n as usize)) }?;
+    }
     Ok(gpu.stream.clone_dtoh(&out)?[0])
 }
 

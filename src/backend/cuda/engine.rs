@@ -177,6 +177,11 @@ impl Backend for Cuda {
         elementwise::sum_squares(&self.gpu, buf.f32("sum_squares")?)
     }
 
+    fn sum_squares_all(&self, bufs: &[&CudaBuf]) -> Result<f64> {
+        let slices = bufs.iter().map(|b| b.f32("sum_squares")).collect::<Result<Vec<_>>>()?;
+        elementwise::sum_squares_all(&self.gpu, &slices)
+    }
+
     fn matmul(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
         let (a, b) = (a.bf16("matmul operand")?, b.bf16("matmul operand")?);
         match &mut out.data {
@@ -342,5 +347,38 @@ impl Backend for Cuda {
         };
         let mut t = [adamw::AdamTensor { param, grad, m, v, param_bf16 }];
         adamw::step(&self.gpu, &mut t, hp, 1.0)
+    }
+
+    fn adamw_step_all(
+        &self,
+        params: &mut [&mut CudaBuf],
+        grads: &[&CudaBuf],
+        m: &mut [&mut CudaBuf],
+        v: &mut [&mut CudaBuf],
+        hp: AdamW,
+    ) -> Result<()> {
+        if grads.len() != params.len() || m.len() != params.len() || v.len() != params.len() {
+            bail!("adamw: {} parameters, {} gradients, {}/{} moments", params.len(), grads.len(), m.len(), v.len());
+        }
+        let mut tensors = Vec::with_capacity(params.len());
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let n = p.len();
+            if g.len() != n || m.len() != n || v.len() != n {
+                bail!("adamw: parameter of {n} values with gradient/moments of {}/{}/{}", g.len(), m.len(), v.len());
+            }
+            let (param, param_bf16) = match &mut p.data {
+                Data::Param { master, compute } => (master, Some(compute)),
+                Data::F32(x) => (x, None),
+                Data::Bf16(_) => bail!("adamw: a parameter has no f32 master copy (allocate it as Role::Param)"),
+            };
+            tensors.push(adamw::AdamTensor {
+                param,
+                grad: g.f32("adamw gradient")?,
+                m: m.f32_mut("adamw m")?,
+                v: v.f32_mut("adamw v")?,
+                param_bf16,
+            });
+        }
+        adamw::step(&self.gpu, &mut tensors, hp, 1.0)
     }
 }
