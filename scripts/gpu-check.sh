@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, on a GPU machine that has no Rust: the binaries are
-# built elsewhere (`cargo build --release && cargo test --release --no-run`) and carried over with
-# the checkout. Prints a short table last. Exit status: non-zero when any test failed.
+# built elsewhere (scripts/gpu-pack.sh, which leaves stripped copies in target/gpu/) and carried
+# over with the checkout. Prints a short table last. Exit status: non-zero when any test failed.
 #
 #   scripts/gpu-check.sh            # from the repository root
 #   KILN_GPU_SUMMARY=$OUT/summary.txt scripts/gpu-check.sh   # also write each table row as it is known
@@ -34,7 +34,10 @@ row() {
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-KILN=target/release/kiln
+# Binaries: target/gpu/ from scripts/gpu-pack.sh (stripped, what gets carried), else target/release.
+BIN=${KILN_BIN_DIR:-target/gpu}
+[ -x "$BIN/kiln" ] || BIN=target/release
+KILN=$BIN/kiln
 
 echo "== comm-check (NCCL on every local GPU)"
 if out=$(timeout 60 "$KILN" comm-check --megabytes 256 2>&1); then
@@ -44,9 +47,9 @@ else
 fi
 
 for t in kernels gpu gpu_model; do
-  bin=$(ls -t target/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1)
+  if [ -x "$BIN/$t" ]; then bin=$BIN/$t; else bin=$(ls -t target/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1); fi
   echo "== test $t ($bin)"
-  if [ -z "$bin" ]; then row "test $t" "MISSING (cargo test --release --no-run)"; status=1; continue; fi
+  if [ -z "$bin" ]; then row "test $t" "MISSING (run scripts/gpu-pack.sh)"; status=1; continue; fi
   if timeout 120 "$bin" --test-threads=1 --nocapture 2>&1 | tee "$LIBS/$t.log"; then
     row "test $t" "passed"
   else
