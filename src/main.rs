@@ -27,6 +27,9 @@ enum Command {
         /// Token ids to score, e.g. "1 15043 3186"
         #[arg(long)]
         ids: Option<String>,
+        /// cpu, or cuda (GPU 0, bf16)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Generate text with a KV cache (temperature 0 = greedy)
     Generate {
@@ -49,6 +52,9 @@ enum Command {
         /// Print {"ids": [...], "text": "..."} instead of streaming text
         #[arg(long)]
         json: bool,
+        /// cpu, or cuda (GPU 0, bf16)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Chat with a model: one message per line on stdin, replies streamed (its chat template, or plain continuation)
     Chat {
@@ -119,6 +125,9 @@ enum Command {
         /// Print one JSON object instead of the table
         #[arg(long)]
         json: bool,
+        /// cpu, or cuda (GPU 0, bf16)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Tokenize corpora into packed shards (one prepared directory per source)
     Prepare {
@@ -233,20 +242,20 @@ enum BenchWhat {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Score { model, text, ids } => {
+        Command::Score { model, text, ids, device } => {
             let input = match (text.as_deref(), ids) {
                 (Some(t), _) => score::ScoreInput::Text(t),
                 (None, Some(ids)) => score::ScoreInput::Ids(parse_ids(&ids)?),
                 (None, None) => anyhow::bail!("give --text or --ids"),
             };
-            let scores = score::run(&model, input)?;
+            let scores = score::run(&model, input, &device)?;
             println!("{}", serde_json::to_string(&scores)?);
         }
         Command::Chat { model, system, temperature, top_p, max_tokens, seed } => {
             check_sampling(temperature, top_p)?;
             kiln::cli::chat::run(&model, kiln::cli::chat::ChatArgs { system, temperature, top_p, max_tokens, seed })?;
         }
-        Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json } => {
+        Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json, device } => {
             check_sampling(temperature, top_p)?;
             let args = generate::GenerateArgs {
                 prompt: &prompt,
@@ -255,7 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 stream: !json,
             };
-            let g = generate::run(&model, args)?;
+            let g = generate::run(&model, args, &device)?;
             if json {
                 println!("{}", serde_json::to_string(&g)?);
             }
@@ -285,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true, dashboard };
             kiln::train::run::train(args)?;
         }
-        Command::Eval { model, tasks, limit, data, predictions, json } => {
+        Command::Eval { model, tasks, limit, data, predictions, json, device } => {
             let args = eval::EvalArgs {
                 model: model.clone(),
                 tasks: kiln::eval::tasks::task_list(&tasks)?,
@@ -293,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data,
                 predictions,
                 progress: !json,
+                device,
             };
             let out = eval::run(&args)?;
             if json {

@@ -244,3 +244,26 @@ fn bad_ids_and_overlong_input() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no tokenizer.json"));
 }
+
+#[test]
+fn device_flag_is_checked_and_a_missing_gpu_is_one_line() {
+    let model = fixture("gqa_untied_f32");
+    let m = model.to_str().unwrap();
+    for args in [
+        vec!["score", "--model", m, "--ids", "1 2 3", "--device", "tpu"],
+        vec!["generate", "--model", m, "--max-new-tokens", "2", "--device", "tpu"],
+        vec!["eval", "--model", m, "--tasks", "piqa", "--limit", "1", "--device", "tpu"],
+    ] {
+        let o = kiln(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--device \"tpu\": expected cpu or cuda"), "{err}");
+    }
+    // Without a GPU (CI) the CUDA request fails in one line; with one, this small fixture's
+    // head_dim has no FlashAttention kernel, which is also one line. Never a panic.
+    let o = kiln(&["score", "--model", m, "--ids", "1 2 3", "--device", "cuda"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

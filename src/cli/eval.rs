@@ -1,6 +1,6 @@
 //! `kiln eval`: the commonsense suite on a model directory, checkpoint or run directory.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::eval::report::TaskResult;
 use crate::eval::score::{ItemScore, Scorer};
 use crate::eval::tasks;
@@ -19,6 +19,8 @@ pub struct EvalArgs {
     pub data: Option<PathBuf>,
     pub predictions: Option<PathBuf>,
     pub progress: bool,
+    /// "cpu" or "cuda".
+    pub device: String,
 }
 
 pub struct EvalOutput {
@@ -28,6 +30,10 @@ pub struct EvalOutput {
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalOutput> {
+    crate::on_device!(&args.device, |b| run_on(args, b))
+}
+
+pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
     // Load every task first so a malformed file fails before any scoring.
     let mut loaded = Vec::new();
     for t in &args.tasks {
@@ -37,7 +43,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalOutput> {
         }
         loaded.push((t.clone(), items));
     }
-    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(&args.model)?, Cpu::new())?;
+    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(&args.model)?, backend)?;
     let tok = md.tokenizer()?;
     let mut scorer = Scorer::new(&md.model, tok, md.bos)?;
     let total: usize = loaded.iter().map(|(_, i)| i.len()).sum();

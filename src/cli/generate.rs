@@ -1,6 +1,6 @@
 //! `kiln generate`: KV-cache decoding with greedy or sampled next tokens, streamed as text.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::chat::reply::TextStream;
 use crate::io::load_model_dir;
 use crate::model::sampling::{Sampler, SamplingParams};
@@ -33,8 +33,13 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
-pub fn run(model_dir: &Path, args: GenerateArgs<'_>) -> Result<Generation> {
-    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, Cpu::new())?;
+/// Generates on `device` ("cpu" or "cuda").
+pub fn run(model_dir: &Path, args: GenerateArgs<'_>, device: &str) -> Result<Generation> {
+    crate::on_device!(device, |b| run_on(model_dir, args, b))
+}
+
+pub fn run_on<B: Backend>(model_dir: &Path, args: GenerateArgs<'_>, backend: B) -> Result<Generation> {
+    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, backend)?;
     let (model, tok) = (&md.model, md.tokenizer()?);
     let prompt = tok.encode(args.prompt, Some(md.bos))?;
     let mut cache = KvCache::new(model, prompt.len() + args.max_new_tokens)?;

@@ -62,3 +62,37 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
     }
     Ok(ids)
 }
+
+/// Where a command runs its model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn parse(name: &str) -> anyhow::Result<Device> {
+        match name {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
+        }
+    }
+}
+
+/// Calls `$body` with `$b` bound to the backend `$device` names: one code path for every backend.
+#[macro_export]
+macro_rules! on_device {
+    ($device:expr, |$b:ident| $body:expr) => {
+        match $crate::cli::Device::parse($device)? {
+            $crate::cli::Device::Cpu => {
+                let $b = $crate::backend::cpu::Cpu::new();
+                $body
+            }
+            $crate::cli::Device::Cuda => {
+                let $b = $crate::backend::cuda::Cuda::open(0)?;
+                $body
+            }
+        }
+    };
+}

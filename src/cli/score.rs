@@ -1,6 +1,6 @@
 //! `kiln score`: per-token log-probabilities of a sequence under a model.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::io::load_model_dir;
 use crate::model::Workspace;
 use anyhow::{bail, Result};
@@ -20,8 +20,13 @@ pub enum ScoreInput<'a> {
     Ids(Vec<u32>),
 }
 
-pub fn run(model_dir: &Path, input: ScoreInput<'_>) -> Result<Scores> {
-    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, Cpu::new())?;
+/// Scores on `device` ("cpu" or "cuda").
+pub fn run(model_dir: &Path, input: ScoreInput<'_>, device: &str) -> Result<Scores> {
+    crate::on_device!(device, |b| run_on(model_dir, input, b))
+}
+
+pub fn run_on<B: Backend>(model_dir: &Path, input: ScoreInput<'_>, backend: B) -> Result<Scores> {
+    let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, backend)?;
     let ids = match input {
         ScoreInput::Text(t) => md.tokenizer()?.encode(t, Some(md.bos))?,
         ScoreInput::Ids(ids) => ids,

@@ -181,11 +181,11 @@ impl Blas {
             out_type: if O::DATA_TYPE == sys::cudaDataType::CUDA_R_32F { 0 } else { 1 },
         };
         let mut plans = self.plans.lock().map_err(|_| anyhow!("cuBLASLt plan cache poisoned"))?;
-        if !plans.contains_key(&key) {
-            let plan = self.plan(key)?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key)?),
+        };
+        let plan = &*plan;
         let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0f32 });
         let s = &gpu.stream;
         let (pa, _ra) = a.device_ptr(s);
