@@ -231,3 +231,31 @@ fn two_hundred_training_steps_track_the_cpu_run() {
     }
     eprintln!("last 20 steps: cpu {cpu_end:.4}, cuda {gpu_end:.4}");
 }
+
+/// KV-cache decoding on the GPU (attention with `q_pos0 > 0` against a longer, partly filled cache)
+/// gives the logits of the full-sequence forward, and the CPU's.
+#[test]
+fn kv_cache_decoding_on_the_gpu_matches_the_full_forward() {
+    let Some(c) = cuda() else { return };
+    let cfg = LlamaConfig { max_seq_len: 400, ..small_config() };
+    let host = shared_weights(&cfg);
+    let n = 300; // longer than one prefill chunk
+    let (ids, _) = batch(&cfg, n, 41);
+    let v = cfg.vocab_size;
+    let model = Llama::from_host(cfg.clone(), c.clone(), &host).unwrap();
+    let mut ws = Workspace::new(&model, 1, n).unwrap();
+    model.forward(&mut ws, &ids, &vec![-1; n], None).unwrap();
+    let full = c.download(&ws.logits).unwrap();
+    let cpu_model = Llama::from_host(cfg.clone(), Cpu::new(), &host).unwrap();
+    let mut cws = Workspace::new(&cpu_model, 1, n).unwrap();
+    cpu_model.forward(&mut cws, &ids, &vec![-1; n], None).unwrap();
+    assert_close(&full, &cws.logits, 2e-2, "full-sequence logits vs CPU");
+
+    let mut cache = kiln::model::KvCache::new(&model, n).unwrap();
+    let last = model.decode(&mut cache, &ids[..280]).unwrap();
+    assert_close(&last, &full[279 * v..280 * v], 2e-2, "prefill logits");
+    for i in 280..n {
+        let l = model.decode(&mut cache, &ids[i..i + 1]).unwrap();
+        assert_close(&l, &full[i * v..(i + 1) * v], 2e-2, &format!("decoded position {i}"));
+    }
+}
