@@ -11,6 +11,14 @@ typedef __nv_bfloat16 bf16;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// Dynamic shared memory, declared through one macro so that tests/emulated (the kernels run on
+// the CPU, one host thread per CUDA thread) can map it to a host buffer.
+#ifdef KILN_CPU_EMULATION
+#define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(emulated_dynamic_smem())
+#else
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f32(float x);

@@ -20,11 +20,15 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+#ifdef KILN_CPU_EMULATION
+    emulated_mma16816(c, a, b0, b1);  // tests/emulated: the PTX fragment layout, computed on the CPU
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ unsigned pack(float lo, float hi) {
@@ -181,7 +185,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
     constexpr int KS = D + 8, SS = BR + 8;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
     bf16* Vs = Ks + BC * KS;
     bf16* Qs = Vs + BC * KS;

@@ -23,7 +23,7 @@ template <typename T>
 __device__ void rmsnorm_bwd(T* dx, float* dw, const T* dy, const T* x, const T* w, const float* rstd, int rows, int d,
                             int rows_per_block) {
     __shared__ float scratch[32];
-    extern __shared__ float dw_acc[];  // [d]
+    DYNAMIC_SHARED(float, dw_acc);  // [d]
     for (int i = threadIdx.x; i < d; i += blockDim.x) dw_acc[i] = 0.0f;
     const int r0 = blockIdx.x * rows_per_block;
     const int r1 = min(rows, r0 + rows_per_block);

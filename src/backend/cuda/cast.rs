@@ -14,6 +14,9 @@ pub const KERNEL: Kernel = Kernel {
 use half::bf16;
 
 pub fn to_bf16(gpu: &Gpu, out: &mut CudaSlice<bf16>, input: &CudaSlice<f32>) -> Result<()> {
+    if out.len() < input.len() {
+        anyhow::bail!("cast: {} values into {}", input.len(), out.len());
+    }
     let n = input.len() as i64;
     let f = gpu.function("cast_f32_to_bf16")?;
     // SAFETY: argument order and types match the kernel.
@@ -22,6 +25,9 @@ pub fn to_bf16(gpu: &Gpu, out: &mut CudaSlice<bf16>, input: &CudaSlice<f32>) -> 
 }
 
 pub fn to_f32(gpu: &Gpu, out: &mut CudaSlice<f32>, input: &CudaSlice<bf16>) -> Result<()> {
+    if out.len() < input.len() {
+        anyhow::bail!("cast: {} values into {}", input.len(), out.len());
+    }
     let n = input.len() as i64;
     let f = gpu.function("cast_bf16_to_f32")?;
     // SAFETY: as above.

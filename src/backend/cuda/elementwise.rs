@@ -21,6 +21,9 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 pub fn add_assign<T: Elem>(gpu: &Gpu, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) -> Result<()> {
+    if src.len() != dst.len() {
+        anyhow::bail!("add_assign: {} values += {} values", dst.len(), src.len());
+    }
     let n = dst.len() as i64;
     let f = gpu.function(&format!("add_assign_{}", T::SUFFIX))?;
     // SAFETY: argument order and types match the kernel.

@@ -17,6 +17,23 @@ use anyhow::{bail, Result};
 use half::bf16;
 use std::sync::Arc;
 
+/// The kernels index without bounds checks: buffers that must hold the same number of values.
+fn same_len(op: &str, bufs: &[&CudaBuf]) -> Result<()> {
+    if bufs.iter().any(|b| b.len() != bufs[0].len()) {
+        let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
+        bail!("{op}: buffers of unequal length {lens:?}");
+    }
+    Ok(())
+}
+
+/// Each buffer holds at least the given number of values.
+fn fits(op: &str, need: &[(&CudaBuf, usize)]) -> Result<()> {
+    if let Some((b, n)) = need.iter().find(|(b, n)| b.len() < *n) {
+        bail!("{op}: a buffer of {} values where {n} are needed", b.len());
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Cuda {
     gpu: Arc<Gpu>,
@@ -194,11 +211,20 @@ impl Backend for Cuda {
         if ids.len() * d > out.len() {
             bail!("embedding: {} ids of width {d} do not fit {} values", ids.len(), out.len());
         }
+        if let Some(&bad) = ids.iter().find(|&&i| (i as usize + 1) * d > table.len()) {
+            bail!("embedding: id {bad} is outside the table");
+        }
         let ids = self.ids(ids)?;
         elementwise::embedding_forward(&self.gpu, out.bf16_mut("embedding")?, table.bf16("embedding table")?, &ids, d)
     }
 
     fn embedding_backward(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &[u32], d: usize) -> Result<()> {
+        if ids.len() * d > dout.len() {
+            bail!("embedding backward: {} ids of width {d} but {} gradient values", ids.len(), dout.len());
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| (i as usize + 1) * d > dtable.len()) {
+            bail!("embedding backward: id {bad} is outside the table");
+        }
         let ids = self.ids(ids)?;
         elementwise::embedding_backward(&self.gpu, dtable.f32_mut("embedding grad")?, dout.bf16("embedding")?, &ids, d)
     }
@@ -213,6 +239,7 @@ impl Backend for Cuda {
         d: usize,
         eps: f32,
     ) -> Result<()> {
+        fits("rmsnorm", &[(out, rows * d), (x, rows * d), (w, d), (rstd, rows)])?;
         let (x, w) = (x.bf16("rmsnorm input")?, w.bf16("rmsnorm weight")?);
         rmsnorm::forward(&self.gpu, out.bf16_mut("rmsnorm")?, rstd.f32_mut("rmsnorm rstd")?, x, w, rows, d, eps)
     }
@@ -228,6 +255,7 @@ impl Backend for Cuda {
         rows: usize,
         d: usize,
     ) -> Result<()> {
+        fits("rmsnorm backward", &[(dx, rows * d), (dw, d), (dout, rows * d), (x, rows * d), (w, d), (rstd, rows)])?;
         rmsnorm::backward(
             &self.gpu,
             dx.bf16_mut("rmsnorm dx")?,
@@ -242,6 +270,12 @@ impl Backend for Cuda {
     }
 
     fn rope(&self, x: &mut CudaBuf, cos: &CudaBuf, sin: &CudaBuf, shape: RopeShape, inverse: bool) -> Result<()> {
+        let positions = shape.pos0 + shape.seq.min(shape.rows);
+        let half = shape.head_dim / 2;
+        fits(
+            "rope",
+            &[(x, shape.rows * shape.n_head * shape.head_dim), (cos, positions * half), (sin, positions * half)],
+        )?;
         let (c, s) = (cos.f32("rope cos table")?, sin.f32("rope sin table")?);
         rope::apply(&self.gpu, x.bf16_mut("rope")?, c, s, shape, inverse)
     }
@@ -288,6 +322,7 @@ impl Backend for Cuda {
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
+        same_len("swiglu", &[out, gate, up])?;
         swiglu::forward(&self.gpu, out.bf16_mut("swiglu")?, gate.bf16("swiglu gate")?, up.bf16("swiglu up")?)
     }
 
@@ -299,6 +334,7 @@ impl Backend for Cuda {
         gate: &CudaBuf,
         up: &CudaBuf,
     ) -> Result<()> {
+        same_len("swiglu backward", &[dgate, dup, dout, gate, up])?;
         swiglu::backward(
             &self.gpu,
             dgate.bf16_mut("swiglu dgate")?,
@@ -318,6 +354,10 @@ impl Backend for Cuda {
     ) -> Result<Vec<f32>> {
         if targets.len() * vocab != logits.len() {
             bail!("cross_entropy: {} rows of {vocab} logits expected, got {} values", targets.len(), logits.len());
+        }
+        // The kernel reads logits[target] unchecked.
+        if let Some(&bad) = targets.iter().find(|&&t| t >= vocab as i32) {
+            bail!("cross_entropy: target {bad} is outside the vocabulary of {vocab}");
         }
         let s = &self.gpu.stream;
         let t = s.clone_htod(targets)?;

@@ -32,9 +32,17 @@ pub fn bwd_shared_bytes(head_dim: usize) -> usize {
     2 * (2 * BC * ks + 2 * BR * ks) + 2 * BC * (BR + 8) + 4 * 2 * BR
 }
 
-fn check(s: &AttnShape) -> Result<&'static str> {
+/// The kernels index without bounds checks, so every shape and buffer length is checked here.
+fn check(s: &AttnShape, q_bufs: &[usize], kv_bufs: &[usize], lse_bufs: &[usize]) -> Result<&'static str> {
     if s.n_kv_head == 0 || !s.n_head.is_multiple_of(s.n_kv_head) {
         bail!("attention: {} heads do not group over {} KV heads", s.n_head, s.n_kv_head);
+    }
+    if s.kv_len > s.kv_stride || s.q_pos0 + s.q_len > s.kv_len {
+        bail!("attention: inconsistent shape {s:?} (need kv_len <= kv_stride and q_pos0 + q_len <= kv_len)");
+    }
+    let short = |lens: &[usize], need: usize| lens.iter().any(|&n| n < need);
+    if short(q_bufs, s.q_elems()) || short(kv_bufs, s.kv_elems()) || short(lse_bufs, s.lse_elems()) {
+        bail!("attention: a buffer is smaller than shape {s:?} needs");
     }
     match s.head_dim {
         64 => Ok("d64"),
@@ -80,7 +88,10 @@ pub fn forward(
     v: &CudaSlice<bf16>,
     s: AttnShape,
 ) -> Result<()> {
-    let d = check(&s)?;
+    let d = check(&s, &[out.len(), q.len()], &[k.len(), v.len()], &[lse.len()])?;
+    if s.batch == 0 || s.q_len == 0 {
+        return Ok(());
+    }
     let f = gpu.function(&format!("flash_attn_fwd_{d}"))?;
     let shape_args = ShapeArgs::new(&s);
     let cfg = LaunchConfig {
@@ -108,8 +119,15 @@ pub fn backward(
     v: &CudaSlice<bf16>,
     s: AttnShape,
 ) -> Result<()> {
-    let d = check(&s)?;
+    let d =
+        check(&s, &[dq.len(), dout.len(), out.len(), q.len()], &[dk.len(), dv.len(), k.len(), v.len()], &[lse.len()])?;
     let st = &gpu.stream;
+    if s.batch == 0 || s.q_len == 0 {
+        st.memset_zeros(dq)?;
+        st.memset_zeros(dk)?;
+        st.memset_zeros(dv)?;
+        return Ok(());
+    }
     // delta = rowsum(dO ∘ O)
     let rows = s.batch * s.q_len * s.n_head;
     let mut delta = st.alloc_zeros::<f32>(s.lse_elems())?;

@@ -12,6 +12,9 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 pub fn forward<T: Elem>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &CudaSlice<T>, up: &CudaSlice<T>) -> Result<()> {
+    if gate.len() != out.len() || up.len() != out.len() {
+        anyhow::bail!("swiglu: buffers of {}, {} and {} values", out.len(), gate.len(), up.len());
+    }
     let f = gpu.function(&format!("swiglu_fwd_{}", T::SUFFIX))?;
     let n = out.len() as i64;
     // SAFETY: argument order and types match the kernel; all three hold n values.
@@ -27,8 +30,12 @@ pub fn backward<T: Elem>(
     gate: &CudaSlice<T>,
     up: &CudaSlice<T>,
 ) -> Result<()> {
+    let n = dout.len();
+    if [dgate.len(), dup.len(), gate.len(), up.len()].iter().any(|&l| l != n) {
+        anyhow::bail!("swiglu backward: buffers of unequal length");
+    }
     let f = gpu.function(&format!("swiglu_bwd_{}", T::SUFFIX))?;
-    let n = dout.len() as i64;
+    let n = n as i64;
     // SAFETY: as above.
     unsafe {
         gpu.stream

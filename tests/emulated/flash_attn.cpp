@@ -1,0 +1,141 @@
+// kernels/flash_attn.cu on the CPU: forward (out, logsumexp) and backward (dQ, dK, dV) against a
+// double-precision reference, launched exactly as src/backend/cuda/flash_attn.rs launches them,
+// over the shapes that exercise its edges: head_dim 64 and 128, lengths that are not multiples of
+// the 64-row tiles, a KV cache longer than its valid part (NaN beyond it must never leak),
+// decoding offsets (q_pos0 > 0), and grouped queries (1, 2 and 4 query heads per KV head).
+#include "flash_attn.cu"
+
+#include <algorithm>
+#include <random>
+
+#include "check.h"
+
+typedef __nv_bfloat16 B16;
+
+struct Shape {
+    int batch, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, d;
+};
+
+static double f(B16 x) { return (double)__bfloat162float(x); }
+
+static void run(Shape s, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0, 1);
+    const size_t qe = (size_t)s.batch * s.q_len * s.n_head * s.d;
+    const size_t ke = (size_t)s.batch * s.kv_stride * s.n_kv_head * s.d;
+    const size_t le = (size_t)s.batch * s.n_head * s.q_len;
+    std::vector<B16> q(qe), k(ke), v(ke), dout(qe), out(qe), dq(qe), dk(ke), dv(ke);
+    std::vector<float> lse(le, NAN);
+    for (auto& x : q) x = __float2bfloat16_rn(nd(rng));
+    for (auto& x : dout) x = __float2bfloat16_rn(nd(rng));
+    for (int b = 0; b < s.batch; b++)
+        for (int j = 0; j < s.kv_stride; j++)
+            for (int h = 0; h < s.n_kv_head; h++)
+                for (int c = 0; c < s.d; c++) {
+                    size_t o = (((size_t)b * s.kv_stride + j) * s.n_kv_head + h) * s.d + c;
+                    bool valid = j < s.kv_len;
+                    k[o] = __float2bfloat16_rn(valid ? nd(rng) * 1.5f : NAN);
+                    v[o] = __float2bfloat16_rn(valid ? nd(rng) : NAN);
+                }
+    for (auto& x : out) x = __float2bfloat16_rn(NAN);
+    const float scale = 1.0f / std::sqrt((float)s.d);
+    auto fwd = [&] {
+        if (s.d == 64)
+            flash_attn_fwd_d64(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride,
+                               s.q_pos0, s.n_head, s.n_kv_head, scale);
+        else
+            flash_attn_fwd_d128(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride,
+                                s.q_pos0, s.n_head, s.n_kv_head, scale);
+    };
+    emulated_launch({(unsigned)((s.q_len + 63) / 64), (unsigned)s.n_head, (unsigned)s.batch}, {128, 1, 1}, fwd);
+
+    // Reference in double: causal softmax attention, then its gradients.
+    const int group = s.n_head / s.n_kv_head;
+    auto qi = [&](int b, int i, int h) { return (((size_t)b * s.q_len + i) * s.n_head + h) * s.d; };
+    auto ki = [&](int b, int j, int h) { return (((size_t)b * s.kv_stride + j) * s.n_kv_head + h) * s.d; };
+    std::vector<double> r_out(qe, 0), r_lse(le), r_dq(qe, 0), r_dk(ke, 0), r_dv(ke, 0);
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.n_head; h++) {
+            const int hk = h / group;
+            for (int i = 0; i < s.q_len; i++) {
+                const int nv = std::min(s.q_pos0 + i + 1, s.kv_len);
+                std::vector<double> p(nv);
+                double m = -1e300;
+                for (int j = 0; j < nv; j++) {
+                    double a = 0;
+                    for (int c = 0; c < s.d; c++) a += f(q[qi(b, i, h) + c]) * f(k[ki(b, j, hk) + c]);
+                    p[j] = a * scale;
+                    m = std::max(m, p[j]);
+                }
+                double l = 0;
+                for (int j = 0; j < nv; j++) l += (p[j] = std::exp(p[j] - m));
+                r_lse[((size_t)b * s.n_head + h) * s.q_len + i] = m + std::log(l);
+                double delta = 0;
+                for (int j = 0; j < nv; j++) p[j] /= l;
+                for (int c = 0; c < s.d; c++) {
+                    double o = 0;
+                    for (int j = 0; j < nv; j++) o += p[j] * f(v[ki(b, j, hk) + c]);
+                    r_out[qi(b, i, h) + c] = o;
+                    delta += f(dout[qi(b, i, h) + c]) * o;
+                }
+                for (int j = 0; j < nv; j++) {
+                    double dp = 0;
+                    for (int c = 0; c < s.d; c++) dp += f(dout[qi(b, i, h) + c]) * f(v[ki(b, j, hk) + c]);
+                    const double ds = p[j] * (dp - delta);
+                    for (int c = 0; c < s.d; c++) {
+                        r_dv[ki(b, j, hk) + c] += p[j] * f(dout[qi(b, i, h) + c]);
+                        r_dk[ki(b, j, hk) + c] += scale * ds * f(q[qi(b, i, h) + c]);
+                        r_dq[qi(b, i, h) + c] += scale * ds * f(k[ki(b, j, hk) + c]);
+                    }
+                }
+            }
+        }
+
+    // Backward, as flash_attn.rs::backward: delta pass, zeroed dK/dV, f32 dQ accumulator.
+    std::vector<float> delta(le, 0.f), dq_acc(qe, 0.f);
+    const int rows = s.batch * s.q_len * s.n_head;
+    emulated_launch({(unsigned)((rows + 3) / 4), 1, 1}, {128, 1, 1},
+                    [&] { flash_attn_bwd_delta(delta.data(), dout.data(), out.data(), rows, s.q_len, s.n_head, s.d); });
+    for (auto& x : dk) x.bits = 0;
+    for (auto& x : dv) x.bits = 0;
+    auto bwd = [&] {
+        if (s.d == 64)
+            flash_attn_bwd_d64(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(),
+                               k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
+                               scale);
+        else
+            flash_attn_bwd_d128(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(),
+                                k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
+                                scale);
+    };
+    emulated_launch({(unsigned)((s.kv_len + 63) / 64), (unsigned)s.n_kv_head, (unsigned)s.batch}, {128, 1, 1}, bwd);
+
+    auto rows_of = [](const std::vector<B16>& x) {
+        std::vector<double> r(x.size());
+        for (size_t i = 0; i < x.size(); ++i) r[i] = f(x[i]);
+        return r;
+    };
+    // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
+    std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
+    char name[160];
+    std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d", s.batch, s.q_len, s.kv_len,
+                  s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d);
+    std::printf("%s\n", name);
+    expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 1e-2);
+    double lse_err = 0;
+    for (size_t i = 0; i < le; ++i) lse_err = std::fmax(lse_err, std::isnan(lse[i]) ? INFINITY : std::fabs(lse[i] - r_lse[i]));
+    expect_below("  logsumexp (f32, absolute)", lse_err, 1e-4);
+    expect_below("  dq (f32 accumulator)", rel_max_err(widen(dq_acc), r_dq), 2e-2);
+    expect_below("  dk (bf16)", rel_max_err(dk_valid, r_dk), 2e-2);
+    expect_below("  dv (bf16)", rel_max_err(dv_valid, r_dv), 2e-2);
+}
+
+int main() {
+    run({1, 250, 260, 264, 10, 2, 1, 64}, 6);   // ragged tiles, cache longer than its valid part
+    run({1, 200, 200, 200, 0, 2, 2, 128}, 7);   // head_dim 128, one query head per KV head
+    run({2, 100, 100, 100, 0, 4, 2, 64}, 1);    // batch 2, groups of 2
+    run({1, 70, 150, 160, 80, 4, 1, 128}, 2);   // chunked prefill at an offset, groups of 4
+    run({1, 1, 64, 128, 63, 2, 2, 64}, 3);      // one decoded token
+    run({1, 5, 200, 256, 195, 4, 2, 64}, 5);    // a few tokens at the end of a long cache
+    return emulated_failures ? 1 : 0;
+}

@@ -1,0 +1,52 @@
+//! The CUDA kernels' own source, compiled by g++ with `-DKILN_CPU_EMULATION` and run on the CPU
+//! (tests/emulated/: one host thread per CUDA thread, barriers for `__syncthreads`, the warp
+//! shuffles, and `mma.sync` computed from the PTX fragment layout), against double-precision
+//! references. This checks the kernels' logic on machines without a GPU; tests/gpu.rs checks the
+//! real thing where one is present. Skipped without g++ unless KILN_REQUIRE_GXX=1 (set by CI).
+
+use std::path::Path;
+use std::process::Command;
+
+fn gxx() -> Option<&'static str> {
+    let ok = Command::new("g++").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("KILN_REQUIRE_GXX").is_ok_and(|v| v == "1") {
+        panic!("KILN_REQUIRE_GXX=1 but g++ is not on PATH");
+    }
+    ok.then_some("g++")
+}
+
+fn run(program: &str) {
+    let Some(cxx) = gxx() else {
+        eprintln!("skipped: no g++ to build tests/emulated/{program}");
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join(program.trim_end_matches(".cpp"));
+    let build = Command::new(cxx)
+        .args(["-std=c++20", "-O2", "-pthread", "-w", "-DKILN_CPU_EMULATION"])
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-I")
+        .arg(root.join("tests/emulated/include"))
+        .arg(root.join("tests/emulated").join(program))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "g++ {program}:\n{}", String::from_utf8_lossy(&build.stderr));
+    let out = Command::new(&exe).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(out.status.success(), "tests/emulated/{program} failed:\n{report}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn flash_attention_forward_and_backward_on_the_cpu_emulator() {
+    run("flash_attn.cpp");
+}
+
+#[test]
+fn norm_rope_swiglu_cross_entropy_adamw_and_helpers_on_the_cpu_emulator() {
+    run("kernels.cpp");
+}
