@@ -43,6 +43,45 @@ __device__ __forceinline__ unsigned pack(bf16 lo, bf16 hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// Four 8×8 bf16 matrices from shared memory in one instruction: lane 8j + i gives the address of
+// row i of matrix j (16-byte aligned); register j receives matrix j's row lane/4, columns
+// 2·(lane%4) and +1 — or, transposed, its rows 2·(lane%4) and +1 of column lane/4. Either way
+// exactly an mma.sync operand fragment, with no per-element shared-memory loads.
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const bf16* p) {
+#ifdef KILN_CPU_EMULATION
+    emulated_ldmatrix_x4(r, p, false);
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], const bf16* p) {
+#ifdef KILN_CPU_EMULATION
+    emulated_ldmatrix_x4(r, p, true);
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// B fragments of two consecutive k16 steps (kk, kk + 1) for the 8 columns n0..n0+7 of Bᵀ stored
+// row-major as [n][k] (K for Q·Kᵀ, Q for K·Qᵀ): b[0], b[1] for step kk, b[2], b[3] for kk + 1.
+__device__ __forceinline__ void b_frags_nk(unsigned b[4], const bf16* rows_n0_k0, int stride, int lane) {
+    ldsm_x4(b, rows_n0_k0 + (lane & 7) * stride + (lane >> 3) * 8);
+}
+
+// B fragments of one k16 step for two 8-column tiles (n0 and n0 + 8) of B stored row-major as
+// [k][n] (V for P·V, dO and Q for the backward's Pᵀ·dO and dSᵀ·Q, K for dS·K): b[0], b[1] for
+// columns n0.., b[2], b[3] for n0 + 8...
+__device__ __forceinline__ void b_frags_kn(unsigned b[4], const bf16* rows_k0_n0, int stride, int lane) {
+    ldsm_x4_trans(b, rows_k0_n0 + (lane & 15) * stride + (lane >> 4) * 8);
+}
+
 // Two adjacent bf16 as one register (the column index is even, so the load is aligned).
 __device__ __forceinline__ unsigned pair(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
 
@@ -103,9 +142,11 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
         for (int nt = 0; nt < BC / 8; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const bf16* kr = Ks + (nt * 8 + g) * KS + kk * 16 + 2 * tq;
-                mma16816(s[nt], qf[kk], pair(kr), pair(kr + 8));
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned b[4];
+                b_frags_nk(b, Ks + nt * 8 * KS + kk * 16, KS, lane);
+                mma16816(s[nt], qf[kk], b[0], b[1]);
+                mma16816(s[nt], qf[kk + 1], b[2], b[3]);
             }
         }
         float mx[2] = {m[0], m[1]};
@@ -152,11 +193,12 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
         for (int kk = 0; kk < BC / 16; ++kk) {
             const unsigned a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
                                    pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const bf16* vr = Vs + (kk * 16 + 2 * tq) * KS + g;
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                const bf16* p = vr + nt * 8;
-                mma16816(o[nt], a, pack(p[0], p[KS]), pack(p[8 * KS], p[9 * KS]));
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                unsigned b[4];
+                b_frags_kn(b, Vs + kk * 16 * KS + nt * 8, KS, lane);
+                mma16816(o[nt], a, b[0], b[1]);
+                mma16816(o[nt + 1], a, b[2], b[3]);
             }
         }
     }
@@ -234,18 +276,29 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
             }
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const int c = kk * 16 + 2 * tq;
-                const unsigned ka[4] = {pair(Ks + klo * KS + c), pair(Ks + khi * KS + c), pair(Ks + klo * KS + c + 8),
-                                        pair(Ks + khi * KS + c + 8)};
-                const unsigned va[4] = {pair(Vs + klo * KS + c), pair(Vs + khi * KS + c), pair(Vs + klo * KS + c + 8),
-                                        pair(Vs + khi * KS + c + 8)};
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned ka[2][4], va[2][4];
+#pragma unroll
+                for (int h2 = 0; h2 < 2; ++h2) {
+                    const int c = (kk + h2) * 16 + 2 * tq;
+                    ka[h2][0] = pair(Ks + klo * KS + c);
+                    ka[h2][1] = pair(Ks + khi * KS + c);
+                    ka[h2][2] = pair(Ks + klo * KS + c + 8);
+                    ka[h2][3] = pair(Ks + khi * KS + c + 8);
+                    va[h2][0] = pair(Vs + klo * KS + c);
+                    va[h2][1] = pair(Vs + khi * KS + c);
+                    va[h2][2] = pair(Vs + klo * KS + c + 8);
+                    va[h2][3] = pair(Vs + khi * KS + c + 8);
+                }
 #pragma unroll
                 for (int nt = 0; nt < BR / 8; ++nt) {
-                    const bf16* qr = Qs + (nt * 8 + g) * KS + c;
-                    mma16816(p[nt], ka, pair(qr), pair(qr + 8));
-                    const bf16* orow = Os + (nt * 8 + g) * KS + c;
-                    mma16816(dp[nt], va, pair(orow), pair(orow + 8));  // dPᵀ = V·dOᵀ
+                    unsigned bq[4], bo[4];
+                    b_frags_nk(bq, Qs + nt * 8 * KS + kk * 16, KS, lane);
+                    mma16816(p[nt], ka[0], bq[0], bq[1]);
+                    mma16816(p[nt], ka[1], bq[2], bq[3]);
+                    b_frags_nk(bo, Os + nt * 8 * KS + kk * 16, KS, lane);
+                    mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
+                    mma16816(dp[nt], va[1], bo[2], bo[3]);
                 }
             }
 #pragma unroll
@@ -269,13 +322,15 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
                                         pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
                                         pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-                const int r = (kk * 16 + 2 * tq) * KS + g;
 #pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    const bf16* od = Os + r + nt * 8;
-                    mma16816(dV[nt], pa, pack(od[0], od[KS]), pack(od[8 * KS], od[9 * KS]));
-                    const bf16* qd = Qs + r + nt * 8;
-                    mma16816(dK[nt], sa, pack(qd[0], qd[KS]), pack(qd[8 * KS], qd[9 * KS]));
+                for (int nt = 0; nt < D / 8; nt += 2) {
+                    unsigned bo[4], bq[4];
+                    b_frags_kn(bo, Os + kk * 16 * KS + nt * 8, KS, lane);
+                    mma16816(dV[nt], pa, bo[0], bo[1]);
+                    mma16816(dV[nt + 1], pa, bo[2], bo[3]);
+                    b_frags_kn(bq, Qs + kk * 16 * KS + nt * 8, KS, lane);
+                    mma16816(dK[nt], sa, bq[0], bq[1]);
+                    mma16816(dK[nt + 1], sa, bq[2], bq[3]);
                 }
             }
             // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
@@ -290,29 +345,37 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             __syncthreads();
             // This warp's 16 queries × D of dQ, accumulated in f32 in global memory.
             const int qlo = warp * 16 + g, qhi = qlo + 8;
+            // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
+            // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
+            unsigned da[BC / 16][4];
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                const int mj = lane >> 3, mi = lane & 7;
+                ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + warp * 16 + (mj & 1) * 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
                 for (int kk = 0; kk < BC / 16; ++kk) {
-                    const int c = kk * 16 + 2 * tq;  // key index within the tile
-                    const unsigned a[4] = {pack(dSs[c * SS + qlo], dSs[(c + 1) * SS + qlo]),
-                                           pack(dSs[c * SS + qhi], dSs[(c + 1) * SS + qhi]),
-                                           pack(dSs[(c + 8) * SS + qlo], dSs[(c + 9) * SS + qlo]),
-                                           pack(dSs[(c + 8) * SS + qhi], dSs[(c + 9) * SS + qhi])};
-                    const bf16* kd = Ks + c * KS + nt * 8 + g;
-                    mma16816(acc, a, pack(kd[0], kd[KS]), pack(kd[8 * KS], kd[9 * KS]));
+                    unsigned bk[4];
+                    b_frags_kn(bk, Ks + kk * 16 * KS + nt * 8, KS, lane);
+                    mma16816(acc[0], da[kk], bk[0], bk[1]);
+                    mma16816(acc[1], da[kk], bk[2], bk[3]);
                 }
-                const int col = nt * 8 + 2 * tq;
-                if (i0 + qlo < q_len) {
-                    float* d = dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col;
-                    atomicAdd(d, acc[0] * scale);
-                    atomicAdd(d + 1, acc[1] * scale);
-                }
-                if (i0 + qhi < q_len) {
-                    float* d = dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col;
-                    atomicAdd(d, acc[2] * scale);
-                    atomicAdd(d + 1, acc[3] * scale);
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    const int col = (nt + t) * 8 + 2 * tq;
+                    if (i0 + qlo < q_len) {
+                        float* d = dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col;
+                        atomicAdd(d, acc[t][0] * scale);
+                        atomicAdd(d + 1, acc[t][1] * scale);
+                    }
+                    if (i0 + qhi < q_len) {
+                        float* d = dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col;
+                        atomicAdd(d, acc[t][2] * scale);
+                        atomicAdd(d + 1, acc[t][3] * scale);
+                    }
                 }
             }
         }

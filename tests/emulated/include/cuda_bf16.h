@@ -81,6 +81,7 @@ struct EmulatedBlock {
     std::vector<std::unique_ptr<std::barrier<>>> warp;
     double exchange[32][32];           // shuffles: [warp][lane]
     unsigned mma_a[32][32][4], mma_b[32][32][2];  // mma operands: [warp][lane][register]
+    const __nv_bfloat16* ldsm_rows[32][32];      // ldmatrix row addresses: [warp][lane]
 };
 inline EmulatedBlock* emulated_block;
 alignas(16) inline unsigned char emulated_smem[256 * 1024];
@@ -132,6 +133,29 @@ inline void emulated_mma16816(float c[4], const unsigned a[4], unsigned b0, unsi
     }
     emulated_warp_sync();  // every lane has read the operands before any lane writes new ones
     for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane 8j + i gives the address of row i of 8×8
+// matrix j; register j of lane l receives matrix j's row l/4, columns 2·(l%4) and +1, or with
+// .trans its rows 2·(l%4) and +1 of column l/4 (low half first).
+inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool trans) {
+    EmulatedBlock& blk = *emulated_block;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    blk.ldsm_rows[w][lane] = p;
+    emulated_warp_sync();
+    for (int j = 0; j < 4; ++j) {
+        __nv_bfloat16 lo, hi;
+        if (!trans) {
+            const __nv_bfloat16* row = blk.ldsm_rows[w][8 * j + lane / 4];
+            lo = row[2 * (lane % 4)];
+            hi = row[2 * (lane % 4) + 1];
+        } else {
+            lo = blk.ldsm_rows[w][8 * j + 2 * (lane % 4)][lane / 4];
+            hi = blk.ldsm_rows[w][8 * j + 2 * (lane % 4) + 1][lane / 4];
+        }
+        r[j] = (unsigned)lo.bits | ((unsigned)hi.bits << 16);
+    }
+    emulated_warp_sync();
 }
 
 // Runs `body` for every block of `grid`, each with `block.x` threads. Shared memory starts as garbage.
