@@ -72,6 +72,11 @@ impl Gpu {
             modules.push(module);
         }
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // SAFETY: every kiln buffer of this context lives on its one stream, so cudarc's per-buffer
+        // events (which order work across streams) would only cost two event creations per allocation.
+        unsafe { ctx.disable_event_tracking() };
+        // Best effort: a device without memory pools allocates synchronously and has nothing to keep.
+        let _ = keep_freed_memory(&ctx);
         let stream = ctx.default_stream();
         Ok(Gpu { ordinal, ctx, stream, name, arch, functions, _modules: modules })
     }
@@ -101,6 +106,28 @@ pub fn datasheet_bf16_flops(name: &str) -> Option<f64> {
         return None;
     };
     Some(tf * 1e12)
+}
+
+/// Stream-ordered allocations come from the device's default memory pool, which by default hands
+/// freed memory back to the driver at every synchronisation; the per-step scratch (attention's dQ
+/// accumulator, losses, ids) would then be mapped afresh every step. Keeping it cached, as PyTorch's
+/// caching allocator does, makes those allocations free after the first step.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device; `threshold` outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()?;
+    }
+    Ok(())
 }
 
 /// A grid-stride launch over `n` elements.
