@@ -33,7 +33,9 @@ row() {
   return 0
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+echo "$card"
+row "card" "${card:-unknown (no nvidia-smi)}"
 # Binaries: target/gpu/ from scripts/gpu-pack.sh (stripped, what gets carried), else target/release.
 BIN=${KILN_BIN_DIR:-target/gpu}
 [ -x "$BIN/kiln" ] || BIN=target/release
