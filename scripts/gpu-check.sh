@@ -43,7 +43,9 @@ KILN=$BIN/kiln
 
 echo "== comm-check (NCCL on every local GPU)"
 if out=$(timeout 60 "$KILN" comm-check --megabytes 256 2>&1); then
-  echo "$out"; row "nccl all_reduce" "$(echo "$out" | grep -o '[0-9.]* GB/s bus' | head -1)"
+  echo "$out"
+  bw=$(echo "$out" | grep -o '[0-9.]* GB/s bus' | head -1)
+  row "nccl all_reduce" "${bw:-$(echo "$out" | grep -m1 '^nccl' || echo 'no figure')}"
 else
   echo "$out"; row "nccl all_reduce" "FAILED"; status=1
 fi
