@@ -7,7 +7,7 @@
 //! GPU's one stream, so ops are ordered without host synchronisation; only `download`,
 //! `sum_squares` and `cross_entropy` (which return host values) wait.
 
-use super::buf::{CudaBuf, Data, MemStats};
+use super::buf::{storage_of, CudaBuf, Data, MemStats};
 use super::device::Gpu;
 use super::gemm::Blas;
 use super::libs::{require, CudaLib};
@@ -80,6 +80,20 @@ impl Cuda {
         self.mem.reset_peak();
     }
 
+    /// Out of memory is the error a user can act on, so it says how much was held and what helps.
+    fn alloc_error(&self, e: cudarc::driver::DriverError, len: usize, role: Role) -> anyhow::Error {
+        let held = self.mem.live() as f64 / (1u64 << 30) as f64;
+        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            anyhow::anyhow!(
+                "GPU {} is out of memory allocating {len} values ({}) with {held:.1} GiB already held by kiln: lower train.micro_batch, or set train.recompute = true",
+                self.gpu.ordinal,
+                storage_of(role)
+            )
+        } else {
+            anyhow::anyhow!("GPU {}: allocating {len} values failed ({e:?})", self.gpu.ordinal)
+        }
+    }
+
     fn wrap(&self, data: Data) -> CudaBuf {
         CudaBuf::new(data, self.mem.clone())
     }
@@ -106,21 +120,27 @@ impl Backend for Cuda {
 
     fn zeros_as(&self, len: usize, role: Role) -> Result<CudaBuf> {
         let s = &self.gpu.stream;
-        let data = match role {
-            Role::Activation => Data::Bf16(s.alloc_zeros(len)?),
-            Role::Stats | Role::Accum => Data::F32(s.alloc_zeros(len)?),
-            Role::Param => Data::Param { master: s.alloc_zeros(len)?, compute: s.alloc_zeros(len)? },
-        };
+        let data = (|| -> Result<Data, cudarc::driver::DriverError> {
+            Ok(match role {
+                Role::Activation => Data::Bf16(s.alloc_zeros(len)?),
+                Role::Stats | Role::Accum => Data::F32(s.alloc_zeros(len)?),
+                Role::Param => Data::Param { master: s.alloc_zeros(len)?, compute: s.alloc_zeros(len)? },
+            })
+        })()
+        .map_err(|e| self.alloc_error(e, len, role))?;
         Ok(self.wrap(data))
     }
 
     fn upload_as(&self, data: &[f32], role: Role) -> Result<CudaBuf> {
         let s = &self.gpu.stream;
-        let d = match role {
-            Role::Activation => Data::Bf16(s.clone_htod(&to_bf16(data))?),
-            Role::Stats | Role::Accum => Data::F32(s.clone_htod(data)?),
-            Role::Param => Data::Param { master: s.clone_htod(data)?, compute: s.clone_htod(&to_bf16(data))? },
-        };
+        let d = (|| -> Result<Data, cudarc::driver::DriverError> {
+            Ok(match role {
+                Role::Activation => Data::Bf16(s.clone_htod(&to_bf16(data))?),
+                Role::Stats | Role::Accum => Data::F32(s.clone_htod(data)?),
+                Role::Param => Data::Param { master: s.clone_htod(data)?, compute: s.clone_htod(&to_bf16(data))? },
+            })
+        })()
+        .map_err(|e| self.alloc_error(e, data.len(), role))?;
         Ok(self.wrap(d))
     }
 
