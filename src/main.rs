@@ -217,6 +217,9 @@ enum BenchWhat {
         /// Recompute each block's activations in the backward
         #[arg(long)]
         recompute: bool,
+        /// Then time every op kind over two more steps (ops synchronised: where the time goes)
+        #[arg(long)]
+        profile: bool,
     },
     /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
     Dashboard {
@@ -350,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench {
-            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute }),
+            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute, profile }),
             ..
         } => {
             let args = kiln::cli::bench_train::TrainBenchArgs {
@@ -361,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 steps: steps.max(1),
                 warmup,
                 recompute,
+                profile,
             };
             for (k, v) in kiln::cli::bench_train::run(&args)? {
                 println!("{k:<28} {v}");

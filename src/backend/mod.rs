@@ -13,6 +13,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod profile;
 
 use anyhow::Result;
 

@@ -9,6 +9,7 @@ use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::cuda::device::{datasheet_bf16_flops, Gpu};
 use crate::backend::cuda::gemm::Blas;
 use crate::backend::cuda::Cuda;
+use crate::backend::profile::Profiled;
 use crate::backend::{AdamW, Backend, Gemm};
 use crate::model::init::random_weights;
 use crate::model::{Keep, Llama, LlamaConfig, Workspace};
@@ -26,6 +27,8 @@ pub struct TrainBenchArgs {
     pub warmup: usize,
     /// Recompute each block's activations in the backward (`train.recompute`).
     pub recompute: bool,
+    /// Afterwards, time every op kind in two more steps (each op synchronised: a diagnostic).
+    pub profile: bool,
 }
 
 /// Sustained bf16 GEMM FLOP/s on this card: an 8192³ product through the same cuBLASLt path.
@@ -119,6 +122,48 @@ fn time_steps<B: Backend>(
     Ok(StepTiming { secs_per_step: t.elapsed().as_secs_f64() / steps.max(1) as f64, loss })
 }
 
+/// Two more steps on a fresh model with every op timed by kind: where a step's time goes.
+fn profile_lines<B: Backend>(
+    backend: B,
+    cfg: &LlamaConfig,
+    host: &crate::model::Weights<Vec<f32>>,
+    a: &TrainBenchArgs,
+    keep: Keep,
+) -> Result<Vec<(String, String)>> {
+    let mut model = Llama::from_host(cfg.clone(), Profiled::new(backend), host)?;
+    let mut s = Stepper::new(&model, a.batch, a.seq, keep)?;
+    s.step(&mut model, 1)?;
+    model.backend.reset();
+    let steps = 2;
+    for n in 0..steps {
+        s.step(&mut model, n + 2)?;
+    }
+    let report = model.backend.report();
+    let total: f64 = report.iter().map(|(_, st)| st.secs).sum();
+    let mut lines = vec![(
+        "profile (ops synchronised)".to_string(),
+        format!("{:.1} ms per step in ops", total * 1e3 / steps as f64),
+    )];
+    for (kind, st) in report {
+        let per_sec = st.flops / st.secs.max(1e-12);
+        let rate = match st.flops {
+            f if f <= 0.0 => String::new(),
+            _ if per_sec >= 1e12 => format!(", {:.0} TFLOP/s", per_sec / 1e12),
+            _ => format!(", {:.1} GFLOP/s", per_sec / 1e9),
+        };
+        lines.push((
+            format!("  {kind}"),
+            format!(
+                "{:>8.2} ms/step {:>5.1}%  ({} calls{rate})",
+                st.secs * 1e3 / steps as f64,
+                100.0 * st.secs / total.max(1e-12),
+                st.calls / steps
+            ),
+        ));
+    }
+    Ok(lines)
+}
+
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
@@ -144,7 +189,6 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
             let ceiling = gemm_ceiling(b.gpu())?;
             let sheet = datasheet_bf16_flops(&b.gpu().name);
             let mut model = Llama::from_host(cfg.clone(), b.clone(), &host)?;
-            drop(host);
             b.reset_peak();
             let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup, keep)?;
             let mem = b.memory()?;
@@ -170,6 +214,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 ),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            if a.profile {
+                drop(model);
+                lines.extend(profile_lines(b.clone(), &cfg, &host, a, keep)?);
+            }
         }
         "cpu" => {
             let b = Cpu::new();
@@ -187,6 +235,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops()),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            if a.profile {
+                drop(model);
+                lines.extend(profile_lines(Cpu::new(), &cfg, &host, a, keep)?);
+            }
         }
         other => bail!("--device {other:?}: expected cpu or cuda"),
     }
