@@ -5,7 +5,7 @@
 use kiln::backend::AdamW;
 use kiln::data::loader::Batch;
 use kiln::model::init::random_weights;
-use kiln::model::LlamaConfig;
+use kiln::model::{Keep, LlamaConfig};
 use kiln::train::fsdp::Fsdp;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -177,7 +177,7 @@ fn parameter_and_optimizer_memory_per_rank_falls_as_one_over_world_size() {
     let full = random_weights(&cfg, 0).unwrap();
     let mut report = Vec::new();
     for world in [1usize, 2, 4] {
-        let mut f = Fsdp::new(&cfg, &full, None, world, 4 / world, 32).unwrap();
+        let mut f = Fsdp::new(&cfg, &full, None, world, 4 / world, 32, Keep::All).unwrap();
         f.step(&[batch(&cfg, 4, 32)], 1, 1.0 / 128.0, 1.0, hp()).unwrap();
         let m = f.memory()[0];
         report.push((world, m.persistent, m.peak));
@@ -198,10 +198,29 @@ fn parameter_and_optimizer_memory_per_rank_falls_as_one_over_world_size() {
 fn a_failing_rank_stops_the_step_with_a_clear_error() {
     let cfg = tiny();
     let full = random_weights(&cfg, 0).unwrap();
-    let mut f = Fsdp::new(&cfg, &full, None, 4, 1, 16).unwrap();
+    let mut f = Fsdp::new(&cfg, &full, None, 4, 1, 16, Keep::All).unwrap();
     f.fault = Some((2, 1));
     let t = std::time::Instant::now();
     let e = f.step(&[batch(&cfg, 4, 16)], 1, 1.0 / 64.0, 1.0, hp()).unwrap_err().to_string();
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(e, "rank 2 failed: injected fault at step 1");
+}
+
+#[test]
+fn recomputation_under_fsdp_gives_the_same_losses_and_weights_bit_for_bit() {
+    let cfg = tiny();
+    let full = random_weights(&cfg, 0).unwrap();
+    let run = |keep: Keep| {
+        let mut f = Fsdp::new(&cfg, &full, None, 2, 2, 32, keep).unwrap();
+        let mut losses = Vec::new();
+        for step in 1..=2u64 {
+            let hp = AdamW { step, ..hp() };
+            losses.push(f.step(&[batch(&cfg, 4, 32)], step, 1.0 / 128.0, 1.0, hp).unwrap());
+        }
+        (losses, f.consolidate().unwrap().iter().into_iter().cloned().collect::<Vec<_>>())
+    };
+    let (l1, w1) = run(Keep::All);
+    let (l2, w2) = run(Keep::BlockInputs);
+    assert_eq!(l1, l2);
+    assert!(w1 == w2, "weights differ after recomputation");
 }

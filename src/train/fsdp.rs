@@ -16,7 +16,7 @@ use crate::data::loader::Batch;
 use crate::dist::local::{local_group, LocalComm};
 use crate::dist::shard::ShardLayout;
 use crate::dist::Comm;
-use crate::model::{LayerWeights, Llama, LlamaConfig, Weights, Workspace};
+use crate::model::{Keep, LayerWeights, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -150,6 +150,7 @@ impl Fsdp {
         world: usize,
         rows_per_rank: usize,
         seq: usize,
+        keep: Keep,
     ) -> Result<Fsdp> {
         let ranges = unit_ranges(cfg);
         let tensors = full.iter();
@@ -162,7 +163,7 @@ impl Fsdp {
         for (r, comm) in local_group(world).into_iter().enumerate() {
             let empty = Weights::try_build(cfg, |_| Ok(Vec::new()))?;
             let model = Llama::new(cfg.clone(), Cpu::new(), empty)?;
-            let ws = Workspace::new(&model, rows_per_rank, seq)?;
+            let ws = Workspace::keeping(&model, rows_per_rank, seq, keep)?;
             let master: Vec<Vec<f32>> = layouts.iter().zip(&full_units).map(|(l, f)| l.take(f, r)).collect();
             // Each rank reads only its own part of each unit's moments.
             let (mut m, mut v) = (Vec::with_capacity(layouts.len()), Vec::with_capacity(layouts.len()));

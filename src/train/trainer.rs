@@ -89,7 +89,8 @@ impl<B: Backend> Trainer<B> {
         let (grads, opt, fsdp) = if world > 1 {
             let full = host_weights(&p.model, &p.model.weights)?;
             let rows = c.train.micro_batch / world;
-            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), world, rows, c.data.seq_len)?;
+            let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
+            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), world, rows, c.data.seq_len, keep)?;
             (None, None, Some(f))
         } else {
             let opt = match p.moments {
