@@ -191,7 +191,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
             let mut model = Llama::from_host(cfg.clone(), b.clone(), &host)?;
             b.reset_peak();
             let t = time_steps(&mut model, a.batch, a.seq, a.steps, a.warmup, keep)?;
-            let mem = b.memory()?;
+            let mem = b.device_memory()?;
             let tps = tokens / t.secs_per_step;
             let flops = flops_per_token * tps;
             lines.push(("bf16 GEMM 8192³".into(), format!("{:.0} TFLOP/s", ceiling / 1e12)));

@@ -17,15 +17,6 @@ use anyhow::{bail, Result};
 use half::bf16;
 use std::sync::Arc;
 
-/// The kernels index without bounds checks: buffers that must hold the same number of values.
-fn same_len(op: &str, bufs: &[&CudaBuf]) -> Result<()> {
-    if bufs.iter().any(|b| b.len() != bufs[0].len()) {
-        let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
-        bail!("{op}: buffers of unequal length {lens:?}");
-    }
-    Ok(())
-}
-
 /// Each buffer holds at least the given number of values.
 fn fits(op: &str, need: &[(&CudaBuf, usize)]) -> Result<()> {
     if let Some((b, n)) = need.iter().find(|(b, n)| b.len() < *n) {
@@ -70,7 +61,8 @@ impl Cuda {
         &self.gpu
     }
 
-    pub fn memory(&self) -> Result<CudaMemory> {
+    /// Kiln's buffers and the whole device, as the driver reports it.
+    pub fn device_memory(&self) -> Result<CudaMemory> {
         self.gpu.ctx.bind_to_thread()?;
         let (free, total) = self.gpu.ctx.mem_get_info()?;
         Ok(CudaMemory { live: self.mem.live(), peak: self.mem.peak(), device_used: total - free, device_total: total })
@@ -197,9 +189,6 @@ impl Backend for Cuda {
     }
 
     fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
-        if dst.len() != src.len() {
-            bail!("add_assign: {} values += {} values", dst.len(), src.len());
-        }
         match &mut dst.data {
             Data::F32(d) => elementwise::add_assign(&self.gpu, d, src.f32("add_assign")?),
             _ => elementwise::add_assign(&self.gpu, dst.bf16_mut("add_assign")?, src.bf16("add_assign")?),
@@ -342,7 +331,6 @@ impl Backend for Cuda {
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
-        same_len("swiglu", &[out, gate, up])?;
         swiglu::forward(&self.gpu, out.bf16_mut("swiglu")?, gate.bf16("swiglu gate")?, up.bf16("swiglu up")?)
     }
 
@@ -354,7 +342,6 @@ impl Backend for Cuda {
         gate: &CudaBuf,
         up: &CudaBuf,
     ) -> Result<()> {
-        same_len("swiglu backward", &[dgate, dup, dout, gate, up])?;
         swiglu::backward(
             &self.gpu,
             dgate.bf16_mut("swiglu dgate")?,
@@ -394,19 +381,7 @@ impl Backend for Cuda {
         v: &mut CudaBuf,
         hp: AdamW,
     ) -> Result<()> {
-        let n = param.len();
-        if grad.len() != n || m.len() != n || v.len() != n {
-            bail!("adamw: parameter of {n} values with gradient/moments of {}/{}/{}", grad.len(), m.len(), v.len());
-        }
-        let grad = grad.f32("adamw gradient")?;
-        let (m, v) = (m.f32_mut("adamw m")?, v.f32_mut("adamw v")?);
-        let (param, param_bf16) = match &mut param.data {
-            Data::Param { master, compute } => (master, Some(compute)),
-            Data::F32(p) => (p, None),
-            Data::Bf16(_) => bail!("adamw: the parameter has no f32 master copy (allocate it as Role::Param)"),
-        };
-        let mut t = [adamw::AdamTensor { param, grad, m, v, param_bf16 }];
-        adamw::step(&self.gpu, &mut t, hp, 1.0)
+        self.adamw_step_all(&mut [param], &[grad], &mut [m], &mut [v], hp)
     }
 
     fn adamw_step_all(
