@@ -4,48 +4,17 @@
 //! norms: f32 paths 1e-5, bf16 paths 1e-2 (inputs are rounded to bf16 before the CPU sees them, so
 //! only the kernel's own rounding is measured).
 
+mod common;
+
+use common::gpu::{assert_close, bf, or_skip, randn};
 use half::bf16;
 use kiln::backend::cpu::Cpu;
 use kiln::backend::cuda::device::Gpu;
 use kiln::backend::cuda::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
 use kiln::backend::{AdamW, AttnShape, Backend, RopeShape};
-use rand::{Rng, SeedableRng};
 
 fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("KILN_REQUIRE_GPU=1 but {e:#}");
-            }
-            eprintln!("skipped: {e:#}");
-            None
-        }
-    }
-}
-
-fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-/// Rounds through bf16, so the CPU reference sees exactly what the GPU sees.
-fn bf(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "non-finite output (NaN poison survived?)");
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
-    let e = rel_err(got, want);
-    assert!(e < tol, "{what}: relative error {e:.3e} ≥ {tol:.0e}");
-    eprintln!("{what}: relative error {e:.2e}");
+    or_skip(Gpu::open(0))
 }
 
 fn up_f32(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {

@@ -6,50 +6,21 @@
 //! The CPU reference sees the same bf16-rounded weights and inputs the GPU sees, so what is
 //! measured is the GPU path's own rounding: bf16 activations between ops.
 
-use half::bf16;
+mod common;
+
+use common::gpu::{assert_close, bf, or_skip, randn, rel_err};
 use kiln::backend::cpu::Cpu;
 use kiln::backend::cuda::Cuda;
 use kiln::backend::{AdamW, Backend, Gemm, Role};
+use kiln::data::loader::Batch;
 use kiln::model::init::random_weights;
 use kiln::model::weights::tensor_specs;
 use kiln::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
-use kiln::train::optimizer::{clip, grad_norm, AdamWState};
+use kiln::train::optimizer::{device_step, AdamWState, StepParams};
 use rand::{Rng, SeedableRng};
 
 fn cuda() -> Option<Cuda> {
-    match Cuda::open(0) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            if std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("KILN_REQUIRE_GPU=1 but {e:#}");
-            }
-            eprintln!("skipped: {e:#}");
-            None
-        }
-    }
-}
-
-fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-fn bf(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
-    let e = rel_err(got, want);
-    eprintln!("{what}: relative error {e:.2e}");
-    assert!(e < tol, "{what}: relative error {e:.3e} ≥ {tol:.0e}");
+    or_skip(Cuda::open(0))
 }
 
 #[test]
@@ -164,7 +135,7 @@ fn whole_model_loss_and_every_gradient_match_the_cpu_backend() {
 }
 
 /// Trains `steps` steps on a fixed synthetic corpus (a random first-order Markov chain, so there is
-/// something to learn) and returns the loss curve.
+/// something to learn) through the trainer's own step, and returns the loss curve.
 fn train_curve<B: Backend>(b: B, cfg: &LlamaConfig, host: &Weights<Vec<f32>>, steps: usize) -> Vec<f32> {
     let mut model = Llama::from_host(cfg.clone(), b, host).unwrap();
     let (bsz, seq) = (4, 128);
@@ -186,18 +157,14 @@ fn train_curve<B: Backend>(b: B, cfg: &LlamaConfig, host: &Weights<Vec<f32>>, st
         }
         let targets: Vec<i32> = ids[1..].iter().map(|&x| x as i32).collect();
         ids.pop();
-        for g in grads.iter_mut() {
-            model.backend.fill_zero(g).unwrap();
-        }
+        let batch = Batch { ids, targets, state: Default::default() };
         let scale = 1.0 / rows as f32;
-        let loss = model.forward(&mut ws, &ids, &targets, Some(scale)).unwrap();
-        model.backward(&mut ws, &mut grads).unwrap();
-        let norm = grad_norm(&model.backend, &grads).unwrap();
-        clip(&model.backend, &mut grads, norm, 1.0).unwrap();
         let lr = 3e-3 * (step as f32 / 20.0).min(1.0);
         let hp = AdamW { lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step };
-        opt.step(&mut model, &grads, hp).unwrap();
-        curve.push(loss.iter().sum::<f32>() * scale);
+        let p = StepParams { scale, max_norm: 1.0, hp };
+        let (loss_sum, _) =
+            device_step(&mut model, &mut ws, &mut grads, &mut opt, std::iter::once(Ok(&batch)), p).unwrap();
+        curve.push((loss_sum * scale as f64) as f32);
     }
     curve
 }

@@ -11,9 +11,10 @@ use crate::backend::cuda::gemm::Blas;
 use crate::backend::cuda::Cuda;
 use crate::backend::profile::Profiled;
 use crate::backend::{AdamW, Backend, Gemm};
+use crate::data::loader::Batch;
 use crate::model::init::random_weights;
 use crate::model::{Keep, Llama, LlamaConfig, Workspace};
-use crate::train::optimizer::{clip, grad_norm, AdamWState};
+use crate::train::optimizer::{device_step, AdamWState, StepParams};
 use anyhow::{bail, Result};
 use half::bf16;
 use std::time::Instant;
@@ -58,44 +59,36 @@ struct StepTiming {
 }
 
 /// Everything one benchmark step needs besides the model.
+/// Everything one benchmark step needs besides the model: the trainer's own step
+/// (`device_step`) on one fixed micro-batch of tokens.
 struct Stepper<B: Backend> {
     ws: Workspace<B>,
     grads: crate::model::Weights<B::Buf>,
     opt: AdamWState<B>,
-    ids: Vec<u32>,
-    targets: Vec<i32>,
-    scale: f32,
+    batch: Batch,
 }
 
 impl<B: Backend> Stepper<B> {
     fn new(model: &Llama<B>, batch: usize, seq: usize, keep: Keep) -> Result<Self> {
         let v = model.cfg.vocab_size;
-        let rows = batch * seq;
-        let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919 + 13) % v) as u32).collect();
         let targets = ids.iter().map(|&t| ((t as usize * 31 + 7) % v) as i32).collect();
         Ok(Stepper {
             ws: Workspace::keeping(model, batch, seq, keep)?,
             grads: model.zeros_like_weights()?,
             opt: AdamWState::new(model)?,
-            ids,
-            targets,
-            scale: 1.0 / rows as f32,
+            batch: Batch { ids, targets, state: Default::default() },
         })
     }
 
     /// One optimizer step (1-based `n`); returns the mean loss.
     fn step(&mut self, model: &mut Llama<B>, n: u64) -> Result<f32> {
-        let b = &model.backend;
-        for g in self.grads.iter_mut() {
-            b.fill_zero(g)?;
-        }
-        let losses = model.forward(&mut self.ws, &self.ids, &self.targets, Some(self.scale))?;
-        model.backward(&mut self.ws, &mut self.grads)?;
-        let norm = grad_norm(b, &self.grads)?;
-        clip(b, &mut self.grads, norm, 1.0)?;
+        let scale = 1.0 / self.batch.ids.len() as f32;
         let hp = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: n };
-        self.opt.step(model, &self.grads, hp)?;
-        Ok(losses.iter().sum::<f32>() * self.scale)
+        let one = std::iter::once(Ok(&self.batch));
+        let p = StepParams { scale, max_norm: 1.0, hp };
+        let (loss_sum, _) = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?;
+        Ok((loss_sum * scale as f64) as f32)
     }
 }
 

@@ -2,8 +2,10 @@
 //! semantics (norm before clipping is what gets reported).
 
 use crate::backend::{AdamW, Backend};
-use crate::model::{Llama, Weights};
+use crate::data::loader::Batch;
+use crate::model::{Llama, Weights, Workspace};
 use anyhow::Result;
+use std::borrow::Borrow;
 
 pub struct AdamWState<B: Backend> {
     pub m: Weights<B::Buf>,
@@ -45,4 +47,43 @@ pub fn clip<B: Backend>(b: &B, grads: &mut Weights<B::Buf>, norm: f64, max_norm:
         }
     }
     Ok(())
+}
+
+/// What one optimizer step needs besides the state it updates.
+#[derive(Clone, Copy, Debug)]
+pub struct StepParams {
+    /// Multiplies each token's loss: `1 / tokens in the global batch` makes the loss a mean.
+    pub scale: f32,
+    /// Global-norm clipping threshold (0 disables it).
+    pub max_norm: f64,
+    pub hp: AdamW,
+}
+
+/// One optimizer step with the whole model on one device: zero the gradients, forward and backward
+/// every micro-batch (the gradients accumulate), clip, AdamW. Returns the summed token loss and the
+/// gradient norm before clipping. The trainer, `kiln bench train` and the GPU tests all step
+/// through here.
+pub fn device_step<B: Backend>(
+    model: &mut Llama<B>,
+    ws: &mut Workspace<B>,
+    grads: &mut Weights<B::Buf>,
+    opt: &mut AdamWState<B>,
+    micro_batches: impl Iterator<Item = Result<impl Borrow<Batch>>>,
+    p: StepParams,
+) -> Result<(f64, f64)> {
+    for g in grads.iter_mut() {
+        model.backend.fill_zero(g)?;
+    }
+    let mut loss_sum = 0.0f64;
+    for batch in micro_batches {
+        let batch = batch?;
+        let batch = batch.borrow();
+        let losses = model.forward(ws, &batch.ids, &batch.targets, Some(p.scale))?;
+        loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+        model.backward(ws, grads)?;
+    }
+    let norm = grad_norm(&model.backend, grads)?;
+    clip(&model.backend, grads, norm, p.max_norm)?;
+    opt.step(model, grads, p.hp)?;
+    Ok((loss_sum, norm))
 }

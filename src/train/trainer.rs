@@ -6,7 +6,7 @@ use super::checkpoint::{self, Snapshot, TrainerState};
 use super::events::{Command, Event, RankMetrics, StepMetrics};
 use super::fsdp::Fsdp;
 use super::optim_state::{self, MomentSource, OwnedRankMoments};
-use super::optimizer::{clip, grad_norm, AdamWState};
+use super::optimizer::{device_step, AdamWState, StepParams};
 use super::schedule::lr_at;
 use super::signals;
 use crate::backend::{AdamW, Backend, Role};
@@ -224,22 +224,16 @@ impl<B: Backend> Trainer<B> {
     fn step_single(&mut self, scale: f32, hp: AdamW) -> Result<(f64, f64, f64)> {
         let (grads, opt) =
             (self.grads.as_mut().expect("single-device state"), self.opt.as_mut().expect("single-device state"));
-        let b = &self.model.backend;
-        for g in grads.iter_mut() {
-            b.fill_zero(g)?;
-        }
-        let (mut loss_sum, mut wait) = (0.0f64, 0.0f64);
-        for _ in 0..self.cfg.train.grad_accum {
-            let (batch, waited) = self.loader.next_batch()?;
+        let (loader, mix) = (&mut self.loader, &mut self.state.mix);
+        let mut wait = 0.0f64;
+        let batches = (0..self.cfg.train.grad_accum).map(|_| {
+            let (batch, waited) = loader.next_batch()?;
             wait += waited.as_secs_f64();
-            let losses = self.model.forward(&mut self.ws, &batch.ids, &batch.targets, Some(scale))?;
-            loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
-            self.model.backward(&mut self.ws, grads)?;
-            self.state.mix = batch.state;
-        }
-        let norm = grad_norm(b, grads)?;
-        clip(b, grads, norm, self.cfg.optim.grad_clip)?;
-        opt.step(&mut self.model, grads, hp)?;
+            *mix = batch.state.clone();
+            Ok(batch)
+        });
+        let p = StepParams { scale, max_norm: self.cfg.optim.grad_clip, hp };
+        let (loss_sum, norm) = device_step(&mut self.model, &mut self.ws, grads, opt, batches, p)?;
         Ok((loss_sum, norm, wait))
     }
 

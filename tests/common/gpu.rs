@@ -1,0 +1,47 @@
+//! Helpers of the GPU tests (tests/gpu.rs, tests/gpu_model.rs): the skip rule and the relative
+//! error norm they all measure with.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+
+/// The opened device, or `None` with a "skipped" line; KILN_REQUIRE_GPU=1 turns the skip into a
+/// failure (scripts/gpu-check.sh sets it, so a GPU run can never pass by skipping).
+pub fn or_skip<T>(opened: anyhow::Result<T>) -> Option<T> {
+    match opened {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("KILN_REQUIRE_GPU=1 but {e:#}");
+            }
+            eprintln!("skipped: {e:#}");
+            None
+        }
+    }
+}
+
+/// Uniform values in [-scale, scale) from a seed.
+pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
+}
+
+/// Rounds through bf16, so the CPU reference sees exactly what the GPU sees.
+pub fn bf(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// ‖got − want‖ / ‖want‖; a non-finite output (a NaN poison that survived) fails outright.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite output (NaN poison survived?)");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Prints the error, then asserts it is below `tol`.
+pub fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
+    let e = rel_err(got, want);
+    eprintln!("{what}: relative error {e:.2e}");
+    assert!(e < tol, "{what}: relative error {e:.3e} ≥ {tol:.0e}");
+}
