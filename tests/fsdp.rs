@@ -4,6 +4,7 @@
 
 use kiln::backend::AdamW;
 use kiln::data::loader::Batch;
+use kiln::dist::local::cpu_group;
 use kiln::model::init::random_weights;
 use kiln::model::{Keep, LlamaConfig};
 use kiln::train::fsdp::Fsdp;
@@ -177,16 +178,16 @@ fn parameter_and_optimizer_memory_per_rank_falls_as_one_over_world_size() {
     let full = random_weights(&cfg, 0).unwrap();
     let mut report = Vec::new();
     for world in [1usize, 2, 4] {
-        let mut f = Fsdp::new(&cfg, &full, None, world, 4 / world, 32, Keep::All).unwrap();
+        let mut f = Fsdp::new(&cfg, &full, None, cpu_group(world), 4 / world, 32, Keep::All).unwrap();
         f.step(&[batch(&cfg, 4, 32)], 1, 1.0 / 128.0, 1.0, hp()).unwrap();
         let m = f.memory()[0];
-        report.push((world, m.persistent, m.peak));
+        report.push((world, m.persistent_bytes, m.peak_bytes));
     }
     for &(world, persistent, peak) in &report {
         eprintln!(
             "world {world}: persistent {:.1} MB per rank, peak {:.1} MB",
-            persistent as f64 * 4e-6,
-            peak as f64 * 4e-6
+            persistent as f64 * 1e-6,
+            peak as f64 * 1e-6
         );
         let ideal = report[0].1 as f64 / world as f64;
         assert!((persistent as f64 - ideal).abs() / ideal < 0.01, "world {world}: {persistent} vs {ideal}");
@@ -198,7 +199,7 @@ fn parameter_and_optimizer_memory_per_rank_falls_as_one_over_world_size() {
 fn a_failing_rank_stops_the_step_with_a_clear_error() {
     let cfg = tiny();
     let full = random_weights(&cfg, 0).unwrap();
-    let mut f = Fsdp::new(&cfg, &full, None, 4, 1, 16, Keep::All).unwrap();
+    let mut f = Fsdp::new(&cfg, &full, None, cpu_group(4), 1, 16, Keep::All).unwrap();
     f.fault = Some((2, 1));
     let t = std::time::Instant::now();
     let e = f.step(&[batch(&cfg, 4, 16)], 1, 1.0 / 64.0, 1.0, hp()).unwrap_err().to_string();
@@ -211,7 +212,7 @@ fn recomputation_under_fsdp_gives_the_same_losses_and_weights_bit_for_bit() {
     let cfg = tiny();
     let full = random_weights(&cfg, 0).unwrap();
     let run = |keep: Keep| {
-        let mut f = Fsdp::new(&cfg, &full, None, 2, 2, 32, keep).unwrap();
+        let mut f = Fsdp::new(&cfg, &full, None, cpu_group(2), 2, 32, keep).unwrap();
         let mut losses = Vec::new();
         for step in 1..=2u64 {
             let hp = AdamW { step, ..hp() };

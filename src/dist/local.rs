@@ -1,7 +1,8 @@
 //! The in-process group: ranks are threads, collectives go through shared slots guarded by an
 //! abortable barrier.
 
-use super::Comm;
+use super::{Comm, DeviceComm, Member};
+use crate::backend::cpu::Cpu;
 use anyhow::{bail, Result};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -70,6 +71,21 @@ pub fn local_group(n: usize) -> Vec<LocalComm> {
         slots: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
     });
     (0..n).map(|rank| LocalComm { rank, shared: shared.clone() }).collect()
+}
+
+/// `n` CPU ranks, each with its backend, for the FSDP engine.
+pub fn cpu_group(n: usize) -> Vec<Member<Cpu>> {
+    local_group(n).into_iter().map(|comm| Member { backend: Cpu::new(), comm: Box::new(comm) }).collect()
+}
+
+/// On the CPU a buffer is a host slice, so the device collectives are the host ones.
+impl DeviceComm<Cpu> for LocalComm {
+    fn all_gather_buf(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        self.all_gather(shard, out)
+    }
+    fn reduce_scatter_buf(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        self.reduce_scatter(input, out)
+    }
 }
 
 impl LocalComm {

@@ -12,6 +12,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod shard;
 
+use crate::backend::Backend;
 use anyhow::Result;
 
 pub trait Comm: Send + Sync {
@@ -29,4 +30,20 @@ pub trait Comm: Send + Sync {
     /// Marks the group failed (a rank errored or panicked): every rank blocked in or entering a
     /// collective gets an error naming the failed rank instead of hanging.
     fn abort(&self, reason: &str);
+}
+
+/// Collectives over a backend's own buffers: what the FSDP engine moves parameters and gradients
+/// with. The host-slice `Comm` underneath carries control values (loss, gradient norm) and failures.
+pub trait DeviceComm<B: Backend>: Comm {
+    /// `out = concat over ranks of shard`, in `out`'s storage (a mixed-precision backend gathers a
+    /// parameter's compute copy into a compute-precision `out`: half the bytes of the master).
+    fn all_gather_buf(&self, backend: &B, shard: &B::Buf, out: &mut B::Buf) -> Result<()>;
+    /// `out = Σ over ranks of input[rank·len .. (rank+1)·len]` with `len = out.len()`.
+    fn reduce_scatter_buf(&self, backend: &B, input: &B::Buf, out: &mut B::Buf) -> Result<()>;
+}
+
+/// One FSDP rank: its device and its place in the group.
+pub struct Member<B: Backend> {
+    pub backend: B,
+    pub comm: Box<dyn DeviceComm<B>>,
 }

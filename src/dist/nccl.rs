@@ -5,11 +5,13 @@
 //! The device-buffer collectives are what a CUDA engine calls. `Comm` (host slices) is provided on
 //! top of them by staging through the GPU, for control values and for tests against the CPU group.
 
-use super::Comm;
+use super::{Comm, DeviceComm, Member};
+use crate::backend::cuda::buf::{CudaBuf, Data};
 use crate::backend::cuda::libs::{require, CudaLib};
+use crate::backend::cuda::Cuda;
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use cudarc::nccl::{Comm as RawComm, Id, ReduceOp};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use cudarc::nccl::{Comm as RawComm, Id, NcclType, ReduceOp};
 use std::sync::{Arc, Mutex};
 
 const NEEDS: &[CudaLib] = &[CudaLib::Driver, CudaLib::Nccl];
@@ -59,6 +61,11 @@ impl NcclComm {
         Ok(NcclComm { inner: Mutex::new(Inner { comm, stream }), rank, world, failed: Mutex::new(None) })
     }
 
+    fn wrap(comm: RawComm) -> NcclComm {
+        let (rank, world, stream) = (comm.rank(), comm.world_size(), comm.stream());
+        NcclComm { inner: Mutex::new(Inner { comm, stream }), rank, world, failed: Mutex::new(None) }
+    }
+
     fn check(&self) -> Result<()> {
         if let Some(why) = self.failed.lock().map_err(|_| anyhow!("NCCL group poisoned"))?.as_ref() {
             bail!("rank {}: the group failed: {why}", self.rank);
@@ -84,7 +91,7 @@ impl NcclComm {
     }
 
     /// `out = concat over ranks of shard`, on the GPU.
-    pub fn all_gather_device(&self, shard: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn all_gather_device<T: NcclType + DeviceRepr>(&self, shard: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
         if out.len() != shard.len() * self.world {
             bail!("all_gather: {} values out for {} ranks of {}", out.len(), self.world, shard.len());
         }
@@ -92,7 +99,11 @@ impl NcclComm {
     }
 
     /// `out = Σ over ranks of input[rank·len..(rank+1)·len]`, on the GPU.
-    pub fn reduce_scatter_device(&self, input: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn reduce_scatter_device<T: NcclType + DeviceRepr>(
+        &self,
+        input: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         if input.len() != out.len() * self.world {
             bail!("reduce_scatter: {} values in for {} ranks of {}", input.len(), self.world, out.len());
         }
@@ -168,5 +179,42 @@ impl Comm for NcclComm {
         if let Ok(mut f) = self.failed.lock() {
             f.get_or_insert_with(|| reason.to_string());
         }
+    }
+}
+
+/// `world` FSDP ranks on this machine's GPUs 0..world, one `Cuda` engine each, joined by one NCCL
+/// communicator per GPU that runs on the engine's own stream: a collective is ordered after the
+/// kernels that produced its input and before those that read its output, with no host wait.
+pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
+    require("FSDP on GPUs", NEEDS)?;
+    let count = CudaContext::device_count().context("cannot count the GPUs")? as usize;
+    if world > count {
+        bail!("parallel.world_size = {world} needs {world} GPUs; this machine has {count}");
+    }
+    let engines = (0..world).map(Cuda::open).collect::<Result<Vec<_>>>()?;
+    let streams = engines.iter().map(|e| e.gpu().stream.clone()).collect();
+    let comms = RawComm::from_devices(streams).map_err(|e| nccl_err(&format!("init of {world} GPUs"), e))?;
+    Ok(engines
+        .into_iter()
+        .zip(comms)
+        .map(|(backend, comm)| Member { backend, comm: Box::new(NcclComm::wrap(comm)) as Box<dyn DeviceComm<Cuda>> })
+        .collect())
+}
+
+/// Parameters travel as their bf16 compute copies (what every op reads), gradients as f32.
+impl DeviceComm<Cuda> for NcclComm {
+    fn all_gather_buf(&self, _: &Cuda, shard: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        if let Data::F32(o) = &mut out.data {
+            let master = match &shard.data {
+                Data::F32(x) | Data::Param { master: x, .. } => x,
+                Data::Bf16(_) => bail!("all_gather: a bf16 shard cannot fill an f32 output"),
+            };
+            return self.all_gather_device(master, o);
+        }
+        self.all_gather_device(shard.bf16("all_gather shard")?, out.bf16_mut("all_gather output")?)
+    }
+
+    fn reduce_scatter_buf(&self, _: &Cuda, input: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        self.reduce_scatter_device(input.f32("reduce_scatter input")?, out.f32_mut("reduce_scatter output")?)
     }
 }

@@ -9,56 +9,61 @@
 //! accumulate locally). Each rank runs a disjoint slice of every micro-batch, so the global batch,
 //! and hence the loss, is the same whatever the world size.
 
-use super::optim_state::{flat_units, unit_ranges, MomentSource, RankMoments};
-use crate::backend::cpu::Cpu;
-use crate::backend::{AdamW, Backend};
+use super::optim_state::{flat_units, unit_ranges, MomentSource, OwnedRankMoments};
+use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
-use crate::dist::local::{local_group, LocalComm};
 use crate::dist::shard::ShardLayout;
-use crate::dist::Comm;
+use crate::dist::{DeviceComm, Member};
 use crate::model::{Keep, LayerWeights, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-/// Per-rank memory, in f32 values: what persists (shards) and the peak during a step.
+/// Per-rank memory: what persists (shards of the master weights, moments and gradient) and the
+/// peak during a step.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RankMemory {
-    pub persistent: usize,
-    pub peak: usize,
+    pub persistent_bytes: usize,
+    pub peak_bytes: usize,
     /// Seconds the last step spent in collectives.
     pub comm_secs: f64,
 }
 
-struct Rank {
-    comm: LocalComm,
-    model: Llama<Cpu>,
-    ws: Workspace<Cpu>,
-    master: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    grad: Vec<Vec<f32>>,
+struct Rank<B: Backend> {
+    comm: Box<dyn DeviceComm<B>>,
+    /// Holds the rank's backend and RoPE tables; its own weights are placeholders, because every
+    /// stage takes the gathered unit as an argument.
+    model: Llama<B>,
+    ws: Workspace<B>,
+    /// This rank's shard of each unit: master weights (`Role::Param`), moments and gradient.
+    master: Vec<B::Buf>,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    grad: Vec<B::Buf>,
     /// Full-size unit gradients accumulated over micro-steps before the last one.
-    acc: Vec<Option<Vec<f32>>>,
+    acc: Vec<Option<B::Buf>>,
+    /// f32 values this engine holds, for backends that do not count their own bytes (the CPU).
     live: usize,
     peak: usize,
+    /// Bytes of the shards, measured by backends that count (a GPU).
+    persistent_bytes: Option<usize>,
     /// Seconds spent in collectives during the current step.
     comm_secs: f64,
 }
 
-pub struct Fsdp {
+pub struct Fsdp<B: Backend> {
     cfg: LlamaConfig,
     ranges: Vec<Range<usize>>,
     /// Values per tensor in canonical order.
     sizes: Vec<usize>,
     layouts: Vec<ShardLayout>,
-    ranks: Vec<Rank>,
+    ranks: Vec<Rank<B>>,
     /// Fault injection for failure-handling tests: `(rank, step)` errors on that rank at that step.
     pub fault: Option<(usize, u64)>,
 }
 
-impl Rank {
+impl<B: Backend> Rank<B> {
     fn note_alloc(&mut self, n: usize) {
         self.live += n;
         self.peak = self.peak.max(self.live);
@@ -66,58 +71,77 @@ impl Rank {
     fn note_free(&mut self, n: usize) {
         self.live -= n;
     }
+    fn b(&self) -> &B {
+        &self.model.backend
+    }
 
-    fn gather(&mut self, u: usize, layout: ShardLayout) -> Result<Vec<f32>> {
-        let mut full = vec![0.0; layout.padded()];
-        let t = Instant::now();
-        self.comm.all_gather(&self.master[u], &mut full)?;
-        self.comm_secs += t.elapsed().as_secs_f64();
-        full.truncate(layout.len);
-        self.note_alloc(full.len());
+    /// Unit `u`'s full parameters (padded), in the precision the ops read.
+    fn gather(&mut self, u: usize, layout: ShardLayout) -> Result<B::Buf> {
+        let mut full = self.b().zeros_as(layout.padded(), Role::Activation)?;
+        let (b, comm, shard) = (&self.model.backend, &self.comm, &self.master[u]);
+        timed(b, &mut self.comm_secs, || comm.all_gather_buf(b, shard, &mut full))?;
+        self.note_alloc(layout.len);
         Ok(full)
     }
 
     /// Splits a gathered block unit into its tensors. The split copies, so for a moment the unit is
-    /// held twice; the accounting says so, then the flat copy is dropped.
-    fn unpack_layer(&mut self, flat: Vec<f32>, sizes: &[usize]) -> LayerWeights<Vec<f32>> {
-        self.note_alloc(flat.len());
-        let lw = layer_from(split(&flat, sizes));
-        self.note_free(flat.len());
-        lw
+    /// held twice; the accounting says so, then the flat buffer is dropped.
+    fn unpack_layer(&mut self, flat: B::Buf, len: usize, sizes: &[usize]) -> Result<LayerWeights<B::Buf>> {
+        self.note_alloc(len);
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut o = 0;
+        for &n in sizes {
+            let mut t = self.b().zeros_as(n, Role::Activation)?;
+            self.b().copy(&mut t, 0, &flat, o, n)?;
+            parts.push(t);
+            o += n;
+        }
+        drop(flat);
+        self.note_free(len);
+        Ok(layer_from(parts))
     }
 
-    /// Hands a unit's full gradient to its owners (or accumulates it until the last micro-step).
-    fn push_grad(&mut self, u: usize, mut full: Vec<f32>, layout: ShardLayout, last: bool) -> Result<()> {
+    /// Copies `parts` back to back into one zero-padded buffer of `padded` values.
+    fn flatten(&self, parts: &[&B::Buf], padded: usize) -> Result<B::Buf> {
+        let mut flat = self.b().zeros_as(padded, Role::Accum)?;
+        let mut o = 0;
+        for p in parts {
+            let n = self.b().len(p);
+            self.b().copy(&mut flat, o, p, 0, n)?;
+            o += n;
+        }
+        Ok(flat)
+    }
+
+    /// Hands a unit's full (padded) gradient to its owners, or accumulates it until the last micro-step.
+    fn push_grad(&mut self, u: usize, mut full: B::Buf, layout: ShardLayout, last: bool) -> Result<()> {
         if let Some(acc) = self.acc[u].take() {
-            for (f, a) in full.iter_mut().zip(&acc) {
-                *f += a;
-            }
-            self.note_free(acc.len());
+            self.b().add_assign(&mut full, &acc)?;
+            self.note_free(layout.len);
         }
         if !last {
             self.acc[u] = Some(full);
             return Ok(());
         }
-        full.resize(layout.padded(), 0.0);
-        let t = Instant::now();
-        self.comm.reduce_scatter(&full, &mut self.grad[u])?;
-        self.comm_secs += t.elapsed().as_secs_f64();
+        let (b, comm, shard) = (&self.model.backend, &self.comm, &mut self.grad[u]);
+        timed(b, &mut self.comm_secs, || comm.reduce_scatter_buf(b, &full, shard))?;
         self.note_free(layout.len);
         Ok(())
     }
 }
 
-fn split(flat: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(sizes.len());
-    let mut o = 0;
-    for &n in sizes {
-        out.push(flat[o..o + n].to_vec());
-        o += n;
-    }
-    out
+/// Times a collective. An asynchronous backend queues work, so the queue is drained before and
+/// after: the figure is the collective's own time, not the compute queued ahead of it.
+fn timed<B: Backend, T>(b: &B, secs: &mut f64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    b.synchronize()?;
+    let t = Instant::now();
+    let out = f()?;
+    b.synchronize()?;
+    *secs += t.elapsed().as_secs_f64();
+    Ok(out)
 }
 
-fn layer_from(mut t: Vec<Vec<f32>>) -> LayerWeights<Vec<f32>> {
+fn layer_from<T>(mut t: Vec<T>) -> LayerWeights<T> {
     let mut it = t.drain(..);
     let mut next = || it.next().expect("nine tensors per layer");
     LayerWeights {
@@ -133,25 +157,26 @@ fn layer_from(mut t: Vec<Vec<f32>>) -> LayerWeights<Vec<f32>> {
     }
 }
 
-fn layer_flat(l: &LayerWeights<Vec<f32>>) -> Vec<f32> {
+fn layer_parts<T>(l: &LayerWeights<T>) -> [&T; 9] {
     [&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.mlp_norm, &l.gate_proj, &l.up_proj, &l.down_proj]
-        .iter()
-        .flat_map(|t| t.iter().copied())
-        .collect()
 }
 
-impl Fsdp {
-    /// Shards `full` (and the moments, when resuming) over `world` ranks, each running
+impl<B: Backend> Fsdp<B> {
+    /// Shards `full` (and the moments, when resuming) over the `group`'s ranks, each running
     /// `rows_per_rank` sequences of `seq` tokens per micro-batch.
     pub fn new(
         cfg: &LlamaConfig,
         full: &Weights<Vec<f32>>,
         moments: Option<&dyn MomentSource>,
-        world: usize,
+        group: Vec<Member<B>>,
         rows_per_rank: usize,
         seq: usize,
         keep: Keep,
-    ) -> Result<Fsdp> {
+    ) -> Result<Fsdp<B>> {
+        let world = group.first().map(|m| m.comm.world_size()).unwrap_or(0);
+        if world == 0 || group.len() != world {
+            bail!("FSDP: {} ranks in this process for a world of {world} (multi-node FSDP is not built)", group.len());
+        }
         let ranges = unit_ranges(cfg);
         let tensors = full.iter();
         let sizes: Vec<usize> = tensors.iter().map(|t| t.len()).collect();
@@ -160,25 +185,31 @@ impl Fsdp {
         let layouts: Vec<ShardLayout> =
             ranges.iter().map(|r| ShardLayout::new(sizes[r.clone()].iter().sum(), world)).collect();
         let mut ranks = Vec::with_capacity(world);
-        for (r, comm) in local_group(world).into_iter().enumerate() {
-            let empty = Weights::try_build(cfg, |_| Ok(Vec::new()))?;
-            let model = Llama::new(cfg.clone(), Cpu::new(), empty)?;
+        for Member { backend, comm } in group {
+            let r = comm.rank();
+            // One-value placeholders: the stages never read the model's own weights.
+            let placeholders = Weights::try_build(cfg, |_| backend.zeros_as(1, Role::Param))?;
+            let model = Llama::new(cfg.clone(), backend, placeholders)?;
             let ws = Workspace::keeping(&model, rows_per_rank, seq, keep)?;
-            let master: Vec<Vec<f32>> = layouts.iter().zip(&full_units).map(|(l, f)| l.take(f, r)).collect();
-            // Each rank reads only its own part of each unit's moments.
-            let (mut m, mut v) = (Vec::with_capacity(layouts.len()), Vec::with_capacity(layouts.len()));
-            for (u, l) in layouts.iter().enumerate() {
+            let b = &model.backend;
+            let before = b.memory().map(|m| m.live_bytes);
+            let mut master = Vec::with_capacity(layouts.len());
+            let (mut m, mut v, mut grad) = (Vec::new(), Vec::new(), Vec::new());
+            for (u, (l, f)) in layouts.iter().zip(&full_units).enumerate() {
+                master.push(b.upload_as(&l.take(f, r), Role::Param)?);
+                // Each rank reads only its own part of each unit's moments.
                 let (mut mu, mut vu) = match moments {
                     Some(src) => src.read(u, l.owned(r))?,
                     None => (Vec::new(), Vec::new()),
                 };
                 mu.resize(l.shard, 0.0);
                 vu.resize(l.shard, 0.0);
-                m.push(mu);
-                v.push(vu);
+                m.push(b.upload_as(&mu, Role::Accum)?);
+                v.push(b.upload_as(&vu, Role::Accum)?);
+                grad.push(b.zeros_as(l.shard, Role::Accum)?);
             }
-            let grad = layouts.iter().map(|l| vec![0.0; l.shard]).collect();
-            let persistent: usize = 4 * layouts.iter().map(|l| l.shard).sum::<usize>();
+            let persistent_bytes = before.and_then(|x| b.memory().map(|m| m.live_bytes - x));
+            let persistent = 4 * layouts.iter().map(|l| l.shard).sum::<usize>();
             ranks.push(Rank {
                 comm,
                 model,
@@ -187,9 +218,10 @@ impl Fsdp {
                 m,
                 v,
                 grad,
-                acc: vec![None; ranges.len()],
+                acc: (0..ranges.len()).map(|_| None).collect(),
                 live: persistent,
                 peak: persistent,
+                persistent_bytes,
                 comm_secs: 0.0,
             });
         }
@@ -200,10 +232,21 @@ impl Fsdp {
         self.ranks.len()
     }
 
-    /// Memory per rank (f32 values): persistent shards (master, two moments, gradient) and the peak.
+    /// Memory per rank: the persistent shards (master, two moments, gradient) and the peak. A backend
+    /// that counts its bytes (a GPU) reports them, including the workspace; otherwise the figures are
+    /// this engine's own f32 buffers.
     pub fn memory(&self) -> Vec<RankMemory> {
-        let persistent = 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>();
-        self.ranks.iter().map(|r| RankMemory { persistent, peak: r.peak, comm_secs: r.comm_secs }).collect()
+        self.ranks
+            .iter()
+            .map(|r| match (r.b().memory(), r.persistent_bytes) {
+                (Some(m), Some(p)) => RankMemory { persistent_bytes: p, peak_bytes: m.peak_bytes, comm_secs: r.comm_secs },
+                _ => RankMemory {
+                    persistent_bytes: 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>(),
+                    peak_bytes: 4 * r.peak,
+                    comm_secs: r.comm_secs,
+                },
+            })
+            .collect()
     }
 
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
@@ -223,7 +266,7 @@ impl Fsdp {
                             if fault == Some((r, step)) {
                                 bail!("injected fault at step {step}");
                             }
-                            rank_step(rank, r, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp)
+                            rank_step(rank, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp)
                         }));
                         let out = match run {
                             Ok(x) => x,
@@ -265,36 +308,32 @@ impl Fsdp {
 
     /// The full parameters (the checkpoint, eval and sampling view).
     pub fn consolidate(&self) -> Result<Weights<Vec<f32>>> {
-        self.consolidate_with(|r, u| &r.master[u])
-    }
-
-    /// Each rank's shard of the AdamW moments, as the checkpoint stores them.
-    pub fn rank_moments(&self) -> Vec<RankMoments<'_>> {
-        self.ranks
-            .iter()
-            .map(|r| RankMoments {
-                m: r.m.iter().map(|x| x.as_slice()).collect(),
-                v: r.v.iter().map(|x| x.as_slice()).collect(),
-            })
-            .collect()
-    }
-
-    fn consolidate_with(&self, pick: impl Fn(&Rank, usize) -> &Vec<f32>) -> Result<Weights<Vec<f32>>> {
         let mut tensors = Vec::new();
         for (u, range) in self.ranges.iter().enumerate() {
-            let flat: Vec<f32> =
-                self.ranks.iter().flat_map(|r| pick(r, u).iter().copied()).take(self.layouts[u].len).collect();
-            tensors.extend(split(&flat, &self.sizes[range.clone()]));
+            let mut flat = Vec::with_capacity(self.layouts[u].padded());
+            for r in &self.ranks {
+                flat.extend(r.b().download(&r.master[u])?);
+            }
+            let mut o = 0;
+            for &n in &self.sizes[range.clone()] {
+                tensors.push(flat[o..o + n].to_vec());
+                o += n;
+            }
         }
         let mut it = tensors.into_iter();
         Weights::try_build(&self.cfg, |_| Ok(it.next().expect("one tensor per spec")))
     }
+
+    /// Each rank's shard of the AdamW moments, as the checkpoint stores them.
+    pub fn rank_moments(&self) -> Result<Vec<OwnedRankMoments>> {
+        let host = |r: &Rank<B>, t: &[B::Buf]| t.iter().map(|x| r.b().download(x)).collect::<Result<Vec<_>>>();
+        self.ranks.iter().map(|r| Ok(OwnedRankMoments { m: host(r, &r.m)?, v: host(r, &r.v)? })).collect()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rank_step(
-    rank: &mut Rank,
-    r: usize,
+fn rank_step<B: Backend>(
+    rank: &mut Rank<B>,
     world: usize,
     batches: &[Batch],
     cfg: &LlamaConfig,
@@ -306,68 +345,93 @@ fn rank_step(
     hp: AdamW,
 ) -> Result<(f64, f64)> {
     let (n_layer, d, vocab) = (cfg.n_layer, cfg.d_model, cfg.vocab_size);
+    let r = rank.comm.rank();
     let head_unit = n_layer + 1;
+    let (embed_len, head_len) = (layouts[0].len, layouts[head_unit].len);
     let mut loss_sum = 0.0f64;
     for (k, batch) in batches.iter().enumerate() {
         let last = k + 1 == batches.len();
         let rows = batch.ids.len() / world;
         let (ids, targets) = (&batch.ids[r * rows..(r + 1) * rows], &batch.targets[r * rows..(r + 1) * rows]);
         rank.model.forward_begin(&mut rank.ws, ids, targets)?;
+        // The embedding unit is one tensor: its padded gathered buffer is used as is.
         let e = rank.gather(0, layouts[0])?;
         rank.model.embed_forward(&e, &mut rank.ws)?;
-        rank.note_free(e.len());
         drop(e);
+        rank.note_free(embed_len);
         for l in 0..n_layer {
             let flat = rank.gather(1 + l, layouts[1 + l])?;
-            let lw = rank.unpack_layer(flat, &sizes[ranges[1 + l].clone()]);
+            let lw = rank.unpack_layer(flat, layouts[1 + l].len, &sizes[ranges[1 + l].clone()])?;
             rank.model.layer_forward(l, &lw, &mut rank.ws)?;
+            drop(lw);
             rank.note_free(layouts[1 + l].len);
         }
-        let mut head_flat = rank.gather(head_unit, layouts[head_unit])?;
-        // A tied head is the embedding: gather that unit again. Untied, the head is the unit's tail;
-        // splitting it off copies it (the gathered buffer keeps its allocation until dropped).
-        let head = if cfg.tie_embeddings {
-            rank.gather(0, layouts[0])?
-        } else {
-            let h = head_flat.split_off(d);
-            rank.note_alloc(h.len());
-            h
+        // The head unit is the final norm, then (untied) the output matrix. A tied head is the
+        // embedding: that unit is gathered again.
+        let head_flat = rank.gather(head_unit, layouts[head_unit])?;
+        let (final_norm, untied_head) = {
+            let b = &rank.model.backend;
+            let mut n = b.zeros_as(d, Role::Activation)?;
+            b.copy(&mut n, 0, &head_flat, 0, d)?;
+            let h = if cfg.tie_embeddings {
+                None
+            } else {
+                let mut h = b.zeros_as(vocab * d, Role::Activation)?;
+                b.copy(&mut h, 0, &head_flat, d, vocab * d)?;
+                Some(h)
+            };
+            (n, h)
         };
-        let final_norm = head_flat;
+        // Copied out, the gathered unit goes; for a moment the head was held twice.
+        rank.note_alloc(if cfg.tie_embeddings { d } else { head_len });
+        drop(head_flat);
+        rank.note_free(head_len);
+        let head = match untied_head {
+            Some(h) => h,
+            None => rank.gather(0, layouts[0])?,
+        };
         let losses = rank.model.head_forward(&final_norm, &head, &mut rank.ws, targets, Some(scale))?;
         loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
 
-        let mut g_norm = vec![0.0f32; d];
-        let mut g_head = vec![0.0f32; vocab * d];
-        rank.note_alloc(g_norm.len() + g_head.len());
+        let b = &rank.model.backend;
+        let mut g_norm = b.zeros_as(d, Role::Accum)?;
+        // Tied, the head's gradient is the start of the embedding's: sized as that padded unit.
+        let g_head_len = if cfg.tie_embeddings { layouts[0].padded() } else { vocab * d };
+        let mut g_head = b.zeros_as(g_head_len, Role::Accum)?;
+        rank.note_alloc(d + vocab * d);
         rank.model.head_backward(&final_norm, &head, &mut rank.ws, &mut g_norm, &mut g_head)?;
-        rank.note_free(layouts[head_unit].len + head.len());
         drop((head, final_norm));
+        rank.note_free(if cfg.tie_embeddings { d + embed_len } else { head_len });
         let g_embed = if cfg.tie_embeddings {
-            rank.push_grad(head_unit, g_norm, layouts[head_unit], last)?;
-            g_head // the embedding's gradient starts with the head's contribution
+            // The padded copy takes over g_norm's accounting.
+            let g = rank.flatten(&[&g_norm], layouts[head_unit].padded())?;
+            drop(g_norm);
+            rank.push_grad(head_unit, g, layouts[head_unit], last)?;
+            g_head
         } else {
-            // g_norm grows to hold the unit's whole gradient: a moment with the head gradient twice.
-            rank.note_alloc(g_head.len());
-            g_norm.extend_from_slice(&g_head);
-            rank.note_free(g_head.len());
-            drop(g_head);
-            rank.push_grad(head_unit, g_norm, layouts[head_unit], last)?;
-            rank.note_alloc(vocab * d);
-            vec![0.0f32; vocab * d]
+            // The unit's gradient is assembled in one buffer: for a moment the head's is held twice.
+            rank.note_alloc(head_len);
+            let g = rank.flatten(&[&g_norm, &g_head], layouts[head_unit].padded())?;
+            drop((g_norm, g_head));
+            rank.note_free(head_len);
+            rank.push_grad(head_unit, g, layouts[head_unit], last)?;
+            rank.note_alloc(embed_len);
+            rank.model.backend.zeros_as(layouts[0].padded(), Role::Accum)?
         };
         for l in (0..n_layer).rev() {
             let w = layouts[1 + l].len;
             let flat = rank.gather(1 + l, layouts[1 + l])?;
-            let lw = rank.unpack_layer(flat, &sizes[ranges[1 + l].clone()]);
-            let mut gw = layer_from(sizes[ranges[1 + l].clone()].iter().map(|&n| vec![0.0f32; n]).collect());
+            let lw = rank.unpack_layer(flat, w, &sizes[ranges[1 + l].clone()])?;
+            let b = &rank.model.backend;
+            let parts = sizes[ranges[1 + l].clone()].iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?;
+            let mut gw = layer_from(parts);
             rank.note_alloc(w);
             rank.model.layer_backward(l, &lw, &mut gw, &mut rank.ws)?;
-            rank.note_free(w);
             drop(lw);
+            rank.note_free(w);
             // Flattening the gradient copies it; the per-tensor copy goes right after.
             rank.note_alloc(w);
-            let g = layer_flat(&gw);
+            let g = rank.flatten(&layer_parts(&gw), layouts[1 + l].padded())?;
             drop(gw);
             rank.note_free(w);
             rank.push_grad(1 + l, g, layouts[1 + l], last)?;
@@ -378,13 +442,12 @@ fn rank_step(
     }
 
     // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
-    let local_sq: f64 = rank.grad.iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum();
+    let b = &rank.model.backend;
+    let local_sq = b.sum_squares_all(&rank.grad.iter().collect::<Vec<_>>())?;
     let mut stats = [loss_sum as f32, local_sq as f32];
-    let t = Instant::now();
-    rank.comm.all_reduce(&mut stats)?;
-    rank.comm_secs += t.elapsed().as_secs_f64();
+    let comm = &rank.comm;
+    timed(b, &mut rank.comm_secs, || comm.all_reduce(&mut stats))?;
     let norm = (stats[1] as f64).sqrt();
-    let b = Cpu::new();
     if clip > 0.0 {
         let coef = clip / (norm + 1e-6);
         if coef < 1.0 {
@@ -393,8 +456,10 @@ fn rank_step(
             }
         }
     }
-    for u in 0..rank.master.len() {
-        b.adamw_step(&mut rank.master[u], &rank.grad[u], &mut rank.m[u], &mut rank.v[u], hp)?;
-    }
+    let mut params: Vec<&mut B::Buf> = rank.master.iter_mut().collect();
+    let mut m: Vec<&mut B::Buf> = rank.m.iter_mut().collect();
+    let mut v: Vec<&mut B::Buf> = rank.v.iter_mut().collect();
+    let grads: Vec<&B::Buf> = rank.grad.iter().collect();
+    b.adamw_step_all(&mut params, &grads, &mut m, &mut v, hp)?;
     Ok((stats[0] as f64, norm))
 }

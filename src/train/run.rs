@@ -10,6 +10,7 @@ use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::cuda::device::datasheet_bf16_flops;
 use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
+use crate::dist::Member;
 use crate::chat::service::{ChatService, ChatStopper, Sink};
 use crate::config::{RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
@@ -140,11 +141,13 @@ pub fn locate(args: &TrainArgs) -> Result<Located> {
 
 /// Builds the trainer on `backend`: creates a new run's directory, loads or initialises the model,
 /// opens the data. `peak_flops` is what MFU is reported against.
+/// Builds the trainer on `backend`, with `group` as the FSDP ranks when `parallel.world_size > 1`.
 pub fn build_on<B: Backend + Clone>(
     args: &TrainArgs,
     located: Located,
     backend: B,
     peak_flops: f64,
+    group: Vec<Member<B>>,
 ) -> Result<Trainer<B>> {
     let Located { mut cfg, run_dir, resuming } = located;
     if !resuming {
@@ -217,6 +220,7 @@ pub fn build_on<B: Backend + Clone>(
         cfg,
         model,
         moments,
+        group,
         state,
         sources,
         run_dir,
@@ -284,15 +288,21 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
 pub fn train(args: TrainArgs) -> Result<RunEnd> {
     signals::install();
     let located = locate(&args)?;
+    let world = located.cfg.parallel.world_size;
     match located.cfg.parallel.device.as_str() {
-        // The GPU is opened (libraries, kernels) before a new run's directory is made, so a
-        // machine without CUDA leaves nothing behind.
+        // The GPUs are opened (libraries, kernels, NCCL) before a new run's directory is made, so
+        // a machine without CUDA, or with too few GPUs, leaves nothing behind. GPU 0 also holds
+        // the full model that evaluates, samples and checkpoints.
         "cuda" => {
             let gpu = Cuda::open(0)?;
             let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
-            drive(build_on(&args, located, gpu, peak)?, &args)
+            let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
+            drive(build_on(&args, located, gpu, peak, group)?, &args)
         }
-        _ => drive(build_on(&args, located, Cpu::new(), measured_peak_flops())?, &args),
+        _ => {
+            let group = if world > 1 { crate::dist::local::cpu_group(world) } else { Vec::new() };
+            drive(build_on(&args, located, Cpu::new(), measured_peak_flops(), group)?, &args)
+        }
     }
 }
 
@@ -432,10 +442,14 @@ fn check_placement(cfg: &RunConfig) -> Result<()> {
         "cuda" => {
             node.local_ranks(cfg.parallel.world_size)?;
             require("parallel.device = \"cuda\"", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
-            if cfg.parallel.world_size > 1 || node.nnodes > 1 {
+            if node.nnodes > 1 {
                 bail!(
-                    "parallel.device = \"cuda\" trains on one GPU so far (world_size = 1, one node); FSDP over NCCL on GPUs is not built yet"
+                    "NNODES={}: training spans one node so far (FSDP over this node's GPUs); multi-node runs reach `kiln comm-check` only",
+                    node.nnodes
                 );
+            }
+            if cfg.parallel.world_size > 1 {
+                require("FSDP on GPUs", &[CudaLib::Nccl])?;
             }
             Ok(())
         }

@@ -15,13 +15,14 @@ use crate::chat::service::{ChatRequest, ChatService};
 use crate::chat::ChatTemplate;
 use crate::config::RunConfig;
 use crate::data::loader::{val_sequences, Loader, Source};
+use crate::dist::Member;
 use crate::eval::report::{self, TaskResult};
 use crate::eval::score::Scorer;
 use crate::eval::tasks;
 use crate::model::sampling::{Sampler, SamplingParams};
 use crate::model::{Keep, KvCache, Llama, Weights, Workspace};
 use crate::tokenizer::Tokenizer;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ pub struct Trainer<B: Backend> {
     grads: Option<Weights<B::Buf>>,
     opt: Option<AdamWState<B>>,
     /// The sharded engine, for `parallel.world_size > 1`.
-    fsdp: Option<Fsdp>,
+    fsdp: Option<Fsdp<B>>,
     /// The FSDP shards have moved on since `model.weights` was last consolidated.
     model_stale: bool,
     ws: Workspace<B>,
@@ -72,6 +73,9 @@ pub struct TrainerParts<B: Backend> {
     pub model: Llama<B>,
     /// AdamW moments to resume from (any world size's checkpoint).
     pub moments: Option<Box<dyn MomentSource>>,
+    /// The FSDP ranks when `parallel.world_size > 1` (`dist::local::cpu_group`,
+    /// `dist::nccl::cuda_group`); empty on one device.
+    pub group: Vec<Member<B>>,
     pub state: TrainerState,
     pub sources: Vec<Source>,
     pub run_dir: PathBuf,
@@ -86,11 +90,14 @@ impl<B: Backend> Trainer<B> {
     pub fn new(p: TrainerParts<B>) -> Result<Self> {
         let c = &p.cfg;
         let world = c.parallel.world_size;
+        let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
         let (grads, opt, fsdp) = if world > 1 {
+            if p.group.len() != world {
+                bail!("parallel.world_size = {world} but {} ranks were opened", p.group.len());
+            }
             let full = host_weights(&p.model, &p.model.weights)?;
             let rows = c.train.micro_batch / world;
-            let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
-            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), world, rows, c.data.seq_len, keep)?;
+            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
             (None, None, Some(f))
         } else {
             let opt = match p.moments {
@@ -111,7 +118,8 @@ impl<B: Backend> Trainer<B> {
         let loader =
             Loader::start(&p.sources, c.train.seed, c.data.seq_len, c.train.micro_batch, Some(p.state.mix.clone()))?;
         let val = val_sequences(&p.sources, c.data.seq_len, c.eval.batches * c.train.micro_batch);
-        let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
+        // Under FSDP the full model here only evaluates: a forward-only workspace.
+        let keep = if fsdp.is_some() { Keep::Nothing } else { keep };
         let ws = Workspace::keeping(&p.model, c.train.micro_batch, c.data.seq_len, keep)?;
         let metrics_path = p.run_dir.join("metrics.jsonl");
         let metrics = OpenOptions::new()
@@ -183,8 +191,8 @@ impl<B: Backend> Trainer<B> {
                     .map(|(rank, m)| RankMetrics {
                         rank,
                         tokens_per_s: tps / n,
-                        state_mb: m.persistent as f64 * 4e-6,
-                        peak_mb: m.peak as f64 * 4e-6,
+                        state_mb: m.persistent_bytes as f64 * 1e-6,
+                        peak_mb: m.peak_bytes as f64 * 1e-6,
                         comm_ms: m.comm_secs * 1e3,
                     })
                     .collect()
@@ -369,11 +377,11 @@ impl<B: Backend> Trainer<B> {
             }
             _ => None,
         };
-        let optimizer = match (&self.fsdp, &single) {
-            (Some(f), _) => f.rank_moments(),
-            (None, Some(one)) => vec![one.view()],
-            (None, None) => unreachable!("one engine or the other"),
+        let sharded = match &self.fsdp {
+            Some(f) => f.rank_moments()?,
+            None => Vec::new(),
         };
+        let optimizer: Vec<_> = single.iter().chain(&sharded).map(|r| r.view()).collect();
         let files: Vec<(&str, &[u8])> = self.tokenizer_files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
         let snap = Snapshot {
             cfg: &self.model.cfg,
