@@ -50,7 +50,7 @@ else
   echo "$out"; row "nccl all_reduce" "FAILED"; status=1
 fi
 
-for t in kernels gpu gpu_model; do
+for t in kernels gpu gpu_model gpu_fsdp; do
   if [ -x "$BIN/$t" ]; then bin=$BIN/$t; else bin=$(ls -t target/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1); fi
   echo "== test $t ($bin)"
   if [ -z "$bin" ]; then row "test $t" "MISSING (run scripts/gpu-pack.sh)"; status=1; continue; fi

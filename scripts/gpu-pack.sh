@@ -10,7 +10,7 @@ out=target/gpu
 rm -rf "$out" && mkdir -p "$out"
 strip -o "$out/kiln" target/release/kiln
 # The test binaries' paths come from cargo itself, not from guessing at hashes.
-cargo test --release --locked --no-run --test kernels --test gpu --test gpu_model --message-format=json 2>/dev/null |
+cargo test --release --locked --no-run --test kernels --test gpu --test gpu_model --test gpu_fsdp --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -18,7 +18,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do strip -o "$out/$name" "$exe"; done
-for t in kiln kernels gpu gpu_model; do
+for t in kiln kernels gpu gpu_model gpu_fsdp; do
   [ -x "$out/$t" ] || { echo "gpu-pack: $out/$t was not built" >&2; exit 1; }
 done
 du -sh "$out"/*

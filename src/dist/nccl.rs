@@ -91,7 +91,11 @@ impl NcclComm {
     }
 
     /// `out = concat over ranks of shard`, on the GPU.
-    pub fn all_gather_device<T: NcclType + DeviceRepr>(&self, shard: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
+    pub fn all_gather_device<T: NcclType + DeviceRepr>(
+        &self,
+        shard: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         if out.len() != shard.len() * self.world {
             bail!("all_gather: {} values out for {} ranks of {}", out.len(), self.world, shard.len());
         }
@@ -182,12 +186,17 @@ impl Comm for NcclComm {
     }
 }
 
+/// The GPUs the driver sees; a clear error where the driver or NCCL is missing.
+pub fn gpu_count() -> Result<usize> {
+    require("FSDP on GPUs", NEEDS)?;
+    Ok(CudaContext::device_count().context("cannot count the GPUs")? as usize)
+}
+
 /// `world` FSDP ranks on this machine's GPUs 0..world, one `Cuda` engine each, joined by one NCCL
 /// communicator per GPU that runs on the engine's own stream: a collective is ordered after the
 /// kernels that produced its input and before those that read its output, with no host wait.
 pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
-    require("FSDP on GPUs", NEEDS)?;
-    let count = CudaContext::device_count().context("cannot count the GPUs")? as usize;
+    let count = gpu_count()?;
     if world > count {
         bail!("parallel.world_size = {world} needs {world} GPUs; this machine has {count}");
     }

@@ -239,7 +239,9 @@ impl<B: Backend> Fsdp<B> {
         self.ranks
             .iter()
             .map(|r| match (r.b().memory(), r.persistent_bytes) {
-                (Some(m), Some(p)) => RankMemory { persistent_bytes: p, peak_bytes: m.peak_bytes, comm_secs: r.comm_secs },
+                (Some(m), Some(p)) => {
+                    RankMemory { persistent_bytes: p, peak_bytes: m.peak_bytes, comm_secs: r.comm_secs }
+                }
                 _ => RankMemory {
                     persistent_bytes: 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>(),
                     peak_bytes: 4 * r.peak,
@@ -423,7 +425,8 @@ fn rank_step<B: Backend>(
             let flat = rank.gather(1 + l, layouts[1 + l])?;
             let lw = rank.unpack_layer(flat, w, &sizes[ranges[1 + l].clone()])?;
             let b = &rank.model.backend;
-            let parts = sizes[ranges[1 + l].clone()].iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?;
+            let parts =
+                sizes[ranges[1 + l].clone()].iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?;
             let mut gw = layer_from(parts);
             rank.note_alloc(w);
             rank.model.layer_backward(l, &lw, &mut gw, &mut rank.ws)?;

@@ -1,0 +1,142 @@
+//! FSDP against one device, on the same backend: the sharded engine (gather → stage → drop,
+//! reduce-scatter, sharded AdamW) must give the single-device step's losses and weights. On the
+//! CPU this runs everywhere (LocalComm); on GPUs it runs NCCL on the CUDA engines' streams over
+//! as many GPUs as there are, up to two (one GPU is a world of one: the NCCL and sharding path all
+//! the same). Elsewhere the GPU test says it was skipped; KILN_REQUIRE_GPU=1 fails instead.
+
+mod common;
+
+use common::gpu::{or_skip, rel_err};
+use kiln::backend::cpu::Cpu;
+use kiln::backend::{AdamW, Backend};
+use kiln::data::loader::Batch;
+use kiln::dist::Member;
+use kiln::model::init::random_weights;
+use kiln::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
+use kiln::train::fsdp::Fsdp;
+use kiln::train::optimizer::{device_step, AdamWState, StepParams};
+use rand::{Rng, SeedableRng};
+
+const SEQ: usize = 64;
+const ROWS: usize = 4; // sequences per micro-batch, split over the ranks
+const ACCUM: usize = 2; // micro-batches per step: the accumulation path too
+const STEPS: u64 = 3;
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        n_layer: 2,
+        d_model: 128,
+        n_head: 4,
+        n_kv_head: 2,
+        head_dim: None,
+        d_ff: 344,
+        vocab_size: 503, // odd sizes, so every unit's shard is padded
+        max_seq_len: SEQ,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: tied,
+    }
+}
+
+fn batches(cfg: &LlamaConfig, step: u64) -> Vec<Batch> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(step);
+    (0..ACCUM)
+        .map(|_| {
+            let ids: Vec<u32> = (0..ROWS * SEQ).map(|_| r.random_range(0..cfg.vocab_size as u32)).collect();
+            let targets = ids.iter().map(|&t| ((t * 7 + 1) % cfg.vocab_size as u32) as i32).collect();
+            Batch { ids, targets, state: Default::default() }
+        })
+        .collect()
+}
+
+fn hp(step: u64) -> AdamW {
+    AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step }
+}
+
+const SCALE: f32 = 1.0 / (ROWS * SEQ * ACCUM) as f32;
+
+/// Per-step losses and the final weights, on one device.
+fn single<B: Backend>(b: B, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut model = Llama::from_host(cfg.clone(), b, init).unwrap();
+    let mut ws = Workspace::keeping(&model, ROWS, SEQ, Keep::All).unwrap();
+    let mut grads = model.zeros_like_weights().unwrap();
+    let mut opt = AdamWState::new(&model).unwrap();
+    let mut losses = Vec::new();
+    for step in 1..=STEPS {
+        let bs = batches(cfg, step);
+        let p = StepParams { scale: SCALE, max_norm: 1.0, hp: hp(step) };
+        let (loss, _) = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
+        losses.push(loss * SCALE as f64);
+    }
+    let w = model.weights.iter().into_iter().map(|t| model.backend.download(t).unwrap()).collect();
+    (losses, w)
+}
+
+/// The same, sharded over `group`.
+fn sharded<B: Backend>(
+    group: Vec<Member<B>>,
+    cfg: &LlamaConfig,
+    init: &Weights<Vec<f32>>,
+) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let world = group.len();
+    let mut f = Fsdp::new(cfg, init, None, group, ROWS / world, SEQ, Keep::All).unwrap();
+    let mut losses = Vec::new();
+    for step in 1..=STEPS {
+        let (loss, _) = f.step(&batches(cfg, step), step, SCALE, 1.0, hp(step)).unwrap();
+        losses.push(loss * SCALE as f64);
+    }
+    (losses, f.consolidate().unwrap().iter().into_iter().cloned().collect())
+}
+
+/// Losses within `loss_tol` (relative) step by step; every tensor's change from the start within
+/// `delta_tol` (relative error norm of the update: the part training moved, not the initial values
+/// both runs share).
+fn compare(
+    one: (Vec<f64>, Vec<Vec<f32>>),
+    many: (Vec<f64>, Vec<Vec<f32>>),
+    init: &Weights<Vec<f32>>,
+    loss_tol: f64,
+    delta_tol: f64,
+) {
+    for (s, (a, b)) in one.0.iter().zip(&many.0).enumerate() {
+        eprintln!("step {}: one device {a:.6}, sharded {b:.6}", s + 1);
+        assert!(b.is_finite() && (a - b).abs() <= loss_tol * a.abs(), "step {}: {a} vs {b}", s + 1);
+    }
+    let mut worst = 0.0f64;
+    for ((w1, wn), w0) in one.1.iter().zip(&many.1).zip(init.iter()) {
+        let d1: Vec<f32> = w1.iter().zip(w0).map(|(a, b)| a - b).collect();
+        let dn: Vec<f32> = wn.iter().zip(w0).map(|(a, b)| a - b).collect();
+        worst = worst.max(rel_err(&dn, &d1));
+    }
+    eprintln!("worst tensor update relative error: {worst:.2e}");
+    assert!(worst < delta_tol, "sharded updates differ from one device's: {worst:.3e}");
+}
+
+#[test]
+fn fsdp_on_cpu_ranks_matches_one_cpu() {
+    for tied in [false, true] {
+        let cfg = config(tied);
+        let init = random_weights(&cfg, 3).unwrap();
+        let one = single(Cpu::new(), &cfg, &init);
+        let many = sharded(kiln::dist::local::cpu_group(2), &cfg, &init);
+        // f32 throughout: only the order of a few sums differs.
+        compare(one, many, &init, 1e-5, 1e-3);
+    }
+}
+
+#[test]
+fn fsdp_over_nccl_matches_one_gpu() {
+    use kiln::backend::cuda::Cuda;
+    let Some(count) = or_skip(kiln::dist::nccl::gpu_count()) else { return };
+    let world = count.min(2);
+    for tied in [false, true] {
+        let cfg = config(tied);
+        let init = random_weights(&cfg, 3).unwrap();
+        let Some(gpu) = or_skip(Cuda::open(0)) else { return };
+        let one = single(gpu, &cfg, &init);
+        let Some(group) = or_skip(kiln::dist::nccl::cuda_group(world)) else { return };
+        eprintln!("FSDP over {world} GPU(s), tied embeddings: {tied}");
+        // bf16 activations: a different split of the batch rounds differently, a little.
+        compare(one, sharded(group, &cfg, &init), &init, 1e-2, 5e-2);
+    }
+}
