@@ -1,10 +1,12 @@
 //! The in-process group: ranks are threads, collectives go through shared slots guarded by an
 //! abortable barrier.
 
-use super::{Comm, DeviceComm, Member};
+use super::{Comm, DeviceComm, Member, Ticket};
 use crate::backend::cpu::Cpu;
 use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 /// A reusable barrier that can be aborted, so one failing rank releases all the others.
 struct Barrier {
@@ -57,6 +59,9 @@ struct Shared {
 pub struct LocalComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// Seconds spent in device collectives since `take_busy_secs`, as f64 bits (only this rank's
+    /// thread writes it).
+    busy_bits: AtomicU64,
 }
 
 /// `n` connected ranks; hand one to each worker thread.
@@ -70,7 +75,7 @@ pub fn local_group(n: usize) -> Vec<LocalComm> {
         },
         slots: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
     });
-    (0..n).map(|rank| LocalComm { rank, shared: shared.clone() }).collect()
+    (0..n).map(|rank| LocalComm { rank, shared: shared.clone(), busy_bits: AtomicU64::new(0) }).collect()
 }
 
 /// `n` CPU ranks, each with its backend, for the FSDP engine.
@@ -78,17 +83,33 @@ pub fn cpu_group(n: usize) -> Vec<Member<Cpu>> {
     local_group(n).into_iter().map(|comm| Member { backend: Cpu::new(), comm: Box::new(comm) }).collect()
 }
 
-/// On the CPU a buffer is a host slice, so the device collectives are the host ones.
+/// On the CPU a buffer is a host slice: the device collectives are the host ones, finished before
+/// `start_*` returns.
 impl DeviceComm<Cpu> for LocalComm {
-    fn all_gather_buf(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        self.all_gather(shard, out)
+    fn start_all_gather(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+        self.busy(|| self.all_gather(shard, out))
     }
-    fn reduce_scatter_buf(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        self.reduce_scatter(input, out)
+    fn start_reduce_scatter(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+        self.busy(|| self.reduce_scatter(input, out))
+    }
+    fn wait(&self, _: &Cpu, _: Ticket) -> Result<()> {
+        Ok(())
+    }
+    fn take_busy_secs(&self) -> Result<f64> {
+        Ok(f64::from_bits(self.busy_bits.swap(0, Ordering::Relaxed)))
     }
 }
 
 impl LocalComm {
+    /// Runs a collective, adding its time to this rank's busy seconds.
+    fn busy(&self, f: impl FnOnce() -> Result<()>) -> Result<Ticket> {
+        let t = Instant::now();
+        let out = f();
+        let secs = f64::from_bits(self.busy_bits.load(Ordering::Relaxed)) + t.elapsed().as_secs_f64();
+        self.busy_bits.store(secs.to_bits(), Ordering::Relaxed);
+        out.map(|_| Ticket(0))
+    }
+
     fn put(&self, data: &[f32]) {
         let mut slot = self.shared.slots[self.rank].lock().unwrap_or_else(|p| p.into_inner());
         slot.clear();

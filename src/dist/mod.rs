@@ -34,13 +34,28 @@ pub trait Comm: Send + Sync {
 
 /// Collectives over a backend's own buffers: what the FSDP engine moves parameters and gradients
 /// with. The host-slice `Comm` underneath carries control values (loss, gradient norm) and failures.
+///
+/// Collectives are *started*: each is ordered after the work already queued on the backend and
+/// returns a [`Ticket`]; `wait` orders the backend's later work after it. A synchronous group (CPU
+/// ranks) finishes before `start_*` returns; a GPU group runs them on a communication stream, so
+/// the engine can gather the next unit while it computes this one. Until its ticket is waited on,
+/// a collective's output must not be read and neither of its buffers dropped.
 pub trait DeviceComm<B: Backend>: Comm {
     /// `out = concat over ranks of shard`, in `out`'s storage (a mixed-precision backend gathers a
     /// parameter's compute copy into a compute-precision `out`: half the bytes of the master).
-    fn all_gather_buf(&self, backend: &B, shard: &B::Buf, out: &mut B::Buf) -> Result<()>;
+    fn start_all_gather(&self, backend: &B, shard: &B::Buf, out: &mut B::Buf) -> Result<Ticket>;
     /// `out = Σ over ranks of input[rank·len .. (rank+1)·len]` with `len = out.len()`.
-    fn reduce_scatter_buf(&self, backend: &B, input: &B::Buf, out: &mut B::Buf) -> Result<()>;
+    fn start_reduce_scatter(&self, backend: &B, input: &B::Buf, out: &mut B::Buf) -> Result<Ticket>;
+    /// Orders the backend's later work after collective `t` (on a GPU, without a host wait).
+    fn wait(&self, backend: &B, t: Ticket) -> Result<()>;
+    /// Seconds the collectives were busy since the last call (on a GPU, timed on the communication
+    /// stream, overlapped or not).
+    fn take_busy_secs(&self) -> Result<f64>;
 }
+
+/// A started collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(pub u64);
 
 /// One FSDP rank: its device and its place in the group.
 pub struct Member<B: Backend> {

@@ -5,13 +5,15 @@
 //! The device-buffer collectives are what a CUDA engine calls. `Comm` (host slices) is provided on
 //! top of them by staging through the GPU, for control values and for tests against the CPU group.
 
-use super::{Comm, DeviceComm, Member};
+use super::{Comm, DeviceComm, Member, Ticket};
 use crate::backend::cuda::buf::{CudaBuf, Data};
 use crate::backend::cuda::libs::{require, CudaLib};
 use crate::backend::cuda::Cuda;
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr};
 use cudarc::nccl::{Comm as RawComm, Id, NcclType, ReduceOp};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const NEEDS: &[CudaLib] = &[CudaLib::Driver, CudaLib::Nccl];
@@ -37,11 +39,38 @@ struct Inner {
 // SAFETY: see `Inner`: all use goes through `NcclComm::inner`, a mutex.
 unsafe impl Send for Inner {}
 
+impl Inner {
+    fn all_gather<T: NcclType + DeviceRepr>(&self, shard: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
+        let world = self.comm.world_size();
+        if out.len() != shard.len() * world {
+            bail!("all_gather: {} values out for {world} ranks of {}", out.len(), shard.len());
+        }
+        self.comm.all_gather(shard, out).map(|_| ()).map_err(|e| nccl_err("all_gather", e))
+    }
+
+    fn reduce_scatter<T: NcclType + DeviceRepr>(&self, input: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
+        let world = self.comm.world_size();
+        if input.len() != out.len() * world {
+            bail!("reduce_scatter: {} values in for {world} ranks of {}", input.len(), out.len());
+        }
+        self.comm.reduce_scatter(input, out, &ReduceOp::Sum).map(|_| ()).map_err(|e| nccl_err("reduce_scatter", e))
+    }
+}
+
+/// Started collectives: the event that marks each one's end, and start/end pairs for timing.
+#[derive(Default)]
+struct Started {
+    next: u64,
+    pending: HashMap<u64, Arc<CudaEvent>>,
+    timings: Vec<(CudaEvent, Arc<CudaEvent>)>,
+}
+
 pub struct NcclComm {
     inner: Mutex<Inner>,
     rank: usize,
     world: usize,
     failed: Mutex<Option<String>>,
+    started: Mutex<Started>,
 }
 
 impl NcclComm {
@@ -58,12 +87,24 @@ impl NcclComm {
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         let comm = RawComm::from_rank(stream.clone(), rank, world, Id::uninit(raw))
             .map_err(|e| nccl_err(&format!("init of rank {rank} of {world}"), e))?;
-        Ok(NcclComm { inner: Mutex::new(Inner { comm, stream }), rank, world, failed: Mutex::new(None) })
+        Ok(NcclComm {
+            inner: Mutex::new(Inner { comm, stream }),
+            rank,
+            world,
+            failed: Mutex::new(None),
+            started: Mutex::new(Started::default()),
+        })
     }
 
     fn wrap(comm: RawComm) -> NcclComm {
         let (rank, world, stream) = (comm.rank(), comm.world_size(), comm.stream());
-        NcclComm { inner: Mutex::new(Inner { comm, stream }), rank, world, failed: Mutex::new(None) }
+        NcclComm {
+            inner: Mutex::new(Inner { comm, stream }),
+            rank,
+            world,
+            failed: Mutex::new(None),
+            started: Mutex::new(Started::default()),
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -96,10 +137,7 @@ impl NcclComm {
         shard: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        if out.len() != shard.len() * self.world {
-            bail!("all_gather: {} values out for {} ranks of {}", out.len(), self.world, shard.len());
-        }
-        self.with(|i| i.comm.all_gather(shard, out).map(|_| ()).map_err(|e| nccl_err("all_gather", e)))
+        self.with(|i| i.all_gather(shard, out))
     }
 
     /// `out = Σ over ranks of input[rank·len..(rank+1)·len]`, on the GPU.
@@ -108,12 +146,25 @@ impl NcclComm {
         input: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        if input.len() != out.len() * self.world {
-            bail!("reduce_scatter: {} values in for {} ranks of {}", input.len(), self.world, out.len());
-        }
-        self.with(|i| {
-            i.comm.reduce_scatter(input, out, &ReduceOp::Sum).map(|_| ()).map_err(|e| nccl_err("reduce_scatter", e))
-        })
+        self.with(|i| i.reduce_scatter(input, out))
+    }
+
+    /// Queues `f` on the communication stream behind everything queued so far on `compute`
+    /// (inputs written, buffers allocated), between two timing events; the second marks its end.
+    fn start(&self, compute: &CudaStream, f: impl FnOnce(&Inner) -> Result<()>) -> Result<Ticket> {
+        let (t0, t1) = self.with(|i| {
+            i.stream.join(compute)?;
+            let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+            let t0 = i.stream.record_event(timed)?;
+            f(i)?;
+            Ok((t0, Arc::new(i.stream.record_event(timed)?)))
+        })?;
+        let mut st = self.started.lock().map_err(|_| anyhow!("NCCL bookkeeping poisoned"))?;
+        let id = st.next;
+        st.next += 1;
+        st.pending.insert(id, t1.clone());
+        st.timings.push((t0, t1));
+        Ok(Ticket(id))
     }
 
     pub fn all_reduce_device(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
@@ -193,15 +244,20 @@ pub fn gpu_count() -> Result<usize> {
 }
 
 /// `world` FSDP ranks on this machine's GPUs 0..world, one `Cuda` engine each, joined by one NCCL
-/// communicator per GPU that runs on the engine's own stream: a collective is ordered after the
-/// kernels that produced its input and before those that read its output, with no host wait.
+/// communicator per GPU on a communication stream of its own. Events order each collective after
+/// the kernels that produced its input and before those that read its output, with no host wait.
 pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
     let count = gpu_count()?;
     if world > count {
         bail!("parallel.world_size = {world} needs {world} GPUs; this machine has {count}");
     }
     let engines = (0..world).map(Cuda::open).collect::<Result<Vec<_>>>()?;
-    let streams = engines.iter().map(|e| e.gpu().stream.clone()).collect();
+    // Each communicator gets a stream of its own beside the engine's, so collectives overlap compute.
+    let streams = engines
+        .iter()
+        .map(|e| e.gpu().ctx.new_stream())
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot create a CUDA stream")?;
     let comms = RawComm::from_devices(streams).map_err(|e| nccl_err(&format!("init of {world} GPUs"), e))?;
     Ok(engines
         .into_iter()
@@ -210,20 +266,43 @@ pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
         .collect())
 }
 
-/// Parameters travel as their bf16 compute copies (what every op reads), gradients as f32.
+/// Parameters travel as their bf16 compute copies (what every op reads), gradients as f32, both on
+/// the communication stream.
 impl DeviceComm<Cuda> for NcclComm {
-    fn all_gather_buf(&self, _: &Cuda, shard: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
-        if let Data::F32(o) = &mut out.data {
-            let master = match &shard.data {
-                Data::F32(x) | Data::Param { master: x, .. } => x,
-                Data::Bf16(_) => bail!("all_gather: a bf16 shard cannot fill an f32 output"),
-            };
-            return self.all_gather_device(master, o);
-        }
-        self.all_gather_device(shard.bf16("all_gather shard")?, out.bf16_mut("all_gather output")?)
+    fn start_all_gather(&self, b: &Cuda, shard: &CudaBuf, out: &mut CudaBuf) -> Result<Ticket> {
+        self.start(&b.gpu().stream, |i| {
+            if let Data::F32(o) = &mut out.data {
+                let master = match &shard.data {
+                    Data::F32(x) | Data::Param { master: x, .. } => x,
+                    Data::Bf16(_) => bail!("all_gather: a bf16 shard cannot fill an f32 output"),
+                };
+                return i.all_gather(master, o);
+            }
+            i.all_gather(shard.bf16("all_gather shard")?, out.bf16_mut("all_gather output")?)
+        })
     }
 
-    fn reduce_scatter_buf(&self, _: &Cuda, input: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
-        self.reduce_scatter_device(input.f32("reduce_scatter input")?, out.f32_mut("reduce_scatter output")?)
+    fn start_reduce_scatter(&self, b: &Cuda, input: &CudaBuf, out: &mut CudaBuf) -> Result<Ticket> {
+        self.start(&b.gpu().stream, |i| {
+            i.reduce_scatter(input.f32("reduce_scatter input")?, out.f32_mut("reduce_scatter output")?)
+        })
+    }
+
+    fn wait(&self, b: &Cuda, t: Ticket) -> Result<()> {
+        let done = self.started.lock().map_err(|_| anyhow!("NCCL bookkeeping poisoned"))?.pending.remove(&t.0);
+        match done {
+            Some(ev) => Ok(b.gpu().stream.wait(&ev)?),
+            None => bail!("NCCL: collective {} was never started or already waited on", t.0),
+        }
+    }
+
+    fn take_busy_secs(&self) -> Result<f64> {
+        let timings =
+            std::mem::take(&mut self.started.lock().map_err(|_| anyhow!("NCCL bookkeeping poisoned"))?.timings);
+        let mut ms = 0.0f64;
+        for (t0, t1) in &timings {
+            ms += t0.elapsed_ms(t1)? as f64;
+        }
+        Ok(ms / 1e3)
     }
 }

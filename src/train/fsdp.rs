@@ -1,10 +1,12 @@
-//! Fully sharded data parallelism over CPU ranks in one process (a worker thread per rank).
+//! Fully sharded data parallelism in one process, a worker thread per rank, on any backend: CPU
+//! ranks over the in-process group, or GPUs over NCCL.
 //!
 //! The model is cut into units: the embedding, each transformer block, and the final norm with the
 //! head. Each unit's parameters are flattened, padded to a multiple of the world size and split
 //! evenly: rank `r` owns shard `r` of the f32 master weights and of the AdamW moments, and nothing
-//! else persists. Before a unit's stage its full parameters are all-gathered, and they are dropped
-//! right after; the backward gathers them again. A unit's gradients are reduce-scattered to their
+//! else persists. Before a unit's stage its full parameters are all-gathered (one unit ahead: the
+//! next unit's gather is started before this stage's compute is queued, so on a GPU they overlap),
+//! and they are dropped right after; the backward gathers them again. A unit's gradients are reduce-scattered to their
 //! owners as soon as its backward is done (on the last micro-step only: earlier micro-steps
 //! accumulate locally). Each rank runs a disjoint slice of every micro-batch, so the global batch,
 //! and hence the loss, is the same whatever the world size.
@@ -13,7 +15,7 @@ use super::optim_state::{flat_units, unit_ranges, MomentSource, OwnedRankMoments
 use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
 use crate::dist::shard::ShardLayout;
-use crate::dist::{DeviceComm, Member};
+use crate::dist::{DeviceComm, Member, Ticket};
 use crate::model::{Keep, LayerWeights, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
@@ -43,6 +45,8 @@ struct Rank<B: Backend> {
     grad: Vec<B::Buf>,
     /// Full-size unit gradients accumulated over micro-steps before the last one.
     acc: Vec<Option<B::Buf>>,
+    /// The reduce-scatter in flight and its input (kept alive until it is done), with its length.
+    scatter: Option<(Ticket, B::Buf, usize)>,
     /// f32 values this engine holds, for backends that do not count their own bytes (the CPU).
     live: usize,
     peak: usize,
@@ -75,13 +79,32 @@ impl<B: Backend> Rank<B> {
         &self.model.backend
     }
 
-    /// Unit `u`'s full parameters (padded), in the precision the ops read.
-    fn gather(&mut self, u: usize, layout: ShardLayout) -> Result<B::Buf> {
-        let mut full = self.b().zeros_as(layout.padded(), Role::Activation)?;
-        let (b, comm, shard) = (&self.model.backend, &self.comm, &self.master[u]);
-        timed(b, &mut self.comm_secs, || comm.all_gather_buf(b, shard, &mut full))?;
+    /// Starts gathering unit `u`'s full parameters (padded), in the precision the ops read.
+    fn start_gather(&mut self, u: usize, layout: ShardLayout) -> Result<InFlight<B::Buf>> {
+        let b = &self.model.backend;
+        let mut buf = b.zeros_as(layout.padded(), Role::Activation)?;
+        let ticket = self.comm.start_all_gather(b, &self.master[u], &mut buf)?;
         self.note_alloc(layout.len);
-        Ok(full)
+        Ok(InFlight { unit: u, buf, ticket })
+    }
+
+    /// The plan's next unit, gathered. The unit after it starts travelling first, so on a GPU its
+    /// gather overlaps the compute about to be queued on this one.
+    fn next_unit(&mut self, plan: &mut GatherPlan<B::Buf>, layouts: &[ShardLayout]) -> Result<B::Buf> {
+        let want = *plan.order.get(plan.next).ok_or_else(|| anyhow::anyhow!("FSDP: gather plan exhausted"))?;
+        let cur = match plan.ahead.take() {
+            Some(f) => f,
+            None => self.start_gather(want, layouts[want])?,
+        };
+        if cur.unit != want {
+            bail!("FSDP: gathered unit {} where the plan wants {want}", cur.unit);
+        }
+        plan.next += 1;
+        if let Some(&u) = plan.order.get(plan.next) {
+            plan.ahead = Some(self.start_gather(u, layouts[u])?);
+        }
+        self.comm.wait(&self.model.backend, cur.ticket)?;
+        Ok(cur.buf)
     }
 
     /// Splits a gathered block unit into its tensors. The split copies, so for a moment the unit is
@@ -113,7 +136,9 @@ impl<B: Backend> Rank<B> {
         Ok(flat)
     }
 
-    /// Hands a unit's full (padded) gradient to its owners, or accumulates it until the last micro-step.
+    /// Hands a unit's full (padded) gradient to its owners, or accumulates it until the last
+    /// micro-step. The reduce-scatter runs while the next unit's backward computes; its input is
+    /// freed once the one after it starts (or at the end of the step).
     fn push_grad(&mut self, u: usize, mut full: B::Buf, layout: ShardLayout, last: bool) -> Result<()> {
         if let Some(acc) = self.acc[u].take() {
             self.b().add_assign(&mut full, &acc)?;
@@ -123,10 +148,53 @@ impl<B: Backend> Rank<B> {
             self.acc[u] = Some(full);
             return Ok(());
         }
-        let (b, comm, shard) = (&self.model.backend, &self.comm, &mut self.grad[u]);
-        timed(b, &mut self.comm_secs, || comm.reduce_scatter_buf(b, &full, shard))?;
-        self.note_free(layout.len);
+        self.finish_scatter()?;
+        let ticket = self.comm.start_reduce_scatter(&self.model.backend, &full, &mut self.grad[u])?;
+        self.scatter = Some((ticket, full, layout.len));
         Ok(())
+    }
+
+    /// Waits for the reduce-scatter in flight, then lets its input go.
+    fn finish_scatter(&mut self) -> Result<()> {
+        if let Some((ticket, input, len)) = self.scatter.take() {
+            self.comm.wait(&self.model.backend, ticket)?;
+            drop(input);
+            self.note_free(len);
+        }
+        Ok(())
+    }
+}
+
+/// A started gather: readable once its ticket is waited on.
+struct InFlight<Buf> {
+    unit: usize,
+    buf: Buf,
+    ticket: Ticket,
+}
+
+/// The order a step gathers units in, with the next one already travelling.
+struct GatherPlan<Buf> {
+    order: Vec<usize>,
+    next: usize,
+    ahead: Option<InFlight<Buf>>,
+}
+
+impl<Buf> GatherPlan<Buf> {
+    /// Per micro-step: the embedding, the blocks, the head (and the embedding again when the head
+    /// is tied to it), then the blocks in reverse for the backward.
+    fn for_step(cfg: &LlamaConfig, micro_steps: usize) -> Self {
+        let (n, head) = (cfg.n_layer, cfg.n_layer + 1);
+        let mut order = Vec::with_capacity(micro_steps * (2 * n + 3));
+        for _ in 0..micro_steps {
+            order.push(0);
+            order.extend(1..=n);
+            order.push(head);
+            if cfg.tie_embeddings {
+                order.push(0);
+            }
+            order.extend((1..=n).rev());
+        }
+        GatherPlan { order, next: 0, ahead: None }
     }
 }
 
@@ -219,6 +287,7 @@ impl<B: Backend> Fsdp<B> {
                 v,
                 grad,
                 acc: (0..ranges.len()).map(|_| None).collect(),
+                scatter: None,
                 live: persistent,
                 peak: persistent,
                 persistent_bytes,
@@ -351,18 +420,19 @@ fn rank_step<B: Backend>(
     let head_unit = n_layer + 1;
     let (embed_len, head_len) = (layouts[0].len, layouts[head_unit].len);
     let mut loss_sum = 0.0f64;
+    let mut plan = GatherPlan::for_step(cfg, batches.len());
     for (k, batch) in batches.iter().enumerate() {
         let last = k + 1 == batches.len();
         let rows = batch.ids.len() / world;
         let (ids, targets) = (&batch.ids[r * rows..(r + 1) * rows], &batch.targets[r * rows..(r + 1) * rows]);
         rank.model.forward_begin(&mut rank.ws, ids, targets)?;
         // The embedding unit is one tensor: its padded gathered buffer is used as is.
-        let e = rank.gather(0, layouts[0])?;
+        let e = rank.next_unit(&mut plan, layouts)?;
         rank.model.embed_forward(&e, &mut rank.ws)?;
         drop(e);
         rank.note_free(embed_len);
         for l in 0..n_layer {
-            let flat = rank.gather(1 + l, layouts[1 + l])?;
+            let flat = rank.next_unit(&mut plan, layouts)?;
             let lw = rank.unpack_layer(flat, layouts[1 + l].len, &sizes[ranges[1 + l].clone()])?;
             rank.model.layer_forward(l, &lw, &mut rank.ws)?;
             drop(lw);
@@ -370,7 +440,7 @@ fn rank_step<B: Backend>(
         }
         // The head unit is the final norm, then (untied) the output matrix. A tied head is the
         // embedding: that unit is gathered again.
-        let head_flat = rank.gather(head_unit, layouts[head_unit])?;
+        let head_flat = rank.next_unit(&mut plan, layouts)?;
         let (final_norm, untied_head) = {
             let b = &rank.model.backend;
             let mut n = b.zeros_as(d, Role::Activation)?;
@@ -390,7 +460,7 @@ fn rank_step<B: Backend>(
         rank.note_free(head_len);
         let head = match untied_head {
             Some(h) => h,
-            None => rank.gather(0, layouts[0])?,
+            None => rank.next_unit(&mut plan, layouts)?,
         };
         let losses = rank.model.head_forward(&final_norm, &head, &mut rank.ws, targets, Some(scale))?;
         loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
@@ -422,7 +492,7 @@ fn rank_step<B: Backend>(
         };
         for l in (0..n_layer).rev() {
             let w = layouts[1 + l].len;
-            let flat = rank.gather(1 + l, layouts[1 + l])?;
+            let flat = rank.next_unit(&mut plan, layouts)?;
             let lw = rank.unpack_layer(flat, w, &sizes[ranges[1 + l].clone()])?;
             let b = &rank.model.backend;
             let parts =
@@ -443,6 +513,9 @@ fn rank_step<B: Backend>(
         rank.model.embed_backward(&mut g_embed, &mut rank.ws)?;
         rank.push_grad(0, g_embed, layouts[0], last)?;
     }
+
+    rank.finish_scatter()?;
+    rank.comm_secs += rank.comm.take_busy_secs()?;
 
     // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
     let b = &rank.model.backend;
