@@ -225,3 +225,48 @@ fn recomputation_under_fsdp_gives_the_same_losses_and_weights_bit_for_bit() {
     assert_eq!(l1, l2);
     assert!(w1 == w2, "weights differ after recomputation");
 }
+
+/// One node's part of a run: its engine and what it saw.
+type NodeRun = (Vec<(f64, f64)>, Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>, Vec<f32>);
+
+/// Two "nodes" in one process, each driving half the ranks of one world: the multi-node path of
+/// the engine (a process holding only its own ranks; consolidation and the optimizer state as
+/// collectives; the nodes agreeing on a control vector) gives exactly the single-process run.
+#[test]
+fn two_nodes_each_holding_half_the_ranks_train_exactly_like_one_process() {
+    let cfg = tiny();
+    let full = random_weights(&cfg, 0).unwrap();
+    let steps = |f: &mut Fsdp<kiln::backend::cpu::Cpu>, node: f32| -> NodeRun {
+        let mut losses = Vec::new();
+        for step in 1..=3u64 {
+            let hp = AdamW { step, ..hp() };
+            let batches = [batch(&cfg, 4, 32), batch(&cfg, 4, 32)];
+            losses.push(f.step(&batches, step, 1.0 / 256.0, 1.0, hp).unwrap());
+        }
+        let weights = f.consolidate().unwrap().iter().into_iter().cloned().collect();
+        let moments = f.rank_moments().unwrap().into_iter().map(|r| [r.m, r.v].concat()).collect();
+        // Node k asks for "k + 1" in slot k: the sum reaches every node.
+        let mut ask = vec![0.0; 2];
+        ask[node as usize] = node + 1.0;
+        (losses, weights, moments, f.agree(&ask).unwrap())
+    };
+    let mut one = Fsdp::new(&cfg, &full, None, cpu_group(4), 1, 32, Keep::All).unwrap();
+    let (l1, w1, m1, _) = steps(&mut one, 0.0);
+
+    let mut group = cpu_group(4);
+    let second = group.split_off(2);
+    let mut node0 = Fsdp::new(&cfg, &full, None, group, 1, 32, Keep::All).unwrap();
+    let mut node1 = Fsdp::new(&cfg, &full, None, second, 1, 32, Keep::All).unwrap();
+    assert_eq!((node0.world_size(), node0.local_ranks()), (4, 2));
+    let (a, b) = std::thread::scope(|s| {
+        let h0 = s.spawn(|| steps(&mut node0, 0.0));
+        let h1 = s.spawn(|| steps(&mut node1, 1.0));
+        (h0.join().unwrap(), h1.join().unwrap())
+    });
+    for (node, (l, w, m, agreed)) in [a, b].into_iter().enumerate() {
+        assert_eq!(l, l1, "node {node}: losses");
+        assert!(w == w1, "node {node}: consolidated weights differ");
+        assert!(m == m1, "node {node}: optimizer shards differ");
+        assert_eq!(agreed, vec![1.0, 2.0], "node {node}: agreed control vector");
+    }
+}

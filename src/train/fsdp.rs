@@ -58,6 +58,7 @@ struct Rank<B: Backend> {
 
 pub struct Fsdp<B: Backend> {
     cfg: LlamaConfig,
+    world: usize,
     ranges: Vec<Range<usize>>,
     /// Values per tensor in canonical order.
     sizes: Vec<usize>,
@@ -241,9 +242,10 @@ impl<B: Backend> Fsdp<B> {
         seq: usize,
         keep: Keep,
     ) -> Result<Fsdp<B>> {
+        // This process may hold only some ranks of the world (one node of several).
         let world = group.first().map(|m| m.comm.world_size()).unwrap_or(0);
-        if world == 0 || group.len() != world {
-            bail!("FSDP: {} ranks in this process for a world of {world} (multi-node FSDP is not built)", group.len());
+        if world == 0 || group.len() > world || group.iter().any(|m| m.comm.world_size() != world) {
+            bail!("FSDP: {} ranks in this process do not form part of one world of {world}", group.len());
         }
         let ranges = unit_ranges(cfg);
         let tensors = full.iter();
@@ -294,11 +296,22 @@ impl<B: Backend> Fsdp<B> {
                 comm_secs: 0.0,
             });
         }
-        Ok(Fsdp { cfg: cfg.clone(), ranges, sizes, layouts, ranks, fault: None })
+        Ok(Fsdp { cfg: cfg.clone(), world, ranges, sizes, layouts, ranks, fault: None })
     }
 
+    /// Ranks in the whole world (on every node).
     pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Ranks this process drives.
+    pub fn local_ranks(&self) -> usize {
         self.ranks.len()
+    }
+
+    /// Whether every rank of the world is in this process (shards can then be read directly).
+    fn all_local(&self) -> bool {
+        self.ranks.len() == self.world
     }
 
     /// Memory per rank: the persistent shards (master, two moments, gradient) and the peak. A backend
@@ -323,23 +336,31 @@ impl<B: Backend> Fsdp<B> {
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
     /// the summed token loss and the gradient norm before clipping.
     pub fn step(&mut self, batches: &[Batch], step: u64, scale: f32, clip: f64, hp: AdamW) -> Result<(f64, f64)> {
-        let world = self.world_size();
-        let (cfg, ranges, sizes, layouts, fault) = (&self.cfg, &self.ranges, &self.sizes, &self.layouts, self.fault);
-        let results: Vec<Result<(f64, f64)>> = std::thread::scope(|s| {
+        let (cfg, ranges, sizes, layouts, fault, world) =
+            (self.cfg.clone(), self.ranges.clone(), self.sizes.clone(), self.layouts.clone(), self.fault, self.world);
+        let results = self.on_every_rank(|rank, i| {
+            rank.comm_secs = 0.0;
+            if fault == Some((i, step)) {
+                bail!("injected fault at step {step}");
+            }
+            rank_step(rank, world, batches, &cfg, &ranges, &sizes, &layouts, scale, clip, hp)
+        })?;
+        Ok(results[0])
+    }
+
+    /// Runs `f` on every local rank at once, a thread each (collectives need every rank inside
+    /// them together). A rank that errors or panics aborts the group, so the others get an error
+    /// instead of hanging; the error reported is the failing rank's, not those it released.
+    fn on_every_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+        let f = &f;
+        let results: Vec<Result<T>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
                 .iter_mut()
                 .enumerate()
-                .map(|(r, rank)| {
+                .map(|(i, rank)| {
                     s.spawn(move || {
-                        rank.comm_secs = 0.0;
-                        let run = catch_unwind(AssertUnwindSafe(|| {
-                            if fault == Some((r, step)) {
-                                bail!("injected fault at step {step}");
-                            }
-                            rank_step(rank, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp)
-                        }));
-                        let out = match run {
+                        let out = match catch_unwind(AssertUnwindSafe(|| f(rank, i))) {
                             Ok(x) => x,
                             Err(p) => {
                                 let msg = p
@@ -359,13 +380,12 @@ impl<B: Backend> Fsdp<B> {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("rank thread died")))).collect()
         });
-        // Report the rank that failed first, not the ranks it released.
         let mut first_err = None;
-        for (r, res) in results.iter().enumerate() {
+        for (res, rank) in results.iter().zip(&self.ranks) {
             if let Err(e) = res {
                 let msg = format!("{e:#}");
                 if !msg.starts_with("rank ") {
-                    bail!("rank {r} failed: {msg}");
+                    bail!("rank {} failed: {msg}", rank.comm.rank());
                 }
                 first_err.get_or_insert(msg);
             }
@@ -373,18 +393,26 @@ impl<B: Backend> Fsdp<B> {
         if let Some(e) = first_err {
             bail!("{e}");
         }
-        let (loss, norm) = *results[0].as_ref().expect("checked above");
-        Ok((loss, norm))
+        Ok(results.into_iter().map(|r| r.expect("checked above")).collect())
     }
 
-    /// The full parameters (the checkpoint, eval and sampling view).
-    pub fn consolidate(&self) -> Result<Weights<Vec<f32>>> {
+    /// `Σ over nodes` of `local` (each node's first rank contributes it, the others zeros): how the
+    /// nodes of a run agree at a step boundary on what to do next.
+    pub fn agree(&mut self, local: &[f32]) -> Result<Vec<f32>> {
+        let out = self.on_every_rank(|rank, i| {
+            let mut buf = if i == 0 { local.to_vec() } else { vec![0.0; local.len()] };
+            rank.comm.all_reduce(&mut buf)?;
+            Ok(buf)
+        })?;
+        Ok(out.into_iter().next().expect("at least one rank"))
+    }
+
+    /// The full parameters (the checkpoint, eval and sampling view). With ranks on other nodes this
+    /// is a collective: every node must call it at the same point.
+    pub fn consolidate(&mut self) -> Result<Weights<Vec<f32>>> {
+        let units = self.gather_units(|r| &r.master)?;
         let mut tensors = Vec::new();
-        for (u, range) in self.ranges.iter().enumerate() {
-            let mut flat = Vec::with_capacity(self.layouts[u].padded());
-            for r in &self.ranks {
-                flat.extend(r.b().download(&r.master[u])?);
-            }
+        for (flat, range) in units.iter().zip(&self.ranges) {
             let mut o = 0;
             for &n in &self.sizes[range.clone()] {
                 tensors.push(flat[o..o + n].to_vec());
@@ -395,10 +423,49 @@ impl<B: Backend> Fsdp<B> {
         Weights::try_build(&self.cfg, |_| Ok(it.next().expect("one tensor per spec")))
     }
 
-    /// Each rank's shard of the AdamW moments, as the checkpoint stores them.
-    pub fn rank_moments(&self) -> Result<Vec<OwnedRankMoments>> {
-        let host = |r: &Rank<B>, t: &[B::Buf]| t.iter().map(|x| r.b().download(x)).collect::<Result<Vec<_>>>();
-        self.ranks.iter().map(|r| Ok(OwnedRankMoments { m: host(r, &r.m)?, v: host(r, &r.v)? })).collect()
+    /// Every rank's shard of the AdamW moments (of the whole world), as the checkpoint stores them.
+    /// A collective, like `consolidate`.
+    pub fn rank_moments(&mut self) -> Result<Vec<OwnedRankMoments>> {
+        let (m, v) = (self.gather_units(|r| &r.m)?, self.gather_units(|r| &r.v)?);
+        let shard = |units: &[Vec<f32>], r: usize| -> Vec<Vec<f32>> {
+            units.iter().zip(&self.layouts).map(|(u, l)| u[r * l.shard..(r + 1) * l.shard].to_vec()).collect()
+        };
+        Ok((0..self.world).map(|r| OwnedRankMoments { m: shard(&m, r), v: shard(&v, r) }).collect())
+    }
+
+    /// Each unit of the per-rank f32 shards `pick` names, whole and padded, on the host.
+    fn gather_units(&mut self, pick: impl Fn(&Rank<B>) -> &Vec<B::Buf> + Sync) -> Result<Vec<Vec<f32>>> {
+        if self.all_local() {
+            // Every shard is here: read them in rank order.
+            let mut ranks: Vec<&Rank<B>> = self.ranks.iter().collect();
+            ranks.sort_by_key(|r| r.comm.rank());
+            return (0..self.layouts.len())
+                .map(|u| {
+                    let mut flat = Vec::with_capacity(self.layouts[u].padded());
+                    for r in &ranks {
+                        flat.extend(r.b().download(&pick(r)[u])?);
+                    }
+                    Ok(flat)
+                })
+                .collect();
+        }
+        // Shards live on other nodes too: every rank all-gathers each unit in f32 (one unit at a
+        // time, so the transient memory is one unit), and the first local rank keeps the result.
+        let layouts = self.layouts.clone();
+        let out = self.on_every_rank(|rank, i| {
+            let mut units = Vec::new();
+            for (u, l) in layouts.iter().enumerate() {
+                let b = rank.b();
+                let mut full = b.zeros_as(l.padded(), Role::Accum)?;
+                let t = rank.comm.start_all_gather(b, &pick(rank)[u], &mut full)?;
+                rank.comm.wait(b, t)?;
+                if i == 0 {
+                    units.push(b.download(&full)?);
+                }
+            }
+            Ok(units)
+        })?;
+        Ok(out.into_iter().next().expect("at least one rank"))
     }
 }
 

@@ -264,7 +264,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Brings `model.weights` up to date with the FSDP shards.
     fn sync_model(&mut self) -> Result<()> {
-        if let (Some(f), true) = (&self.fsdp, self.model_stale) {
+        if let (Some(f), true) = (&mut self.fsdp, self.model_stale) {
             let full = f.consolidate()?;
             let b = &self.model.backend;
             for (dst, src) in self.model.weights.iter_mut().into_iter().zip(full.iter()) {
@@ -377,7 +377,7 @@ impl<B: Backend> Trainer<B> {
             }
             _ => None,
         };
-        let sharded = match &self.fsdp {
+        let sharded = match &mut self.fsdp {
             Some(f) => f.rank_moments()?,
             None => Vec::new(),
         };
