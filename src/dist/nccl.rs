@@ -266,6 +266,53 @@ pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
         .collect())
 }
 
+/// This node's share of a world that spans `node.nnodes` nodes: GPUs 0..world/nnodes here, as
+/// global ranks `node_rank · local ..`, joined with the NCCL `id` every node got from node 0.
+/// `ncclCommInitRank` blocks until the whole world has joined, so each local GPU joins from a
+/// thread of its own.
+pub fn cuda_group_on_node(node: &super::launch::Node, world: usize, id: &[u8]) -> Result<Vec<Member<Cuda>>> {
+    let ranks = node.local_ranks(world)?;
+    let local = ranks.len();
+    let count = gpu_count()?;
+    if local > count {
+        bail!(
+            "parallel.world_size = {world} over {} nodes needs {local} GPUs per node; this node has {count}",
+            node.nnodes
+        );
+    }
+    let raw: [std::ffi::c_char; 128] = id
+        .iter()
+        .map(|&b| b as std::ffi::c_char)
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| anyhow!("an NCCL unique id has 128 bytes, got {}", id.len()))?;
+    let engines = (0..local).map(Cuda::open).collect::<Result<Vec<_>>>()?;
+    let streams = engines
+        .iter()
+        .map(|e| e.gpu().ctx.new_stream())
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot create a CUDA stream")?;
+    let comms: Vec<Result<NcclComm>> = std::thread::scope(|s| {
+        let joins: Vec<_> = streams
+            .into_iter()
+            .zip(ranks.clone())
+            .map(|(stream, rank)| {
+                s.spawn(move || {
+                    RawComm::from_rank(stream, rank, world, Id::uninit(raw))
+                        .map(NcclComm::wrap)
+                        .map_err(|e| nccl_err(&format!("init of rank {rank} of {world}"), e))
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap_or_else(|_| bail!("an NCCL init thread panicked"))).collect()
+    });
+    engines
+        .into_iter()
+        .zip(comms)
+        .map(|(backend, comm)| Ok(Member { backend, comm: Box::new(comm?) as Box<dyn DeviceComm<Cuda>> }))
+        .collect()
+}
+
 /// Parameters travel as their bf16 compute copies (what every op reads), gradients as f32, both on
 /// the communication stream.
 impl DeviceComm<Cuda> for NcclComm {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod events;
 pub mod fsdp;
+pub mod nodes;
 pub mod optim_state;
 pub mod optimizer;
 pub mod run;

@@ -5,7 +5,7 @@ use super::checkpoint::{self, TrainerState};
 use super::events::{Command, Event};
 use super::signals;
 use super::socket::{CloseOnDrop, Server};
-use super::trainer::{RunEnd, Trainer, TrainerParts};
+use super::trainer::{NodeRole, RunEnd, Trainer, TrainerParts};
 use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::cuda::device::datasheet_bf16_flops;
 use crate::backend::cuda::Cuda;
@@ -141,15 +141,22 @@ pub fn locate(args: &TrainArgs) -> Result<Located> {
 
 /// Builds the trainer on `backend`: creates a new run's directory, loads or initialises the model,
 /// opens the data. `peak_flops` is what MFU is reported against.
-/// Builds the trainer on `backend`, with `group` as the FSDP ranks when `parallel.world_size > 1`.
+/// Builds the trainer on `backend` as `node` of the run. When `parallel.world_size > 1`,
+/// `open_group` gives this process's FSDP ranks; it is called once the model and data are ready
+/// (on node 0 of a multi-node run, that is when the other nodes are let in). A node other than 0
+/// writes nothing: it follows a run node 0 has made.
 pub fn build_on<B: Backend + Clone>(
     args: &TrainArgs,
     located: Located,
     backend: B,
     peak_flops: f64,
-    group: Vec<Member<B>>,
+    node: NodeRole,
+    open_group: impl FnOnce(&RunConfig) -> Result<Vec<Member<B>>>,
 ) -> Result<Trainer<B>> {
     let Located { mut cfg, run_dir, resuming } = located;
+    if !resuming && !node.leads() {
+        bail!("node {}: a node other than 0 only joins a run node 0 has made", node.rank);
+    }
     if !resuming {
         absolutize(&mut cfg);
         if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
@@ -173,7 +180,7 @@ pub fn build_on<B: Backend + Clone>(
     // The model: a checkpoint when resuming, else random or `model.init`.
     // A run killed before its first checkpoint resumes from its start: same config, same seed.
     let ckpt = if resuming { checkpoint::latest(&run_dir)? } else { None };
-    if resuming && ckpt.is_none() {
+    if resuming && ckpt.is_none() && node.leads() {
         truncate_metrics(&run_dir, 0)?;
         if args.verbose {
             eprintln!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
@@ -183,7 +190,9 @@ pub fn build_on<B: Backend + Clone>(
         let md = load_model_dir(&ckpt, backend.clone())?;
         let moments = super::optim_state::open(&ckpt, &md.model.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
-        truncate_metrics(&run_dir, state.step)?;
+        if node.leads() {
+            truncate_metrics(&run_dir, state.step)?;
+        }
         (md.model, Some(moments), state)
     } else {
         let model = if cfg.model.init == "random" {
@@ -216,11 +225,13 @@ pub fn build_on<B: Backend + Clone>(
     if let Some(c) = tok_config {
         tokenizer_files.push(("tokenizer_config.json".to_string(), c));
     }
+    let group = if cfg.parallel.world_size > 1 { open_group(&cfg)? } else { Vec::new() };
     Trainer::new(TrainerParts {
         cfg,
         model,
         moments,
         group,
+        node,
         state,
         sources,
         run_dir,
@@ -287,6 +298,10 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
 
 pub fn train(args: TrainArgs) -> Result<RunEnd> {
     signals::install();
+    let node = crate::dist::launch::Node::from_env()?;
+    if node.nnodes > 1 {
+        return super::nodes::train_across_nodes(args, node);
+    }
     let located = locate(&args)?;
     let world = located.cfg.parallel.world_size;
     match located.cfg.parallel.device.as_str() {
@@ -297,20 +312,21 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
             let gpu = Cuda::open(0)?;
             let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
             let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
-            drive(build_on(&args, located, gpu, peak, group)?, &args)
+            drive(build_on(&args, located, gpu, peak, NodeRole::SINGLE, |_| Ok(group))?, &args)
         }
         _ => {
             let group = if world > 1 { crate::dist::local::cpu_group(world) } else { Vec::new() };
-            drive(build_on(&args, located, Cpu::new(), measured_peak_flops(), group)?, &args)
+            let trainer = build_on(&args, located, Cpu::new(), measured_peak_flops(), NodeRole::SINGLE, |_| Ok(group))?;
+            drive(trainer, &args)
         }
     }
 }
 
 /// MFU's denominator on a GPU kiln has no datasheet figure for: an H100 SXM's dense bf16 peak.
-const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
+pub(super) const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
 
 /// Runs a built trainer to `--steps` or `train.max_steps`, headless or with the dashboard.
-fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
+pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
     let until = match args.steps {
         Some(n) => trainer.state.step + n,
         None => trainer.cfg.train.max_steps,
@@ -442,13 +458,7 @@ fn check_placement(cfg: &RunConfig) -> Result<()> {
         "cuda" => {
             node.local_ranks(cfg.parallel.world_size)?;
             require("parallel.device = \"cuda\"", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
-            if node.nnodes > 1 {
-                bail!(
-                    "NNODES={}: training spans one node so far (FSDP over this node's GPUs); multi-node runs reach `kiln comm-check` only",
-                    node.nnodes
-                );
-            }
-            if cfg.parallel.world_size > 1 {
+            if cfg.parallel.world_size > 1 || node.nnodes > 1 {
                 require("FSDP on GPUs", &[CudaLib::Nccl])?;
             }
             Ok(())

@@ -46,7 +46,10 @@ pub struct Trainer<B: Backend> {
     loader: Loader,
     val: Vec<(String, Vec<u32>, Vec<i32>)>,
     run_dir: PathBuf,
-    metrics: File,
+    /// `metrics.jsonl`, on the node that writes (node 0).
+    metrics: Option<File>,
+    /// Where this process sits among the run's nodes.
+    node: NodeRole,
     pub tokenizer: Tokenizer,
     tokenizer_files: Vec<(String, Vec<u8>)>,
     bos: u32,
@@ -57,6 +60,23 @@ pub struct Trainer<B: Backend> {
     chat: Option<ChatService>,
     /// The weights chat replies use until the next step changes them.
     chat_weights: Option<(u64, Arc<Weights<Vec<f32>>>)>,
+}
+
+/// Where a process sits among the nodes of one run. Node 0 leads: it writes metrics and
+/// checkpoints, evaluates, samples and serves viewers; the others take part in the same collectives
+/// and write nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeRole {
+    pub rank: usize,
+    pub count: usize,
+}
+
+impl NodeRole {
+    pub const SINGLE: NodeRole = NodeRole { rank: 0, count: 1 };
+
+    pub fn leads(&self) -> bool {
+        self.rank == 0
+    }
 }
 
 /// Why `run` returned.
@@ -73,9 +93,10 @@ pub struct TrainerParts<B: Backend> {
     pub model: Llama<B>,
     /// AdamW moments to resume from (any world size's checkpoint).
     pub moments: Option<Box<dyn MomentSource>>,
-    /// The FSDP ranks when `parallel.world_size > 1` (`dist::local::cpu_group`,
-    /// `dist::nccl::cuda_group`); empty on one device.
+    /// The FSDP ranks this process drives when `parallel.world_size > 1` (`dist::local::cpu_group`,
+    /// `dist::nccl::cuda_group`; on several nodes, this node's share of the world); empty on one device.
     pub group: Vec<Member<B>>,
+    pub node: NodeRole,
     pub state: TrainerState,
     pub sources: Vec<Source>,
     pub run_dir: PathBuf,
@@ -92,8 +113,12 @@ impl<B: Backend> Trainer<B> {
         let world = c.parallel.world_size;
         let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
         let (grads, opt, fsdp) = if world > 1 {
-            if p.group.len() != world {
-                bail!("parallel.world_size = {world} but {} ranks were opened", p.group.len());
+            if p.group.len() * p.node.count != world {
+                bail!(
+                    "parallel.world_size = {world} but {} ranks were opened on each of {} node(s)",
+                    p.group.len(),
+                    p.node.count
+                );
             }
             let full = host_weights(&p.model, &p.model.weights)?;
             let rows = c.train.micro_batch / world;
@@ -122,11 +147,16 @@ impl<B: Backend> Trainer<B> {
         let keep = if fsdp.is_some() { Keep::Nothing } else { keep };
         let ws = Workspace::keeping(&p.model, c.train.micro_batch, c.data.seq_len, keep)?;
         let metrics_path = p.run_dir.join("metrics.jsonl");
-        let metrics = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+        let metrics = if p.node.leads() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+            Some(f)
+        } else {
+            None
+        };
         Ok(Trainer {
             cfg: p.cfg,
             model: p.model,
@@ -140,6 +170,7 @@ impl<B: Backend> Trainer<B> {
             val,
             run_dir: p.run_dir,
             metrics,
+            node: p.node,
             tokenizer: p.tokenizer,
             tokenizer_files: p.tokenizer_files,
             bos: p.bos,
@@ -152,8 +183,9 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn record(&mut self, e: &Event) -> Result<()> {
+        let Some(metrics) = &mut self.metrics else { return Ok(()) };
         let line = serde_json::to_string(e)?;
-        writeln!(self.metrics, "{line}")
+        writeln!(metrics, "{line}")
             .with_context(|| format!("{}: cannot append", self.run_dir.join("metrics.jsonl").display()))
     }
 
@@ -266,6 +298,11 @@ impl<B: Backend> Trainer<B> {
     fn sync_model(&mut self) -> Result<()> {
         if let (Some(f), true) = (&mut self.fsdp, self.model_stale) {
             let full = f.consolidate()?;
+            if !self.node.leads() {
+                // Consolidation is a collective every node takes part in; only node 0 uses the result.
+                self.model_stale = false;
+                return Ok(());
+            }
             let b = &self.model.backend;
             for (dst, src) in self.model.weights.iter_mut().into_iter().zip(full.iter()) {
                 *dst = b.upload_as(src, Role::Param)?;
@@ -281,6 +318,9 @@ impl<B: Backend> Trainer<B> {
             return Ok(None);
         }
         self.sync_model()?;
+        if !self.node.leads() {
+            return Ok(None);
+        }
         let (mb, seq) = (self.cfg.train.micro_batch, self.cfg.data.seq_len);
         let mut per: Vec<(String, f64, usize)> = Vec::new();
         for chunk in self.val.chunks(mb) {
@@ -317,6 +357,9 @@ impl<B: Backend> Trainer<B> {
             return Ok(None);
         }
         self.sync_model()?;
+        if !self.node.leads() {
+            return Ok(None);
+        }
         let e = &self.cfg.eval;
         let mut scorer = Scorer::new(&self.model, &self.tokenizer, self.bos)?;
         let mut results = Vec::new();
@@ -335,6 +378,9 @@ impl<B: Backend> Trainer<B> {
     /// One generation per configured prompt from the current weights.
     pub fn samples(&mut self) -> Result<Vec<Event>> {
         self.sync_model()?;
+        if !self.node.leads() {
+            return Ok(Vec::new());
+        }
         let s = self.cfg.sample.clone();
         let params = SamplingParams { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p };
         let mut out = Vec::new();
@@ -366,6 +412,12 @@ impl<B: Backend> Trainer<B> {
 
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         self.sync_model()?;
+        if !self.node.leads() {
+            // The same collectives as node 0 (weights, then optimizer shards); node 0 writes.
+            self.fsdp.as_mut().expect("several nodes means FSDP").rank_moments()?;
+            self.last_checkpoint_step = Some(self.state.step);
+            return Ok(self.run_dir.clone());
+        }
         let weights = host_weights(&self.model, &self.model.weights)?;
         // One file per rank; the single-rank engine is a world of one.
         let single: Option<OwnedRankMoments> = match (&self.fsdp, &self.opt) {
@@ -422,7 +474,9 @@ impl<B: Backend> Trainer<B> {
             on_event(&Event::Log { step: self.state.step, message });
             return Ok(RunEnd::Done);
         }
-        let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
+        if self.node.count > 1 {
+            return self.run_across_nodes(until, commands, on_event);
+        }
         let mut paused = false;
         while self.state.step < until {
             // Viewer commands; while paused, wait for them (a viewer that goes away resumes
@@ -481,34 +535,142 @@ impl<B: Backend> Trainer<B> {
                     }
                 }
             }
-            let m = self.step()?;
-            if !m.loss.is_finite() {
-                let e =
-                    Event::Log { step: m.step, message: format!("loss is {} at step {}: stopping", m.loss, m.step) };
+            self.step_and_schedule(until, true, on_event)?;
+            if signals::stop_requested() {
+                self.checkpoint_unless_current(on_event)?;
+                return Ok(RunEnd::Interrupted);
+            }
+        }
+        self.checkpoint_unless_current(on_event)?;
+        Ok(RunEnd::Done)
+    }
+
+    /// One step, then what the schedule asks for at it: eval, samples, a checkpoint (skipped when
+    /// a stop is about to checkpoint anyway). Every node runs the same schedule.
+    fn step_and_schedule(&mut self, until: u64, watch_signals: bool, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
+        let m = self.step()?;
+        if !m.loss.is_finite() {
+            let e = Event::Log { step: m.step, message: format!("loss is {} at step {}: stopping", m.loss, m.step) };
+            self.emit(e, on_event)?;
+            anyhow::bail!("training diverged: loss {} at step {} (last good checkpoint kept)", m.loss, m.step);
+        }
+        let step = m.step;
+        self.emit(Event::Step(m), on_event)?;
+        if ev > 0 && step % ev == 0 {
+            self.eval_and_report(on_event)?;
+        }
+        if sa > 0 && step % sa == 0 {
+            for e in self.samples()? {
                 self.emit(e, on_event)?;
-                anyhow::bail!("training diverged: loss {} at step {} (last good checkpoint kept)", m.loss, m.step);
             }
-            let step = m.step;
-            self.emit(Event::Step(m), on_event)?;
-            if ev > 0 && step % ev == 0 {
-                if let Some(e) = self.evaluate()? {
-                    self.emit(e, on_event)?;
-                }
-                if let Some(e) = self.evaluate_tasks()? {
-                    self.emit(e, on_event)?;
+        }
+        if ck > 0 && step % ck == 0 && step < until && !(watch_signals && signals::stop_requested()) {
+            self.checkpoint_and_report(on_event)?;
+        }
+        Ok(())
+    }
+
+    fn eval_and_report(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        if let Some(e) = self.evaluate()? {
+            self.emit(e, on_event)?;
+        }
+        if let Some(e) = self.evaluate_tasks()? {
+            self.emit(e, on_event)?;
+        }
+        Ok(())
+    }
+
+    /// The step loop of a run that spans nodes. Every collective (the step; consolidation for
+    /// eval, samples, chat and checkpoints) must be entered by all nodes together, so at each step
+    /// boundary they agree, in one all-reduce of a few flags, on what happens next. Commands come
+    /// from node 0's viewers only; SIGINT / SIGTERM on any node stops every node after a checkpoint.
+    fn run_across_nodes(
+        &mut self,
+        until: u64,
+        commands: Option<&Receiver<Command>>,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<RunEnd> {
+        const PAUSED: usize = 0;
+        const STOP: usize = 1;
+        const CHECKPOINT: usize = 2;
+        const SAMPLE: usize = 3;
+        const EVAL: usize = 4;
+        const SNAPSHOT: usize = 5;
+        let mut paused = false;
+        let mut chats = Vec::new();
+        loop {
+            let mut want = [0.0f32; 6];
+            if let Some(rx) = commands {
+                loop {
+                    // While paused, wait a little for a command, then agree again: the other nodes
+                    // are waiting for this node in the agreement.
+                    let cmd = if paused {
+                        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                            Ok(c) => c,
+                            Err(RecvTimeoutError::Disconnected) => Command::SetPaused(false),
+                            Err(RecvTimeoutError::Timeout) => break,
+                        }
+                    } else {
+                        match rx.try_recv() {
+                            Ok(c) => c,
+                            Err(_) => break,
+                        }
+                    };
+                    match cmd {
+                        Command::TogglePause | Command::SetPaused(_) => {
+                            let p = if let Command::SetPaused(p) = cmd { p } else { !paused };
+                            if p != paused {
+                                paused = p;
+                                self.emit(Event::Paused { step: self.state.step, paused }, on_event)?;
+                            }
+                        }
+                        Command::Chat(req) => chats.push(req),
+                        Command::ChatStop(id) => {
+                            if let Some(c) = &self.chat {
+                                c.stop(id);
+                            }
+                        }
+                        Command::CheckpointNow => want[CHECKPOINT] = 1.0,
+                        Command::SampleNow => want[SAMPLE] = 1.0,
+                        Command::EvalNow => want[EVAL] = 1.0,
+                        Command::Stop => want[STOP] = 1.0,
+                    }
                 }
             }
-            if sa > 0 && step % sa == 0 {
+            want[PAUSED] = f32::from(u8::from(paused));
+            want[SNAPSHOT] = f32::from(u8::from(!chats.is_empty()));
+            if signals::stop_requested() {
+                want[STOP] = 1.0;
+            }
+            let agreed = self.fsdp.as_mut().expect("several nodes means FSDP").agree(&want)?;
+            let on = |i: usize| agreed[i] > 0.0;
+            if on(SNAPSHOT) {
+                self.sync_model()?;
+                for req in chats.drain(..) {
+                    self.submit_chat(req, on_event)?;
+                }
+            }
+            if on(EVAL) {
+                self.eval_and_report(on_event)?;
+            }
+            if on(SAMPLE) {
                 for e in self.samples()? {
                     self.emit(e, on_event)?;
                 }
             }
-            if signals::stop_requested() {
+            if on(CHECKPOINT) {
                 self.checkpoint_and_report(on_event)?;
+            }
+            if on(STOP) {
+                self.checkpoint_unless_current(on_event)?;
                 return Ok(RunEnd::Interrupted);
             }
-            if ck > 0 && step % ck == 0 && step < until {
-                self.checkpoint_and_report(on_event)?;
+            if self.state.step >= until {
+                break;
+            }
+            if !on(PAUSED) {
+                self.step_and_schedule(until, false, on_event)?;
             }
         }
         self.checkpoint_unless_current(on_event)?;
