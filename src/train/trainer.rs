@@ -42,6 +42,9 @@ pub struct Trainer<B: Backend> {
     fsdp: Option<Fsdp<B>>,
     /// The FSDP shards have moved on since `model.weights` was last consolidated.
     model_stale: bool,
+    /// Under FSDP, on node 0: the consolidated f32 weights, from the last consolidation until the
+    /// next step (what a checkpoint writes; `model.weights` hold only their compute-precision copy).
+    master_host: Option<Weights<Vec<f32>>>,
     ws: Workspace<B>,
     loader: Loader,
     val: Vec<(String, Vec<u32>, Vec<i32>)>,
@@ -108,10 +111,11 @@ pub struct TrainerParts<B: Backend> {
 }
 
 impl<B: Backend> Trainer<B> {
-    pub fn new(p: TrainerParts<B>) -> Result<Self> {
+    pub fn new(mut p: TrainerParts<B>) -> Result<Self> {
         let c = &p.cfg;
         let world = c.parallel.world_size;
         let keep = if c.train.recompute { Keep::BlockInputs } else { Keep::All };
+        let mut master_host = None;
         let (grads, opt, fsdp) = if world > 1 {
             if p.group.len() * p.node.count != world {
                 bail!(
@@ -123,6 +127,16 @@ impl<B: Backend> Trainer<B> {
             let full = host_weights(&p.model, &p.model.weights)?;
             let rows = c.train.micro_batch / world;
             let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
+            // The full model beside the shards only evaluates, samples and chats: the compute
+            // precision is enough (a third of the master's and its copy's bytes on a GPU), and a
+            // node that does not lead needs none of it. The f32 masters are kept on the host for
+            // the checkpoint until the next step changes them.
+            let b = &p.model.backend;
+            for (dst, src) in p.model.weights.iter_mut().into_iter().zip(full.iter()) {
+                *dst =
+                    if p.node.leads() { b.upload_as(src, Role::Activation)? } else { b.zeros_as(1, Role::Activation)? };
+            }
+            master_host = p.node.leads().then_some(full);
             (None, None, Some(f))
         } else {
             let opt = match p.moments {
@@ -165,6 +179,7 @@ impl<B: Backend> Trainer<B> {
             opt,
             fsdp,
             model_stale: false,
+            master_host,
             ws,
             loader,
             val,
@@ -193,6 +208,7 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
         self.chat_weights = None; // stale after this step; chat snapshots again when asked
+        self.master_host = None;
         let c = &self.cfg;
         let global_tokens = c.train.micro_batch * c.data.seq_len * c.train.grad_accum;
         // The loss is the mean token cross-entropy over the whole global batch.
@@ -305,8 +321,9 @@ impl<B: Backend> Trainer<B> {
             }
             let b = &self.model.backend;
             for (dst, src) in self.model.weights.iter_mut().into_iter().zip(full.iter()) {
-                *dst = b.upload_as(src, Role::Param)?;
+                *dst = b.upload_as(src, Role::Activation)?;
             }
+            self.master_host = Some(full);
             self.model_stale = false;
         }
         Ok(())
@@ -418,7 +435,15 @@ impl<B: Backend> Trainer<B> {
             self.last_checkpoint_step = Some(self.state.step);
             return Ok(self.run_dir.clone());
         }
-        let weights = host_weights(&self.model, &self.model.weights)?;
+        let downloaded;
+        let weights = match (&self.fsdp, &self.master_host) {
+            (Some(_), Some(w)) => w,
+            (Some(_), None) => anyhow::bail!("FSDP: no consolidated weights to checkpoint (a bug)"),
+            (None, _) => {
+                downloaded = host_weights(&self.model, &self.model.weights)?;
+                &downloaded
+            }
+        };
         // One file per rank; the single-rank engine is a world of one.
         let single: Option<OwnedRankMoments> = match (&self.fsdp, &self.opt) {
             (None, Some(opt)) => {
@@ -437,7 +462,7 @@ impl<B: Backend> Trainer<B> {
         let files: Vec<(&str, &[u8])> = self.tokenizer_files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
         let snap = Snapshot {
             cfg: &self.model.cfg,
-            weights: &weights,
+            weights,
             optimizer: &optimizer,
             state: &self.state,
             bos: self.bos,
@@ -726,7 +751,11 @@ impl<B: Backend> Trainer<B> {
             Some((s, w)) if *s == step => w.clone(),
             _ => {
                 self.sync_model()?;
-                let w = Arc::new(host_weights(&self.model, &self.model.weights)?);
+                // Under FSDP the f32 masters are on the host already.
+                let w = match &self.master_host {
+                    Some(w) => Arc::new(w.clone()),
+                    None => Arc::new(host_weights(&self.model, &self.model.weights)?),
+                };
                 self.chat_weights = Some((step, w.clone()));
                 w
             }
