@@ -220,6 +220,10 @@ enum BenchWhat {
         /// Then time every op kind over two more steps (ops synchronised: where the time goes)
         #[arg(long)]
         profile: bool,
+        /// Also time the sharded engine (FSDP) over N ranks (GPUs 0..N, or CPU ranks) on the same
+        /// micro-batch, split between them; 1 measures what sharding costs on one device
+        #[arg(long, value_name = "N")]
+        fsdp: Option<usize>,
     },
     /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
     Dashboard {
@@ -353,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench {
-            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute, profile }),
+            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute, profile, fsdp }),
             ..
         } => {
             let args = kiln::cli::bench_train::TrainBenchArgs {
@@ -365,6 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 warmup,
                 recompute,
                 profile,
+                fsdp,
             };
             for (k, v) in kiln::cli::bench_train::run(&args)? {
                 println!("{k:<28} {v}");

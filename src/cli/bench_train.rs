@@ -12,8 +12,10 @@ use crate::backend::cuda::Cuda;
 use crate::backend::profile::Profiled;
 use crate::backend::{AdamW, Backend, Gemm};
 use crate::data::loader::Batch;
+use crate::dist::Member;
 use crate::model::init::random_weights;
 use crate::model::{Keep, Llama, LlamaConfig, Workspace};
+use crate::train::fsdp::Fsdp;
 use crate::train::optimizer::{device_step, AdamWState, StepParams};
 use anyhow::{bail, Result};
 use half::bf16;
@@ -30,6 +32,8 @@ pub struct TrainBenchArgs {
     pub recompute: bool,
     /// Afterwards, time every op kind in two more steps (each op synchronised: a diagnostic).
     pub profile: bool,
+    /// Also time the FSDP engine over this many ranks on the same micro-batch.
+    pub fsdp: Option<usize>,
 }
 
 /// Sustained bf16 GEMM FLOP/s on this card: an 8192³ product through the same cuBLASLt path.
@@ -68,23 +72,31 @@ struct Stepper<B: Backend> {
     batch: Batch,
 }
 
+/// The benchmark's fixed micro-batch: `batch` sequences of `seq` tokens.
+fn bench_batch(vocab: usize, batch: usize, seq: usize) -> Batch {
+    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let targets = ids.iter().map(|&t| ((t as usize * 31 + 7) % vocab) as i32).collect();
+    Batch { ids, targets, state: Default::default() }
+}
+
+fn bench_hp(step: u64) -> AdamW {
+    AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step }
+}
+
 impl<B: Backend> Stepper<B> {
     fn new(model: &Llama<B>, batch: usize, seq: usize, keep: Keep) -> Result<Self> {
-        let v = model.cfg.vocab_size;
-        let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919 + 13) % v) as u32).collect();
-        let targets = ids.iter().map(|&t| ((t as usize * 31 + 7) % v) as i32).collect();
         Ok(Stepper {
             ws: Workspace::keeping(model, batch, seq, keep)?,
             grads: model.zeros_like_weights()?,
             opt: AdamWState::new(model)?,
-            batch: Batch { ids, targets, state: Default::default() },
+            batch: bench_batch(model.cfg.vocab_size, batch, seq),
         })
     }
 
     /// One optimizer step (1-based `n`); returns the mean loss.
     fn step(&mut self, model: &mut Llama<B>, n: u64) -> Result<f32> {
         let scale = 1.0 / self.batch.ids.len() as f32;
-        let hp = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: n };
+        let hp = bench_hp(n);
         let one = std::iter::once(Ok(&self.batch));
         let p = StepParams { scale, max_norm: 1.0, hp };
         let (loss_sum, _) = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?;
@@ -113,6 +125,52 @@ fn time_steps<B: Backend>(
     }
     model.backend.synchronize()?;
     Ok(StepTiming { secs_per_step: t.elapsed().as_secs_f64() / steps.max(1) as f64, loss })
+}
+
+/// The same step through the FSDP engine over `group`: the micro-batch split between the ranks,
+/// every unit gathered before its stage and its gradient reduce-scattered after. Lines: tokens/s
+/// (and per rank), then each rank's peak memory and time its collectives were busy.
+fn fsdp_lines<B: Backend>(
+    group: Vec<Member<B>>,
+    cfg: &LlamaConfig,
+    host: &crate::model::Weights<Vec<f32>>,
+    a: &TrainBenchArgs,
+    keep: Keep,
+) -> Result<Vec<(String, String)>> {
+    let world = group.len();
+    if a.batch % world != 0 {
+        bail!("--fsdp {world}: the micro-batch of {} must split evenly over the ranks", a.batch);
+    }
+    let mut f = Fsdp::new(cfg, host, None, group, a.batch / world, a.seq, keep)?;
+    let batch = [bench_batch(cfg.vocab_size, a.batch, a.seq)];
+    let scale = 1.0 / (a.batch * a.seq) as f32;
+    for n in 0..a.warmup {
+        f.step(&batch, n as u64 + 1, scale, 1.0, bench_hp(n as u64 + 1))?;
+    }
+    let t = Instant::now();
+    let mut loss = 0.0;
+    for n in 0..a.steps {
+        let step = (a.warmup + n) as u64 + 1;
+        loss = f.step(&batch, step, scale, 1.0, bench_hp(step))?.0 * scale as f64;
+    }
+    let secs = t.elapsed().as_secs_f64() / a.steps.max(1) as f64;
+    let tps = (a.batch * a.seq) as f64 / secs;
+    let mut lines = vec![(
+        format!("fsdp step, {world} rank(s)"),
+        format!("{tps:.0} tokens/s ({:.0} per rank, {:.1} ms/step), loss {loss:.3}", tps / world as f64, secs * 1e3),
+    )];
+    for (r, m) in f.memory().iter().enumerate() {
+        lines.push((
+            format!("  rank {r}"),
+            format!(
+                "shards {:.2} GiB, peak {:.2} GiB, collectives busy {:.1} ms/step",
+                gib(m.persistent_bytes),
+                gib(m.peak_bytes),
+                m.comm_secs * 1e3
+            ),
+        ));
+    }
+    Ok(lines)
 }
 
 /// Two more steps on a fresh model with every op timed by kind: where a step's time goes.
@@ -207,9 +265,13 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 ),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            // One model on the card at a time.
+            drop(model);
             if a.profile {
-                drop(model);
                 lines.extend(profile_lines(b.clone(), &cfg, &host, a, keep)?);
+            }
+            if let Some(n) = a.fsdp {
+                lines.extend(fsdp_lines(crate::dist::nccl::cuda_group(n)?, &cfg, &host, a, keep)?);
             }
         }
         "cpu" => {
@@ -228,9 +290,12 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops()),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            drop(model);
             if a.profile {
-                drop(model);
                 lines.extend(profile_lines(Cpu::new(), &cfg, &host, a, keep)?);
+            }
+            if let Some(n) = a.fsdp {
+                lines.extend(fsdp_lines(crate::dist::local::cpu_group(n), &cfg, &host, a, keep)?);
             }
         }
         other => bail!("--device {other:?}: expected cpu or cuda"),
