@@ -138,7 +138,7 @@ fn fsdp_lines<B: Backend>(
     keep: Keep,
 ) -> Result<Vec<(String, String)>> {
     let world = group.len();
-    if a.batch % world != 0 {
+    if !a.batch.is_multiple_of(world) {
         bail!("--fsdp {world}: the micro-batch of {} must split evenly over the ranks", a.batch);
     }
     let mut f = Fsdp::new(cfg, host, None, group, a.batch / world, a.seq, keep)?;
@@ -231,6 +231,9 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
         "model".to_string(),
         format!("{} ({:.1}M params, {:.3} GFLOP/token)", a.preset, cfg.n_params() as f64 / 1e6, flops_per_token / 1e9),
     )];
+    if a.fsdp == Some(0) {
+        bail!("--fsdp 0: the sharded engine needs at least one rank");
+    }
     let keep = if a.recompute { Keep::BlockInputs } else { Keep::All };
     let shape = format!("{}x{}{}", a.batch, a.seq, if a.recompute { ", recompute" } else { "" });
     match a.device.as_str() {
