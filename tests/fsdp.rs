@@ -2,15 +2,18 @@
 //! losses and checkpoints, resumes reshard between world sizes, memory per rank falls as
 //! 1/world_size, and a failing rank ends the step with a clear error instead of a hang.
 
+use kiln::backend::cpu::Cpu;
 use kiln::backend::AdamW;
 use kiln::data::loader::Batch;
-use kiln::dist::local::cpu_group;
+use kiln::dist::local::{cpu_group, local_group, LocalComm};
+use kiln::dist::{Comm, DeviceComm, Member, Ticket};
 use kiln::model::init::random_weights;
 use kiln::model::{Keep, LlamaConfig};
 use kiln::train::fsdp::Fsdp;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -236,7 +239,7 @@ type NodeRun = (Vec<(f64, f64)>, Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>, Vec<f32>);
 fn two_nodes_each_holding_half_the_ranks_train_exactly_like_one_process() {
     let cfg = tiny();
     let full = random_weights(&cfg, 0).unwrap();
-    let steps = |f: &mut Fsdp<kiln::backend::cpu::Cpu>, node: f32| -> NodeRun {
+    let steps = |f: &mut Fsdp<Cpu>, node: f32| -> NodeRun {
         let mut losses = Vec::new();
         for step in 1..=3u64 {
             let hp = AdamW { step, ..hp() };
@@ -269,4 +272,74 @@ fn two_nodes_each_holding_half_the_ranks_train_exactly_like_one_process() {
         assert!(m == m1, "node {node}: optimizer shards differ");
         assert_eq!(agreed, vec![1.0, 2.0], "node {node}: agreed control vector");
     }
+}
+
+/// A group whose abort does not reach the other ranks, like NCCL without `ncclCommAbort`: a rank
+/// blocked in a collective stays there until something else releases it.
+struct Stubborn(Arc<LocalComm>);
+
+impl Comm for Stubborn {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> anyhow::Result<()> {
+        self.0.all_gather(shard, out)
+    }
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32]) -> anyhow::Result<()> {
+        self.0.reduce_scatter(input, out)
+    }
+    fn all_reduce(&self, buf: &mut [f32]) -> anyhow::Result<()> {
+        self.0.all_reduce(buf)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> anyhow::Result<()> {
+        self.0.broadcast(buf, root)
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        self.0.barrier()
+    }
+    fn abort(&self, _: &str) {}
+}
+
+impl DeviceComm<Cpu> for Stubborn {
+    fn start_all_gather(&self, b: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+        self.0.start_all_gather(b, shard, out)
+    }
+    fn start_reduce_scatter(&self, b: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+        self.0.start_reduce_scatter(b, input, out)
+    }
+    fn wait(&self, b: &Cpu, t: Ticket) -> anyhow::Result<()> {
+        self.0.wait(b, t)
+    }
+    fn take_busy_secs(&self) -> anyhow::Result<f64> {
+        DeviceComm::<Cpu>::take_busy_secs(&*self.0)
+    }
+}
+
+#[test]
+fn ranks_the_group_cannot_release_are_reported_after_the_grace_instead_of_hanging() {
+    let cfg = tiny();
+    let full = random_weights(&cfg, 0).unwrap();
+    let comms: Vec<Arc<LocalComm>> = local_group(2).into_iter().map(Arc::new).collect();
+    let group = comms
+        .iter()
+        .map(|c| Member { backend: Cpu::new(), comm: Box::new(Stubborn(c.clone())) as Box<dyn DeviceComm<Cpu>> })
+        .collect();
+    let mut f = Fsdp::new(&cfg, &full, None, group, 1, 16, Keep::All).unwrap();
+    f.fault = Some((1, 1));
+    f.release_grace = std::time::Duration::from_millis(300);
+    // Instead of exiting the process, the test records the report and releases rank 0 itself.
+    let seen = Arc::new(Mutex::new(None::<String>));
+    let (record, release) = (seen.clone(), comms[0].clone());
+    f.on_stuck = Arc::new(move |why: &str| {
+        *record.lock().unwrap() = Some(why.to_string());
+        release.abort("released by the test");
+    });
+    let t = std::time::Instant::now();
+    let e = f.step(&[batch(&cfg, 2, 16)], 1, 1.0 / 32.0, 1.0, hp()).unwrap_err().to_string();
+    assert_eq!(e, "rank 1 failed: injected fault at step 1");
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("rank 1 failed: injected fault at step 1"));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(300), "reported before the grace ran out");
 }

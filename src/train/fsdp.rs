@@ -20,7 +20,8 @@ use crate::model::{Keep, LayerWeights, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Per-rank memory: what persists (shards of the master weights, moments and gradient) and the
 /// peak during a step.
@@ -66,6 +67,17 @@ pub struct Fsdp<B: Backend> {
     ranks: Vec<Rank<B>>,
     /// Fault injection for failure-handling tests: `(rank, step)` errors on that rank at that step.
     pub fault: Option<(usize, u64)>,
+    /// How long the other ranks get to come back after one fails, and what happens if they do not
+    /// (see `on_every_rank`).
+    pub release_grace: Duration,
+    pub on_stuck: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+/// The default `on_stuck`: the ranks left are blocked where nothing can release them, so report
+/// the failure the way the command line reports errors and end the process.
+fn exit_stuck(why: &str) {
+    eprintln!("error: {why} (the other ranks are blocked in a collective that cannot be released: exiting)");
+    std::process::exit(2);
 }
 
 impl<B: Backend> Rank<B> {
@@ -296,7 +308,17 @@ impl<B: Backend> Fsdp<B> {
                 comm_secs: 0.0,
             });
         }
-        Ok(Fsdp { cfg: cfg.clone(), world, ranges, sizes, layouts, ranks, fault: None })
+        Ok(Fsdp {
+            cfg: cfg.clone(),
+            world,
+            ranges,
+            sizes,
+            layouts,
+            ranks,
+            fault: None,
+            release_grace: Duration::from_secs(30),
+            on_stuck: Arc::new(exit_stuck),
+        })
     }
 
     /// Ranks in the whole world (on every node).
@@ -351,35 +373,67 @@ impl<B: Backend> Fsdp<B> {
     /// Runs `f` on every local rank at once, a thread each (collectives need every rank inside
     /// them together). A rank that errors or panics aborts the group, so the others get an error
     /// instead of hanging; the error reported is the failing rank's, not those it released.
+    ///
+    /// CPU ranks are released by the abort at once. GPU ranks blocked inside an NCCL collective
+    /// cannot be (kiln does not call `ncclCommAbort`), so if the others have not come back
+    /// `release_grace` after the first failure, `on_stuck` gets the failure: by default it prints
+    /// it and exits the process, which ends a run that would otherwise hang forever.
     fn on_every_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
         let f = &f;
-        let results: Vec<Result<T>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .enumerate()
-                .map(|(i, rank)| {
-                    s.spawn(move || {
-                        let out = match catch_unwind(AssertUnwindSafe(|| f(rank, i))) {
-                            Ok(x) => x,
-                            Err(p) => {
-                                let msg = p
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_else(|| "panic".into());
-                                Err(anyhow::anyhow!("panicked: {msg}"))
-                            }
-                        };
-                        if let Err(e) = &out {
-                            rank.comm.abort(&format!("{e:#}"));
+        let n = self.ranks.len();
+        let (grace, on_stuck) = (self.release_grace, self.on_stuck.clone());
+        let global: Vec<usize> = self.ranks.iter().map(|r| r.comm.rank()).collect();
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
+        let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+        std::thread::scope(|s| {
+            for (i, rank) in self.ranks.iter_mut().enumerate() {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let out = match catch_unwind(AssertUnwindSafe(|| f(rank, i))) {
+                        Ok(x) => x,
+                        Err(p) => {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "panic".into());
+                            Err(anyhow::anyhow!("panicked: {msg}"))
                         }
-                        out
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("rank thread died")))).collect()
+                    };
+                    if let Err(e) = &out {
+                        rank.comm.abort(&format!("{e:#}"));
+                    }
+                    let _ = tx.send((i, out));
+                });
+            }
+            drop(tx);
+            let mut first_failure: Option<(Instant, String)> = None;
+            let mut stuck_reported = false;
+            for _ in 0..n {
+                let next = match &first_failure {
+                    Some((t, why)) if !stuck_reported => match rx.recv_timeout(grace.saturating_sub(t.elapsed())) {
+                        Ok(x) => Ok(x),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            stuck_reported = true;
+                            on_stuck(why);
+                            rx.recv()
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    },
+                    _ => match rx.recv() {
+                        Ok(x) => Ok(x),
+                        Err(_) => break,
+                    },
+                };
+                let Ok((i, out)) = next else { break };
+                if let (Err(e), None) = (&out, &first_failure) {
+                    first_failure = Some((Instant::now(), format!("rank {} failed: {e:#}", global[i])));
+                }
+                results[i] = Some(out);
+            }
         });
+        let results: Vec<Result<T>> =
+            results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("rank thread died")))).collect();
         let mut first_err = None;
         for (res, rank) in results.iter().zip(&self.ranks) {
             if let Err(e) = res {
