@@ -183,7 +183,7 @@ fn parameter_and_optimizer_memory_per_rank_falls_as_one_over_world_size() {
     for world in [1usize, 2, 4] {
         let mut f = Fsdp::new(&cfg, &full, None, cpu_group(world), 4 / world, 32, Keep::All).unwrap();
         f.step(&[batch(&cfg, 4, 32)], 1, 1.0 / 128.0, 1.0, hp()).unwrap();
-        let m = f.memory()[0];
+        let m = f.memory().unwrap()[0];
         report.push((world, m.persistent_bytes, m.peak_bytes));
     }
     for &(world, persistent, peak) in &report {
@@ -248,6 +248,9 @@ fn two_nodes_each_holding_half_the_ranks_train_exactly_like_one_process() {
         }
         let weights = f.consolidate().unwrap().iter().into_iter().cloned().collect();
         let moments = f.rank_moments().unwrap().into_iter().map(|r| [r.m, r.v].concat()).collect();
+        // Every node sees every rank's memory, in rank order.
+        let ranks: Vec<usize> = f.memory().unwrap().iter().map(|m| m.rank).collect();
+        assert_eq!(ranks, vec![0, 1, 2, 3]);
         // Node k asks for "k + 1" in slot k: the sum reaches every node.
         let mut ask = vec![0.0; 2];
         ask[node as usize] = node + 1.0;

@@ -135,6 +135,11 @@ fn two_nodes_train_exactly_like_one_process_and_follow_node_zeros_commands() {
     let loss = |run: &Path| records(run, "step").iter().map(|v| v["loss"].as_f64().unwrap()).collect::<Vec<_>>();
     assert_eq!(loss(&one).len(), 6);
     assert_eq!(loss(&two), loss(&one), "per-step losses (bit for bit: the same sums in the same order)");
+    // Node 0's records show every rank of the world, its own and node 1's.
+    for v in records(&two, "step") {
+        let ranks: Vec<u64> = v["ranks"].as_array().unwrap().iter().map(|r| r["rank"].as_u64().unwrap()).collect();
+        assert_eq!(ranks, vec![0, 1]);
+    }
     // The scheduled evals (step 3, 6) on both; the commanded one (step 0) on the two-node run.
     let evals = |run: &Path| records(run, "eval").iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>();
     assert_eq!(evals(&one), vec![3, 6]);

@@ -159,9 +159,9 @@ fn fsdp_lines<B: Backend>(
         format!("fsdp step, {world} rank(s)"),
         format!("{tps:.0} tokens/s ({:.0} per rank, {:.1} ms/step), loss {loss:.3}", tps / world as f64, secs * 1e3),
     )];
-    for (r, m) in f.memory().iter().enumerate() {
+    for m in f.memory()? {
         lines.push((
-            format!("  rank {r}"),
+            format!("  rank {}", m.rank),
             format!(
                 "shards {:.2} GiB, peak {:.2} GiB, collectives busy {:.1} ms/step",
                 gib(m.persistent_bytes),

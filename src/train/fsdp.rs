@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 /// peak during a step.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RankMemory {
+    /// The rank in the world.
+    pub rank: usize,
     pub persistent_bytes: usize,
     pub peak_bytes: usize,
     /// Seconds the last step spent in collectives.
@@ -336,23 +338,54 @@ impl<B: Backend> Fsdp<B> {
         self.ranks.len() == self.world
     }
 
-    /// Memory per rank: the persistent shards (master, two moments, gradient) and the peak. A backend
-    /// that counts its bytes (a GPU) reports them, including the workspace; otherwise the figures are
-    /// this engine's own f32 buffers.
-    pub fn memory(&self) -> Vec<RankMemory> {
-        self.ranks
-            .iter()
-            .map(|r| match (r.b().memory(), r.persistent_bytes) {
-                (Some(m), Some(p)) => {
-                    RankMemory { persistent_bytes: p, peak_bytes: m.peak_bytes, comm_secs: r.comm_secs }
-                }
-                _ => RankMemory {
-                    persistent_bytes: 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>(),
-                    peak_bytes: 4 * r.peak,
-                    comm_secs: r.comm_secs,
-                },
+    /// Memory per rank of the whole world, in rank order: the persistent shards (master, two
+    /// moments, gradient), the peak, and the last step's time in collectives. A backend that counts
+    /// its bytes (a GPU) reports them, including the workspace; otherwise the figures are this
+    /// engine's own f32 buffers. With ranks on other nodes this is a collective (every node calls
+    /// it after every step).
+    pub fn memory(&mut self) -> Result<Vec<RankMemory>> {
+        let shards = 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>();
+        let own = |r: &Rank<B>| match (r.b().memory(), r.persistent_bytes) {
+            (Some(m), Some(p)) => RankMemory {
+                rank: r.comm.rank(),
+                persistent_bytes: p,
+                peak_bytes: m.peak_bytes,
+                comm_secs: r.comm_secs,
+            },
+            _ => RankMemory {
+                rank: r.comm.rank(),
+                persistent_bytes: shards,
+                peak_bytes: 4 * r.peak,
+                comm_secs: r.comm_secs,
+            },
+        };
+        if self.all_local() {
+            let mut all: Vec<RankMemory> = self.ranks.iter().map(own).collect();
+            all.sort_by_key(|m| m.rank);
+            return Ok(all);
+        }
+        // Each rank fills its own slot of a world-sized table; the sum is the whole table.
+        let world = self.world;
+        let table = self.on_every_rank(|rank, _| {
+            let m = own(rank);
+            let mut t = vec![0.0f32; 3 * world];
+            t[3 * m.rank..3 * m.rank + 3].copy_from_slice(&[
+                m.persistent_bytes as f32,
+                m.peak_bytes as f32,
+                m.comm_secs as f32,
+            ]);
+            rank.comm.all_reduce(&mut t)?;
+            Ok(t)
+        })?;
+        let t = &table[0];
+        Ok((0..world)
+            .map(|r| RankMemory {
+                rank: r,
+                persistent_bytes: t[3 * r] as usize,
+                peak_bytes: t[3 * r + 1] as usize,
+                comm_secs: t[3 * r + 2] as f64,
             })
-            .collect()
+            .collect())
     }
 
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns

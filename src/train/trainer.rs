@@ -230,14 +230,13 @@ impl<B: Backend> Trainer<B> {
         self.state.tokens += global_tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
         let tps = global_tokens as f64 / secs;
-        let ranks = match &self.fsdp {
+        let ranks = match &mut self.fsdp {
             Some(f) => {
                 let n = f.world_size() as f64;
-                f.memory()
+                f.memory()?
                     .iter()
-                    .enumerate()
-                    .map(|(rank, m)| RankMetrics {
-                        rank,
+                    .map(|m| RankMetrics {
+                        rank: m.rank,
                         tokens_per_s: tps / n,
                         state_mb: m.persistent_bytes as f64 * 1e-6,
                         peak_mb: m.peak_bytes as f64 * 1e-6,
