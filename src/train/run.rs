@@ -9,7 +9,7 @@ use super::trainer::{NodeRole, RunEnd, Trainer, TrainerParts};
 use crate::backend::cpu::{measured_peak_flops, Cpu};
 use crate::backend::cuda::device::datasheet_bf16_flops;
 use crate::backend::cuda::Cuda;
-use crate::backend::Backend;
+use crate::backend::{Backend, Role};
 use crate::chat::service::{ChatService, ChatStopper, Sink};
 use crate::config::{RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
@@ -19,7 +19,7 @@ use crate::dist::Member;
 use crate::io::atomic::write_file;
 use crate::io::load_model_dir;
 use crate::model::init::random_weights;
-use crate::model::Llama;
+use crate::model::{Llama, Weights};
 use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -186,27 +186,41 @@ pub fn build_on<B: Backend + Clone>(
             eprintln!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
         }
     }
-    let (model, moments, state) = if let Some(ckpt) = ckpt {
-        let md = load_model_dir(&ckpt, backend.clone())?;
-        let moments = super::optim_state::open(&ckpt, &md.model.cfg)?;
+    let sharded = cfg.parallel.world_size > 1;
+    // One device loads straight onto it; FSDP loads on the host first (see `place`).
+    let load = |dir: &Path| -> Result<Placed<B>> {
+        if sharded {
+            place(load_model_dir(dir, Cpu::new())?.model, backend.clone(), node)
+        } else {
+            Ok((load_model_dir(dir, backend.clone())?.model, None))
+        }
+    };
+    let (placed, moments, state) = if let Some(ckpt) = ckpt {
+        let placed = load(&ckpt)?;
+        let moments = super::optim_state::open(&ckpt, &placed.0.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
         if node.leads() {
             truncate_metrics(&run_dir, state.step)?;
         }
-        (md.model, Some(moments), state)
+        (placed, Some(moments), state)
     } else {
-        let model = if cfg.model.init == "random" {
+        let placed = if cfg.model.init == "random" {
             let mc = cfg.model_config()?.context("model: give a preset or the model fields (or model.init = PATH)")?;
-            Llama::from_host(mc.clone(), backend.clone(), &random_weights(&mc, cfg.train.seed)?)?
+            let w = random_weights(&mc, cfg.train.seed)?;
+            if sharded {
+                place(Llama::new(mc, Cpu::new(), w)?, backend.clone(), node)?
+            } else {
+                (Llama::from_host(mc, backend.clone(), &w)?, None)
+            }
         } else {
             let dir = checkpoint::resolve_model_dir(Path::new(&cfg.model.init))?;
-            let md = load_model_dir(&dir, backend.clone()).context("model.init")?;
+            let placed = load(&dir).context("model.init")?;
             if let Some(mc) = cfg.model_config()? {
-                if mc != md.model.cfg {
+                if mc != placed.0.cfg {
                     bail!("model.init {}: its shape differs from the configured model", dir.display());
                 }
             }
-            md.model
+            placed
         };
         let state = TrainerState {
             step: 0,
@@ -214,8 +228,9 @@ pub fn build_on<B: Backend + Clone>(
             mix: Default::default(),
             kiln_version: env!("CARGO_PKG_VERSION").into(),
         };
-        (model, None, state)
+        (placed, None, state)
     };
+    let (model, host_weights) = placed;
     tokenizer.check_vocab(model.cfg.vocab_size, "the model")?;
     if cfg.data.seq_len > model.cfg.max_seq_len {
         bail!("data.seq_len {} exceeds the model's max_seq_len {}", cfg.data.seq_len, model.cfg.max_seq_len);
@@ -229,6 +244,7 @@ pub fn build_on<B: Backend + Clone>(
     Trainer::new(TrainerParts {
         cfg,
         model,
+        host_weights,
         moments,
         group,
         node,
@@ -241,6 +257,27 @@ pub fn build_on<B: Backend + Clone>(
         eos,
         peak_flops,
     })
+}
+
+/// The trainer's model, and under FSDP the host f32 weights its shards start from.
+type Placed<B> = (Llama<B>, Option<Weights<Vec<f32>>>);
+
+/// Under FSDP the f32 masters go from the host to the rank shards, so the trainer's own model (which
+/// only evaluates and samples) gets just the compute-precision copy on `backend`, none on a node
+/// that does not lead, and the device never holds the whole model's masters. Returns the model
+/// and the host weights for the shards.
+fn place<B: Backend>(host: Llama<Cpu>, backend: B, node: NodeRole) -> Result<Placed<B>> {
+    let Llama { cfg, weights, .. } = host;
+    let mut it = weights.iter().into_iter();
+    let eval = Weights::try_build(&cfg, |_| {
+        let w = it.next().expect("same config, same tensors");
+        if node.leads() {
+            backend.upload_as(w, Role::Activation)
+        } else {
+            backend.zeros_as(1, Role::Activation)
+        }
+    })?;
+    Ok((Llama::new(cfg, backend, eval)?, Some(weights)))
 }
 
 /// On resume, drops metric records past the checkpoint so replayed steps are not duplicated.
