@@ -10,7 +10,7 @@ use common::gpu::{or_skip, rel_err};
 use kiln::backend::cpu::Cpu;
 use kiln::backend::{AdamW, Backend};
 use kiln::data::loader::Batch;
-use kiln::dist::Member;
+use kiln::dist::{DeviceComm, Member};
 use kiln::model::init::random_weights;
 use kiln::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
 use kiln::train::fsdp::Fsdp;
@@ -138,5 +138,135 @@ fn fsdp_over_nccl_matches_one_gpu() {
         eprintln!("FSDP over {world} GPU(s), tied embeddings: {tied}");
         // bf16 activations: a different split of the batch rounds differently, a little.
         compare(one, sharded(group, &cfg, &init), &init, 1e-2, 5e-2);
+    }
+}
+
+/// A CPU group that behaves like the GPU one in the way that matters to the engine: a started
+/// collective happens only when its ticket is waited on (its output is NaN until then, and its
+/// input is read then, not at the start). An engine that read a gathered unit before waiting, freed
+/// a reduce-scatter's input early, or never waited on a ticket would train differently here.
+mod deferred {
+    use anyhow::{bail, Result};
+    use kiln::backend::cpu::Cpu;
+    use kiln::dist::local::LocalComm;
+    use kiln::dist::{Comm, DeviceComm, Ticket};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// Raw views of the buffers a started collective will use (valid until its wait, which is the
+    /// contract this double checks).
+    enum Op {
+        Gather { shard: (*const f32, usize), out: (*mut f32, usize) },
+        Scatter { input: (*const f32, usize), out: (*mut f32, usize) },
+    }
+    // SAFETY: each op is used only by the rank thread that started it.
+    unsafe impl Send for Op {}
+
+    type Ops = Arc<Mutex<(u64, HashMap<u64, Op>)>>;
+
+    pub struct Deferred {
+        inner: LocalComm,
+        ops: Ops,
+    }
+
+    /// The collectives a `Deferred` rank has started and not yet waited on.
+    pub struct Outstanding(Ops);
+
+    impl Outstanding {
+        pub fn count(&self) -> usize {
+            self.0.lock().unwrap().1.len()
+        }
+    }
+
+    impl Deferred {
+        pub fn new(inner: LocalComm) -> (Self, Outstanding) {
+            let ops: Ops = Arc::new(Mutex::new((0, HashMap::new())));
+            (Deferred { inner, ops: ops.clone() }, Outstanding(ops))
+        }
+        fn start(&self, op: Op) -> Ticket {
+            let mut ops = self.ops.lock().unwrap();
+            ops.0 += 1;
+            let id = ops.0;
+            ops.1.insert(id, op);
+            Ticket(id)
+        }
+    }
+
+    impl Comm for Deferred {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+            self.inner.all_gather(shard, out)
+        }
+        fn reduce_scatter(&self, input: &[f32], out: &mut [f32]) -> Result<()> {
+            self.inner.reduce_scatter(input, out)
+        }
+        fn all_reduce(&self, buf: &mut [f32]) -> Result<()> {
+            self.inner.all_reduce(buf)
+        }
+        fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+            self.inner.broadcast(buf, root)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.inner.barrier()
+        }
+        fn abort(&self, reason: &str) {
+            self.inner.abort(reason)
+        }
+    }
+
+    impl DeviceComm<Cpu> for Deferred {
+        fn start_all_gather(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+            out.fill(f32::NAN);
+            let op = Op::Gather { shard: (shard.as_ptr(), shard.len()), out: (out.as_mut_ptr(), out.len()) };
+            Ok(self.start(op))
+        }
+        fn start_reduce_scatter(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+            let op = Op::Scatter { input: (input.as_ptr(), input.len()), out: (out.as_mut_ptr(), out.len()) };
+            Ok(self.start(op))
+        }
+        fn wait(&self, _: &Cpu, t: Ticket) -> Result<()> {
+            let Some(op) = self.ops.lock().unwrap().1.remove(&t.0) else { bail!("ticket {} waited twice", t.0) };
+            // SAFETY: the engine keeps both buffers alive and untouched until this wait.
+            unsafe {
+                match op {
+                    Op::Gather { shard, out } => self.inner.all_gather(
+                        std::slice::from_raw_parts(shard.0, shard.1),
+                        std::slice::from_raw_parts_mut(out.0, out.1),
+                    ),
+                    Op::Scatter { input, out } => self.inner.reduce_scatter(
+                        std::slice::from_raw_parts(input.0, input.1),
+                        std::slice::from_raw_parts_mut(out.0, out.1),
+                    ),
+                }
+            }
+        }
+        fn take_busy_secs(&self) -> Result<f64> {
+            Ok(0.0)
+        }
+    }
+}
+
+#[test]
+fn collectives_that_finish_only_when_waited_on_train_exactly_like_synchronous_ones() {
+    use kiln::dist::local::local_group;
+    for tied in [false, true] {
+        let cfg = config(tied);
+        let init = random_weights(&cfg, 3).unwrap();
+        let sync = sharded(kiln::dist::local::cpu_group(2), &cfg, &init);
+        let (mut group, mut outstanding) = (Vec::new(), Vec::new());
+        for c in local_group(2) {
+            let (comm, o) = deferred::Deferred::new(c);
+            group.push(Member { backend: Cpu::new(), comm: Box::new(comm) as Box<dyn DeviceComm<Cpu>> });
+            outstanding.push(o);
+        }
+        let late = sharded(group, &cfg, &init);
+        assert_eq!(late.0, sync.0, "tied {tied}: losses");
+        assert!(late.1 == sync.1, "tied {tied}: weights");
+        assert!(outstanding.iter().all(|o| o.count() == 0), "a started collective was never waited on");
     }
 }
