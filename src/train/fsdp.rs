@@ -78,6 +78,12 @@ pub struct Fsdp<B: Backend> {
 /// The default `on_stuck`: the ranks left are blocked where nothing can release them, so report
 /// the failure the way the command line reports errors and end the process.
 fn exit_stuck(why: &str) {
+    use ratatui::crossterm::{execute, terminal};
+    // The dashboard may own the terminal, and exiting skips its restore: give the terminal back.
+    if terminal::is_raw_mode_enabled().unwrap_or(false) {
+        let _ = terminal::disable_raw_mode();
+        let _ = execute!(std::io::stdout(), terminal::LeaveAlternateScreen);
+    }
     eprintln!("error: {why} (the other ranks are blocked in a collective that cannot be released: exiting)");
     std::process::exit(2);
 }
