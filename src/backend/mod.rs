@@ -144,6 +144,11 @@ pub trait Backend: Send + Sync + 'static {
         let _ = role;
         self.zeros(len)
     }
+    /// A buffer for `role` whose values the caller overwrites entirely before reading any (a
+    /// collective's output): a backend may skip zeroing it.
+    fn scratch_as(&self, len: usize, role: Role) -> Result<Self::Buf> {
+        self.zeros_as(len, role)
+    }
     /// A buffer for `role` holding `data`.
     fn upload_as(&self, data: &[f32], role: Role) -> Result<Self::Buf> {
         let _ = role;

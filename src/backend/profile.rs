@@ -76,6 +76,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn zeros_as(&self, len: usize, role: Role) -> Result<Self::Buf> {
         self.inner.zeros_as(len, role)
     }
+    fn scratch_as(&self, len: usize, role: Role) -> Result<Self::Buf> {
+        self.inner.scratch_as(len, role)
+    }
     fn upload_as(&self, data: &[f32], role: Role) -> Result<Self::Buf> {
         self.inner.upload_as(data, role)
     }

@@ -103,7 +103,8 @@ impl<B: Backend> Rank<B> {
     /// Starts gathering unit `u`'s full parameters (padded), in the precision the ops read.
     fn start_gather(&mut self, u: usize, layout: ShardLayout) -> Result<InFlight<B::Buf>> {
         let b = &self.model.backend;
-        let mut buf = b.zeros_as(layout.padded(), Role::Activation)?;
+        // The gather writes every value (shards are padded to equal lengths).
+        let mut buf = b.scratch_as(layout.padded(), Role::Activation)?;
         let ticket = self.comm.start_all_gather(b, &self.master[u], &mut buf)?;
         self.note_alloc(layout.len);
         Ok(InFlight { unit: u, buf, ticket })
@@ -549,7 +550,7 @@ impl<B: Backend> Fsdp<B> {
             let mut units = Vec::new();
             for (u, l) in layouts.iter().enumerate() {
                 let b = rank.b();
-                let mut full = b.zeros_as(l.padded(), Role::Accum)?;
+                let mut full = b.scratch_as(l.padded(), Role::Accum)?;
                 let t = rank.comm.start_all_gather(b, &pick(rank)[u], &mut full)?;
                 rank.comm.wait(b, t)?;
                 if i == 0 {

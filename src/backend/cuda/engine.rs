@@ -123,6 +123,23 @@ impl Backend for Cuda {
         Ok(self.wrap(data))
     }
 
+    fn scratch_as(&self, len: usize, role: Role) -> Result<CudaBuf> {
+        let s = &self.gpu.stream;
+        // SAFETY: device memory, not Rust values; the caller writes every element before reading
+        // (the trait's contract), so no garbage is ever read.
+        let data = (|| -> Result<Data, cudarc::driver::DriverError> {
+            Ok(unsafe {
+                match role {
+                    Role::Activation => Data::Bf16(s.alloc(len)?),
+                    Role::Stats | Role::Accum => Data::F32(s.alloc(len)?),
+                    Role::Param => Data::Param { master: s.alloc(len)?, compute: s.alloc(len)? },
+                }
+            })
+        })()
+        .map_err(|e| self.alloc_error(e, len, role))?;
+        Ok(self.wrap(data))
+    }
+
     fn upload_as(&self, data: &[f32], role: Role) -> Result<CudaBuf> {
         let s = &self.gpu.stream;
         let d = (|| -> Result<Data, cudarc::driver::DriverError> {
