@@ -2,6 +2,8 @@
 //! losses and checkpoints, resumes reshard between world sizes, memory per rank falls as
 //! 1/world_size, and a failing rank ends the step with a clear error instead of a hang.
 
+mod common;
+
 use kiln::backend::cpu::Cpu;
 use kiln::backend::AdamW;
 use kiln::data::loader::Batch;
@@ -28,9 +30,7 @@ fn ok(o: Output) {
 }
 
 fn config(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let input = root().join("assets/corpus/slimpajama_like/validation");
-    ok(kiln(&["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()]));
+    let data = common::prepared_corpus(dir);
     // d_model 56 and d_ff 100 give block units of 26,320 values: uneven shards at world size 3.
     let cfg = format!(
         r#"[model]

@@ -4,6 +4,8 @@
 //! config node 0 resolved. Together they must train exactly like one process with the same world
 //! size, obey node 0's commands on both nodes, and leave only node 0's writing behind.
 
+mod common;
+
 use kiln::backend::cpu::Cpu;
 use kiln::config::RunConfig;
 use kiln::dist::local::cpu_group;
@@ -12,20 +14,14 @@ use kiln::train::run::{build_on, locate, Located, TrainArgs};
 use kiln::train::trainer::{NodeRole, RunEnd};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command as Process;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn config(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let input = root().join("assets/corpus/slimpajama_like/validation");
-    let out = Process::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0.1", input.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Held-out documents, so the scheduled and commanded evals have something to score.
+    let data = common::prepared_corpus_holding_out(dir, 0.1);
     let cfg = format!(
         r#"[model]
 n_layer = 2

@@ -77,12 +77,7 @@ impl NcclComm {
     /// Joins the world as `rank` of `world` on GPU `device`; blocks until every rank has joined.
     pub fn new(device: usize, rank: usize, world: usize, id: &[u8]) -> Result<NcclComm> {
         require("NCCL", NEEDS)?;
-        let raw: [std::ffi::c_char; 128] = id
-            .iter()
-            .map(|&b| b as std::ffi::c_char)
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| anyhow!("an NCCL unique id has 128 bytes, got {}", id.len()))?;
+        let raw = raw_id(id)?;
         let ctx = CudaContext::new(device).with_context(|| format!("cannot open GPU {device}"))?;
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         let comm = RawComm::from_rank(stream.clone(), rank, world, Id::uninit(raw))
@@ -251,19 +246,38 @@ pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
     if world > count {
         bail!("parallel.world_size = {world} needs {world} GPUs; this machine has {count}");
     }
-    let engines = (0..world).map(Cuda::open).collect::<Result<Vec<_>>>()?;
-    // Each communicator gets a stream of its own beside the engine's, so collectives overlap compute.
+    let (engines, streams) = open_engines(world)?;
+    let comms = RawComm::from_devices(streams).map_err(|e| nccl_err(&format!("init of {world} GPUs"), e))?;
+    members(engines, comms.into_iter().map(|c| Ok(NcclComm::wrap(c))).collect())
+}
+
+/// A 128-byte NCCL unique id as NCCL takes it.
+fn raw_id(id: &[u8]) -> Result<[std::ffi::c_char; 128]> {
+    id.iter()
+        .map(|&b| b as std::ffi::c_char)
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| anyhow!("an NCCL unique id has 128 bytes, got {}", id.len()))
+}
+
+/// An engine on each of GPUs 0..n, and for each a communication stream of its own beside the
+/// engine's, so collectives overlap compute.
+fn open_engines(n: usize) -> Result<(Vec<Cuda>, Vec<Arc<CudaStream>>)> {
+    let engines = (0..n).map(Cuda::open).collect::<Result<Vec<_>>>()?;
     let streams = engines
         .iter()
         .map(|e| e.gpu().ctx.new_stream())
         .collect::<Result<Vec<_>, _>>()
         .context("cannot create a CUDA stream")?;
-    let comms = RawComm::from_devices(streams).map_err(|e| nccl_err(&format!("init of {world} GPUs"), e))?;
-    Ok(engines
+    Ok((engines, streams))
+}
+
+fn members(engines: Vec<Cuda>, comms: Vec<Result<NcclComm>>) -> Result<Vec<Member<Cuda>>> {
+    engines
         .into_iter()
         .zip(comms)
-        .map(|(backend, comm)| Member { backend, comm: Box::new(NcclComm::wrap(comm)) as Box<dyn DeviceComm<Cuda>> })
-        .collect())
+        .map(|(backend, comm)| Ok(Member { backend, comm: Box::new(comm?) as Box<dyn DeviceComm<Cuda>> }))
+        .collect()
 }
 
 /// This node's share of a world that spans `node.nnodes` nodes: GPUs 0..world/nnodes here, as
@@ -280,18 +294,8 @@ pub fn cuda_group_on_node(node: &super::launch::Node, world: usize, id: &[u8]) -
             node.nnodes
         );
     }
-    let raw: [std::ffi::c_char; 128] = id
-        .iter()
-        .map(|&b| b as std::ffi::c_char)
-        .collect::<Vec<_>>()
-        .try_into()
-        .map_err(|_| anyhow!("an NCCL unique id has 128 bytes, got {}", id.len()))?;
-    let engines = (0..local).map(Cuda::open).collect::<Result<Vec<_>>>()?;
-    let streams = engines
-        .iter()
-        .map(|e| e.gpu().ctx.new_stream())
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot create a CUDA stream")?;
+    let raw = raw_id(id)?;
+    let (engines, streams) = open_engines(local)?;
     let comms: Vec<Result<NcclComm>> = std::thread::scope(|s| {
         let joins: Vec<_> = streams
             .into_iter()
@@ -306,11 +310,7 @@ pub fn cuda_group_on_node(node: &super::launch::Node, world: usize, id: &[u8]) -
             .collect();
         joins.into_iter().map(|j| j.join().unwrap_or_else(|_| bail!("an NCCL init thread panicked"))).collect()
     });
-    engines
-        .into_iter()
-        .zip(comms)
-        .map(|(backend, comm)| Ok(Member { backend, comm: Box::new(comm?) as Box<dyn DeviceComm<Cuda>> }))
-        .collect()
+    members(engines, comms)
 }
 
 /// Parameters travel as their bf16 compute copies (what every op reads), gradients as f32, both on

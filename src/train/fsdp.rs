@@ -136,7 +136,7 @@ impl<B: Backend> Rank<B> {
         let mut parts = Vec::with_capacity(sizes.len());
         let mut o = 0;
         for &n in sizes {
-            let mut t = self.b().zeros_as(n, Role::Activation)?;
+            let mut t = self.b().scratch_as(n, Role::Activation)?;
             self.b().copy(&mut t, 0, &flat, o, n)?;
             parts.push(t);
             o += n;
@@ -373,7 +373,7 @@ impl<B: Backend> Fsdp<B> {
         }
         // Each rank fills its own slot of a world-sized table; the sum is the whole table.
         let world = self.world;
-        let table = self.on_every_rank(|rank, _| {
+        let table = self.each_rank(|rank, _| {
             let m = own(rank);
             let mut t = vec![0.0f32; 3 * world];
             t[3 * m.rank..3 * m.rank + 3].copy_from_slice(&[
@@ -398,102 +398,36 @@ impl<B: Backend> Fsdp<B> {
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
     /// the summed token loss and the gradient norm before clipping.
     pub fn step(&mut self, batches: &[Batch], step: u64, scale: f32, clip: f64, hp: AdamW) -> Result<(f64, f64)> {
-        let (cfg, ranges, sizes, layouts, fault, world) =
-            (self.cfg.clone(), self.ranges.clone(), self.sizes.clone(), self.layouts.clone(), self.fault, self.world);
-        let results = self.on_every_rank(|rank, i| {
+        let Fsdp {
+            ref cfg,
+            world,
+            ref ranges,
+            ref sizes,
+            ref layouts,
+            ref mut ranks,
+            fault,
+            release_grace,
+            ref on_stuck,
+        } = *self;
+        let results = on_every_rank(ranks, release_grace, &**on_stuck, |rank, i| {
             rank.comm_secs = 0.0;
             if fault == Some((i, step)) {
                 bail!("injected fault at step {step}");
             }
-            rank_step(rank, world, batches, &cfg, &ranges, &sizes, &layouts, scale, clip, hp)
+            rank_step(rank, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp)
         })?;
         Ok(results[0])
     }
 
-    /// Runs `f` on every local rank at once, a thread each (collectives need every rank inside
-    /// them together). A rank that errors or panics aborts the group, so the others get an error
-    /// instead of hanging; the error reported is the failing rank's, not those it released.
-    ///
-    /// CPU ranks are released by the abort at once. GPU ranks blocked inside an NCCL collective
-    /// cannot be (kiln does not call `ncclCommAbort`), so if the others have not come back
-    /// `release_grace` after the first failure, `on_stuck` gets the failure: by default it prints
-    /// it and exits the process, which ends a run that would otherwise hang forever.
-    fn on_every_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-        let f = &f;
-        let n = self.ranks.len();
-        let (grace, on_stuck) = (self.release_grace, self.on_stuck.clone());
-        let global: Vec<usize> = self.ranks.iter().map(|r| r.comm.rank()).collect();
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
-        let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
-        std::thread::scope(|s| {
-            for (i, rank) in self.ranks.iter_mut().enumerate() {
-                let tx = tx.clone();
-                s.spawn(move || {
-                    let out = match catch_unwind(AssertUnwindSafe(|| f(rank, i))) {
-                        Ok(x) => x,
-                        Err(p) => {
-                            let msg = p
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_else(|| "panic".into());
-                            Err(anyhow::anyhow!("panicked: {msg}"))
-                        }
-                    };
-                    if let Err(e) = &out {
-                        rank.comm.abort(&format!("{e:#}"));
-                    }
-                    let _ = tx.send((i, out));
-                });
-            }
-            drop(tx);
-            let mut first_failure: Option<(Instant, String)> = None;
-            let mut stuck_reported = false;
-            for _ in 0..n {
-                let next = match &first_failure {
-                    Some((t, why)) if !stuck_reported => match rx.recv_timeout(grace.saturating_sub(t.elapsed())) {
-                        Ok(x) => Ok(x),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            stuck_reported = true;
-                            on_stuck(why);
-                            rx.recv()
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                    },
-                    _ => match rx.recv() {
-                        Ok(x) => Ok(x),
-                        Err(_) => break,
-                    },
-                };
-                let Ok((i, out)) = next else { break };
-                if let (Err(e), None) = (&out, &first_failure) {
-                    first_failure = Some((Instant::now(), format!("rank {} failed: {e:#}", global[i])));
-                }
-                results[i] = Some(out);
-            }
-        });
-        let results: Vec<Result<T>> =
-            results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("rank thread died")))).collect();
-        let mut first_err = None;
-        for (res, rank) in results.iter().zip(&self.ranks) {
-            if let Err(e) = res {
-                let msg = format!("{e:#}");
-                if !msg.starts_with("rank ") {
-                    bail!("rank {} failed: {msg}", rank.comm.rank());
-                }
-                first_err.get_or_insert(msg);
-            }
-        }
-        if let Some(e) = first_err {
-            bail!("{e}");
-        }
-        Ok(results.into_iter().map(|r| r.expect("checked above")).collect())
+    /// `on_every_rank` over this process's ranks.
+    fn each_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+        on_every_rank(&mut self.ranks, self.release_grace, &*self.on_stuck, f)
     }
 
     /// `Σ over nodes` of `local` (each node's first rank contributes it, the others zeros): how the
     /// nodes of a run agree at a step boundary on what to do next.
     pub fn agree(&mut self, local: &[f32]) -> Result<Vec<f32>> {
-        let out = self.on_every_rank(|rank, i| {
+        let out = self.each_rank(|rank, i| {
             let mut buf = if i == 0 { local.to_vec() } else { vec![0.0; local.len()] };
             rank.comm.all_reduce(&mut buf)?;
             Ok(buf)
@@ -545,8 +479,8 @@ impl<B: Backend> Fsdp<B> {
         }
         // Shards live on other nodes too: every rank all-gathers each unit in f32 (one unit at a
         // time, so the transient memory is one unit), and the first local rank keeps the result.
-        let layouts = self.layouts.clone();
-        let out = self.on_every_rank(|rank, i| {
+        let Fsdp { ref layouts, ref mut ranks, release_grace, ref on_stuck, .. } = *self;
+        let out = on_every_rank(ranks, release_grace, &**on_stuck, |rank, i| {
             let mut units = Vec::new();
             for (u, l) in layouts.iter().enumerate() {
                 let b = rank.b();
@@ -561,6 +495,90 @@ impl<B: Backend> Fsdp<B> {
         })?;
         Ok(out.into_iter().next().expect("at least one rank"))
     }
+}
+
+/// Runs `f` on every local rank at once, a thread each (collectives need every rank inside
+/// them together). A rank that errors or panics aborts the group, so the others get an error
+/// instead of hanging; the error reported is the failing rank's, not those it released.
+///
+/// CPU ranks are released by the abort at once. GPU ranks blocked inside an NCCL collective
+/// cannot be (kiln does not call `ncclCommAbort`), so if the others have not come back
+/// `release_grace` after the first failure, `on_stuck` gets the failure: by default it prints
+/// it and exits the process, which ends a run that would otherwise hang forever.
+fn on_every_rank<B: Backend, T: Send>(
+    ranks: &mut [Rank<B>],
+    grace: Duration,
+    on_stuck: &(dyn Fn(&str) + Send + Sync),
+    f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let f = &f;
+    let n = ranks.len();
+    let global: Vec<usize> = ranks.iter().map(|r| r.comm.rank()).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
+    let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        for (i, rank) in ranks.iter_mut().enumerate() {
+            let tx = tx.clone();
+            s.spawn(move || {
+                let out = match catch_unwind(AssertUnwindSafe(|| f(rank, i))) {
+                    Ok(x) => x,
+                    Err(p) => {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "panic".into());
+                        Err(anyhow::anyhow!("panicked: {msg}"))
+                    }
+                };
+                if let Err(e) = &out {
+                    rank.comm.abort(&format!("{e:#}"));
+                }
+                let _ = tx.send((i, out));
+            });
+        }
+        drop(tx);
+        let mut first_failure: Option<(Instant, String)> = None;
+        let mut stuck_reported = false;
+        for _ in 0..n {
+            let next = match &first_failure {
+                Some((t, why)) if !stuck_reported => match rx.recv_timeout(grace.saturating_sub(t.elapsed())) {
+                    Ok(x) => Ok(x),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        stuck_reported = true;
+                        on_stuck(why);
+                        rx.recv()
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+                _ => match rx.recv() {
+                    Ok(x) => Ok(x),
+                    Err(_) => break,
+                },
+            };
+            let Ok((i, out)) = next else { break };
+            if let (Err(e), None) = (&out, &first_failure) {
+                first_failure = Some((Instant::now(), format!("rank {} failed: {e:#}", global[i])));
+            }
+            results[i] = Some(out);
+        }
+    });
+    let results: Vec<Result<T>> =
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("rank thread died")))).collect();
+    let mut first_err = None;
+    for (res, r) in results.iter().zip(&global) {
+        if let Err(e) = res {
+            let msg = format!("{e:#}");
+            if !msg.starts_with("rank ") {
+                bail!("rank {r} failed: {msg}");
+            }
+            first_err.get_or_insert(msg);
+        }
+    }
+    if let Some(e) = first_err {
+        bail!("{e}");
+    }
+    Ok(results.into_iter().map(|r| r.expect("checked above")).collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -604,12 +622,12 @@ fn rank_step<B: Backend>(
         let head_flat = rank.next_unit(&mut plan, layouts)?;
         let (final_norm, untied_head) = {
             let b = &rank.model.backend;
-            let mut n = b.zeros_as(d, Role::Activation)?;
+            let mut n = b.scratch_as(d, Role::Activation)?;
             b.copy(&mut n, 0, &head_flat, 0, d)?;
             let h = if cfg.tie_embeddings {
                 None
             } else {
-                let mut h = b.zeros_as(vocab * d, Role::Activation)?;
+                let mut h = b.scratch_as(vocab * d, Role::Activation)?;
                 b.copy(&mut h, 0, &head_flat, d, vocab * d)?;
                 Some(h)
             };

@@ -94,8 +94,8 @@ pub enum RunEnd {
 pub struct TrainerParts<B: Backend> {
     pub cfg: RunConfig,
     pub model: Llama<B>,
-    /// Under FSDP, the f32 weights the shards start from (see `run::place`); `None` takes them
-    /// from `model`.
+    /// Under FSDP, the f32 weights the shards start from; `model` then holds only their
+    /// compute-precision copy (see `run::place`).
     pub host_weights: Option<Weights<Vec<f32>>>,
     /// AdamW moments to resume from (any world size's checkpoint).
     pub moments: Option<Box<dyn MomentSource>>,
@@ -127,25 +127,10 @@ impl<B: Backend> Trainer<B> {
                     p.node.count
                 );
             }
-            // The full model beside the shards only evaluates, samples and chats: the compute
-            // precision is enough (a third of the master's and its copy's bytes on a GPU), and a
-            // node that does not lead needs none of it. The f32 masters are kept on the host for
-            // the checkpoint until the next step changes them.
-            let full = match p.host_weights.take() {
-                Some(w) => w,
-                None => {
-                    let full = host_weights(&p.model, &p.model.weights)?;
-                    let b = &p.model.backend;
-                    for (dst, src) in p.model.weights.iter_mut().into_iter().zip(full.iter()) {
-                        *dst = if p.node.leads() {
-                            b.upload_as(src, Role::Activation)?
-                        } else {
-                            b.zeros_as(1, Role::Activation)?
-                        };
-                    }
-                    full
-                }
-            };
+            // `model` beside the shards only evaluates, samples and chats (compute precision,
+            // none on a node that does not lead; see `run::place`). The f32 masters stay on the
+            // host for the checkpoint until the next step changes them.
+            let full = p.host_weights.take().context("FSDP starts from host weights (run::build_on loads them)")?;
             let rows = c.train.micro_batch / world;
             let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
             master_host = p.node.leads().then_some(full);

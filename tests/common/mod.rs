@@ -128,10 +128,16 @@ pub fn real_model_dir() -> Option<PathBuf> {
 /// The bundled SlimPajama-like sample prepared into `dir/data` by the real binary (no held-out
 /// split); returns the data directory.
 pub fn prepared_corpus(dir: &std::path::Path) -> PathBuf {
+    prepared_corpus_holding_out(dir, 0.0)
+}
+
+/// The same, with `val_fraction` of the documents held out for evaluation.
+pub fn prepared_corpus_holding_out(dir: &std::path::Path, val_fraction: f64) -> PathBuf {
     let data = dir.join("data");
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/slimpajama_like/validation");
+    let fraction = val_fraction.to_string();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", "0", input.to_str().unwrap()])
+        .args(["prepare", "--out", data.to_str().unwrap(), "--val-fraction", &fraction, input.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
