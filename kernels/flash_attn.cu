@@ -10,6 +10,11 @@
 // Backward: a block owns 64 keys of one KV head (4 warps × 16 keys) and walks every query tile of
 // every query head of its group, so dK and dV are summed in registers and written once (no repeated
 // K/V, no atomics); dQ is accumulated in f32 with atomics and cast at the end.
+// Both stream their tiles with cp.async into a second buffer while the current one is computed on
+// (the backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a second would
+// halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
+// last query blocks (forward) and the first key blocks (backward) carry the most work, so launching
+// them first across every head and batch leaves only light blocks for the tail of the kernel.
 #include "common.cuh"
 
 namespace {
@@ -85,26 +90,65 @@ __device__ __forceinline__ void b_frags_kn(unsigned b[4], const bf16* rows_k0_n0
 // Two adjacent bf16 as one register (the column index is even, so the load is aligned).
 __device__ __forceinline__ unsigned pair(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
 
-// Copies `rows` rows of D bf16 (row stride `stride` in global memory) into shared memory with
-// row stride D + 8 (the padding spreads rows over banks); rows past `valid` become zero.
+// Asynchronous global → shared copies (cp.async, sm_80+): issued now, landed by cp_async_wait_all,
+// so the next tile's loads overlap this tile's math. `valid == false` zero-fills (src-size 0:
+// nothing is read from `src`, which must still be a mapped address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef KILN_CPU_EMULATION
+    emulated_cp_async(dst, src, 16, valid);
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+#ifdef KILN_CPU_EMULATION
+    emulated_cp_async(dst, src, 4, true);
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(src) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef KILN_CPU_EMULATION
+    emulated_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// This thread's committed copies have landed; a __syncthreads after it makes every thread's visible.
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifdef KILN_CPU_EMULATION
+    emulated_cp_async_wait_all();
+#else
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Starts copying `rows` rows of D bf16 (row stride `stride` in global memory) into shared memory
+// with row stride D + 8 (the padding spreads rows over banks); rows past `valid` become zero.
 template <int D>
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, long stride, int rows, int valid) {
+__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, long stride, int rows, int valid) {
     constexpr int KS = D + 8, VEC = D / 8;
     for (int idx = threadIdx.x; idx < rows * VEC; idx += blockDim.x) {
         const int r = idx / VEC, c = (idx % VEC) * 8;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (r < valid) x = *reinterpret_cast<const uint4*>(src + r * stride + c);
-        *reinterpret_cast<uint4*>(dst + r * KS + c) = x;
+        const bool ok = r < valid;
+        cp_async16(dst + r * KS + c, ok ? src + r * stride + c : src, ok);
     }
 }
 
 template <int D>
 __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len,
                     int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    constexpr int KS = D + 8;
-    __shared__ __align__(16) bf16 Ks[BC * KS];
-    __shared__ __align__(16) bf16 Vs[BC * KS];
-    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    constexpr int KS = D + 8, TILE = BC * KS;
+    DYNAMIC_SHARED(unsigned char, smem);
+    bf16* kv_tiles = reinterpret_cast<bf16*>(smem);  // two stages of [K tile | V tile]
+    // The grid is (head, batch, query block) with the last query blocks, which see the most keys,
+    // launched first.
+    const int h = blockIdx.x, b = blockIdx.y, qb = gridDim.z - 1 - blockIdx.z;
     const int hk = h / (n_head / n_kv_head);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
@@ -114,7 +158,18 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     const int row0 = qb * BR + warp * 16;
     const int rlo = row0 + g, rhi = row0 + g + 8;
 
-    // This warp's 16 query rows as A fragments, straight from global memory.
+    const int kv_end = min(kv_len, q_pos0 + min(q_len, (qb + 1) * BR));
+    const int tiles = (kv_end + BC - 1) / BC;
+    auto issue = [&](int t) {
+        bf16* dst = kv_tiles + (t & 1) * 2 * TILE;
+        const int j0 = t * BC;
+        load_tile_async<D>(dst, kb_ptr + j0 * ks, ks, BC, kv_len - j0);
+        load_tile_async<D>(dst + TILE, vb_ptr + j0 * ks, ks, BC, kv_len - j0);
+        cp_async_commit();
+    };
+    issue(0);
+
+    // This warp's 16 query rows as A fragments, straight from global memory (while tile 0 lands).
     unsigned qf[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -130,12 +185,13 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const float sl2 = scale * LOG2E;  // scores in the log2 domain: exp2 is one instruction
 
-    const int kv_end = min(kv_len, q_pos0 + min(q_len, (qb + 1) * BR));
-    for (int j0 = 0; j0 < kv_end; j0 += BC) {
-        __syncthreads();  // the previous tile is no longer read
-        load_tile<D>(Ks, kb_ptr + j0 * ks, ks, BC, kv_len - j0);
-        load_tile<D>(Vs, vb_ptr + j0 * ks, ks, BC, kv_len - j0);
-        __syncthreads();
+    for (int t = 0; t < tiles; ++t) {
+        cp_async_wait_all();
+        __syncthreads();  // tile t is in shared memory for every thread, and tile t-1's buffer is free
+        if (t + 1 < tiles) issue(t + 1);
+        const bf16* Ks = kv_tiles + (t & 1) * 2 * TILE;
+        const bf16* Vs = Ks + TILE;
+        const int j0 = t * BC;
 
         float s[BC / 8][4];
 #pragma unroll
@@ -149,15 +205,19 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
                 mma16816(s[nt], qf[kk + 1], b[2], b[3]);
             }
         }
+        // Only tiles that reach past this warp's first row, or past the keys, need the mask.
+        const bool edge = j0 + BC - 1 > q_pos0 + row0 || j0 + BC > kv_len;
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int row = e < 2 ? rlo : rhi;
-                const int key = j0 + nt * 8 + 2 * tq + (e & 1);
                 float x = s[nt][e] * sl2;
-                if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
+                if (edge) {
+                    const int row = e < 2 ? rlo : rhi;
+                    const int key = j0 + nt * 8 + 2 * tq + (e & 1);
+                    if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
+                }
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
@@ -226,24 +286,53 @@ template <int D>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
-    constexpr int KS = D + 8, SS = BR + 8;
+    // Query tiles in flight: two at head_dim 64; one at 128, where a second would cost a block per
+    // SM (the one buffer is refilled during the dQ phase, which no longer reads it).
+    constexpr int STAGES = D == 64 ? 2 : 1;
+    constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
     bf16* Vs = Ks + BC * KS;
-    bf16* Qs = Vs + BC * KS;
-    bf16* Os = Qs + BR * KS;   // dO
-    bf16* dSs = Os + BR * KS;  // dSᵀ: [keys][queries]
-    float* lse2 = reinterpret_cast<float*>(dSs + BC * SS);
-    float* dlt = lse2 + BR;
+    bf16* QO = Vs + BC * KS;                   // per stage: Q tile, then dO tile
+    bf16* dSs = QO + STAGES * 2 * TILE;        // dSᵀ: [keys][queries]
+    float* stats = reinterpret_cast<float*>(dSs + BC * SS);  // per stage: lse[BR], then delta[BR]
 
-    const int kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    // The grid is (KV head, batch, key block): key block 0, seen by every query, launches first.
+    const int hk = blockIdx.x, b = blockIdx.y, kb = blockIdx.z;
     const int group = n_head / n_kv_head;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
     const int j0 = kb * BC;
     const int klo = warp * 16 + g, khi = klo + 8;  // this warp's key rows within the tile
-    load_tile<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
-    load_tile<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+    load_tile_async<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+    load_tile_async<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+
+    // The (head, query tile) pairs this block visits, in order; queries before this block's first
+    // key cannot see it.
+    const int first_tile = max(0, j0 - q_pos0) / BR;
+    const int per_head = max(0, (q_len + BR - 1) / BR - first_tile);
+    const int tiles = group * per_head;
+    auto head_of = [&](int t) { return hk * group + t / per_head; };
+    auto row_of = [&](int t) { return (first_tile + t % per_head) * BR; };
+    auto issue = [&](int t) {
+        const int h = head_of(t), i0 = row_of(t), st = t % STAGES;
+        bf16* Qs = QO + st * 2 * TILE;
+        load_tile_async<D>(Qs, q + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
+        load_tile_async<D>(Qs + TILE, dout + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
+        float* lse_s = stats + st * 2 * BR;
+        for (int r = threadIdx.x; r < BR; r += blockDim.x) {
+            const long at = ((long)b * n_head + h) * q_len + i0 + r;
+            if (i0 + r < q_len) {
+                cp_async4(lse_s + r, lse + at);
+                cp_async4(lse_s + BR + r, delta + at);
+            } else {
+                lse_s[r] = INFINITY;  // padding rows get probability 0
+                lse_s[BR + r] = 0.0f;
+            }
+        }
+    };
+    if (tiles > 0) issue(0);
+    cp_async_commit();
 
     float dK[D / 8][4], dV[D / 8][4];
 #pragma unroll
@@ -251,135 +340,142 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 #pragma unroll
         for (int e = 0; e < 4; ++e) dK[i][e] = dV[i][e] = 0.0f;
     const float sl2 = scale * LOG2E;
-    // Queries before this tile's first key cannot see it.
-    const int first_tile = max(0, j0 - q_pos0) / BR;
 
-    for (int hh = 0; hh < group; ++hh) {
-        const int h = hk * group + hh;
-        for (int i0 = first_tile * BR; i0 < q_len; i0 += BR) {
-            __syncthreads();
-            load_tile<D>(Qs, q + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
-            load_tile<D>(Os, dout + ((long)b * q_len + i0) * qs + (long)h * D, qs, BR, q_len - i0);
-            for (int r = threadIdx.x; r < BR; r += blockDim.x) {
-                const bool ok = i0 + r < q_len;
-                const long at = ((long)b * n_head + h) * q_len + i0 + r;
-                lse2[r] = ok ? lse[at] * LOG2E : INFINITY;  // padding rows get probability 0
-                dlt[r] = ok ? delta[at] : 0.0f;
-            }
-            __syncthreads();
+    for (int t = 0; t < tiles; ++t) {
+        cp_async_wait_all();
+        // Tile t is in shared memory for every thread; every warp is done with tile t-1 (its dSᵀ
+        // and, with two stages, the buffer tile t+1 goes into).
+        __syncthreads();
+        if (STAGES == 2 && t + 1 < tiles) {
+            issue(t + 1);
+            cp_async_commit();
+        }
+        const int h = head_of(t), i0 = row_of(t), st = t % STAGES;
+        const bf16* Qs = QO + st * 2 * TILE;
+        const bf16* Os = Qs + TILE;  // dO
+        const float* lse_s = stats + st * 2 * BR;
+        const float* dlt = lse_s + BR;
 
-            // Sᵀ = K·Qᵀ for this warp's 16 keys × 64 queries, then Pᵀ.
-            float p[BR / 8][4], dp[BR / 8][4];
+        // Sᵀ = K·Qᵀ for this warp's 16 keys × 64 queries, then Pᵀ.
+        float p[BR / 8][4], dp[BR / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < BR / 8; ++nt) {
-                p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
-                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-            }
+        for (int nt = 0; nt < BR / 8; ++nt) {
+            p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+        }
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                unsigned ka[2][4], va[2][4];
+        for (int kk = 0; kk < D / 16; kk += 2) {
+            unsigned ka[2][4], va[2][4];
 #pragma unroll
-                for (int h2 = 0; h2 < 2; ++h2) {
-                    const int c = (kk + h2) * 16 + 2 * tq;
-                    ka[h2][0] = pair(Ks + klo * KS + c);
-                    ka[h2][1] = pair(Ks + khi * KS + c);
-                    ka[h2][2] = pair(Ks + klo * KS + c + 8);
-                    ka[h2][3] = pair(Ks + khi * KS + c + 8);
-                    va[h2][0] = pair(Vs + klo * KS + c);
-                    va[h2][1] = pair(Vs + khi * KS + c);
-                    va[h2][2] = pair(Vs + klo * KS + c + 8);
-                    va[h2][3] = pair(Vs + khi * KS + c + 8);
-                }
-#pragma unroll
-                for (int nt = 0; nt < BR / 8; ++nt) {
-                    unsigned bq[4], bo[4];
-                    b_frags_nk(bq, Qs + nt * 8 * KS + kk * 16, KS, lane);
-                    mma16816(p[nt], ka[0], bq[0], bq[1]);
-                    mma16816(p[nt], ka[1], bq[2], bq[3]);
-                    b_frags_nk(bo, Os + nt * 8 * KS + kk * 16, KS, lane);
-                    mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
-                    mma16816(dp[nt], va[1], bo[2], bo[3]);
-                }
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int c = (kk + h2) * 16 + 2 * tq;
+                ka[h2][0] = pair(Ks + klo * KS + c);
+                ka[h2][1] = pair(Ks + khi * KS + c);
+                ka[h2][2] = pair(Ks + klo * KS + c + 8);
+                ka[h2][3] = pair(Ks + khi * KS + c + 8);
+                va[h2][0] = pair(Vs + klo * KS + c);
+                va[h2][1] = pair(Vs + khi * KS + c);
+                va[h2][2] = pair(Vs + klo * KS + c + 8);
+                va[h2][3] = pair(Vs + khi * KS + c + 8);
             }
 #pragma unroll
             for (int nt = 0; nt < BR / 8; ++nt) {
+                unsigned bq[4], bo[4];
+                b_frags_nk(bq, Qs + nt * 8 * KS + kk * 16, KS, lane);
+                mma16816(p[nt], ka[0], bq[0], bq[1]);
+                mma16816(p[nt], ka[1], bq[2], bq[3]);
+                b_frags_nk(bo, Os + nt * 8 * KS + kk * 16, KS, lane);
+                mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
+                mma16816(dp[nt], va[1], bo[2], bo[3]);
+            }
+        }
+        // Only tiles where one of this warp's keys lies past the tile's first query, or past the
+        // keys, need the mask (padding queries are zeroed by their infinite logsumexp either way).
+        const bool edge = j0 + warp * 16 + 15 > q_pos0 + i0 || j0 + warp * 16 + 16 > kv_len;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
+        for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = nt * 8 + 2 * tq + (e & 1);
+                float pr = exp2f(p[nt][e] * sl2 - lse_s[qi] * LOG2E);
+                if (edge) {
                     const int key = j0 + (e < 2 ? klo : khi);
-                    const int qi = nt * 8 + 2 * tq + (e & 1);
-                    const bool visible = key <= q_pos0 + i0 + qi && key < kv_len;
-                    const float pr = visible ? exp2f(p[nt][e] * sl2 - lse2[qi]) : 0.0f;
-                    p[nt][e] = pr;
-                    dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
+                    if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
                 }
+                p[nt][e] = pr;
+                dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
             }
-            // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
+        }
+        // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
 #pragma unroll
-            for (int kk = 0; kk < BR / 16; ++kk) {
-                const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
-                                        pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                                        pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-                const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
-                                        pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                        pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-                for (int nt = 0; nt < D / 8; nt += 2) {
-                    unsigned bo[4], bq[4];
-                    b_frags_kn(bo, Os + kk * 16 * KS + nt * 8, KS, lane);
-                    mma16816(dV[nt], pa, bo[0], bo[1]);
-                    mma16816(dV[nt + 1], pa, bo[2], bo[3]);
-                    b_frags_kn(bq, Qs + kk * 16 * KS + nt * 8, KS, lane);
-                    mma16816(dK[nt], sa, bq[0], bq[1]);
-                    mma16816(dK[nt + 1], sa, bq[2], bq[3]);
-                }
-            }
-            // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
-#pragma unroll
-            for (int nt = 0; nt < BR / 8; ++nt) {
-                const int qi = nt * 8 + 2 * tq;
-                dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
-                dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
-                dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
-                dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
-            }
-            __syncthreads();
-            // This warp's 16 queries × D of dQ, accumulated in f32 in global memory.
-            const int qlo = warp * 16 + g, qhi = qlo + 8;
-            // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
-            // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
-            unsigned da[BC / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BC / 16; ++kk) {
-                const int mj = lane >> 3, mi = lane & 7;
-                ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + warp * 16 + (mj & 1) * 8);
-            }
+        for (int kk = 0; kk < BR / 16; ++kk) {
+            const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
+                                    pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+            const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
+                                    pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                    pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt += 2) {
-                float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                unsigned bo[4], bq[4];
+                b_frags_kn(bo, Os + kk * 16 * KS + nt * 8, KS, lane);
+                mma16816(dV[nt], pa, bo[0], bo[1]);
+                mma16816(dV[nt + 1], pa, bo[2], bo[3]);
+                b_frags_kn(bq, Qs + kk * 16 * KS + nt * 8, KS, lane);
+                mma16816(dK[nt], sa, bq[0], bq[1]);
+                mma16816(dK[nt + 1], sa, bq[2], bq[3]);
+            }
+        }
+        // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
 #pragma unroll
-                for (int kk = 0; kk < BC / 16; ++kk) {
-                    unsigned bk[4];
-                    b_frags_kn(bk, Ks + kk * 16 * KS + nt * 8, KS, lane);
-                    mma16816(acc[0], da[kk], bk[0], bk[1]);
-                    mma16816(acc[1], da[kk], bk[2], bk[3]);
+        for (int nt = 0; nt < BR / 8; ++nt) {
+            const int qi = nt * 8 + 2 * tq;
+            dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
+            dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
+            dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
+            dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+        }
+        __syncthreads();  // dSᵀ is complete, and Q, dO and the row statistics are no longer read
+        if (STAGES == 1 && t + 1 < tiles) {
+            issue(t + 1);
+            cp_async_commit();
+        }
+        // This warp's 16 queries × D of dQ, accumulated in f32 in global memory.
+        const int qlo = warp * 16 + g, qhi = qlo + 8;
+        // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
+        // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
+        unsigned da[BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const int mj = lane >> 3, mi = lane & 7;
+            ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + warp * 16 + (mj & 1) * 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt += 2) {
+            float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                unsigned bk[4];
+                b_frags_kn(bk, Ks + kk * 16 * KS + nt * 8, KS, lane);
+                mma16816(acc[0], da[kk], bk[0], bk[1]);
+                mma16816(acc[1], da[kk], bk[2], bk[3]);
+            }
+#pragma unroll
+            for (int t2 = 0; t2 < 2; ++t2) {
+                const int col = (nt + t2) * 8 + 2 * tq;
+                if (i0 + qlo < q_len) {
+                    float* d = dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col;
+                    atomicAdd(d, acc[t2][0] * scale);
+                    atomicAdd(d + 1, acc[t2][1] * scale);
                 }
-#pragma unroll
-                for (int t = 0; t < 2; ++t) {
-                    const int col = (nt + t) * 8 + 2 * tq;
-                    if (i0 + qlo < q_len) {
-                        float* d = dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col;
-                        atomicAdd(d, acc[t][0] * scale);
-                        atomicAdd(d + 1, acc[t][1] * scale);
-                    }
-                    if (i0 + qhi < q_len) {
-                        float* d = dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col;
-                        atomicAdd(d, acc[t][2] * scale);
-                        atomicAdd(d + 1, acc[t][3] * scale);
-                    }
+                if (i0 + qhi < q_len) {
+                    float* d = dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col;
+                    atomicAdd(d, acc[t2][2] * scale);
+                    atomicAdd(d + 1, acc[t2][3] * scale);
                 }
             }
         }
     }
+    cp_async_wait_all();  // a block with no query tile still has its K/V copies in flight
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int key = j0 + (half ? khi : klo);
@@ -396,8 +492,11 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 
 }  // namespace
 
-// Dynamic shared memory the backward needs (the launcher computes the same and raises the limit).
-// D=64: 4·64·72·2 + 64·72·2 + 2·64·4 = 46,592 bytes; D=128: 4·64·136·2 + 9,216 + 512 = 79,360 bytes.
+// Dynamic shared memory (src/backend/cuda/flash_attn.rs computes the same and raises the limit):
+// forward, two stages of K and V tiles: D=64 36,864 bytes, D=128 69,632;
+// backward, K and V, Q and dO per stage, dSᵀ, lse and delta per stage:
+// D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
+// D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes.
 
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,

@@ -12,8 +12,12 @@ cu=$(ls -d "$PWD"/$venv/lib/python3*/site-packages/nvidia/cu13)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for k in kernels/*.cu; do
-  "$cu/bin/nvcc" -arch="$arch" -cubin -Xptxas -v -I kernels -I "$cu/include" "$k" -o "$out/k.cubin" 2>&1 |
-    grep -E "Compiling entry|Used|spill" | paste - - - |
+  if ! log=$("$cu/bin/nvcc" -arch="$arch" -cubin -Xptxas -v -I kernels -I "$cu/include" "$k" -o "$out/k.cubin" 2>&1); then
+    echo "$k does not compile for $arch:" >&2
+    echo "$log" | grep -E "error" >&2
+    exit 1
+  fi
+  echo "$log" | grep -E "Compiling entry|Used|spill" | paste - - - |
     sed -E "s/ptxas info *: //g; s/Compiling entry function '([a-z0-9_]+)' for '$arch'/\1/; s/Function properties for [a-z0-9_]+//" |
     awk -F'\t' '{printf "%-24s %s |%s\n", $1, $3, $2}'
 done

@@ -2,7 +2,10 @@
 // double-precision reference, launched exactly as src/backend/cuda/flash_attn.rs launches them,
 // over the shapes that exercise its edges: head_dim 64 and 128, lengths that are not multiples of
 // the 64-row tiles, a KV cache longer than its valid part (NaN beyond it must never leak),
-// decoding offsets (q_pos0 > 0), and grouped queries (1, 2 and 4 query heads per KV head).
+// decoding offsets (q_pos0 > 0), grouped queries (1, 2 and 4 query heads per KV head), and enough
+// tiles per block that the cp.async pipelines refill each buffer more than once. Copies land at their
+// wait, then (last two shapes) at their issue: a tile read too early, or a buffer refilled while
+// still read, shows up as an error.
 #include "flash_attn.cu"
 
 #include <algorithm>
@@ -47,7 +50,8 @@ static void run(Shape s, unsigned seed) {
             flash_attn_fwd_d128(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride,
                                 s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
-    emulated_launch({(unsigned)((s.q_len + 63) / 64), (unsigned)s.n_head, (unsigned)s.batch}, {128, 1, 1}, fwd);
+    // Grids as the launcher orders them: (head, batch, query block) and (KV head, batch, key block).
+    emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (unsigned)((s.q_len + 63) / 64)}, {128, 1, 1}, fwd);
 
     // Reference in double: causal softmax attention, then its gradients.
     const int group = s.n_head / s.n_kv_head;
@@ -108,7 +112,7 @@ static void run(Shape s, unsigned seed) {
                                 k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
                                 scale);
     };
-    emulated_launch({(unsigned)((s.kv_len + 63) / 64), (unsigned)s.n_kv_head, (unsigned)s.batch}, {128, 1, 1}, bwd);
+    emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + 63) / 64)}, {128, 1, 1}, bwd);
 
     auto rows_of = [](const std::vector<B16>& x) {
         std::vector<double> r(x.size());
@@ -137,5 +141,12 @@ int main() {
     run({1, 70, 150, 160, 80, 4, 1, 128}, 2);   // chunked prefill at an offset, groups of 4
     run({1, 1, 64, 128, 63, 2, 2, 64}, 3);      // one decoded token
     run({1, 5, 200, 256, 195, 4, 2, 64}, 5);    // a few tokens at the end of a long cache
+    run({1, 192, 192, 192, 0, 4, 1, 64}, 8);    // whole tiles, unmasked tiles in both directions
+    run({1, 130, 130, 130, 0, 4, 2, 128}, 9);   // head_dim 128's one-stage backward over several heads
+    // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
+    emulated_cp_async_eager = true;
+    std::printf("cp.async landing at issue:\n");
+    run({1, 192, 192, 192, 0, 4, 1, 64}, 10);
+    run({1, 130, 130, 130, 0, 4, 2, 128}, 11);
     return emulated_failures ? 1 : 0;
 }

@@ -26,10 +26,25 @@ use half::bf16;
 const BR: usize = 64;
 const BC: usize = 64;
 
-/// Dynamic shared memory of the backward kernel (mirrors the layout in the source).
-pub fn bwd_shared_bytes(head_dim: usize) -> usize {
-    let ks = head_dim + 8;
-    2 * (2 * BC * ks + 2 * BR * ks) + 2 * BC * (BR + 8) + 4 * 2 * BR
+/// Dynamic shared memory of the forward kernel: two stages of a K and a V tile (rows padded by 8).
+fn fwd_shared_bytes(head_dim: usize) -> usize {
+    2 * 2 * BC * (head_dim + 8) * 2
+}
+
+/// Query tiles the backward keeps in flight (mirrors `STAGES` in the source).
+fn bwd_stages(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Dynamic shared memory of the backward kernel (mirrors the layout in the source): K and V tiles,
+/// a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
+fn bwd_shared_bytes(head_dim: usize) -> usize {
+    let (ks, stages) = (head_dim + 8, bwd_stages(head_dim));
+    2 * (2 * BC * ks + stages * 2 * BR * ks + BC * (BR + 8)) + 4 * stages * 2 * BR
 }
 
 /// The kernels index without bounds checks, so every shape and buffer length is checked here.
@@ -93,11 +108,14 @@ pub fn forward(
         return Ok(());
     }
     let f = gpu.function(&format!("flash_attn_fwd_{d}"))?;
+    let smem = fwd_shared_bytes(s.head_dim);
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
+    // Query blocks in the slowest grid dimension: the kernel runs the last (heaviest) ones first.
     let cfg = LaunchConfig {
-        grid_dim: (s.q_len.div_ceil(BR) as u32, s.n_head as u32, s.batch as u32),
+        grid_dim: (s.n_head as u32, s.batch as u32, s.q_len.div_ceil(BR) as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     };
     // SAFETY: argument order and types match the kernel; buffers hold AttnShape's sizes.
     unsafe { gpu.stream.launch_builder(f).arg(out).arg(lse).arg(q).arg(k).arg(v).push_shape(&shape_args).launch(cfg) }?;
@@ -150,14 +168,19 @@ pub fn backward(
     let smem = bwd_shared_bytes(s.head_dim);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
+    // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {
-        grid_dim: (s.kv_len.div_ceil(BC) as u32, s.n_kv_head as u32, s.batch as u32),
+        grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(BC) as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: as above; dk/dv rows past kv_len are left untouched, so zero them first.
-    st.memset_zeros(dk)?;
-    st.memset_zeros(dv)?;
+    // The kernel writes every dK/dV row below kv_len; a cache's rows past it, and anything past
+    // the shape, must still read as zero gradients.
+    if s.kv_len < s.kv_stride || dk.len() > s.kv_elems() || dv.len() > s.kv_elems() {
+        st.memset_zeros(dk)?;
+        st.memset_zeros(dv)?;
+    }
+    // SAFETY: as above.
     unsafe {
         st.launch_builder(f)
             .arg(&mut dq_acc)

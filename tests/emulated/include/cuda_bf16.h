@@ -158,6 +158,45 @@ inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool tra
     emulated_warp_sync();
 }
 
+// cp.async (global → shared, sm_80), in one of two modes that between them bracket the hardware:
+// deferred (the default), where a thread's copies land only at its wait, so a kernel that reads a
+// tile before waiting for it sees the buffer's old contents (the previous tile, or the 0xA5
+// poison); and eager, where they land at once, so a kernel that refills a buffer other warps are
+// still reading corrupts their tile. Either mistake then fails a test instead of passing by luck.
+inline bool emulated_cp_async_eager = false;
+struct EmulatedCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+    bool valid;  // false: zero-fill, nothing read (src-size 0)
+};
+inline thread_local std::vector<EmulatedCopy> emulated_uncommitted;
+inline thread_local std::vector<EmulatedCopy> emulated_committed;
+inline void emulated_cp_async(void* dst, const void* src, int bytes, bool valid) {
+    if (emulated_cp_async_eager) {
+        if (valid)
+            std::memcpy(dst, src, bytes);
+        else
+            std::memset(dst, 0, bytes);
+        return;
+    }
+    emulated_uncommitted.push_back({dst, src, bytes, valid});
+}
+inline void emulated_cp_async_commit() {
+    emulated_committed.insert(emulated_committed.end(), emulated_uncommitted.begin(), emulated_uncommitted.end());
+    emulated_uncommitted.clear();
+}
+// cp.async.wait_group 0: every committed group has landed (uncommitted copies have not).
+inline void emulated_cp_async_wait_all() {
+    for (const EmulatedCopy& c : emulated_committed) {
+        if (c.valid)
+            std::memcpy(c.dst, c.src, c.bytes);
+        else
+            std::memset(c.dst, 0, c.bytes);
+    }
+    emulated_committed.clear();
+}
+
 // Runs `body` for every block of `grid`, each with `block.x` threads. Shared memory starts as garbage.
 inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::function<void()>& body) {
     gridDim = grid;
@@ -180,6 +219,11 @@ inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::fu
                         blockIdx.y = by;
                         blockIdx.z = bz;
                         body();
+                        if (!emulated_committed.empty() || !emulated_uncommitted.empty()) {
+                            std::fprintf(stderr, "block (%u,%u,%u) thread %d exited with cp.async copies not waited for\n",
+                                         bx, by, bz, t);
+                            std::abort();
+                        }
                         ctx.block->arrive_and_drop();
                         ctx.warp[t >> 5]->arrive_and_drop();
                     });
