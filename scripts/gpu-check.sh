@@ -77,6 +77,7 @@ if out=$(timeout 180 "$KILN" bench train --preset tinyllama-1.1b --batch 8 --seq
   row "kiln TinyLlama-1.1B MFU" "$(echo "$out" | grep '^MFU' | sed 's/^MFU *//')"
   row "kiln TinyLlama-1.1B memory" "$(echo "$out" | grep '^memory' | sed 's/^memory *//')"
   row "kiln bf16 GEMM 8192^3" "$(echo "$out" | grep '^bf16 GEMM' | grep -o '[0-9]* TFLOP/s')"
+  row "kiln GEMM autotune" "$(echo "$out" | grep '^GEMM autotune' | sed 's/^GEMM autotune *//')"
   row "kiln step profile (top 3)" "$(echo "$out" | grep -A3 '^profile' | tail -3 | awk '{$1=$1};1' | paste -sd ';')"
 else
   echo "$out"; row "kiln TinyLlama-1.1B step" "FAILED"; status=1

@@ -57,6 +57,24 @@ fn gemm_ceiling(gpu: &Gpu) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64())
 }
 
+/// What timing cuBLASLt's candidates bought over its heuristic's first choice, each shape of the
+/// step counted once.
+fn tuning_line(tuned: &[crate::backend::cuda::gemm::Tuned]) -> String {
+    if tuned.is_empty() {
+        return "off (KILN_GEMM_AUTOTUNE=0, or one candidate per shape)".into();
+    }
+    let changed = tuned.iter().filter(|t| t.chosen != 0).count();
+    // A first choice that failed to run has no time to compare against.
+    let timed = tuned.iter().filter(|t| t.first_ms.is_finite());
+    let (first, best) = timed.fold((0.0f32, 0.0f32), |(f, b), t| (f + t.first_ms, b + t.best_ms));
+    format!(
+        "{} shapes, {changed} faster with another candidate than cuBLASLt's first choice; \
+         one GEMM of each shape: {first:.2} ms -> {best:.2} ms ({:+.1}%)",
+        tuned.len(),
+        100.0 * (best - first) / first
+    )
+}
+
 struct StepTiming {
     secs_per_step: f64,
     loss: f32,
@@ -268,6 +286,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 ),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            lines.push(("GEMM autotune".into(), tuning_line(&b.gemm_tuning())));
             // One model on the card at a time.
             drop(model);
             if a.profile {

@@ -61,6 +61,11 @@ impl Cuda {
         &self.gpu
     }
 
+    /// What timing chose for each GEMM shape seen so far (see `gemm.rs`).
+    pub fn gemm_tuning(&self) -> Vec<super::gemm::Tuned> {
+        self.blas.tuning()
+    }
+
     /// Kiln's buffers and the whole device, as the driver reports it.
     pub fn device_memory(&self) -> Result<CudaMemory> {
         self.gpu.ctx.bind_to_thread()?;

@@ -5,7 +5,11 @@
 //! cuBLASLt is column-major and kiln is row-major. A row-major `X[r, c]` is, byte for byte, the
 //! column-major `Xᵀ[c, r]`, so `out = op(a) · op(b)` is computed as `outᵀ = op(b)ᵀ · op(a)ᵀ`:
 //! cuBLAS's `A` is kiln's `b`, its `B` is kiln's `a`, and the transposes carry over unchanged.
-//! Each distinct shape gets a plan (descriptors plus the heuristic's algorithm) once, then reuses it.
+//! Each distinct shape gets a plan (descriptors plus an algorithm) once, then reuses it. The
+//! algorithm is chosen by timing: cuBLASLt's heuristic ranks candidates from a model of the card,
+//! and its first choice is not always the fastest (PyTorch takes it untimed), so the first GEMM of
+//! each shape runs the top [`CANDIDATES`] on the real operands and keeps the fastest.
+//! `KILN_GEMM_AUTOTUNE=0` takes the heuristic's first choice instead, for comparison.
 
 use super::device::{Elem, Gpu};
 use crate::backend::Gemm;
@@ -18,8 +22,14 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
+/// Candidates timed per new shape: enough to cover the heuristic's usual near-misses (tile shape,
+/// split-K, swizzle), few enough that tuning every shape of a step costs well under a second.
+const CANDIDATES: usize = 8;
+/// Timed runs per candidate, after one untimed run.
+const TIMED_RUNS: usize = 3;
+
 /// Result types a GEMM may write.
-pub trait GemmOut: Elem {
+pub trait GemmOut: Elem + cudarc::driver::ValidAsZeroBits {
     const DATA_TYPE: sys::cudaDataType;
 }
 impl GemmOut for bf16 {
@@ -29,8 +39,8 @@ impl GemmOut for f32 {
     const DATA_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_32F;
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct PlanKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlanKey {
     m: usize,
     n: usize,
     k: usize,
@@ -39,13 +49,38 @@ struct PlanKey {
     out_type: i32,
 }
 
+impl PlanKey {
+    fn of<O: GemmOut>(g: Gemm) -> PlanKey {
+        PlanKey {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            out_type: if O::DATA_TYPE == sys::cudaDataType::CUDA_R_32F { 0 } else { 1 },
+        }
+    }
+}
+
 /// Descriptors and the chosen algorithm for one shape; destroyed with the plan.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     c: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates, best-ranked first; the plan runs `candidates[chosen]`.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    chosen: usize,
+}
+
+/// What timing found for one shape: the heuristic's first choice against the fastest candidate.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuned {
+    pub shape: PlanKey,
+    pub candidates: usize,
+    pub chosen: usize,
+    pub first_ms: f32,
+    pub best_ms: f32,
 }
 
 impl Drop for Plan {
@@ -65,6 +100,8 @@ pub struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<PlanKey, Plan>>,
+    autotune: bool,
+    tuned: Mutex<Vec<Tuned>>,
 }
 
 // SAFETY: the handle and the descriptors are only used under `plans`' lock or from the one stream
@@ -100,7 +137,13 @@ impl Blas {
         let (major, _) = gpu.ctx.compute_capability()?;
         let bytes = if major >= 9 { 32 << 20 } else { 4 << 20 };
         let workspace = gpu.stream.alloc_zeros::<u8>(bytes)?;
-        Ok(Blas { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        let autotune = std::env::var("KILN_GEMM_AUTOTUNE").map_or(true, |v| v != "0");
+        Ok(Blas { handle, workspace, plans: Mutex::new(HashMap::new()), autotune, tuned: Mutex::new(Vec::new()) })
+    }
+
+    /// Every shape timed so far, in the order first seen.
+    pub fn tuning(&self) -> Vec<Tuned> {
+        self.tuned.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
     fn plan(&self, key: PlanKey) -> Result<Plan> {
@@ -114,7 +157,7 @@ impl Blas {
         let a = if trans_b { layout(bf, n, k)? } else { layout(bf, k, n)? };
         let b = if trans_a { layout(bf, k, m)? } else { layout(bf, m, k)? };
         let c = layout(out_type, m, n)?;
-        let mut plan = Plan { desc, a, b, c, algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
+        let mut plan = Plan { desc, a, b, c, candidates: Vec::new(), chosen: 0 };
         let attr = |which, v: &i32| {
             // SAFETY: the descriptor is live; the attribute takes one 32-bit cublasOperation_t.
             unsafe {
@@ -131,21 +174,141 @@ impl Blas {
             .map_err(|e| anyhow!("cuBLASLt transpose attributes: {e}"))?;
         let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e}"))?;
         let ws = self.workspace.len() as u64;
-        // SAFETY: live descriptors; the attribute is a u64 byte count; `pref` is destroyed below.
-        let heuristic = unsafe {
+        let wanted = if self.autotune { CANDIDATES } else { 1 };
+        // SAFETY: a zeroed heuristic result is a valid bit pattern (plain integers and arrays).
+        let mut results = vec![unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() }; wanted];
+        let mut found = 0i32;
+        // SAFETY: live descriptors; the attribute is a u64 byte count; `results` holds `wanted`
+        // entries and cuBLASLt writes at most that many; `pref` is destroyed below.
+        let status = unsafe {
             let r = lt::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &ws as *const u64 as *const c_void,
                 std::mem::size_of::<u64>(),
             )
-            .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref));
+            .map(|_| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    pref,
+                    wanted as i32,
+                    results.as_mut_ptr(),
+                    &mut found,
+                )
+            });
             let _ = lt::destroy_matmul_pref(pref);
             r
         };
-        let h = heuristic.map_err(|e| anyhow!("cuBLASLt has no algorithm for a {m}x{n}x{k} bf16 GEMM ({e})"))?;
-        plan.algo = h.algo;
+        let ok = sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let status = status.map_err(|e| anyhow!("cuBLASLt preference: {e}"))?;
+        plan.candidates = results
+            .iter()
+            .take(found.max(0) as usize)
+            .filter(|r| r.state == ok && r.workspaceSize <= self.workspace.len())
+            .map(|r| r.algo)
+            .collect();
+        if status != ok || plan.candidates.is_empty() {
+            bail!("cuBLASLt has no algorithm for a {m}x{n}x{k} bf16 GEMM ({status:?})");
+        }
         Ok(plan)
+    }
+
+    /// Runs `plan` with candidate `which`: `out = alpha·op(a)·op(b) + beta·out`, on the stream.
+    #[allow(clippy::too_many_arguments)]
+    fn launch<O: GemmOut>(
+        &self,
+        gpu: &Gpu,
+        plan: &Plan,
+        which: usize,
+        out: &mut CudaSlice<O>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0f32 });
+        let s = &gpu.stream;
+        let (pa, _ra) = a.device_ptr(s);
+        let (pb, _rb) = b.device_ptr(s);
+        let (po, _ro) = out.device_ptr_mut(s);
+        let (pw, _rw) = self.workspace.device_ptr(s);
+        // SAFETY: the plan's layouts match these buffers (sizes checked by `matmul`); cuBLAS's A
+        // is kiln's b and its B is kiln's a (see the module comment); C and D alias, which
+        // cuBLASLt allows when their layouts are equal; the workspace is only used on this stream.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                pb as *const c_void,
+                plan.a,
+                pa as *const c_void,
+                plan.b,
+                po as *const c_void,
+                plan.c,
+                po as *mut c_void,
+                plan.c,
+                &plan.candidates[which],
+                pw as *mut c_void,
+                self.workspace.len(),
+                s.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt matmul {}x{}x{}: {e}", g.m, g.n, g.k))
+    }
+
+    /// Times every candidate of a new plan on the real operands and picks the fastest. Trials
+    /// write `out` when the GEMM overwrites it anyway, else a scratch copy of its shape, so an
+    /// accumulating GEMM's target is untouched. A candidate that fails to run is skipped.
+    fn tune<O: GemmOut>(
+        &self,
+        gpu: &Gpu,
+        plan: &mut Plan,
+        out: &mut CudaSlice<O>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<()> {
+        if plan.candidates.len() < 2 {
+            return Ok(());
+        }
+        let mut scratch = if g.accumulate { Some(gpu.stream.alloc_zeros::<O>(g.m * g.n)?) } else { None };
+        let target = scratch.as_mut().unwrap_or(out);
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (gpu.ctx.new_event(timing)?, gpu.ctx.new_event(timing)?);
+        let mut times = Vec::with_capacity(plan.candidates.len());
+        for which in 0..plan.candidates.len() {
+            let mut run = || -> Result<f32> {
+                self.launch(gpu, plan, which, target, a, b, g)?;
+                start.record(&gpu.stream)?;
+                for _ in 0..TIMED_RUNS {
+                    self.launch(gpu, plan, which, target, a, b, g)?;
+                }
+                end.record(&gpu.stream)?;
+                Ok(start.elapsed_ms(&end)? / TIMED_RUNS as f32)
+            };
+            times.push(run().unwrap_or(f32::INFINITY));
+        }
+        gpu.synchronize()?;
+        let best = (0..times.len()).min_by(|&i, &j| times[i].total_cmp(&times[j])).unwrap_or(0);
+        if !times[best].is_finite() {
+            bail!("cuBLASLt: no candidate algorithm runs a {}x{}x{} bf16 GEMM", g.m, g.n, g.k);
+        }
+        plan.chosen = best;
+        let tuned = Tuned {
+            shape: PlanKey::of::<O>(g),
+            candidates: times.len(),
+            chosen: best,
+            first_ms: times[0],
+            best_ms: times[best],
+        };
+        self.tuned.lock().map_err(|_| anyhow!("GEMM tuning record poisoned"))?.push(tuned);
+        Ok(())
     }
 
     /// `out (+)= op(a) · op(b)` per `g` (see [`Gemm`]), bf16 operands, f32 accumulation.
@@ -172,49 +335,16 @@ impl Blas {
             return Ok(());
         }
         gpu.ctx.bind_to_thread()?;
-        let key = PlanKey {
-            m: g.m,
-            n: g.n,
-            k: g.k,
-            trans_a: g.trans_a,
-            trans_b: g.trans_b,
-            out_type: if O::DATA_TYPE == sys::cudaDataType::CUDA_R_32F { 0 } else { 1 },
-        };
+        let key = PlanKey::of::<O>(g);
         let mut plans = self.plans.lock().map_err(|_| anyhow!("cuBLASLt plan cache poisoned"))?;
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut plan = self.plan(key)?;
+                self.tune(gpu, &mut plan, out, a, b, g)?;
+                e.insert(plan)
+            }
         };
-        let plan = &*plan;
-        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0f32 });
-        let s = &gpu.stream;
-        let (pa, _ra) = a.device_ptr(s);
-        let (pb, _rb) = b.device_ptr(s);
-        let (po, _ro) = out.device_ptr_mut(s);
-        let (pw, _rw) = self.workspace.device_ptr(s);
-        // SAFETY: the plan's layouts match these buffers (sizes checked above); cuBLAS's A is
-        // kiln's b and its B is kiln's a (see the module comment); C and D alias, which cuBLASLt
-        // allows when their layouts are equal; the workspace is only used on this stream.
-        unsafe {
-            lt::matmul(
-                self.handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                pb as *const c_void,
-                plan.a,
-                pa as *const c_void,
-                plan.b,
-                po as *const c_void,
-                plan.c,
-                po as *mut c_void,
-                plan.c,
-                &plan.algo,
-                pw as *mut c_void,
-                self.workspace.len(),
-                s.cu_stream() as sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| anyhow!("cuBLASLt matmul {}x{}x{}: {e}", g.m, g.n, g.k))
+        self.launch(gpu, plan, plan.chosen, out, a, b, g)
     }
 }
