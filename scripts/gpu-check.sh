@@ -110,6 +110,25 @@ else
   echo "$out"; row "kiln FSDP, 1 GPU (NCCL)" "FAILED"; status=1
 fi
 
+# Last of all, as a check the emulator cannot make on real hardware: compute-sanitizer (which
+# works on the Firecracker GPU machines) looks for shared-memory races and bad accesses in the
+# FlashAttention-2 test's kernels. Skipped where the tool is missing.
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer "$SITE"/nvidia/*/bin/compute-sanitizer 2>/dev/null | head -1)
+gpu_bin=$BIN/gpu
+[ -x "$gpu_bin" ] || gpu_bin=$(ls -t target/release/deps/gpu-* 2>/dev/null | grep -v '\.d$' | head -1)
+if [ -n "$san" ] && [ -n "$gpu_bin" ]; then
+  for tool in racecheck memcheck; do
+    echo "== compute-sanitizer --tool $tool ($gpu_bin flash_attention)"
+    if timeout 150 "$san" --tool $tool --error-exitcode 3 "$gpu_bin" flash_attention --test-threads=1 2>&1 | tee "$LIBS/san-$tool.log" | tail -25; then
+      row "sanitizer $tool (attention)" "clean"
+    else
+      row "sanitizer $tool (attention)" "FAILED or cut short (see the log above)"; status=1
+    fi
+  done
+else
+  row "compute-sanitizer" "skipped (not found)"
+fi
+
 echo
 echo "== summary"
 printf '%s\n' "${rows[@]}"
