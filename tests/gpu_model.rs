@@ -46,6 +46,17 @@ fn cublaslt_gemm_in_every_transposition_and_output_type() {
             c.matmul(&mut out, &ga, &gb, g).unwrap();
             assert_close(&c.download(&out).unwrap(), &want, 1e-5, &format!("f32 out {g:?}"));
         }
+        // A residual block's output: C read from another buffer, which must stay as it was.
+        let g = Gemm { m, n, k, trans_a, trans_b, accumulate: false };
+        let (a, b) = (bf(&randn(m * k, 40 + i as u64, 1.0)), bf(&randn(k * n, 50 + i as u64, 1.0)));
+        let residual = bf(&randn(m * n, 60 + i as u64, 1.0));
+        let mut want = residual.clone();
+        cpu.matmul(&mut want, &a, &b, g.accumulating()).unwrap();
+        let (ga, gb, gr) = (c.upload(&a).unwrap(), c.upload(&b).unwrap(), c.upload(&residual).unwrap());
+        let mut out = c.upload(&vec![f32::NAN; m * n]).unwrap();
+        c.matmul_residual(&mut out, &gr, &ga, &gb, g).unwrap();
+        assert_close(&c.download(&out).unwrap(), &want, 1e-2, &format!("residual out {g:?}"));
+        assert_eq!(c.download(&gr).unwrap(), residual, "the residual is read, not written");
     }
 }
 

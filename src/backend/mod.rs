@@ -184,6 +184,21 @@ pub trait Backend: Send + Sync + 'static {
     // ---- ops ----
     fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;
 
+    /// `out = residual + op(a) · op(b)` (a residual block's output; `g.accumulate` is implied).
+    /// By default a copy and an accumulating GEMM; a backend whose GEMM reads its addend from
+    /// another buffer (cuBLASLt's C ≠ D) saves the copy's pass over `out`.
+    fn matmul_residual(
+        &self,
+        out: &mut Self::Buf,
+        residual: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        g: Gemm,
+    ) -> Result<()> {
+        self.copy(out, 0, residual, 0, g.m * g.n)?;
+        self.matmul(out, a, b, g.accumulating())
+    }
+
     /// `out[r] = table[ids[r]]`, rows of width `d`. Ids are checked by the caller.
     fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], d: usize) -> Result<()>;
     /// `dtable[ids[r]] += dout[r]`.

@@ -252,15 +252,13 @@ impl<B: Backend> Llama<B> {
                 b.attention_forward(&mut a.att, &mut a.lse, &a.q, k, v, shape)?;
             }
         }
-        b.copy(&mut a.x_mid, 0, x_in, 0, rows * d)?;
-        b.matmul(&mut a.x_mid, &a.att, &w.o_proj, Gemm::linear(rows, qd, d).accumulating())?;
+        b.matmul_residual(&mut a.x_mid, x_in, &a.att, &w.o_proj, Gemm::linear(rows, qd, d))?;
 
         b.rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, rows, d, eps)?;
         b.matmul(&mut a.gate, &a.ln2, &w.gate_proj, Gemm::linear(rows, d, ff))?;
         b.matmul(&mut a.up, &a.ln2, &w.up_proj, Gemm::linear(rows, d, ff))?;
         b.swiglu_forward(&mut a.act, &a.gate, &a.up)?;
-        b.copy(x_out, 0, &a.x_mid, 0, rows * d)?;
-        b.matmul(x_out, &a.act, &w.down_proj, Gemm::linear(rows, ff, d).accumulating())?;
+        b.matmul_residual(x_out, &a.x_mid, &a.act, &w.down_proj, Gemm::linear(rows, ff, d))?;
         Ok(())
     }
 

@@ -238,6 +238,17 @@ impl Backend for Cuda {
         }
     }
 
+    fn matmul_residual(&self, out: &mut CudaBuf, residual: &CudaBuf, a: &CudaBuf, b: &CudaBuf, g: Gemm) -> Result<()> {
+        let (a, b) = (a.bf16("matmul operand")?, b.bf16("matmul operand")?);
+        match (&mut out.data, &residual.data) {
+            (Data::F32(o), Data::F32(r)) => self.blas.matmul_residual(&self.gpu, o, r, a, b, g),
+            _ => {
+                let r = residual.bf16("matmul residual")?;
+                self.blas.matmul_residual(&self.gpu, out.bf16_mut("matmul result")?, r, a, b, g)
+            }
+        }
+    }
+
     fn embedding_forward(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], d: usize) -> Result<()> {
         if ids.len() * d > out.len() {
             bail!("embedding: {} ids of width {d} do not fit {} values", ids.len(), out.len());

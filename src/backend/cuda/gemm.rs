@@ -218,7 +218,8 @@ impl Blas {
         Ok(plan)
     }
 
-    /// Runs `plan` with candidate `which`: `out = alpha·op(a)·op(b) + beta·out`, on the stream.
+    /// Runs `plan` with candidate `which`: `out = op(a)·op(b) + beta·C` on the stream, where C is
+    /// `addend` when given (`beta = 1`), else `out` itself (`beta = 1` when accumulating, else 0).
     #[allow(clippy::too_many_arguments)]
     fn launch<O: GemmOut>(
         &self,
@@ -226,19 +227,24 @@ impl Blas {
         plan: &Plan,
         which: usize,
         out: &mut CudaSlice<O>,
+        addend: Option<&CudaSlice<O>>,
         a: &CudaSlice<bf16>,
         b: &CudaSlice<bf16>,
         g: Gemm,
     ) -> Result<()> {
-        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0f32 });
+        let accumulate = g.accumulate || addend.is_some();
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         let s = &gpu.stream;
         let (pa, _ra) = a.device_ptr(s);
         let (pb, _rb) = b.device_ptr(s);
+        let addend = addend.map(|c| c.device_ptr(s));
         let (po, _ro) = out.device_ptr_mut(s);
+        let pc = addend.as_ref().map_or(po, |(p, _)| *p);
         let (pw, _rw) = self.workspace.device_ptr(s);
-        // SAFETY: the plan's layouts match these buffers (sizes checked by `matmul`); cuBLAS's A
-        // is kiln's b and its B is kiln's a (see the module comment); C and D alias, which
-        // cuBLASLt allows when their layouts are equal; the workspace is only used on this stream.
+        // SAFETY: the plan's layouts match these buffers (sizes checked by `matmul_into`); cuBLAS's
+        // A is kiln's b and its B is kiln's a (see the module comment); C is `addend` or aliases D,
+        // which cuBLASLt allows when their layouts are equal (they share `plan.c`); the workspace
+        // is only used on this stream.
         unsafe {
             lt::matmul(
                 self.handle,
@@ -249,7 +255,7 @@ impl Blas {
                 plan.a,
                 pa as *const c_void,
                 plan.b,
-                po as *const c_void,
+                pc as *const c_void,
                 plan.c,
                 po as *mut c_void,
                 plan.c,
@@ -284,10 +290,10 @@ impl Blas {
         let mut times = Vec::with_capacity(plan.candidates.len());
         for which in 0..plan.candidates.len() {
             let mut run = || -> Result<f32> {
-                self.launch(gpu, plan, which, target, a, b, g)?;
+                self.launch(gpu, plan, which, target, None, a, b, g)?;
                 start.record(&gpu.stream)?;
                 for _ in 0..TIMED_RUNS {
-                    self.launch(gpu, plan, which, target, a, b, g)?;
+                    self.launch(gpu, plan, which, target, None, a, b, g)?;
                 }
                 end.record(&gpu.stream)?;
                 Ok(start.elapsed_ms(&end)? / TIMED_RUNS as f32)
@@ -320,6 +326,34 @@ impl Blas {
         b: &CudaSlice<bf16>,
         g: Gemm,
     ) -> Result<()> {
+        self.matmul_into(gpu, out, None, a, b, g)
+    }
+
+    /// `out = residual + op(a) · op(b)` in one pass: cuBLASLt reads C from `residual`.
+    pub fn matmul_residual<O: GemmOut>(
+        &self,
+        gpu: &Gpu,
+        out: &mut CudaSlice<O>,
+        residual: &CudaSlice<O>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<()> {
+        if residual.len() < g.m * g.n {
+            bail!("matmul {}x{}x{}: a residual of {} values is too small", g.m, g.n, g.k, residual.len());
+        }
+        self.matmul_into(gpu, out, Some(residual), a, b, g.accumulating())
+    }
+
+    fn matmul_into<O: GemmOut>(
+        &self,
+        gpu: &Gpu,
+        out: &mut CudaSlice<O>,
+        addend: Option<&CudaSlice<O>>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<()> {
         if a.len() < g.m * g.k || b.len() < g.k * g.n || out.len() < g.m * g.n {
             bail!(
                 "matmul {}x{}x{}: buffers of {}, {} and {} values are too small",
@@ -345,6 +379,6 @@ impl Blas {
                 e.insert(plan)
             }
         };
-        self.launch(gpu, plan, plan.chosen, out, a, b, g)
+        self.launch(gpu, plan, plan.chosen, out, addend, a, b, g)
     }
 }
