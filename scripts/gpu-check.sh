@@ -64,7 +64,7 @@ done
 for hd in 64 128; do
   echo "== kiln bench attention --head-dim $hd"
   if out=$(timeout 60 "$KILN" bench attention --head-dim $hd 2>&1); then
-    echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep -o '[0-9]* TFLOP/s')"
+    echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$out" | grep '^ *forward' | grep -o '[0-9]* TFLOP/s') fwd, $(echo "$out" | grep '^ *backward' | grep -o '[0-9]* TFLOP/s') bwd)"
   else
     echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1
   fi

@@ -47,21 +47,28 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         st.alloc_zeros::<bf16>(s.kv_elems())?,
         st.alloc_zeros::<bf16>(s.kv_elems())?,
     );
-    let mut once = || -> Result<()> {
+    let iters = a.iters.max(1);
+    // Seconds per call of `f` after three untimed calls, the GPU drained on both ends.
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        gpu.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    };
+    let fwd_secs = timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s))?;
+    let secs = timed(&mut || {
         flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s)?;
         flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)
-    };
-    for _ in 0..3 {
-        once()?;
-    }
-    gpu.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..a.iters.max(1) {
-        once()?;
-    }
-    gpu.synchronize()?;
-    let secs = t.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+    })?;
+    let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
     let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
+    let rate = |flops: f64, secs: f64| format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
     Ok(vec![
         ("device".into(), format!("{} ({})", gpu.name, gpu.arch)),
         (
@@ -71,6 +78,8 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
                 s.batch, s.q_len, s.n_head, s.n_kv_head, s.head_dim
             ),
         ),
-        ("flash-attn fwd+bwd".into(), format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, 3.5 * fwd_flops / secs / 1e12)),
+        ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
+        ("  forward".into(), rate(fwd_flops, fwd_secs)),
+        ("  backward (delta, dQ cast incl.)".into(), rate(2.5 * fwd_flops, bwd_secs)),
     ])
 }
