@@ -180,7 +180,8 @@ pub fn backward(
         st.memset_zeros(dk)?;
         st.memset_zeros(dv)?;
     }
-    // SAFETY: as above.
+    // SAFETY: argument order and types match the kernel; every buffer holds at least the sizes of
+    // `s` (checked above), and dQ's f32 accumulator was zeroed at allocation.
     unsafe {
         st.launch_builder(f)
             .arg(&mut dq_acc)
