@@ -525,7 +525,12 @@ extern "C" __global__ void flash_attn_bwd_delta(float* delta, const bf16* dout, 
     if (w >= rows_total) return;  // rows_total = batch · q_len · n_head, ordered like q
     const long base = w * head_dim;
     float acc = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) acc += to_f32(dout[base + d]) * to_f32(out[base + d]);
+    // Pairs (head_dim is even): one 4-byte load per lane and tensor covers 64 values.
+    for (int d = 2 * lane; d < head_dim; d += 64) {
+        const __nv_bfloat162 g = *reinterpret_cast<const __nv_bfloat162*>(dout + base + d);
+        const __nv_bfloat162 o = *reinterpret_cast<const __nv_bfloat162*>(out + base + d);
+        acc += to_f32(g.x) * to_f32(o.x) + to_f32(g.y) * to_f32(o.y);
+    }
     acc = warp_sum(acc);
     if (lane == 0) {
         const long h = w % n_head, bi = w / n_head, i = bi % q_len, b = bi / q_len;

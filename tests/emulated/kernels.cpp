@@ -10,6 +10,7 @@
 #include "rope.cu"
 #include "swiglu.cu"
 
+#include <algorithm>
 #include <random>
 
 #include "check.h"
@@ -41,8 +42,9 @@ static std::vector<float> rounded(const std::vector<float>& x) {
 // handles the rest); two blocks here so the stride is exercised too.
 static EmulatedDim3 grid_for(size_t n) { return {(unsigned)std::min<size_t>((n + 255) / 256, 2), 1, 1}; }
 
-static void rmsnorm() {
-    const int rows = 70, d = 300;
+// d = 300 takes the generic kernels; d = 2048 (8 values × 256 threads) the bf16 16-byte path.
+static void rmsnorm(const int rows, const int d) {
+    std::printf("rmsnorm rows %d, d %d\n", rows, d);
     const float eps = 1e-5f;
     auto x = rounded(randn(rows * d, 2)), w = rounded(randn(d, 0.1f)), dy = rounded(randn(rows * d));
     for (auto& v : w) v = __bfloat162float(__float2bfloat16_rn(1 + v));
@@ -72,6 +74,7 @@ static void rmsnorm() {
     expect_below("rmsnorm f32 dx (accumulated)", rel_max_err(widen(dx), r_dx), 1e-5);
     expect_below("rmsnorm f32 dw (accumulated)", rel_max_err(widen(dw), r_dw), 1e-5);
     // bf16 storage, f32 statistics and dw
+    // (std::vector's storage is 16-byte aligned, as a GPU allocation is.)
     auto xb = to_bf16(x), wb = to_bf16(w), dyb = to_bf16(dy), dxb = to_bf16(dx0);
     std::vector<B16> outb(rows * d, __float2bfloat16_rn(NAN));
     std::vector<float> dwb(d, 0.5f);
@@ -130,6 +133,45 @@ static void swiglu() {
     expect_below("swiglu f32 out", rel_max_err(widen(out), r_out), 1e-5);
     expect_below("swiglu f32 dgate", rel_max_err(widen(dg), r_dg), 1e-5);
     expect_below("swiglu f32 dup", rel_max_err(widen(du), r_du), 1e-5);
+
+    // bf16: the 16-byte path with a tail (n = 1000 - 3), and everything scalar when misaligned.
+    for (size_t off : {0, 1}) {
+        const size_t m = n - 3 - off;
+        auto gb = to_bf16(g), ub = to_bf16(u), db = to_bf16(dout);
+        std::vector<double> want_out(m), want_dg(m), want_du(m);
+        for (size_t i = 0; i < m; i++) {
+            const double gi = __bfloat162float(gb[off + i]), ui = __bfloat162float(ub[off + i]);
+            const double di = __bfloat162float(db[off + i]), s = 1 / (1 + std::exp(-gi));
+            want_out[i] = gi * s * ui;
+            want_dg[i] = di * ui * s * (1 + gi * (1 - s));
+            want_du[i] = di * gi * s;
+        }
+        // aligned16 looks at the addresses, so give the buffers the alignment a GPU allocation has.
+        alignas(16) static B16 G[1024], U[1024], D[1024], O[1024], DG[1024], DU[1024];
+        std::copy(gb.begin(), gb.end(), G);
+        std::copy(ub.begin(), ub.end(), U);
+        std::copy(db.begin(), db.end(), D);
+        std::fill(O, O + 1024, __float2bfloat16_rn(NAN));
+        std::fill(DG, DG + 1024, __float2bfloat16_rn(NAN));
+        std::fill(DU, DU + 1024, __float2bfloat16_rn(NAN));
+        const EmulatedDim3 grid = grid_for((m + 7) / 8);
+        emulated_launch(grid, {256, 1, 1}, [&] { swiglu_fwd_bf16(O + off, G + off, U + off, (long)m); });
+        emulated_launch(grid, {256, 1, 1},
+                        [&] { swiglu_bwd_bf16(DG + off, DU + off, D + off, G + off, U + off, (long)m); });
+        auto got = [&](const B16* x) {
+            std::vector<double> r(m);
+            for (size_t i = 0; i < m; i++) r[i] = __bfloat162float(x[off + i]);
+            return r;
+        };
+        const char* how = off ? "misaligned, scalar" : "16-byte path + tail";
+        char name[96];
+        std::snprintf(name, sizeof name, "swiglu bf16 out (%s)", how);
+        expect_below(name, rel_max_err(got(O), want_out), 1e-2);
+        std::snprintf(name, sizeof name, "swiglu bf16 dgate (%s)", how);
+        expect_below(name, rel_max_err(got(DG), want_dg), 1e-2);
+        std::snprintf(name, sizeof name, "swiglu bf16 dup (%s)", how);
+        expect_below(name, rel_max_err(got(DU), want_du), 1e-2);
+    }
 }
 
 static void cross_entropy() {
@@ -242,7 +284,8 @@ static void small_ops() {
 }
 
 int main() {
-    rmsnorm();
+    rmsnorm(70, 300);
+    rmsnorm(40, 2048);
     rope();
     swiglu();
     cross_entropy();

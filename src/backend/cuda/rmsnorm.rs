@@ -11,9 +11,18 @@ pub const KERNEL: Kernel = Kernel {
     entries: &["rmsnorm_fwd_f32", "rmsnorm_fwd_bf16", "rmsnorm_bwd_f32", "rmsnorm_bwd_bf16"],
 };
 
-const THREADS: u32 = 256;
 /// Rows one backward block handles: fewer atomics on `dw`, enough blocks to fill the GPU.
 const ROWS_PER_BLOCK: usize = 32;
+
+/// Threads per row: d/8 when d is a multiple of 256 (at most 8192), which puts the bf16 kernels
+/// on their 16-byte path (one chunk of 8 values per thread, the row read once); else 256.
+fn threads_for(d: usize) -> u32 {
+    if d.is_multiple_of(256) && d / 8 <= 1024 {
+        (d / 8) as u32
+    } else {
+        256
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Elem>(
@@ -28,7 +37,7 @@ pub fn forward<T: Elem>(
 ) -> Result<()> {
     let f = gpu.function(&format!("rmsnorm_fwd_{}", T::SUFFIX))?;
     let d32 = d as i32;
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads_for(d), 1, 1), shared_mem_bytes: 0 };
     // SAFETY: argument order and types match the kernel; sizes are the caller's [rows, d].
     unsafe { gpu.stream.launch_builder(f).arg(out).arg(rstd).arg(x).arg(w).arg(&d32).arg(&eps).launch(cfg) }?;
     Ok(())
@@ -56,7 +65,7 @@ pub fn backward<T: Elem>(
     let (rows32, d32, per) = (rows as i32, d as i32, ROWS_PER_BLOCK as i32);
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads_for(d), 1, 1),
         shared_mem_bytes: (d * 4) as u32,
     };
     // SAFETY: as above; the dynamic shared memory holds one f32 per column.

@@ -1,4 +1,4 @@
-//! Launcher for `kernels/swiglu.cu`: SwiGLU forward and backward.
+//! Launcher for `kernels/swiglu.cu`: SwiGLU forward and backward (bf16: eight values per thread).
 
 use super::device::{elementwise_config, Elem, Gpu};
 use super::kernels::Kernel;
@@ -17,8 +17,9 @@ pub fn forward<T: Elem>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &CudaSlice<T>, 
     }
     let f = gpu.function(&format!("swiglu_fwd_{}", T::SUFFIX))?;
     let n = out.len() as i64;
+    let cfg = elementwise_config((n as usize).div_ceil(T::PER_THREAD));
     // SAFETY: argument order and types match the kernel; all three hold n values.
-    unsafe { gpu.stream.launch_builder(f).arg(out).arg(gate).arg(up).arg(&n).launch(elementwise_config(n as usize)) }?;
+    unsafe { gpu.stream.launch_builder(f).arg(out).arg(gate).arg(up).arg(&n).launch(cfg) }?;
     Ok(())
 }
 
@@ -46,7 +47,7 @@ pub fn backward<T: Elem>(
             .arg(gate)
             .arg(up)
             .arg(&n)
-            .launch(elementwise_config(n as usize))
+            .launch(elementwise_config((n as usize).div_ceil(T::PER_THREAD)))
     }?;
     Ok(())
 }
