@@ -87,8 +87,10 @@ static void rmsnorm(const int rows, const int d) {
     expect_below("rmsnorm bf16 dw (f32)", rel_max_err(widen(dwb), r_dw), 1e-5);
 }
 
-static void rope() {
-    const int rows = 10, seq = 5, pos0 = 3, nh = 3, hd = 64, half = hd / 2, max_pos = 20;
+// head_dim 64 takes the bf16 kernel's eight-pair path; 36 (half = 18) its scalar one.
+static void rope(const int hd) {
+    std::printf("rope head_dim %d\n", hd);
+    const int rows = 10, seq = 5, pos0 = 3, nh = 3, half = hd / 2, max_pos = 20;
     auto x0 = randn(rows * nh * hd);
     std::vector<float> c(max_pos * half), s(max_pos * half);
     for (int p = 0; p < max_pos; p++)
@@ -115,6 +117,8 @@ static void rope() {
     auto xb = to_bf16(x0);
     emulated_launch(grid_for(pairs), {256, 1, 1}, [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, seq, pos0, nh, hd, 0); });
     expect_below("rope bf16 forward", rel_max_err(from_bf16(xb), want), 1e-2);
+    emulated_launch(grid_for(pairs), {256, 1, 1}, [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, seq, pos0, nh, hd, 1); });
+    expect_below("rope bf16 inverse(forward(x)) = x", rel_max_err(from_bf16(xb), widen(x0)), 2e-2);
 }
 
 static void swiglu() {
@@ -286,7 +290,8 @@ static void small_ops() {
 int main() {
     rmsnorm(70, 300);
     rmsnorm(40, 2048);
-    rope();
+    rope(64);
+    rope(36);
     swiglu();
     cross_entropy();
     adamw();

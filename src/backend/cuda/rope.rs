@@ -18,10 +18,16 @@ pub fn apply<T: Elem>(
     s: RopeShape,
     inverse: bool,
 ) -> Result<()> {
+    // Buffer lengths are checked by the engine (`fits`); the kernel also needs pairs and positions.
+    if !s.head_dim.is_multiple_of(2) || (s.seq == 0 && s.rows > 0) {
+        anyhow::bail!("rope: head_dim {} must be even and seq {} positive", s.head_dim, s.seq);
+    }
     let f = gpu.function(&format!("rope_{}", T::SUFFIX))?;
     let (rows, seq, pos0, nh, hd, inv) =
         (s.rows as i64, s.seq as i32, s.pos0 as i32, s.n_head as i32, s.head_dim as i32, inverse as i32);
-    let cfg = elementwise_config(s.rows * s.n_head * s.head_dim / 2);
+    // The bf16 kernel takes eight pairs per thread when head_dim/2 is a multiple of 8.
+    let per_thread = if (s.head_dim / 2).is_multiple_of(8) { T::PER_THREAD } else { 1 };
+    let cfg = elementwise_config((s.rows * s.n_head * s.head_dim / 2).div_ceil(per_thread));
     // SAFETY: argument order and types match the kernel.
     unsafe {
         gpu.stream
