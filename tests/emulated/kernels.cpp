@@ -241,11 +241,21 @@ static void adamw() {
     };
     add(p0.data(), g0.data(), m0.data(), v0.data(), nullptr, n0);
     add(p1.data(), g1.data(), m1.data(), v1.data(), p1b.data(), n1);
+    // A third tensor that starts one value into its buffers: not 16-byte aligned, all scalar.
+    const size_t n2 = 999;
+    auto p2 = randn(n2 + 1), g2 = randn(n2 + 1);
+    std::vector<float> m2(n2 + 1, 0.1f), v2(n2 + 1, 0.2f);
+    std::vector<B16> p2b(n2 + 1, __float2bfloat16_rn(NAN));
+    auto want2 = reference({p2.begin() + 1, p2.end()}, {g2.begin() + 1, g2.end()}, {m2.begin() + 1, m2.end()},
+                           {v2.begin() + 1, v2.end()});
+    add(p2.data() + 1, g2.data() + 1, m2.data() + 1, v2.data() + 1, p2b.data() + 1, n2);
     AdamHp hp{lr, b1, b2, eps, wd, (float)(lr / bc1), (float)std::sqrt(bc2), gs};
     emulated_launch({(unsigned)chunks.size(), 1, 1}, {256, 1, 1}, [&] { adamw_multi(chunks.data(), hp); });
     expect_below("adamw tensor 0 (one partial chunk)", rel_max_err(widen(p0), want0), 1e-5);
     expect_below("adamw tensor 1 (three chunks)", rel_max_err(widen(p1), want1), 1e-5);
     expect_below("adamw tensor 1 bf16 copy", rel_max_err(from_bf16(p1b), want1), 1e-2);
+    expect_below("adamw tensor 2 (misaligned, scalar)", rel_max_err(widen({p2.begin() + 1, p2.end()}), want2), 1e-5);
+    expect_below("adamw tensor 2 bf16 copy", rel_max_err(from_bf16({p2b.begin() + 1, p2b.end()}), want2), 1e-2);
 }
 
 static void small_ops() {
