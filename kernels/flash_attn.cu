@@ -346,6 +346,23 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     if (tiles > 0) issue(0);
     cp_async_commit();
 
+    // This warp's 16 keys of K and V as A fragments, for K·Qᵀ and V·dOᵀ: the same for every query
+    // tile, so at head_dim 64 they stay in registers (32 of them) instead of being re-read from
+    // shared memory per tile; at 128 that would be 64 registers the kernel does not have.
+    constexpr bool HOIST = D == 64;
+    auto kv_frags = [&](unsigned ka[4], unsigned va[4], int kk) {
+        const int c = kk * 16 + 2 * tq;
+        ka[0] = pair(Ks + klo * KS + c);
+        ka[1] = pair(Ks + khi * KS + c);
+        ka[2] = pair(Ks + klo * KS + c + 8);
+        ka[3] = pair(Ks + khi * KS + c + 8);
+        va[0] = pair(Vs + klo * KS + c);
+        va[1] = pair(Vs + khi * KS + c);
+        va[2] = pair(Vs + klo * KS + c + 8);
+        va[3] = pair(Vs + khi * KS + c + 8);
+    };
+    unsigned kf[HOIST ? D / 16 : 1][4], vf[HOIST ? D / 16 : 1][4];
+
     float dK[D / 8][4], dV[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
@@ -361,6 +378,12 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
         if (STAGES == 2 && t + 1 < tiles) {
             issue(t + 1);
             cp_async_commit();
+        }
+        if constexpr (HOIST) {
+            if (t == 0) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) kv_frags(kf[kk], vf[kk], kk);
+            }
         }
         const int h = head_of(t), i0 = row_of(t), st = t % STAGES;
         const bf16* Qs = QO + st * 2 * TILE;
@@ -380,15 +403,15 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             unsigned ka[2][4], va[2][4];
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
-                const int c = (kk + h2) * 16 + 2 * tq;
-                ka[h2][0] = pair(Ks + klo * KS + c);
-                ka[h2][1] = pair(Ks + khi * KS + c);
-                ka[h2][2] = pair(Ks + klo * KS + c + 8);
-                ka[h2][3] = pair(Ks + khi * KS + c + 8);
-                va[h2][0] = pair(Vs + klo * KS + c);
-                va[h2][1] = pair(Vs + khi * KS + c);
-                va[h2][2] = pair(Vs + klo * KS + c + 8);
-                va[h2][3] = pair(Vs + khi * KS + c + 8);
+                if constexpr (HOIST) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        ka[h2][r] = kf[kk + h2][r];
+                        va[h2][r] = vf[kk + h2][r];
+                    }
+                } else {
+                    kv_frags(ka[h2], va[h2], kk + h2);
+                }
             }
 #pragma unroll
             for (int nt = 0; nt < BR / 8; ++nt) {
