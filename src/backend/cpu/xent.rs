@@ -1,6 +1,6 @@
 //! Softmax cross-entropy fused with its gradient, written over the logits in place.
 
-use super::simd::max;
+use super::simd::{exp_shifted_in_place, exp_shifted_sum, max};
 use rayon::prelude::*;
 
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], vocab: usize, grad_scale: Option<f32>) -> Vec<f32> {
@@ -18,14 +18,8 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], vocab: usize, grad_sca
         // by enough ulps to show in log-probabilities.
         let z: f64 = match grad_scale {
             // Training: keep exp(x − m) in place so the gradient pass needs no second exp.
-            Some(_) => row
-                .iter_mut()
-                .map(|x| {
-                    *x = (*x - m).exp();
-                    *x as f64
-                })
-                .sum(),
-            None => row.iter().map(|&x| (x - m).exp() as f64).sum(),
+            Some(_) => exp_shifted_in_place(row, m),
+            None => exp_shifted_sum(row, m),
         };
         *loss = m + z.ln() as f32 - target_logit;
         if let Some(scale) = grad_scale {
