@@ -66,7 +66,7 @@ pub fn max(a: &[f32]) -> f32 {
 /// e^-87.3 ≈ 1.3e-38 (near the smallest normal f32) rather than a denormal or zero, which no sum
 /// or probability here can notice; NaN stays NaN.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·ln2 is subtracted exactly for the |n| ≤ 126 used here.
     const LN2_HI: f32 = 0.693_359_4;
@@ -77,8 +77,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 0.5;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2^n from the exponent bits; n is the integer in t's low mantissa bits.
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
@@ -91,26 +91,31 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// 32k vocabulary stays in L2 between them); with AVX2 at run time, eight lanes instead of four.
 /// Rust never fuses a multiply and an add, so both paths give the same bits.
 pub fn exp_shifted_in_place(a: &mut [f32], shift: f32) -> f64 {
+    exp_shifted(a, shift);
+    sum_f64(a)
+}
+
+/// Replaces each `x` by `e^(x − shift)` (`shift` at least every `x`), eight lanes with AVX2.
+pub fn exp_shifted(a: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { exp_shifted_in_place_avx2(a, shift) };
+        return unsafe { exp_shifted_avx2(a, shift) };
     }
-    exp_shifted_in_place_portable(a, shift)
+    exp_shifted_portable(a, shift)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn exp_shifted_in_place_avx2(a: &mut [f32], shift: f32) -> f64 {
-    exp_shifted_in_place_portable(a, shift)
+unsafe fn exp_shifted_avx2(a: &mut [f32], shift: f32) {
+    exp_shifted_portable(a, shift)
 }
 
 #[inline(always)]
-fn exp_shifted_in_place_portable(a: &mut [f32], shift: f32) -> f64 {
+fn exp_shifted_portable(a: &mut [f32], shift: f32) {
     for x in a.iter_mut() {
         *x = exp_nonpositive(*x - shift);
     }
-    sum_f64(a)
 }
 
 /// Σ a in f64, eight partial sums in a fixed order.
@@ -168,8 +173,9 @@ mod tests {
         let s1 = exp_shifted_in_place(&mut inplace, m);
         // The portable path (what a CPU without AVX2 runs) gives the same bits.
         let mut portable = row.clone();
-        assert_eq!(exp_shifted_in_place_portable(&mut portable, m), s1);
+        exp_shifted_portable(&mut portable, m);
         assert_eq!(portable, inplace);
+        assert_eq!(sum_f64(&portable), s1);
         let s2 = exp_shifted_sum(&row, m);
         let want: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
         assert_eq!(s1, s2);
