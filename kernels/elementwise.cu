@@ -1,4 +1,4 @@
-// Small helpers the engine needs between the big ops: accumulate, scale, squared norm (for
+// Small helpers the engine needs between the big ops: accumulate, squared norm (for
 // global-norm clipping, accumulated in f64), and the embedding gather / scatter-add.
 #include "common.cuh"
 
@@ -9,10 +9,6 @@ __device__ void add_assign(T* dst, const T* src, long n) {
 }
 extern "C" __global__ void add_assign_f32(float* dst, const float* src, long n) { add_assign(dst, src, n); }
 extern "C" __global__ void add_assign_bf16(bf16* dst, const bf16* src, long n) { add_assign(dst, src, n); }
-
-extern "C" __global__ void scale_f32(float* buf, float s, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) buf[i] *= s;
-}
 
 // Σ buf²: per-block partial sums in f64, then one atomic per block.
 extern "C" __global__ void sum_squares_f32(double* out, const float* buf, long n) {

@@ -172,7 +172,7 @@ fn batch(cfg: &LlamaConfig, rows: usize, seq: usize) -> Batch {
 }
 
 fn hp() -> AdamW {
-    AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1 }
+    AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 }
 }
 
 #[test]

@@ -50,7 +50,7 @@ fn batches(cfg: &LlamaConfig, step: u64) -> Vec<Batch> {
 }
 
 fn hp(step: u64) -> AdamW {
-    AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step }
+    AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 1.0 }
 }
 
 const SCALE: f32 = 1.0 / (ROWS * SEQ * ACCUM) as f32;

@@ -304,12 +304,20 @@ fn adamw_matches_torch_semantics() {
     let (lr, b1, b2, eps, wd) = (4e-3f64, 0.9f64, 0.95f64, 1e-8f64, 0.1f64);
     for step in 1..=5u64 {
         let g = randv(&mut r, n, 1.0);
-        let hp =
-            AdamW { lr: lr as f32, beta1: b1 as f32, beta2: b2 as f32, eps: eps as f32, weight_decay: wd as f32, step };
+        let hp = AdamW {
+            lr: lr as f32,
+            beta1: b1 as f32,
+            beta2: b2 as f32,
+            eps: eps as f32,
+            weight_decay: wd as f32,
+            step,
+            // Even steps clip: the gradient is scaled as AdamW reads it.
+            grad_scale: if step % 2 == 0 { 0.5 } else { 1.0 },
+        };
         Cpu.adamw_step(&mut p, &g, &mut m, &mut v, hp).unwrap();
         // torch.optim.AdamW (decoupled decay, bias correction, eps after the square root).
         for i in 0..n {
-            let gi = g[i] as f64;
+            let gi = g[i] as f64 * hp.grad_scale as f64;
             pr[i] *= 1.0 - lr * wd;
             mr[i] = b1 * mr[i] + (1.0 - b1) * gi;
             vr[i] = b2 * vr[i] + (1.0 - b2) * gi * gi;

@@ -119,6 +119,9 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// 1-based step count, for bias correction.
     pub step: u64,
+    /// Multiplies every gradient as it is read: global-norm clipping folded into the update's one
+    /// pass instead of a pass of its own over every gradient (1 leaves them as they are).
+    pub grad_scale: f32,
 }
 
 /// Device memory held by a backend's buffers.
@@ -172,8 +175,6 @@ pub trait Backend: Send + Sync + 'static {
     // ---- elementwise helpers ----
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
-    /// `buf *= s`.
-    fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()>;
     /// Σ buf², accumulated in f64 (global-norm gradient clipping).
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
     /// Σ over every buffer of Σ buf²; a GPU overrides it to wait for the host once, not per tensor.

@@ -103,9 +103,6 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()> {
         self.timed("add_assign", 0.0, |b| b.add_assign(dst, src))
     }
-    fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()> {
-        self.timed("scale (clipping)", 0.0, |b| b.scale(buf, s))
-    }
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64> {
         self.timed("grad norm", 0.0, |b| b.sum_squares(buf))
     }

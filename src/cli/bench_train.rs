@@ -98,7 +98,7 @@ fn bench_batch(vocab: usize, batch: usize, seq: usize) -> Batch {
 }
 
 fn bench_hp(step: u64) -> AdamW {
-    AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step }
+    AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 1.0 }
 }
 
 impl<B: Backend> Stepper<B> {

@@ -703,14 +703,7 @@ fn rank_step<B: Backend>(
     let comm = &rank.comm;
     timed(b, &mut rank.comm_secs, || comm.all_reduce(&mut stats))?;
     let norm = (stats[1] as f64).sqrt();
-    if clip > 0.0 {
-        let coef = clip / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in rank.grad.iter_mut() {
-                b.scale(g, coef as f32)?;
-            }
-        }
-    }
+    let hp = AdamW { grad_scale: crate::train::optimizer::clip_coefficient(norm, clip), ..hp };
     let mut params: Vec<&mut B::Buf> = rank.master.iter_mut().collect();
     let mut m: Vec<&mut B::Buf> = rank.m.iter_mut().collect();
     let mut v: Vec<&mut B::Buf> = rank.v.iter_mut().collect();

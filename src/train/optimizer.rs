@@ -35,18 +35,14 @@ pub fn grad_norm<B: Backend>(b: &B, grads: &Weights<B::Buf>) -> Result<f64> {
     Ok(b.sum_squares_all(&grads.iter())?.sqrt())
 }
 
-/// Scales gradients by `max_norm / (norm + 1e-6)` when that is below 1, as torch does.
-pub fn clip<B: Backend>(b: &B, grads: &mut Weights<B::Buf>, norm: f64, max_norm: f64) -> Result<()> {
+/// What global-norm clipping multiplies every gradient by, as torch's `clip_grad_norm_` does:
+/// `max_norm / (norm + 1e-6)` when that is below 1, else 1 (and 1 when `max_norm` is 0). AdamW
+/// applies it as it reads each gradient (`AdamW::grad_scale`), so clipping costs no pass of its own.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
     if max_norm <= 0.0 {
-        return Ok(());
+        return 1.0;
     }
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            b.scale(g, coef as f32)?;
-        }
-    }
-    Ok(())
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
 /// What one optimizer step needs besides the state it updates.
@@ -83,7 +79,20 @@ pub fn device_step<B: Backend>(
         model.backward(ws, grads)?;
     }
     let norm = grad_norm(&model.backend, grads)?;
-    clip(&model.backend, grads, norm, p.max_norm)?;
-    opt.step(model, grads, p.hp)?;
+    let hp = AdamW { grad_scale: clip_coefficient(norm, p.max_norm), ..p.hp };
+    opt.step(model, grads, hp)?;
     Ok((loss_sum, norm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip_coefficient;
+
+    #[test]
+    fn clipping_scales_only_norms_above_the_threshold_as_torch_does() {
+        assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+        assert_eq!(clip_coefficient(4.0, 0.0), 1.0, "max_norm 0 disables clipping");
+        let c = clip_coefficient(4.0, 1.0);
+        assert!((c as f64 - 1.0 / (4.0 + 1e-6)).abs() < 1e-7, "{c}");
+    }
 }

@@ -220,6 +220,8 @@ impl<B: Backend> Trainer<B> {
             eps: o.eps as f32,
             weight_decay: o.weight_decay as f32,
             step,
+            // Set per step from the gradient norm (`optimizer::clip_coefficient`).
+            grad_scale: 1.0,
         };
         let (loss_sum, norm, wait) =
             if self.fsdp.is_some() { self.step_fsdp(scale, hp)? } else { self.step_single(scale, hp)? };

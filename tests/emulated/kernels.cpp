@@ -271,11 +271,6 @@ static void small_ops() {
     auto acc = a;
     emulated_launch(grid_for(n), {256, 1, 1}, [&] { add_assign_f32(acc.data(), b.data(), n); });
     expect_below("add_assign f32", rel_max_err(widen(acc), sum), 1e-6);
-    auto sc = a;
-    emulated_launch(grid_for(n), {256, 1, 1}, [&] { scale_f32(sc.data(), -0.5f, n); });
-    std::vector<double> half(n);
-    for (size_t i = 0; i < n; i++) half[i] = -0.5 * a[i];
-    expect_below("scale f32", rel_max_err(widen(sc), half), 1e-7);
     double ss = 0, want = 0;
     for (float x : a) want += (double)x * x;
     emulated_launch(grid_for(n), {256, 1, 1}, [&] { sum_squares_f32(&ss, a.data(), n); });

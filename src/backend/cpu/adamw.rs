@@ -18,9 +18,10 @@ pub fn step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
+                let g = g[i] * hp.grad_scale;
                 p[i] *= decay;
-                m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * g[i];
-                v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * g[i] * g[i];
+                m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * g;
+                v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * g * g;
                 let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
                 p[i] -= step_size * m[i] / denom;
             }

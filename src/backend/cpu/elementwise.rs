@@ -12,10 +12,6 @@ pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     });
 }
 
-pub fn scale(buf: &mut [f32], s: f32) {
-    buf.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-}
-
 pub fn sum_squares(buf: &[f32]) -> f64 {
     let partials: Vec<f64> = buf.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
     partials.iter().sum()

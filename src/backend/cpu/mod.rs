@@ -77,10 +77,6 @@ impl Backend for Cpu {
         elementwise::add_assign(dst, src);
         Ok(())
     }
-    fn scale(&self, buf: &mut Vec<f32>, s: f32) -> Result<()> {
-        elementwise::scale(buf, s);
-        Ok(())
-    }
     fn sum_squares(&self, buf: &Vec<f32>) -> Result<f64> {
         Ok(elementwise::sum_squares(buf))
     }

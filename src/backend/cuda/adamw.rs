@@ -54,8 +54,8 @@ pub struct AdamTensor<'a> {
     pub param_bf16: Option<&'a mut CudaSlice<half::bf16>>,
 }
 
-/// AdamW on every tensor in one launch; `grad_scale` folds in global-norm clipping.
-pub fn step(gpu: &Gpu, tensors: &mut [AdamTensor<'_>], hp: AdamW, grad_scale: f32) -> Result<()> {
+/// AdamW on every tensor in one launch; `hp.grad_scale` folds in global-norm clipping.
+pub fn step(gpu: &Gpu, tensors: &mut [AdamTensor<'_>], hp: AdamW) -> Result<()> {
     let t = hp.step as i32;
     let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
     let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
@@ -67,7 +67,7 @@ pub fn step(gpu: &Gpu, tensors: &mut [AdamTensor<'_>], hp: AdamW, grad_scale: f3
         weight_decay: hp.weight_decay,
         step_size: (hp.lr as f64 / bc1) as f32,
         bc2_sqrt: bc2.sqrt() as f32,
-        grad_scale,
+        grad_scale: hp.grad_scale,
     };
     let s = &gpu.stream;
     let mut chunks = Vec::new();

@@ -1,4 +1,4 @@
-//! Launcher for `kernels/elementwise.cu`: accumulate, scale, squared norm, embedding gather / scatter-add.
+//! Launcher for `kernels/elementwise.cu`: accumulate, squared norm, embedding gather / scatter-add.
 
 use super::device::{elementwise_config, Elem, Gpu};
 use super::kernels::Kernel;
@@ -11,7 +11,6 @@ pub const KERNEL: Kernel = Kernel {
     entries: &[
         "add_assign_f32",
         "add_assign_bf16",
-        "scale_f32",
         "sum_squares_f32",
         "embedding_fwd_f32",
         "embedding_fwd_bf16",
@@ -28,14 +27,6 @@ pub fn add_assign<T: Elem>(gpu: &Gpu, dst: &mut CudaSlice<T>, src: &CudaSlice<T>
     let f = gpu.function(&format!("add_assign_{}", T::SUFFIX))?;
     // SAFETY: argument order and types match the kernel.
     unsafe { gpu.stream.launch_builder(f).arg(dst).arg(src).arg(&n).launch(elementwise_config(n as usize)) }?;
-    Ok(())
-}
-
-pub fn scale(gpu: &Gpu, buf: &mut CudaSlice<f32>, s: f32) -> Result<()> {
-    let n = buf.len() as i64;
-    let f = gpu.function("scale_f32")?;
-    // SAFETY: as above.
-    unsafe { gpu.stream.launch_builder(f).arg(buf).arg(&s).arg(&n).launch(elementwise_config(n as usize)) }?;
     Ok(())
 }
 

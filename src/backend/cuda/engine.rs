@@ -217,10 +217,6 @@ impl Backend for Cuda {
         }
     }
 
-    fn scale(&self, buf: &mut CudaBuf, s: f32) -> Result<()> {
-        elementwise::scale(&self.gpu, buf.f32_mut("scale")?, s)
-    }
-
     fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
         elementwise::sum_squares(&self.gpu, buf.f32("sum_squares")?)
     }
@@ -447,6 +443,6 @@ impl Backend for Cuda {
                 param_bf16,
             });
         }
-        adamw::step(&self.gpu, &mut tensors, hp, 1.0)
+        adamw::step(&self.gpu, &mut tensors, hp)
     }
 }
