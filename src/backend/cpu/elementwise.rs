@@ -1,3 +1,4 @@
+use super::simd::sum_squares_f64;
 use rayon::prelude::*;
 
 /// Elements per rayon task: large enough that task overhead vanishes, fixed so results do not
@@ -12,7 +13,9 @@ pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     });
 }
 
+/// Σ buf² in f64: fixed chunks, eight lanes each, summed in a fixed order (deterministic whatever
+/// the thread count; one serial f64 chain per chunk was latency-bound).
 pub fn sum_squares(buf: &[f32]) -> f64 {
-    let partials: Vec<f64> = buf.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+    let partials: Vec<f64> = buf.par_chunks(CHUNK).map(sum_squares_f64).collect();
     partials.iter().sum()
 }

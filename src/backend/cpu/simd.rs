@@ -118,6 +118,19 @@ fn exp_shifted_portable(a: &mut [f32], shift: f32) {
     }
 }
 
+/// Σ a² in f64, eight partial sums in a fixed order.
+pub fn sum_squares_f64(a: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] += x[l] as f64 * x[l] as f64;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 /// Σ a in f64, eight partial sums in a fixed order.
 #[inline(always)]
 fn sum_f64(a: &[f32]) -> f64 {
