@@ -171,26 +171,54 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32],
     });
 }
 
-/// Probabilities and score gradients of one tile: `p` holds `Q·Kᵀ` and `dp` holds `dO·Vᵀ` on
-/// entry; on exit `p = exp(scale·S − lse)` and `dp = p ∘ (dP − delta)`, both zero where the causal
-/// mask hides a key (`row_keys(r)` keys of the tile are visible to row `r`).
-fn probs_and_score_grads(
-    p: &mut [f32],
-    dp: &mut [f32],
-    (rows, bk): (usize, usize),
-    scale: f32,
-    row_keys: impl Fn(usize) -> usize,
-    row_stats: impl Fn(usize) -> (f32, f32),
-) {
-    for r in 0..rows {
-        let (prow, dprow) = (&mut p[r * BK..r * BK + bk], &mut dp[r * BK..r * BK + bk]);
-        let nv = row_keys(r);
-        let (li, di) = row_stats(r);
-        prow[..nv].iter_mut().for_each(|x| *x *= scale);
-        exp_shifted(&mut prow[..nv], li);
-        prow[nv..].fill(0.0);
-        for (d, &pv) in dprow.iter_mut().zip(prow.iter()) {
-            *d = pv * (*d - di);
+/// What the backward recomputes its tiles from.
+struct BackwardInputs<'a> {
+    lay: &'a Layout,
+    q: &'a [f32],
+    dout: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+impl BackwardInputs<'_> {
+    /// Recomputes the tile of query rows `i0..i0+rows` of head `h` against keys `j0..j0+bk` of its
+    /// KV head (both passes need it): `p = exp(scale·Q·Kᵀ − lse)` and `dp = p ∘ (dO·Vᵀ − delta)`,
+    /// as `[rows, BK]` row-major, both zero where the causal mask hides a key.
+    fn tile(
+        &self,
+        b: usize,
+        h: usize,
+        (i0, rows): (usize, usize),
+        (j0, bk): (usize, usize),
+        p: &mut [f32],
+        dp: &mut [f32],
+    ) {
+        let (lay, s) = (self.lay, &self.lay.s);
+        let (hd, qs, ks) = (s.head_dim, s.n_head * s.head_dim, s.n_kv_head * s.head_dim);
+        let kvh = h / lay.group();
+        let (q_blk, do_blk) = (&self.q[lay.q(b, i0, h)..], &self.dout[lay.q(b, i0, h)..]);
+        let (k_t, v_t) = (&self.k[lay.kv(b, j0, kvh)..], &self.v[lay.kv(b, j0, kvh)..]);
+        assert!(rows <= BQ && bk <= BK && p.len() >= BQ * BK && dp.len() >= BQ * BK);
+        // SAFETY: rows i0..i0+rows of head h and keys j0..j0+bk of head kvh lie inside the checked
+        // shape; p and dp hold [BQ, BK] and are separate buffers.
+        unsafe {
+            tile_gemm((rows, bk, hd), p.as_mut_ptr(), BK, false, (q_blk.as_ptr(), qs, 1), (k_t.as_ptr(), 1, ks), 1.0);
+            tile_gemm((rows, bk, hd), dp.as_mut_ptr(), BK, false, (do_blk.as_ptr(), qs, 1), (v_t.as_ptr(), 1, ks), 1.0);
+        }
+        let scale = lay.scale();
+        for r in 0..rows {
+            let (prow, dprow) = (&mut p[r * BK..r * BK + bk], &mut dp[r * BK..r * BK + bk]);
+            // Keys of the tile this row sees (the causal edge only cuts the last tiles).
+            let nv = lay.visible(i0 + r).saturating_sub(j0).min(bk);
+            let at = lay.lse(b, h, i0 + r);
+            prow[..nv].iter_mut().for_each(|x| *x *= scale);
+            exp_shifted(&mut prow[..nv], self.lse[at]);
+            prow[nv..].fill(0.0);
+            for (d, &pv) in dprow.iter_mut().zip(prow.iter()) {
+                *d = pv * (*d - self.delta[at]);
+            }
         }
     }
 }
@@ -224,7 +252,7 @@ pub fn attention_backward(
             *d = dot(&dout[o..o + hd], &out[o..o + hd]);
         }
     });
-    let delta = &delta;
+    let inputs = BackwardInputs { lay: &lay, q, dout, k, v, lse, delta: &delta };
 
     // Pass 1: dK and dV, one task per (batch, kv head, key tile), over every query block of every
     // head of its group that can see the tile.
@@ -237,43 +265,13 @@ pub fn attention_backward(
         let mut dk_loc = vec![0.0f32; bk * hd];
         let mut dv_loc = vec![0.0f32; bk * hd];
         let (mut p, mut dp) = (vec![0.0f32; BQ * BK], vec![0.0f32; BQ * BK]);
-        let (k_t, v_t) = (&k[lay.kv(b, j0, kvh)..], &v[lay.kv(b, j0, kvh)..]);
         let first_q = j0.saturating_sub(s.q_pos0);
         for h in kvh * lay.group()..(kvh + 1) * lay.group() {
             for i0 in (first_q..s.q_len).step_by(BQ) {
                 let rows = (i0 + BQ).min(s.q_len) - i0;
                 let (q_blk, do_blk) = (&q[lay.q(b, i0, h)..], &dout[lay.q(b, i0, h)..]);
-                // SAFETY: rows i0..i0+rows of head h, keys j0..j1 of head kvh: inside the checked
-                // shape; p and dp are separate [BQ, BK] buffers.
-                unsafe {
-                    tile_gemm(
-                        (rows, bk, hd),
-                        p.as_mut_ptr(),
-                        BK,
-                        false,
-                        (q_blk.as_ptr(), qs, 1),
-                        (k_t.as_ptr(), 1, ks),
-                        1.0,
-                    );
-                    tile_gemm(
-                        (rows, bk, hd),
-                        dp.as_mut_ptr(),
-                        BK,
-                        false,
-                        (do_blk.as_ptr(), qs, 1),
-                        (v_t.as_ptr(), 1, ks),
-                        1.0,
-                    );
-                }
-                probs_and_score_grads(
-                    &mut p,
-                    &mut dp,
-                    (rows, bk),
-                    scale,
-                    |r| lay.visible(i0 + r).saturating_sub(j0).min(bk),
-                    |r| (lse[lay.lse(b, h, i0 + r)], delta[lay.lse(b, h, i0 + r)]),
-                );
-                // SAFETY: as above; dk_loc and dv_loc are [bk, hd].
+                inputs.tile(b, h, (i0, rows), (j0, bk), &mut p, &mut dp);
+                // SAFETY: as in `tile`; dk_loc and dv_loc are [bk, hd].
                 unsafe {
                     tile_gemm(
                         (bk, hd, rows),
@@ -322,41 +320,12 @@ pub fn attention_backward(
         let rows = i1 - i0;
         let mut dq_blk = vec![0.0f32; rows * hd];
         let (mut p, mut dp) = (vec![0.0f32; BQ * BK], vec![0.0f32; BQ * BK]);
-        let (q_blk, do_blk) = (&q[lay.q(b, i0, h)..], &dout[lay.q(b, i0, h)..]);
         let keys = lay.visible(i1 - 1);
         for j0 in (0..keys).step_by(BK) {
             let bk = (j0 + BK).min(keys) - j0;
-            let (k_t, v_t) = (&k[lay.kv(b, j0, kvh)..], &v[lay.kv(b, j0, kvh)..]);
-            // SAFETY: as in pass 1.
-            unsafe {
-                tile_gemm(
-                    (rows, bk, hd),
-                    p.as_mut_ptr(),
-                    BK,
-                    false,
-                    (q_blk.as_ptr(), qs, 1),
-                    (k_t.as_ptr(), 1, ks),
-                    1.0,
-                );
-                tile_gemm(
-                    (rows, bk, hd),
-                    dp.as_mut_ptr(),
-                    BK,
-                    false,
-                    (do_blk.as_ptr(), qs, 1),
-                    (v_t.as_ptr(), 1, ks),
-                    1.0,
-                );
-            }
-            probs_and_score_grads(
-                &mut p,
-                &mut dp,
-                (rows, bk),
-                scale,
-                |r| lay.visible(i0 + r).saturating_sub(j0).min(bk),
-                |r| (lse[lay.lse(b, h, i0 + r)], delta[lay.lse(b, h, i0 + r)]),
-            );
-            // SAFETY: as above; dq_blk is [rows, hd].
+            inputs.tile(b, h, (i0, rows), (j0, bk), &mut p, &mut dp);
+            let k_t = &k[lay.kv(b, j0, kvh)..];
+            // SAFETY: as in `tile`; dq_blk is [rows, hd].
             unsafe {
                 tile_gemm(
                     (rows, hd, bk),

@@ -37,14 +37,6 @@ pub fn sum(a: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `y += a * x`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// The largest value, ignoring NaN (−∞ for an empty slice). Eight running maxima written as
 /// comparisons, which vectorise (`f32::max`'s NaN rule does not).
 #[inline]
