@@ -86,15 +86,13 @@ fi
 echo "== PyTorch baseline (bench/torch_baseline.py)"
 if [ -x "$PY" ]; then
   timeout 180 "$PY" bench/torch_baseline.py | tee "$LIBS/torch.jsonl"
-  while read -r line; do
-    b=$(echo "$line" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["bench"])')
-    case $b in
-      torch_sdpa_flash_fwd_bwd) row "torch sdpa flash hd$(echo "$line" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["head_dim"])')" \
-        "$(echo "$line" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"tflops\"]:.0f} TFLOP/s fwd+bwd")')";;
-      torch_tinyllama_step) row "torch TinyLlama-1.1B step" \
-        "$(echo "$line" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"tokens_per_s\"]:.0f} tokens/s, {d[\"tflops\"]:.0f} TFLOP/s, peak {d[\"peak_gib\"]:.1f} GiB")')";;
-    esac
-  done < "$LIBS/torch.jsonl"
+  # Each result line carries its own table row (label, figure); see summary_row there.
+  while IFS=$'\t' read -r label figure; do
+    row "$label" "$figure"
+  done < <("$PY" -c 'import json,sys
+for line in sys.stdin:
+    r = json.loads(line).get("row")
+    if r: print(r[0] + "\t" + r[1])' < "$LIBS/torch.jsonl")
 else
   row "torch baseline" "skipped (no $PY)"
 fi

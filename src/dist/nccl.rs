@@ -69,7 +69,9 @@ pub struct NcclComm {
     inner: Mutex<Inner>,
     rank: usize,
     world: usize,
-    failed: Mutex<Option<String>>,
+    /// Shared by every communicator this process opened for the group, so one rank's abort reaches
+    /// the ranks beside it (their next collective fails instead of waiting for the failed rank).
+    failed: Arc<Mutex<Option<String>>>,
     started: Mutex<Started>,
 }
 
@@ -86,18 +88,18 @@ impl NcclComm {
             inner: Mutex::new(Inner { comm, stream }),
             rank,
             world,
-            failed: Mutex::new(None),
+            failed: Arc::default(),
             started: Mutex::new(Started::default()),
         })
     }
 
-    fn wrap(comm: RawComm) -> NcclComm {
+    fn wrap(comm: RawComm, failed: Arc<Mutex<Option<String>>>) -> NcclComm {
         let (rank, world, stream) = (comm.rank(), comm.world_size(), comm.stream());
         NcclComm {
             inner: Mutex::new(Inner { comm, stream }),
             rank,
             world,
-            failed: Mutex::new(None),
+            failed,
             started: Mutex::new(Started::default()),
         }
     }
@@ -248,7 +250,8 @@ pub fn cuda_group(world: usize) -> Result<Vec<Member<Cuda>>> {
     }
     let (engines, streams) = open_engines(world)?;
     let comms = RawComm::from_devices(streams).map_err(|e| nccl_err(&format!("init of {world} GPUs"), e))?;
-    members(engines, comms.into_iter().map(|c| Ok(NcclComm::wrap(c))).collect())
+    let failed = Arc::default();
+    members(engines, comms.into_iter().map(|c| Ok(NcclComm::wrap(c, Arc::clone(&failed)))).collect())
 }
 
 /// A 128-byte NCCL unique id as NCCL takes it.
@@ -264,12 +267,50 @@ fn raw_id(id: &[u8]) -> Result<[std::ffi::c_char; 128]> {
 /// engine's, so collectives overlap compute.
 fn open_engines(n: usize) -> Result<(Vec<Cuda>, Vec<Arc<CudaStream>>)> {
     let engines = (0..n).map(Cuda::open).collect::<Result<Vec<_>>>()?;
+    share_memory_pools(&engines)?;
     let streams = engines
         .iter()
         .map(|e| e.gpu().ctx.new_stream())
         .collect::<Result<Vec<_>, _>>()
         .context("cannot create a CUDA stream")?;
     Ok((engines, streams))
+}
+
+/// Lets every GPU of this process read and write the others' stream-ordered memory pools. Buffers
+/// come from `cuMemAllocAsync`, whose pools (unlike `cuMemAlloc`'s memory) are not reachable by
+/// peers until granted; NCCL's peer-to-peer transport between GPUs of one process reads and writes
+/// the user buffers directly, which would otherwise fault. Pairs without peer access are left to
+/// NCCL's other transports.
+fn share_memory_pools(engines: &[Cuda]) -> Result<()> {
+    use cudarc::driver::sys;
+    for owner in engines {
+        let ctx = &owner.gpu().ctx;
+        ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver calls on devices this process opened; every pointer outlives its call.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result() }
+            .with_context(|| format!("GPU {}: no default memory pool", owner.gpu().ordinal))?;
+        for peer in engines.iter().filter(|p| p.gpu().ordinal != owner.gpu().ordinal) {
+            let mut can = 0;
+            // SAFETY: as above.
+            unsafe { sys::cuDeviceCanAccessPeer(&mut can, peer.gpu().ctx.cu_device(), ctx.cu_device()).result() }?;
+            if can == 0 {
+                continue;
+            }
+            let access = sys::CUmemAccessDesc {
+                location: sys::CUmemLocation {
+                    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                    id: peer.gpu().ctx.cu_device(),
+                },
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            // SAFETY: as above; one descriptor.
+            unsafe { sys::cuMemPoolSetAccess(pool, &access, 1).result() }.with_context(|| {
+                format!("cannot give GPU {} access to GPU {}'s memory", peer.gpu().ordinal, owner.gpu().ordinal)
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn members(engines: Vec<Cuda>, comms: Vec<Result<NcclComm>>) -> Result<Vec<Member<Cuda>>> {
@@ -296,14 +337,19 @@ pub fn cuda_group_on_node(node: &super::launch::Node, world: usize, id: &[u8]) -
     }
     let raw = raw_id(id)?;
     let (engines, streams) = open_engines(local)?;
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
     let comms: Vec<Result<NcclComm>> = std::thread::scope(|s| {
         let joins: Vec<_> = streams
             .into_iter()
             .zip(ranks.clone())
             .map(|(stream, rank)| {
+                let failed = Arc::clone(&failed);
                 s.spawn(move || {
+                    // ncclCommInitRank joins on the thread's current device, and a new thread has
+                    // none (or GPU 0's): make this rank's GPU current first.
+                    stream.context().bind_to_thread().with_context(|| format!("cannot use the GPU of rank {rank}"))?;
                     RawComm::from_rank(stream, rank, world, Id::uninit(raw))
-                        .map(NcclComm::wrap)
+                        .map(|c| NcclComm::wrap(c, failed))
                         .map_err(|e| nccl_err(&format!("init of rank {rank} of {world}"), e))
                 })
             })

@@ -21,6 +21,14 @@ struct Shape {
 
 static double f(B16 x) { return (double)__bfloat162float(x); }
 
+// The dynamic shared memory the launcher reserves (fwd_shared_bytes / bwd_shared_bytes in
+// src/backend/cuda/flash_attn.rs, same formulas): the kernels must stay inside it.
+static size_t fwd_shared_bytes(int d) { return (size_t)2 * 2 * 64 * (d + 8) * 2; }
+static size_t bwd_shared_bytes(int d) {
+    const size_t ks = d + 8, stages = d == 64 ? 2 : 1;
+    return 2 * (2 * 64 * ks + stages * 2 * 64 * ks + 64 * (64 + 8)) + 4 * stages * 2 * 64;
+}
+
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0, 1);
@@ -51,7 +59,8 @@ static void run(Shape s, unsigned seed) {
                                 s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
     // Grids as the launcher orders them: (head, batch, query block) and (KV head, batch, key block).
-    emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (unsigned)((s.q_len + 63) / 64)}, {128, 1, 1}, fwd);
+    emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (unsigned)((s.q_len + 63) / 64)}, {128, 1, 1}, fwd,
+                    fwd_shared_bytes(s.d));
 
     // Reference in double: causal softmax attention, then its gradients.
     const int group = s.n_head / s.n_kv_head;
@@ -112,7 +121,8 @@ static void run(Shape s, unsigned seed) {
                                 k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
                                 scale);
     };
-    emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + 63) / 64)}, {128, 1, 1}, bwd);
+    emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + 63) / 64)}, {128, 1, 1}, bwd,
+                    bwd_shared_bytes(s.d));
 
     auto rows_of = [](const std::vector<B16>& x) {
         std::vector<double> r(x.size());

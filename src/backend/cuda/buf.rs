@@ -54,6 +54,14 @@ pub struct CudaBuf {
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         self.mem.sub(self.bytes);
+        // cudarc frees a slice (stream-ordered, on its own stream) without making its context
+        // current; a buffer dropped on a thread bound to another GPU, or to none (FSDP's
+        // coordinator, the engine thread), would have the free fail or land on the wrong device.
+        let ctx = match &self.data {
+            Data::Bf16(s) => s.context(),
+            Data::F32(s) | Data::Param { master: s, .. } => s.context(),
+        };
+        let _ = ctx.bind_to_thread();
     }
 }
 

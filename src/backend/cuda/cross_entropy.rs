@@ -22,6 +22,9 @@ pub fn forward<T: Elem>(
 ) -> Result<()> {
     let f = gpu.function(&format!("cross_entropy_{}", T::SUFFIX))?;
     let rows = targets.len();
+    if rows == 0 {
+        return Ok(()); // an empty grid is a launch error
+    }
     let (v, scale, want) = (vocab as i32, grad_scale.unwrap_or(0.0), grad_scale.is_some() as i32);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: argument order and types match the kernel; logits is [rows, vocab].

@@ -1,6 +1,6 @@
 //! One GPU: its context and stream, and every kernel compiled for its architecture and loaded.
 
-use super::kernels::{compile_cached, ALL};
+use super::kernels::{compile_cached, evict, ALL};
 use super::libs::{require, CudaLib};
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
@@ -67,10 +67,16 @@ impl Gpu {
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         for k in ALL {
-            let ptx = compile_cached(k, arch)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(|e| anyhow!("kernels/{}.cu: the driver refused its PTX ({e:?})", k.name))?;
+            let load = |ptx: String| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx));
+            // A cached PTX the driver refuses is compiled afresh once before giving up.
+            let module = match load(compile_cached(k, arch)?) {
+                Ok(m) => m,
+                Err(_) => {
+                    evict(k, arch);
+                    load(compile_cached(k, arch)?)
+                        .map_err(|e| anyhow!("kernels/{}.cu: the driver refused its PTX ({e:?})", k.name))?
+                }
+            };
             for &e in k.entries {
                 functions.insert(e, module.load_function(e).map_err(|err| anyhow!("{}: {err:?}", e))?);
             }
@@ -82,7 +88,10 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         // Best effort: a device without memory pools allocates synchronously and has nothing to keep.
         let _ = keep_freed_memory(&ctx);
-        let stream = ctx.default_stream();
+        // A stream of its own rather than the legacy NULL stream: a NULL handle means "the current
+        // context's" wherever it is used (cudarc frees buffers on their stream), and the legacy
+        // stream would also serialise against any blocking stream a library creates.
+        let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         Ok(Gpu { ordinal, ctx, stream, name, arch, functions, _modules: modules })
     }
 

@@ -27,6 +27,10 @@ use std::sync::Mutex;
 const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed run.
 const TIMED_RUNS: usize = 3;
+/// An accumulating GEMM is tuned on a scratch output of its shape, allocated in the first backward,
+/// when memory is at its peak; above this size (a large vocabulary's LM-head gradient) the heuristic's
+/// first choice is kept untimed rather than risk running out of memory for a few percent.
+const TUNE_SCRATCH_MAX_BYTES: usize = 512 << 20;
 
 /// Result types a GEMM may write.
 pub trait GemmOut: Elem + cudarc::driver::ValidAsZeroBits {
@@ -112,6 +116,8 @@ unsafe impl Sync for Blas {}
 impl Drop for Blas {
     fn drop(&mut self) {
         self.plans.get_mut().map(|p| p.clear()).unwrap_or_default();
+        // The handle belongs to this GPU's context, which may not be the one current on this thread.
+        let _ = self.workspace.context().bind_to_thread();
         // SAFETY: created in `new`, destroyed once, after every plan that referenced it.
         unsafe {
             let _ = lt::destroy_handle(self.handle);
@@ -280,7 +286,8 @@ impl Blas {
         b: &CudaSlice<bf16>,
         g: Gemm,
     ) -> Result<()> {
-        if plan.candidates.len() < 2 {
+        if plan.candidates.len() < 2 || (g.accumulate && g.m * g.n * std::mem::size_of::<O>() > TUNE_SCRATCH_MAX_BYTES)
+        {
             return Ok(());
         }
         let mut scratch = if g.accumulate { Some(gpu.stream.alloc_zeros::<O>(g.m * g.n)?) } else { None };
@@ -369,6 +376,17 @@ impl Blas {
             return Ok(());
         }
         gpu.ctx.bind_to_thread()?;
+        if g.k == 0 {
+            // An empty sum (cuBLASLt rejects the zero-size operand layouts): out = residual, out
+            // unchanged, or out = 0, as the CPU backend does.
+            let mut out = out.slice_mut(..g.m * g.n);
+            return match addend {
+                Some(r) => gpu.stream.memcpy_dtod(&r.slice(..g.m * g.n), &mut out),
+                None if g.accumulate => Ok(()),
+                None => gpu.stream.memset_zeros(&mut out),
+            }
+            .map_err(|e| anyhow!("matmul {}x{}x0: {e}", g.m, g.n));
+        }
         let key = PlanKey::of::<O>(g);
         let mut plans = self.plans.lock().map_err(|_| anyhow!("cuBLASLt plan cache poisoned"))?;
         let plan = match plans.entry(key) {

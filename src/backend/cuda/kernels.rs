@@ -83,25 +83,58 @@ pub fn compile(kernel: &Kernel, arch: &'static str, include: &Path) -> Result<St
     Ok(ptx.to_src())
 }
 
+/// Where `compile_cached` keeps `kernel`'s PTX for `arch`: keyed by the source, the architecture
+/// and the NVRTC version (a driver refuses PTX from a newer toolkit than its own, so PTX from one
+/// NVRTC must not be served to a run using another).
+pub fn cache_path(kernel: &Kernel, arch: &'static str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let key = format!("{:x}", Sha256::digest(format!("{arch}\n{}\n{}", nvrtc_version(), kernel.full_source())));
+    cache_dir().join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]))
+}
+
+/// "major.minor" of the NVRTC that would compile, or "unknown".
+fn nvrtc_version() -> String {
+    if require("compiling CUDA kernels", &[CudaLib::Nvrtc]).is_err() {
+        return "unknown".into();
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); the call only writes the two integers.
+    let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    if ok {
+        format!("{major}.{minor}")
+    } else {
+        "unknown".into()
+    }
+}
+
 /// `compile`, through the on-disk cache (`$XDG_CACHE_HOME/kiln/kernels` or `~/.cache/kiln/kernels`).
 pub fn compile_cached(kernel: &Kernel, arch: &'static str) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let source = kernel.full_source();
-    let key = format!("{:x}", Sha256::digest(format!("{arch}\n{source}").as_bytes()));
-    let dir = cache_dir();
-    let path = dir.join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]));
+    let path = cache_path(kernel, arch);
     if let Ok(ptx) = std::fs::read_to_string(&path) {
-        return Ok(ptx);
+        if !ptx.is_empty() {
+            return Ok(ptx);
+        }
     }
     let ptx = compile(kernel, arch, &include_dir()?)?;
-    // A cache that cannot be written only costs a recompile next time.
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+    // A cache that cannot be written only costs a recompile next time. The temporary name is unique
+    // per process and thread (engines open GPUs from several threads at once), and the rename
+    // publishes a complete file or nothing.
+    if path.parent().is_some_and(|dir| std::fs::create_dir_all(dir).is_ok()) {
+        static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+        if std::fs::write(&tmp, &ptx).is_err() || std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(ptx)
+}
+
+/// Forgets a cached PTX the driver refused (written by another toolkit, or damaged), so the next
+/// `compile_cached` compiles afresh.
+pub fn evict(kernel: &Kernel, arch: &'static str) {
+    let _ = std::fs::remove_file(cache_path(kernel, arch));
 }
 
 fn cache_dir() -> PathBuf {

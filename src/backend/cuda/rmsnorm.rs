@@ -14,10 +14,12 @@ pub const KERNEL: Kernel = Kernel {
 /// Rows one backward block handles: fewer atomics on `dw`, enough blocks to fill the GPU.
 const ROWS_PER_BLOCK: usize = 32;
 
-/// Threads per row: d/8 when d is a multiple of 256 (at most 8192), which puts the bf16 kernels
-/// on their 16-byte path (one chunk of 8 values per thread, the row read once); else 256.
+/// Threads per row: d/8 when d is a multiple of 256 (at most 4096), which puts the bf16 kernels
+/// on their 16-byte path (one chunk of 8 values per thread, the row read once); else 256. Blocks
+/// stay at 512 threads or fewer, so the kernels never need more registers than a block of 1024
+/// could have (they carry no `__launch_bounds__`).
 fn threads_for(d: usize) -> u32 {
-    if d.is_multiple_of(256) && d / 8 <= 1024 {
+    if d.is_multiple_of(256) && d / 8 <= 512 {
         (d / 8) as u32
     } else {
         256
@@ -35,6 +37,9 @@ pub fn forward<T: Elem>(
     d: usize,
     eps: f32,
 ) -> Result<()> {
+    if rows == 0 {
+        return Ok(()); // an empty grid is a launch error
+    }
     let f = gpu.function(&format!("rmsnorm_fwd_{}", T::SUFFIX))?;
     let d32 = d as i32;
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads_for(d), 1, 1), shared_mem_bytes: 0 };
@@ -56,6 +61,9 @@ pub fn backward<T: Elem>(
     rows: usize,
     d: usize,
 ) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
     let f = gpu.function(&format!("rmsnorm_bwd_{}", T::SUFFIX))?;
     // One f32 per column of dynamic shared memory: past 48 KiB (d > 12288) the limit must be raised.
     f.set_attribute(

@@ -200,8 +200,17 @@ inline void emulated_cp_async_wait_all() {
     emulated_committed.clear();
 }
 
-// Runs `body` for every block of `grid`, each with `block.x` threads. Shared memory starts as garbage.
-inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::function<void()>& body) {
+// Runs `body` for every block of `grid`, each with `block.x` threads. Shared memory starts as NaN
+// (0xFF bytes in bf16 and f32 alike), so a read of a slot nothing wrote shows in the results. With
+// `dynamic_smem` (the launcher's shared_mem_bytes) the bytes past it must still be untouched when
+// the block ends: a kernel indexing beyond what its launcher reserves aborts.
+inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::function<void()>& body,
+                            size_t dynamic_smem = 0) {
+    constexpr size_t GUARD = 4096;
+    if (dynamic_smem + GUARD > sizeof emulated_smem) {
+        std::fprintf(stderr, "emulated_launch: %zu bytes of dynamic shared memory do not fit\n", dynamic_smem);
+        std::abort();
+    }
     gridDim = grid;
     blockDim = block;
     const int nt = block.x;
@@ -213,7 +222,7 @@ inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::fu
                 for (int w = 0; w < (nt + 31) / 32; ++w)
                     ctx.warp.push_back(std::make_unique<std::barrier<>>(std::min(32, nt - 32 * w)));
                 emulated_block = &ctx;
-                std::memset(emulated_smem, 0xA5, sizeof emulated_smem);
+                std::memset(emulated_smem, 0xFF, sizeof emulated_smem);
                 std::vector<std::thread> threads;
                 for (int t = 0; t < nt; ++t)
                     threads.emplace_back([&, t] {
@@ -231,5 +240,12 @@ inline void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, const std::fu
                         ctx.warp[t >> 5]->arrive_and_drop();
                     });
                 for (auto& th : threads) th.join();
+                if (dynamic_smem)
+                    for (size_t i = dynamic_smem; i < dynamic_smem + GUARD; ++i)
+                        if (emulated_smem[i] != 0xFF) {
+                            std::fprintf(stderr, "block (%u,%u,%u) wrote shared memory byte %zu, past the %zu reserved\n",
+                                         bx, by, bz, i, dynamic_smem);
+                            std::abort();
+                        }
             }
 }
