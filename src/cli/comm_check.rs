@@ -85,27 +85,30 @@ pub fn run(args: &CommCheckArgs) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// One rank: exactness of each collective, then all-reduce bandwidth.
+/// One rank: exactness of each collective, then all-reduce bandwidth. A wrong result is noted and
+/// the rank goes on: every rank must make the same collectives in the same order, and one that
+/// returned early would leave the others waiting in their next one for ever.
 fn rank_check(device: usize, rank: usize, world: usize, id: &[u8], n: usize, iters: usize) -> Result<String> {
     let comm = NcclComm::new(device, rank, world, id)?;
+    let mut wrong = Vec::new();
     // Small integers are exact in f32, so every result can be compared for equality.
     let mut buf = vec![(rank + 1) as f32; 1024];
     comm.all_reduce(&mut buf)?;
     let want = (world * (world + 1) / 2) as f32;
     if buf.iter().any(|&x| x != want) {
-        bail!("all_reduce gave {} instead of {want}", buf[0]);
+        wrong.push(format!("all_reduce gave {} instead of {want}", buf[0]));
     }
     let shard: Vec<f32> = (0..256).map(|i| (rank * 256 + i) as f32).collect();
     let mut all = vec![0.0; 256 * world];
     comm.all_gather(&shard, &mut all)?;
     if all.iter().enumerate().any(|(i, &x)| x != i as f32) {
-        bail!("all_gather put values out of rank order");
+        wrong.push("all_gather put values out of rank order".into());
     }
     let input: Vec<f32> = (0..256 * world).map(|i| (i % 256) as f32).collect();
     let mut out = vec![0.0; 256];
     comm.reduce_scatter(&input, &mut out)?;
     if out.iter().enumerate().any(|(i, &x)| x != (i * world) as f32) {
-        bail!("reduce_scatter gave wrong sums");
+        wrong.push("reduce_scatter gave wrong sums".into());
     }
     // Bandwidth on device buffers, as training moves them.
     let mut dev = comm.stream()?.alloc_zeros::<f32>(n)?;
@@ -121,6 +124,9 @@ fn rank_check(device: usize, rank: usize, world: usize, id: &[u8], n: usize, ite
     let algbw = bytes / secs / 1e9;
     // nccl-tests' bus bandwidth: what each link carries in a ring all-reduce.
     let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
+    if !wrong.is_empty() {
+        bail!("{}", wrong.join("; "));
+    }
     Ok(format!(
         "collectives exact; all_reduce {} MiB: {:.2} ms, {algbw:.1} GB/s algorithm, {busbw:.1} GB/s bus",
         (n * 4) >> 20,

@@ -119,13 +119,20 @@ impl<B: Backend> Rank<B> {
             None => self.start_gather(want, layouts[want])?,
         };
         if cur.unit != want {
-            bail!("FSDP: gathered unit {} where the plan wants {want}", cur.unit);
+            let unit = cur.unit;
+            abandon(cur.buf);
+            bail!("FSDP: gathered unit {unit} where the plan wants {want}");
+        }
+        // Waited on first, so an error below drops a buffer nothing writes any more. (The wait
+        // only orders the compute stream; the next gather still overlaps this unit's compute.)
+        if let Err(e) = self.comm.wait(&self.model.backend, cur.ticket) {
+            abandon(cur.buf);
+            return Err(e);
         }
         plan.next += 1;
         if let Some(&u) = plan.order.get(plan.next) {
             plan.ahead = Some(self.start_gather(u, layouts[u])?);
         }
-        self.comm.wait(&self.model.backend, cur.ticket)?;
         Ok(cur.buf)
     }
 
@@ -179,12 +186,22 @@ impl<B: Backend> Rank<B> {
     /// Waits for the reduce-scatter in flight, then lets its input go.
     fn finish_scatter(&mut self) -> Result<()> {
         if let Some((ticket, input, len)) = self.scatter.take() {
-            self.comm.wait(&self.model.backend, ticket)?;
+            if let Err(e) = self.comm.wait(&self.model.backend, ticket) {
+                abandon(input);
+                return Err(e);
+            }
             drop(input);
             self.note_free(len);
         }
         Ok(())
     }
+}
+
+/// Lets go of a buffer a collective may still be writing (an error path: its ticket will never be
+/// waited on) without freeing it: a GPU's allocator would hand the memory out again while NCCL
+/// still writes it. The run is ending; the leak is the safe side.
+fn abandon<Buf>(buf: Buf) {
+    std::mem::forget(buf);
 }
 
 /// A started gather: readable once its ticket is waited on.
@@ -581,9 +598,38 @@ fn on_every_rank<B: Backend, T: Send>(
     Ok(results.into_iter().map(|r| r.expect("checked above")).collect())
 }
 
+/// One rank's step (`rank_step_on`); on an error, the collectives still in flight keep their
+/// buffers (see `abandon`).
 #[allow(clippy::too_many_arguments)]
 fn rank_step<B: Backend>(
     rank: &mut Rank<B>,
+    world: usize,
+    batches: &[Batch],
+    cfg: &LlamaConfig,
+    ranges: &[Range<usize>],
+    sizes: &[usize],
+    layouts: &[ShardLayout],
+    scale: f32,
+    clip: f64,
+    hp: AdamW,
+) -> Result<(f64, f64)> {
+    let mut plan = GatherPlan::for_step(cfg, batches.len());
+    let res = rank_step_on(rank, &mut plan, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp);
+    if res.is_err() {
+        if let Some(f) = plan.ahead.take() {
+            abandon(f.buf);
+        }
+        if let Some((_, input, _)) = rank.scatter.take() {
+            abandon(input);
+        }
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rank_step_on<B: Backend>(
+    rank: &mut Rank<B>,
+    plan: &mut GatherPlan<B::Buf>,
     world: usize,
     batches: &[Batch],
     cfg: &LlamaConfig,
@@ -599,19 +645,18 @@ fn rank_step<B: Backend>(
     let head_unit = n_layer + 1;
     let (embed_len, head_len) = (layouts[0].len, layouts[head_unit].len);
     let mut loss_sum = 0.0f64;
-    let mut plan = GatherPlan::for_step(cfg, batches.len());
     for (k, batch) in batches.iter().enumerate() {
         let last = k + 1 == batches.len();
         let rows = batch.ids.len() / world;
         let (ids, targets) = (&batch.ids[r * rows..(r + 1) * rows], &batch.targets[r * rows..(r + 1) * rows]);
         rank.model.forward_begin(&mut rank.ws, ids, targets)?;
         // The embedding unit is one tensor: its padded gathered buffer is used as is.
-        let e = rank.next_unit(&mut plan, layouts)?;
+        let e = rank.next_unit(plan, layouts)?;
         rank.model.embed_forward(&e, &mut rank.ws)?;
         drop(e);
         rank.note_free(embed_len);
         for l in 0..n_layer {
-            let flat = rank.next_unit(&mut plan, layouts)?;
+            let flat = rank.next_unit(plan, layouts)?;
             let lw = rank.unpack_layer(flat, layouts[1 + l].len, &sizes[ranges[1 + l].clone()])?;
             rank.model.layer_forward(l, &lw, &mut rank.ws)?;
             drop(lw);
@@ -619,7 +664,7 @@ fn rank_step<B: Backend>(
         }
         // The head unit is the final norm, then (untied) the output matrix. A tied head is the
         // embedding: that unit is gathered again.
-        let head_flat = rank.next_unit(&mut plan, layouts)?;
+        let head_flat = rank.next_unit(plan, layouts)?;
         let (final_norm, untied_head) = {
             let b = &rank.model.backend;
             let mut n = b.scratch_as(d, Role::Activation)?;
@@ -639,7 +684,7 @@ fn rank_step<B: Backend>(
         rank.note_free(head_len);
         let head = match untied_head {
             Some(h) => h,
-            None => rank.next_unit(&mut plan, layouts)?,
+            None => rank.next_unit(plan, layouts)?,
         };
         let losses = rank.model.head_forward(&final_norm, &head, &mut rank.ws, targets, Some(scale))?;
         loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
@@ -671,7 +716,7 @@ fn rank_step<B: Backend>(
         };
         for l in (0..n_layer).rev() {
             let w = layouts[1 + l].len;
-            let flat = rank.next_unit(&mut plan, layouts)?;
+            let flat = rank.next_unit(plan, layouts)?;
             let lw = rank.unpack_layer(flat, w, &sizes[ranges[1 + l].clone()])?;
             let b = &rank.model.backend;
             let parts =
