@@ -27,7 +27,17 @@ fn cuda() -> Option<Cuda> {
 fn cublaslt_gemm_in_every_transposition_and_output_type() {
     let Some(c) = cuda() else { return };
     let cpu = Cpu::new();
-    let (m, n, k) = (100, 72, 56);
+    // A small shape (the heuristic's first algorithm) and one large enough to be autotuned (its
+    // candidates timed on the real operands, accumulating ones on a scratch copy).
+    for (m, n, k) in [(100, 72, 56), (1024, 1024, 2048)] {
+        gemms_match_the_cpu(&c, &cpu, m, n, k);
+    }
+    if std::env::var("KILN_GEMM_AUTOTUNE").map_or(true, |v| v != "0") {
+        assert!(!c.gemm_tuning().is_empty(), "the 1024x1024x2048 GEMMs were not autotuned");
+    }
+}
+
+fn gemms_match_the_cpu(c: &Cuda, cpu: &Cpu, m: usize, n: usize, k: usize) {
     for (i, (trans_a, trans_b)) in [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate()
     {
         for accumulate in [false, true] {
@@ -180,11 +190,26 @@ fn train_curve<B: Backend>(b: B, cfg: &LlamaConfig, host: &Weights<Vec<f32>>, st
     curve
 }
 
+/// The 200-step comparison's model: small enough that its CPU half takes seconds.
+fn curve_config() -> LlamaConfig {
+    LlamaConfig { n_layer: 2, d_model: 128, n_head: 2, n_kv_head: 1, d_ff: 344, vocab_size: 512, ..small_config() }
+}
+
+/// The premise of the GPU comparison below, checked on every machine: the CPU reference run learns
+/// the chain within 200 steps by the margin that test asks of both runs.
+#[test]
+fn the_reference_run_learns_on_the_cpu() {
+    let cfg = curve_config();
+    let cpu = train_curve(Cpu::new(), &cfg, &shared_weights(&cfg), 200);
+    let end = cpu[180..].iter().sum::<f32>() / 20.0;
+    eprintln!("cpu: step 1 {:.4}, last 20 steps {end:.4}", cpu[0]);
+    assert!(end < 0.6 * cpu[0], "the CPU run did not learn: {} → {end}", cpu[0]);
+}
+
 #[test]
 fn two_hundred_training_steps_track_the_cpu_run() {
     let Some(c) = cuda() else { return };
-    let cfg =
-        LlamaConfig { n_layer: 2, d_model: 128, n_head: 2, n_kv_head: 1, d_ff: 344, vocab_size: 512, ..small_config() };
+    let cfg = curve_config();
     let host = shared_weights(&cfg);
     let steps = 200;
     let cpu = train_curve(Cpu::new(), &cfg, &host, steps);

@@ -27,6 +27,10 @@ use std::sync::Mutex;
 const CANDIDATES: usize = 8;
 /// Timed runs per candidate, after one untimed run.
 const TIMED_RUNS: usize = 3;
+/// GEMMs below this size keep the heuristic's first choice untimed: a training step's GEMMs are all
+/// far above it (TinyLlama's smallest is 17 GFLOP), while decoding and prompt prefill bring a new row
+/// count (a new shape) with nearly every call, where timing 8 candidates would cost more than it saves.
+const TUNE_MIN_FLOPS: f64 = 4e9;
 /// An accumulating GEMM is tuned on a scratch output of its shape, allocated in the first backward,
 /// when memory is at its peak; above this size (a large vocabulary's LM-head gradient) the heuristic's
 /// first choice is kept untimed rather than risk running out of memory for a few percent.
@@ -180,7 +184,8 @@ impl Blas {
             .map_err(|e| anyhow!("cuBLASLt transpose attributes: {e}"))?;
         let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e}"))?;
         let ws = self.workspace.len() as u64;
-        let wanted = if self.autotune { CANDIDATES } else { 1 };
+        let wanted =
+            if self.autotune && 2.0 * (key.m * key.n * key.k) as f64 >= TUNE_MIN_FLOPS { CANDIDATES } else { 1 };
         // SAFETY: a zeroed heuristic result is a valid bit pattern (plain integers and arrays).
         let mut results = vec![unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() }; wanted];
         let mut found = 0i32;
