@@ -139,7 +139,12 @@ def main():
     a = ap.parse_args()
     global DEV
     DEV = a.device
-    name = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
+    try:
+        name = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
+    except Exception as e:  # noqa: BLE001 - no usable GPU: one reported line, not a traceback
+        print(json.dumps({"bench": "error", "what": "device", "error": f"{type(e).__name__}: {e}"[:300],
+                          "row": ["torch baseline", f"FAILED: no GPU for torch ({type(e).__name__})"]}), flush=True)
+        return 1
     print(json.dumps({"bench": "device", "name": name, "torch": torch.__version__}), flush=True)
     failed = False
     # Each figure on its own: one that fails (an SDPA backend this torch lacks, out of memory) is

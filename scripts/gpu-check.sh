@@ -87,12 +87,17 @@ echo "== PyTorch baseline (bench/torch_baseline.py)"
 if [ -x "$PY" ]; then
   timeout 180 "$PY" bench/torch_baseline.py | tee "$LIBS/torch.jsonl"
   # Each result line carries its own table row (label, figure); see summary_row there.
+  n=0
   while IFS=$'\t' read -r label figure; do
-    row "$label" "$figure"
+    row "$label" "$figure"; n=$((n + 1))
   done < <("$PY" -c 'import json,sys
 for line in sys.stdin:
-    r = json.loads(line).get("row")
+    try:
+        r = json.loads(line).get("row")
+    except ValueError:
+        continue
     if r: print(r[0] + "\t" + r[1])' < "$LIBS/torch.jsonl")
+  [ "$n" -gt 0 ] || row "torch baseline" "FAILED: no result (see the log above)"
 else
   row "torch baseline" "skipped (no $PY)"
 fi
