@@ -222,13 +222,14 @@ fn two_hundred_training_steps_track_the_cpu_run() {
     // It learns: the chain has 4 successors per token, so the floor is ln 4 ≈ 1.39 from ln 512 ≈ 6.24.
     assert!(cpu_end < 0.6 * cpu[0], "the CPU run did not learn: {} → {cpu_end}", cpu[0]);
     assert!(gpu_end < 0.6 * gpu[0], "the CUDA run did not learn: {} → {gpu_end}", gpu[0]);
-    // And the GPU run follows it: every 20-step window's mean within 10% of the CPU's (bf16
-    // activations drift a little from the f32 run; a wrong gradient drifts far or stops learning).
+    // And the GPU run follows it: every 20-step window's mean within 10% (plus 0.05 nats, for the
+    // steepest windows, where a lag of a step is most visible) of the CPU's (bf16 activations drift a
+    // little from the f32 run; a wrong gradient drifts far or stops learning).
     for w in 0..steps / 20 {
         let (a, b) = (&cpu[w * 20..w * 20 + 20], &gpu[w * 20..w * 20 + 20]);
         let (ma, mb) = (a.iter().sum::<f32>() / 20.0, b.iter().sum::<f32>() / 20.0);
         assert!(
-            mb.is_finite() && (ma - mb).abs() < 0.1 * ma,
+            mb.is_finite() && (ma - mb).abs() < 0.1 * ma + 0.05,
             "steps {}..{}: cpu {ma:.4} vs cuda {mb:.4}",
             w * 20,
             w * 20 + 20

@@ -16,7 +16,13 @@ fn launchers_list_exactly_the_entry_points_of_their_sources() {
         assert_eq!(defined, listed, "kernels/{}.cu", k.name);
         assert!(!defined.is_empty(), "kernels/{}.cu defines no entry point", k.name);
     }
-    let mut files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels"))
+    // The build tree's kernels/, or, where this binary was carried to another machine's checkout
+    // (scripts/gpu-check.sh runs from its root), the one in the working directory.
+    let dir = [concat!(env!("CARGO_MANIFEST_DIR"), "/kernels"), "kernels"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).is_dir())
+        .expect("no kernels/ directory beside the build tree or in the working directory");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.ends_with(".cu"))

@@ -122,11 +122,19 @@ fn rank_check(device: usize, rank: usize, world: usize, id: &[u8], n: usize, ite
     let secs = t.elapsed().as_secs_f64() / iters.max(1) as f64;
     let bytes = (n * 4) as f64;
     let algbw = bytes / secs / 1e9;
-    // nccl-tests' bus bandwidth: what each link carries in a ring all-reduce.
-    let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
     if !wrong.is_empty() {
         bail!("{}", wrong.join("; "));
     }
+    if world == 1 {
+        // Nothing crosses a link: the all-reduce is a device copy, and nccl-tests' bus figure is 0.
+        return Ok(format!(
+            "collectives exact; all_reduce {} MiB: {:.2} ms, {algbw:.1} GB/s algorithm (one rank: a local copy)",
+            (n * 4) >> 20,
+            secs * 1e3
+        ));
+    }
+    // nccl-tests' bus bandwidth: what each link carries in a ring all-reduce.
+    let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
     Ok(format!(
         "collectives exact; all_reduce {} MiB: {:.2} ms, {algbw:.1} GB/s algorithm, {busbw:.1} GB/s bus",
         (n * 4) >> 20,
