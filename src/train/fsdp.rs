@@ -183,6 +183,17 @@ impl<B: Backend> Rank<B> {
         Ok(())
     }
 
+    /// After a failed step: the gather and reduce-scatter still in flight keep their buffers (see
+    /// `abandon`), since their tickets will never be waited on.
+    fn abandon_in_flight(&mut self, mut plan: GatherPlan<B::Buf>) {
+        if let Some(f) = plan.ahead.take() {
+            abandon(f.buf);
+        }
+        if let Some((_, input, _)) = self.scatter.take() {
+            abandon(input);
+        }
+    }
+
     /// Waits for the reduce-scatter in flight, then lets its input go.
     fn finish_scatter(&mut self) -> Result<()> {
         if let Some((ticket, input, len)) = self.scatter.take() {
@@ -431,7 +442,12 @@ impl<B: Backend> Fsdp<B> {
             if fault == Some((i, step)) {
                 bail!("injected fault at step {step}");
             }
-            rank_step(rank, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp)
+            let mut plan = GatherPlan::for_step(cfg, batches.len());
+            let res = rank_step(rank, &mut plan, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp);
+            if res.is_err() {
+                rank.abandon_in_flight(plan);
+            }
+            res
         })?;
         Ok(results[0])
     }
@@ -598,36 +614,8 @@ fn on_every_rank<B: Backend, T: Send>(
     Ok(results.into_iter().map(|r| r.expect("checked above")).collect())
 }
 
-/// One rank's step (`rank_step_on`); on an error, the collectives still in flight keep their
-/// buffers (see `abandon`).
 #[allow(clippy::too_many_arguments)]
 fn rank_step<B: Backend>(
-    rank: &mut Rank<B>,
-    world: usize,
-    batches: &[Batch],
-    cfg: &LlamaConfig,
-    ranges: &[Range<usize>],
-    sizes: &[usize],
-    layouts: &[ShardLayout],
-    scale: f32,
-    clip: f64,
-    hp: AdamW,
-) -> Result<(f64, f64)> {
-    let mut plan = GatherPlan::for_step(cfg, batches.len());
-    let res = rank_step_on(rank, &mut plan, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp);
-    if res.is_err() {
-        if let Some(f) = plan.ahead.take() {
-            abandon(f.buf);
-        }
-        if let Some((_, input, _)) = rank.scatter.take() {
-            abandon(input);
-        }
-    }
-    res
-}
-
-#[allow(clippy::too_many_arguments)]
-fn rank_step_on<B: Backend>(
     rank: &mut Rank<B>,
     plan: &mut GatherPlan<B::Buf>,
     world: usize,
