@@ -104,21 +104,21 @@ fn swiglu_forward_and_backward() {
     let n = (1 << 20) + 5;
     let (gate, up, dout) = (bf(&randn(n, 6, 4.0)), bf(&randn(n, 7, 2.0)), bf(&randn(n, 8, 1.0)));
     let mut out = vec![0.0; n];
-    cpu.swiglu_forward(&mut out, &gate, &up).unwrap();
+    cpu.swiglu_forward(&mut out, &gate, &up, n).unwrap();
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    cpu.swiglu_backward(&mut dg, &mut du, &dout, &gate, &up).unwrap();
+    cpu.swiglu_backward(&mut dg, &mut du, &dout, &gate, &up, n).unwrap();
     let mut go = poison_f32(&g, n);
-    swiglu::forward(&g, &mut go, &up_f32(&g, &gate), &up_f32(&g, &up)).unwrap();
+    swiglu::forward(&g, &mut go, &up_f32(&g, &gate), &up_f32(&g, &up), n).unwrap();
     assert_close(&down_f32(&g, &go), &out, 1e-5, "swiglu fwd f32");
     let (mut gdg, mut gdu) = (poison_f32(&g, n), poison_f32(&g, n));
-    swiglu::backward(&g, &mut gdg, &mut gdu, &up_f32(&g, &dout), &up_f32(&g, &gate), &up_f32(&g, &up)).unwrap();
+    swiglu::backward(&g, &mut gdg, &mut gdu, &up_f32(&g, &dout), &up_f32(&g, &gate), &up_f32(&g, &up), n).unwrap();
     assert_close(&down_f32(&g, &gdg), &dg, 1e-5, "swiglu dgate f32");
     assert_close(&down_f32(&g, &gdu), &du, 1e-5, "swiglu dup f32");
     let mut go = poison_bf16(&g, n);
-    swiglu::forward(&g, &mut go, &up_bf16(&g, &gate), &up_bf16(&g, &up)).unwrap();
+    swiglu::forward(&g, &mut go, &up_bf16(&g, &gate), &up_bf16(&g, &up), n).unwrap();
     assert_close(&down_bf16(&g, &go), &out, 1e-2, "swiglu fwd bf16");
     let (mut gdg, mut gdu) = (poison_bf16(&g, n), poison_bf16(&g, n));
-    swiglu::backward(&g, &mut gdg, &mut gdu, &up_bf16(&g, &dout), &up_bf16(&g, &gate), &up_bf16(&g, &up)).unwrap();
+    swiglu::backward(&g, &mut gdg, &mut gdu, &up_bf16(&g, &dout), &up_bf16(&g, &gate), &up_bf16(&g, &up), n).unwrap();
     assert_close(&down_bf16(&g, &gdg), &dg, 1e-2, "swiglu dgate bf16");
     assert_close(&down_bf16(&g, &gdu), &du, 1e-2, "swiglu dup bf16");
 }

@@ -253,16 +253,21 @@ fn swiglu_forward_and_backward() {
     let up = randv(&mut r, n, 2.0);
     let proj = randv(&mut r, n, 1.0);
     let mut out = vec![0.0; n];
-    Cpu.swiglu_forward(&mut out, &gate, &up).unwrap();
+    Cpu.swiglu_forward(&mut out, &gate, &up, n).unwrap();
     for i in 0..n {
         let g = gate[i] as f64;
         assert!((out[i] as f64 - g / (1.0 + (-g).exp()) * up[i] as f64).abs() < 1e-5);
     }
+    // Only the first n values are computed (decoding one row in a workspace sized for a chunk).
+    let mut part = vec![f32::NAN; n];
+    Cpu.swiglu_forward(&mut part, &gate, &up, n - 100).unwrap();
+    assert_eq!(&part[..n - 100], &out[..n - 100]);
+    assert!(part[n - 100..].iter().all(|x| x.is_nan()), "values past n were written");
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    Cpu.swiglu_backward(&mut dg, &mut du, &proj, &gate, &up).unwrap();
+    Cpu.swiglu_backward(&mut dg, &mut du, &proj, &gate, &up, n).unwrap();
     let run = |g: &[f32], u: &[f32]| {
         let mut o = vec![0.0; n];
-        Cpu.swiglu_forward(&mut o, &g.to_vec(), &u.to_vec()).unwrap();
+        Cpu.swiglu_forward(&mut o, &g.to_vec(), &u.to_vec(), n).unwrap();
         project(&o, &proj)
     };
     check_grad("swiglu dgate", &mut gate.clone(), &dg, 60, H, TOL, |g| run(g, &up));

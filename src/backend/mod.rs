@@ -263,9 +263,10 @@ pub trait Backend: Send + Sync + 'static {
         shape: AttnShape,
     ) -> Result<()>;
 
-    /// `out = silu(gate) * up`.
-    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
-    /// Overwrites `dgate`, `dup`.
+    /// `out = silu(gate) * up` over the first `n` values (a workspace sized for a whole prefill chunk
+    /// decodes one row at a time: only that row is computed).
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize) -> Result<()>;
+    /// Overwrites the first `n` values of `dgate`, `dup`.
     fn swiglu_backward(
         &self,
         dgate: &mut Self::Buf,
@@ -273,6 +274,7 @@ pub trait Backend: Send + Sync + 'static {
         dout: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
+        n: usize,
     ) -> Result<()>;
 
     /// Softmax cross-entropy over rows of `logits` (`[rows, vocab]`). Returns the per-row loss

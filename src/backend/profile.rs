@@ -175,8 +175,8 @@ impl<B: Backend> Backend for Profiled<B> {
             b.attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape)
         })
     }
-    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()> {
-        self.timed("swiglu", 0.0, |b| b.swiglu_forward(out, gate, up))
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize) -> Result<()> {
+        self.timed("swiglu", 0.0, |b| b.swiglu_forward(out, gate, up, n))
     }
     fn swiglu_backward(
         &self,
@@ -185,8 +185,9 @@ impl<B: Backend> Backend for Profiled<B> {
         dout: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
+        n: usize,
     ) -> Result<()> {
-        self.timed("swiglu backward", 0.0, |b| b.swiglu_backward(dgate, dup, dout, gate, up))
+        self.timed("swiglu backward", 0.0, |b| b.swiglu_backward(dgate, dup, dout, gate, up, n))
     }
     fn cross_entropy(
         &self,

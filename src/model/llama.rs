@@ -257,7 +257,7 @@ impl<B: Backend> Llama<B> {
         b.rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, rows, d, eps)?;
         b.matmul(&mut a.gate, &a.ln2, &w.gate_proj, Gemm::linear(rows, d, ff))?;
         b.matmul(&mut a.up, &a.ln2, &w.up_proj, Gemm::linear(rows, d, ff))?;
-        b.swiglu_forward(&mut a.act, &a.gate, &a.up)?;
+        b.swiglu_forward(&mut a.act, &a.gate, &a.up, rows * ff)?;
         b.matmul_residual(x_out, &a.x_mid, &a.act, &w.down_proj, Gemm::linear(rows, ff, d))?;
         Ok(())
     }
@@ -411,7 +411,7 @@ impl<B: Backend> Llama<B> {
         // MLP sub-layer: x_out = x_mid + down(silu(gate(n)) * up(n)), n = norm(x_mid).
         b.matmul(&mut g.d_act, dx, &w.down_proj, Gemm::linear_dx(rows, ff, d))?;
         b.matmul(&mut gw.down_proj, dx, &a.act, Gemm::linear_dw(rows, ff, d))?;
-        b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up)?;
+        b.swiglu_backward(&mut g.d_gate, &mut g.d_up, &g.d_act, &a.gate, &a.up, rows * ff)?;
         b.matmul(&mut g.d_ln, &g.d_gate, &w.gate_proj, Gemm::linear_dx(rows, d, ff))?;
         b.matmul(&mut g.d_ln, &g.d_up, &w.up_proj, Gemm::linear_dx(rows, d, ff).accumulating())?;
         b.matmul(&mut gw.gate_proj, &g.d_gate, &a.ln2, Gemm::linear_dw(rows, d, ff))?;

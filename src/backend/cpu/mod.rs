@@ -18,7 +18,7 @@ mod xent;
 pub use attention::{attention_backward, attention_forward};
 
 use super::{AdamW, AttnShape, Backend, Gemm, RopeShape};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// Raw pointer that tasks may share when each writes a disjoint region (checked by construction
 /// in the callers, documented at each use).
@@ -157,8 +157,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn swiglu_forward(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> Result<()> {
-        swiglu::forward(out, gate, up);
+    fn swiglu_forward(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, n: usize) -> Result<()> {
+        if [out.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
+            bail!("swiglu: {n} values asked of buffers of {}, {} and {}", out.len(), gate.len(), up.len());
+        }
+        swiglu::forward(&mut out[..n], &gate[..n], &up[..n]);
         Ok(())
     }
     fn swiglu_backward(
@@ -168,8 +171,12 @@ impl Backend for Cpu {
         dout: &Vec<f32>,
         gate: &Vec<f32>,
         up: &Vec<f32>,
+        n: usize,
     ) -> Result<()> {
-        swiglu::backward(dgate, dup, dout, gate, up);
+        if [dgate.len(), dup.len(), dout.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
+            bail!("swiglu backward: {n} values asked of a shorter buffer");
+        }
+        swiglu::backward(&mut dgate[..n], &mut dup[..n], &dout[..n], &gate[..n], &up[..n]);
         Ok(())
     }
 

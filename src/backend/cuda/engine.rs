@@ -359,8 +359,8 @@ impl Backend for Cuda {
         )
     }
 
-    fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
-        swiglu::forward(&self.gpu, out.bf16_mut("swiglu")?, gate.bf16("swiglu gate")?, up.bf16("swiglu up")?)
+    fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) -> Result<()> {
+        swiglu::forward(&self.gpu, out.bf16_mut("swiglu")?, gate.bf16("swiglu gate")?, up.bf16("swiglu up")?, n)
     }
 
     fn swiglu_backward(
@@ -370,6 +370,7 @@ impl Backend for Cuda {
         dout: &CudaBuf,
         gate: &CudaBuf,
         up: &CudaBuf,
+        n: usize,
     ) -> Result<()> {
         swiglu::backward(
             &self.gpu,
@@ -378,6 +379,7 @@ impl Backend for Cuda {
             dout.bf16("swiglu dout")?,
             gate.bf16("swiglu gate")?,
             up.bf16("swiglu up")?,
+            n,
         )
     }
 

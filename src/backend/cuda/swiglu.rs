@@ -11,14 +11,24 @@ pub const KERNEL: Kernel = Kernel {
     entries: &["swiglu_fwd_f32", "swiglu_fwd_bf16", "swiglu_bwd_f32", "swiglu_bwd_bf16"],
 };
 
-pub fn forward<T: Elem>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &CudaSlice<T>, up: &CudaSlice<T>) -> Result<()> {
-    if gate.len() != out.len() || up.len() != out.len() {
-        anyhow::bail!("swiglu: buffers of {}, {} and {} values", out.len(), gate.len(), up.len());
+/// `out = silu(gate) * up` over the first `n` values.
+pub fn forward<T: Elem>(
+    gpu: &Gpu,
+    out: &mut CudaSlice<T>,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    if [out.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
+        anyhow::bail!("swiglu: {n} values asked of buffers of {}, {} and {}", out.len(), gate.len(), up.len());
+    }
+    if n == 0 {
+        return Ok(());
     }
     let f = gpu.function(&format!("swiglu_fwd_{}", T::SUFFIX))?;
-    let n = out.len() as i64;
+    let n = n as i64;
     let cfg = elementwise_config((n as usize).div_ceil(T::PER_THREAD));
-    // SAFETY: argument order and types match the kernel; all three hold n values.
+    // SAFETY: argument order and types match the kernel; all three hold at least n values.
     unsafe { gpu.stream.launch_builder(f).arg(out).arg(gate).arg(up).arg(&n).launch(cfg) }?;
     Ok(())
 }
@@ -30,10 +40,13 @@ pub fn backward<T: Elem>(
     dout: &CudaSlice<T>,
     gate: &CudaSlice<T>,
     up: &CudaSlice<T>,
+    n: usize,
 ) -> Result<()> {
-    let n = dout.len();
-    if [dgate.len(), dup.len(), gate.len(), up.len()].iter().any(|&l| l != n) {
-        anyhow::bail!("swiglu backward: buffers of unequal length");
+    if [dgate.len(), dup.len(), dout.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
+        anyhow::bail!("swiglu backward: {n} values asked of a shorter buffer");
+    }
+    if n == 0 {
+        return Ok(());
     }
     let f = gpu.function(&format!("swiglu_bwd_{}", T::SUFFIX))?;
     let n = n as i64;
