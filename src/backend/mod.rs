@@ -167,6 +167,15 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// The first `n` values only (a workspace buffer sized for more rows than were computed).
+    fn download_prefix(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>> {
+        let mut v = self.download(buf)?;
+        if v.len() < n {
+            anyhow::bail!("download of {n} values from a buffer of {}", v.len());
+        }
+        v.truncate(n);
+        Ok(v)
+    }
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.

@@ -91,6 +91,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         self.inner.download(buf)
     }
+    fn download_prefix(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>> {
+        self.inner.download_prefix(buf, n)
+    }
     fn len(&self, buf: &Self::Buf) -> usize {
         self.inner.len(buf)
     }

@@ -128,8 +128,14 @@ impl<B: Backend> Llama<B> {
                 let eps = cfg.norm_eps as f32;
                 b.rmsnorm_forward(&mut a.norm, &mut a.rstd, out, &self.weights.final_norm, seq, d, eps)?;
                 b.matmul(&mut a.logits, &a.norm, self.weights.head(), Gemm::linear(seq, d, v))?;
-                let host = b.download(&a.logits)?;
-                all_logits.extend_from_slice(&host[..seq * v]);
+                // Only this chunk's rows: the buffer holds a whole chunk's (and on the CPU a
+                // download is a copy).
+                let host = b.download_prefix(&a.logits, seq * v)?;
+                if all_logits.is_empty() {
+                    all_logits = host;
+                } else {
+                    all_logits.extend_from_slice(&host);
+                }
             }
         }
         if all_rows {

@@ -60,6 +60,10 @@ impl Backend for Cpu {
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }
+    fn download_prefix(&self, buf: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        ensure!(n <= buf.len(), "download of {n} values from a buffer of {}", buf.len());
+        Ok(buf[..n].to_vec())
+    }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }

@@ -167,10 +167,17 @@ impl Backend for Cuda {
     }
 
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        self.download_prefix(buf, buf.len())
+    }
+
+    fn download_prefix(&self, buf: &CudaBuf, n: usize) -> Result<Vec<f32>> {
+        if n > buf.len() {
+            bail!("download of {n} values from a buffer of {}", buf.len());
+        }
         let s = &self.gpu.stream;
         Ok(match &buf.data {
-            Data::Bf16(x) => s.clone_dtoh(x)?.into_iter().map(f32::from).collect(),
-            Data::F32(x) | Data::Param { master: x, .. } => s.clone_dtoh(x)?,
+            Data::Bf16(x) => s.clone_dtoh(&x.slice(..n))?.into_iter().map(f32::from).collect(),
+            Data::F32(x) | Data::Param { master: x, .. } => s.clone_dtoh(&x.slice(..n))?,
         })
     }
 
