@@ -534,6 +534,14 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, 
     float scale) {
     fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
+// The same forward held to 128 registers so that 4 blocks share an SM instead of 3 (ptxas spills 20
+// bytes for it on sm_90). Which is faster is for a card to say: `kiln bench attention` times both, and
+// the engine takes this one only with KILN_FA_FWD_D64_BLOCKS=4.
+extern "C" __global__ void __launch_bounds__(128, 4) flash_attn_fwd_d64_4(bf16* out, float* lse, const bf16* q,
+    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
+    float scale) {
+    fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d128(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {

@@ -10,6 +10,7 @@ pub const KERNEL: Kernel = Kernel {
     source: include_str!("../../../kernels/flash_attn.cu"),
     entries: &[
         "flash_attn_fwd_d64",
+        "flash_attn_fwd_d64_4",
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
         "flash_attn_bwd_d64",
@@ -93,6 +94,14 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
     }
 }
 
+/// Blocks per SM the head_dim 64 forward is compiled for: 3 (the default entry point) or 4
+/// (`flash_attn_fwd_d64_4`, held to 128 registers), chosen by `KILN_FA_FWD_D64_BLOCKS=4` until a card
+/// has timed both (`kiln bench attention` reports each).
+pub fn fwd_d64_blocks() -> u32 {
+    static BLOCKS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *BLOCKS.get_or_init(|| if std::env::var("KILN_FA_FWD_D64_BLOCKS").is_ok_and(|v| v == "4") { 4 } else { 3 })
+}
+
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention.
 pub fn forward(
     gpu: &Gpu,
@@ -103,11 +112,30 @@ pub fn forward(
     v: &CudaSlice<bf16>,
     s: AttnShape,
 ) -> Result<()> {
+    forward_on(gpu, out, lse, q, k, v, s, fwd_d64_blocks())
+}
+
+/// `forward` with the head_dim 64 kernel compiled for `d64_blocks` blocks per SM (3 or 4).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_on(
+    gpu: &Gpu,
+    out: &mut CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    s: AttnShape,
+    d64_blocks: u32,
+) -> Result<()> {
     let d = check(&s, &[out.len(), q.len()], &[k.len(), v.len()], &[lse.len()])?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
-    let f = gpu.function(&format!("flash_attn_fwd_{d}"))?;
+    let entry = match (d, d64_blocks) {
+        ("d64", 4) => "flash_attn_fwd_d64_4".to_string(),
+        _ => format!("flash_attn_fwd_{d}"),
+    };
+    let f = gpu.function(&entry)?;
     let smem = fwd_shared_bytes(s.head_dim);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);

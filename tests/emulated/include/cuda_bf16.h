@@ -22,7 +22,7 @@
 // Blocks run one after another, so a function-local static is exactly one block's shared array.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 struct EmulatedDim3 {
     unsigned x = 0, y = 0, z = 0;
