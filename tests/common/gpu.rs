@@ -19,9 +19,22 @@ pub fn or_skip<T>(opened: anyhow::Result<T>) -> Option<T> {
     }
 }
 
-/// Uniform values in [-scale, scale) from a seed.
+/// This run's inputs: fresh each run (from the clock), so the kernels are checked on new values every
+/// time, and printed, so `KILN_TEST_SEED=<it>` draws the same ones again.
+pub fn run_seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let seed = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        eprintln!("GPU test inputs from seed {seed} (KILN_TEST_SEED={seed} draws them again)");
+        seed
+    })
+}
+
+/// Uniform values in [-scale, scale): stream `seed` of this run's inputs (see `run_seed`).
 pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ run_seed().rotate_left(17));
     (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
 }
 
