@@ -192,7 +192,7 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
 
     let (gq, gk, gv) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v));
     let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s).unwrap();
+    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, flash_attn::fwd_d64_blocks()).unwrap();
     let tag = format!("flash-attn hd{} q{} kv{} heads {}/{}", s.head_dim, s.q_len, s.kv_len, s.n_head, s.n_kv_head);
     assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("{tag} out"));
     assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("{tag} lse"));
@@ -200,7 +200,7 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
         // The forward's other build (4 blocks per SM or 3), which `kiln bench attention` also times.
         let other = 7 - flash_attn::fwd_d64_blocks();
         let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-        flash_attn::forward_on(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
+        flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
         assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({other} blocks/SM)"));
         assert_close(&down_f32(g, &l2), &lse, 1e-3, &format!("{tag} lse ({other} blocks/SM)"));
     }

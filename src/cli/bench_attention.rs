@@ -61,16 +61,17 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         gpu.synchronize()?;
         Ok(t.elapsed().as_secs_f64() / iters as f64)
     };
-    let fwd_secs = timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s))?;
+    let used = flash_attn::fwd_d64_blocks();
+    let fwd_secs = timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used))?;
     let secs = timed(&mut || {
-        flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s)?;
+        flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used)?;
         flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)
     })?;
     let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
     // The head_dim 64 forward's other build (4 blocks per SM instead of 3, held to 128 registers).
-    let other = if s.head_dim == 64 { 7 - flash_attn::fwd_d64_blocks() } else { 0 };
+    let other = if s.head_dim == 64 { 7 - used } else { 0 };
     let other_secs = if other > 0 {
-        Some(timed(&mut || flash_attn::forward_on(&gpu, &mut out, &mut lse, &q, &k, &v, s, other))?)
+        Some(timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, other))?)
     } else {
         None
     };
@@ -90,7 +91,6 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         ("  backward (delta, dQ cast incl.)".into(), rate(2.5 * fwd_flops, bwd_secs)),
     ];
     if let Some(t) = other_secs {
-        let used = flash_attn::fwd_d64_blocks();
         rows[3].0 = format!("  forward ({used} blocks/SM)");
         rows.push((format!("  forward ({other} blocks/SM)"), rate(fwd_flops, t)));
     }

@@ -335,7 +335,8 @@ impl Backend for Cuda {
         shape: AttnShape,
     ) -> Result<()> {
         let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
-        flash_attn::forward(&self.gpu, out.bf16_mut("attention")?, lse.f32_mut("attention lse")?, q, k, v, shape)
+        let (out, lse) = (out.bf16_mut("attention")?, lse.f32_mut("attention lse")?);
+        flash_attn::forward(&self.gpu, out, lse, q, k, v, shape, flash_attn::fwd_d64_blocks())
     }
 
     fn attention_backward(

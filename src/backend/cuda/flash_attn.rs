@@ -102,22 +102,10 @@ pub fn fwd_d64_blocks() -> u32 {
     *BLOCKS.get_or_init(|| if std::env::var("KILN_FA_FWD_D64_BLOCKS").is_ok_and(|v| v == "4") { 4 } else { 3 })
 }
 
-/// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention.
-pub fn forward(
-    gpu: &Gpu,
-    out: &mut CudaSlice<bf16>,
-    lse: &mut CudaSlice<f32>,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    s: AttnShape,
-) -> Result<()> {
-    forward_on(gpu, out, lse, q, k, v, s, fwd_d64_blocks())
-}
-
-/// `forward` with the head_dim 64 kernel compiled for `d64_blocks` blocks per SM (3 or 4).
+/// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
+/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3 or 4; see `fwd_d64_blocks`).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_on(
+pub fn forward(
     gpu: &Gpu,
     out: &mut CudaSlice<bf16>,
     lse: &mut CudaSlice<f32>,
