@@ -3,7 +3,7 @@
 //! pip wheels nvidia-cuda-nvrtc==13.0.88 and nvidia-cuda-runtime==13.0.96 (.ci/run installs them);
 //! without them the compile part is skipped with a note, unless KILN_REQUIRE_NVRTC=1.
 
-use kiln::backend::cuda::kernels::{compile, entry_points, include_dir, ALL};
+use kiln::backend::cuda::kernels::{cache_path, compile, compile_cached, entry_points, include_dir, ALL};
 use kiln::backend::cuda::libs::{require, CudaLib};
 
 #[test]
@@ -61,4 +61,33 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Engines open GPUs from several threads at once: with a cold cache they all compile, every one
+/// gets the same PTX, exactly one complete file is left (no temporary ones), and an empty (damaged)
+/// cache file is compiled afresh rather than served.
+#[test]
+fn threads_share_the_ptx_cache_safely() {
+    let required = std::env::var("KILN_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    if let Err(e) = require("the kernel cache check", &[CudaLib::Nvrtc]).and_then(|_| include_dir()) {
+        assert!(!required, "KILN_REQUIRE_NVRTC=1 but {e:#}");
+        eprintln!("skipped: {e:#}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: no other test of this binary reads the variable or the kernel cache.
+    unsafe { std::env::set_var("KILN_KERNEL_CACHE", dir.path()) };
+    let k = ALL.iter().find(|k| k.name == "rmsnorm").unwrap();
+    let ptx: Vec<String> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4).map(|_| s.spawn(|| compile_cached(k, "compute_90").unwrap())).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(ptx.iter().all(|p| p == &ptx[0] && p.contains(".entry rmsnorm_fwd_bf16(")));
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let path = cache_path(k, "compute_90");
+    assert_eq!(files, vec![path.clone()], "one cache file and nothing else");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), ptx[0]);
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(compile_cached(k, "compute_90").unwrap(), ptx[0], "an empty cache file is compiled afresh");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), ptx[0], "and replaced");
 }

@@ -108,7 +108,7 @@ fn nvrtc_version() -> String {
     }
 }
 
-/// `compile`, through the on-disk cache (`$XDG_CACHE_HOME/kiln/kernels` or `~/.cache/kiln/kernels`).
+/// `compile`, through the on-disk cache (`cache_dir`).
 pub fn compile_cached(kernel: &Kernel, arch: &'static str) -> Result<String> {
     let path = cache_path(kernel, arch);
     if let Ok(ptx) = std::fs::read_to_string(&path) {
@@ -137,7 +137,11 @@ pub fn evict(kernel: &Kernel, arch: &'static str) {
     let _ = std::fs::remove_file(cache_path(kernel, arch));
 }
 
+/// `KILN_KERNEL_CACHE`, else `$XDG_CACHE_HOME/kiln/kernels` or `~/.cache/kiln/kernels`.
 fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_KERNEL_CACHE") {
+        return PathBuf::from(dir);
+    }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
