@@ -110,44 +110,35 @@ fn exp_shifted_portable(a: &mut [f32], shift: f32) {
     }
 }
 
-/// Σ a² in f64, eight partial sums in a fixed order.
-pub fn sum_squares_f64(a: &[f32]) -> f64 {
+/// Σ f(x) in f64: eight partial sums combined in a fixed order (deterministic). Inlined, so each
+/// caller's `f` vectorises with the sum.
+#[inline(always)]
+fn sum8_f64(a: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let chunks = a.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x)).sum();
     for x in chunks {
         for l in 0..8 {
-            acc[l] += x[l] as f64 * x[l] as f64;
+            acc[l] += f(x[l]);
         }
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Σ a in f64, eight partial sums in a fixed order.
+/// Σ a² in f64.
+pub fn sum_squares_f64(a: &[f32]) -> f64 {
+    sum8_f64(a, |x| x as f64 * x as f64)
+}
+
+/// Σ a in f64.
 #[inline(always)]
 fn sum_f64(a: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = a.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] += x[l] as f64;
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    sum8_f64(a, |x| x as f64)
 }
 
 /// `Σ e^(x − shift)` in f64, leaving `a` as it is (see [`exp_shifted_in_place`]).
 pub fn exp_shifted_sum(a: &[f32], shift: f32) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = a.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&x| exp_nonpositive(x - shift) as f64).sum();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] += exp_nonpositive(x[l] - shift) as f64;
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    sum8_f64(a, |x| exp_nonpositive(x - shift) as f64)
 }
 
 #[cfg(test)]

@@ -163,7 +163,7 @@ inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool tra
 
 // cp.async (global → shared, sm_80), in one of two modes that between them bracket the hardware:
 // deferred (the default), where a thread's copies land only at its wait, so a kernel that reads a
-// tile before waiting for it sees the buffer's old contents (the previous tile, or the 0xA5
+// tile before waiting for it sees the buffer's old contents (the previous tile, or the NaN
 // poison); and eager, where they land at once, so a kernel that refills a buffer other warps are
 // still reading corrupts their tile. Either mistake then fails a test instead of passing by luck.
 inline bool emulated_cp_async_eager = false;
