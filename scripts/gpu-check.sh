@@ -162,6 +162,31 @@ else
   row "compute-sanitizer" "skipped (not found)"
 fi
 
+# Last, and only with time to spare: Nsight Compute's view of the FlashAttention-2 kernels (tensor
+# and shared-memory throughput, occupancy, what warps stall on), so a session without a GPU can tune
+# them from this log. `--clock-control none` as the device library ran it; the figures are for reading,
+# not for the table's TFLOP/s. With --iters 1 the bench launches the forward 4 times alone, then
+# forward and backward in turn: skipping 4 profiles one of each.
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+if [ -n "$ncu" ]; then
+  for hd in 64 128; do
+    echo "== ncu: flash-attn kernels at head_dim $hd"
+    if ! t=$(stage_time 90); then
+      row "ncu flash-attn hd$hd" "skipped (time budget spent)"
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)$' \
+        --launch-skip 4 --launch-count 2 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        "$KILN" bench attention --head-dim $hd --iters 1 2>&1 | tee "$LIBS/ncu-$hd.log" | grep -v '^==PROF=='; then
+      row "ncu flash-attn hd$hd" "profiled (see the log above)"
+    else
+      row "ncu flash-attn hd$hd" "failed or cut short (see the log above)"
+    fi
+  done
+else
+  row "ncu" "skipped (not found)"
+fi
+
 echo
 echo "== summary"
 printf '%s\n' "${rows[@]}"
