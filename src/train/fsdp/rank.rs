@@ -130,13 +130,15 @@ impl<B: Backend> Rank<B> {
     }
 
     /// After a failed step: the gather and reduce-scatter still in flight keep their buffers (see
-    /// `abandon`), since their tickets will never be waited on.
+    /// `abandon`), since their tickets will never be waited on. A reduce-scatter also writes one of
+    /// the gradient shards, so those are let go too, and this rank takes no further step.
     pub(super) fn abandon_in_flight(&mut self, mut plan: GatherPlan<B::Buf>) {
         if let Some(f) = plan.ahead.take() {
             abandon(f.buf);
         }
         if let Some((_, input, _)) = self.scatter.take() {
             abandon(input);
+            abandon(std::mem::take(&mut self.grad));
         }
     }
 
@@ -240,6 +242,9 @@ pub(super) fn rank_step<B: Backend>(
     hp: AdamW,
 ) -> Result<(f64, f64)> {
     let (n_layer, d, vocab) = (cfg.n_layer, cfg.d_model, cfg.vocab_size);
+    if rank.grad.len() != layouts.len() {
+        bail!("FSDP: an earlier step failed with a reduce-scatter in flight, so this engine cannot step again");
+    }
     let r = rank.comm.rank();
     let head_unit = n_layer + 1;
     let (embed_len, head_len) = (layouts[0].len, layouts[head_unit].len);
