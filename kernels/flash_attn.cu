@@ -574,6 +574,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d64(float* dq_a
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
+// The same backward held to 168 registers so that 3 blocks share an SM instead of 2 (ptxas: no spill
+// on sm_90). Three blocks' shared memory (3 × 64 KiB) fits an H100/H200 SM but not an A100's. Which
+// is faster is for a card to say (a third block hides more latency, but the causal tail grows):
+// `kiln bench attention` times both, and KILN_FA_BWD_D64_BLOCKS=3 makes the engine use this one.
+extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d128(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {

@@ -80,10 +80,13 @@ for hd in 64 128; do
   if ! t=$(stage_time 60); then
     row "kiln flash-attn hd$hd" "skipped (time budget spent)"
   elif out=$(timeout "$t" "$KILN" bench attention --head-dim $hd 2>&1); then
-    echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$out" | grep -m1 '^ *forward' | grep -o '[0-9]* TFLOP/s') fwd, $(echo "$out" | grep '^ *backward' | grep -o '[0-9]* TFLOP/s') bwd)"
-    # head_dim 64: the forward's other build (3 or 4 blocks per SM; KILN_FA_FWD_D64_BLOCKS picks).
-    alt=$(echo "$out" | grep '^ *forward (' | sed -n 2p)
-    [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o 'forward ([0-9] blocks/SM)')" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s')"
+    echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$out" | grep -m1 '^ *forward' | grep -o '[0-9]* TFLOP/s') fwd, $(echo "$out" | grep -m1 '^ *backward' | grep -o '[0-9]* TFLOP/s') bwd)"
+    # head_dim 64: each kernel's other build (forward 3 or 4 blocks per SM, KILN_FA_FWD_D64_BLOCKS
+    # picks; backward 2 or 3, KILN_FA_BWD_D64_BLOCKS).
+    for pass in forward backward; do
+      alt=$(echo "$out" | grep "^ *$pass (" | sed -n 2p)
+      [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([0-9] blocks/SM)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s')"
+    done
   else
     echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1
   fi
@@ -166,14 +169,14 @@ fi
 # and shared-memory throughput, occupancy, what warps stall on), so a session without a GPU can tune
 # them from this log. `--clock-control none` as the device library ran it; the figures are for reading,
 # not for the table's TFLOP/s. With --iters 1 the bench launches the forward 4 times alone, then
-# forward and backward in turn: skipping 4 profiles one of each.
+# forward and backward in turn: skipping 4 profiles one of each, in the builds the engine uses.
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 if [ -n "$ncu" ]; then
   for hd in 64 128; do
     echo "== ncu: flash-attn kernels at head_dim $hd"
     if ! t=$(stage_time 90); then
       row "ncu flash-attn hd$hd" "skipped (time budget spent)"
-    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)$' \
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[34])?$' \
         --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

@@ -61,14 +61,20 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         gpu.synchronize()?;
         Ok(t.elapsed().as_secs_f64() / iters as f64)
     };
-    let used = flash_attn::fwd_d64_blocks();
+    let (used, used_bwd) = (flash_attn::fwd_d64_blocks(), flash_attn::bwd_d64_blocks(&gpu));
     let fwd_secs = timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used))?;
-    let secs = timed(&mut || {
-        flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used)?;
-        flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)
-    })?;
+    let mut fwd_bwd_secs = |bwd_blocks: u32| {
+        timed(&mut || {
+            flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used)?;
+            flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, bwd_blocks)
+        })
+    };
+    let secs = fwd_bwd_secs(used_bwd)?;
     let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
-    // The head_dim 64 forward's other build (4 blocks per SM instead of 3, held to 128 registers).
+    // At head_dim 64, each kernel's other build: the forward for 4 blocks per SM instead of 3 (held
+    // to 128 registers), the backward for 3 instead of 2 (held to 168), or the other way round.
+    let other_bwd_secs =
+        if s.head_dim == 64 { Some((fwd_bwd_secs(5 - used_bwd)? - fwd_secs).max(f64::MIN_POSITIVE)) } else { None };
     let other = if s.head_dim == 64 { 7 - used } else { 0 };
     let other_secs = if other > 0 {
         Some(timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, other))?)
@@ -93,6 +99,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     if let Some(t) = other_secs {
         rows[3].0 = format!("  forward ({used} blocks/SM)");
         rows.push((format!("  forward ({other} blocks/SM)"), rate(fwd_flops, t)));
+    }
+    if let Some(t) = other_bwd_secs {
+        rows[4].0 = format!("  backward ({used_bwd} blocks/SM)");
+        rows.push((format!("  backward ({} blocks/SM)", 5 - used_bwd), rate(2.5 * fwd_flops, t)));
     }
     Ok(rows)
 }

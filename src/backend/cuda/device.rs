@@ -29,6 +29,10 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub arch: &'static str,
+    /// Shared memory one multiprocessor holds, and what the system keeps of it per resident block:
+    /// with a kernel's own bytes, how many of its blocks fit on an SM (read, not assumed per card).
+    pub shared_per_sm: usize,
+    pub shared_reserved_per_block: usize,
     functions: HashMap<&'static str, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
 }
@@ -64,6 +68,10 @@ impl Gpu {
             );
         }
         let arch = arch_of(major, minor);
+        use cudarc::driver::sys::CUdevice_attribute as Attr;
+        let shared_per_sm = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize;
+        let shared_reserved_per_block =
+            ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK).unwrap_or(1024) as usize;
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         for k in ALL {
@@ -92,7 +100,17 @@ impl Gpu {
         // context's" wherever it is used (cudarc frees buffers on their stream), and the legacy
         // stream would also serialise against any blocking stream a library creates.
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
-        Ok(Gpu { ordinal, ctx, stream, name, arch, functions, _modules: modules })
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            name,
+            arch,
+            shared_per_sm,
+            shared_reserved_per_block,
+            functions,
+            _modules: modules,
+        })
     }
 
     pub fn function(&self, name: &str) -> Result<&CudaFunction> {

@@ -364,6 +364,7 @@ impl Backend for Cuda {
             k.bf16("attention k")?,
             v.bf16("attention v")?,
             shape,
+            flash_attn::bwd_d64_blocks(&self.gpu),
         )
     }
 

@@ -14,6 +14,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
         "flash_attn_bwd_d64",
+        "flash_attn_bwd_d64_3",
         "flash_attn_bwd_d128",
     ],
 };
@@ -102,6 +103,22 @@ pub fn fwd_d64_blocks() -> u32 {
     *BLOCKS.get_or_init(|| if std::env::var("KILN_FA_FWD_D64_BLOCKS").is_ok_and(|v| v == "4") { 4 } else { 3 })
 }
 
+/// Blocks per SM the head_dim 64 backward is launched for: 2 (`flash_attn_bwd_d64`, 186 registers)
+/// or 3 (`flash_attn_bwd_d64_3`, held to 168, no spill), which `KILN_FA_BWD_D64_BLOCKS=3` chooses
+/// where three blocks' shared memory fits on one of the device's SMs (an H100's 228 KiB does, an
+/// A100's 164 KiB does not). Not the default before a card has timed both (`kiln bench attention`):
+/// under the causal mask TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than
+/// on 2 × 132 (1.125× against 1.016× the ideal, `bench/attention_schedule.py`), so the third block
+/// must raise an SM's throughput by more than a tenth to pay.
+pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
+    let fits = 3 * (bwd_shared_bytes(64) + gpu.shared_reserved_per_block) <= gpu.shared_per_sm;
+    if fits && std::env::var("KILN_FA_BWD_D64_BLOCKS").is_ok_and(|v| v == "3") {
+        3
+    } else {
+        2
+    }
+}
+
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
 /// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3 or 4; see `fwd_d64_blocks`).
 #[allow(clippy::too_many_arguments)]
@@ -138,7 +155,8 @@ pub fn forward(
     Ok(())
 }
 
-/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above.
+/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above; at head_dim 64 the kernel
+/// in its build for `d64_blocks` blocks per SM (2 or 3; see `bwd_d64_blocks`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -152,6 +170,7 @@ pub fn backward(
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
     s: AttnShape,
+    d64_blocks: u32,
 ) -> Result<()> {
     let d =
         check(&s, &[dq.len(), dout.len(), out.len(), q.len()], &[dk.len(), dv.len(), k.len(), v.len()], &[lse.len()])?;
@@ -180,7 +199,11 @@ pub fn backward(
             .launch(cfg)
     }?;
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
-    let f = gpu.function(&format!("flash_attn_bwd_{d}"))?;
+    let entry = match (d, d64_blocks) {
+        ("d64", 3) => "flash_attn_bwd_d64_3".to_string(),
+        _ => format!("flash_attn_bwd_{d}"),
+    };
+    let f = gpu.function(&entry)?;
     let smem = bwd_shared_bytes(s.head_dim);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
