@@ -256,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --text or --ids"),
             };
             let scores = score::run(&model, input, &device)?;
-            println!("{}", serde_json::to_string(&scores)?);
+            kiln::out!("{}", serde_json::to_string(&scores)?)?;
         }
         Command::Chat { model, system, temperature, top_p, max_tokens, seed } => {
             check_sampling(temperature, top_p)?;
@@ -273,10 +273,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let g = generate::run(&model, args, &device)?;
             if json {
-                println!("{}", serde_json::to_string(&g)?);
+                kiln::out!("{}", serde_json::to_string(&g)?)?;
             }
             let n = g.ids.len();
-            eprintln!(
+            kiln::note!(
                 "{n} tokens in {:.2} s ({:.1} tokens/s); prompt {} tokens in {:.2} s",
                 g.decode_secs,
                 n as f64 / g.decode_secs.max(1e-9),
@@ -291,7 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plot { run_dir, out } => {
             let out = out.unwrap_or_else(|| run_dir.join("plot.png"));
             kiln::cli::plot::plot(&run_dir, &out, 0)?;
-            println!("{}", out.display());
+            kiln::out!("{}", out.display())?;
         }
         Command::Train { config, run_dir, sets, headless, steps, resume, detach: false } => {
             use std::io::IsTerminal;
@@ -313,15 +313,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let out = eval::run(&args)?;
             if json {
-                println!("{}", eval::json_report(&out, &model));
+                kiln::out!("{}", eval::json_report(&out, &model))?;
             } else {
-                print!("{}", kiln::eval::report::table(&out.results));
-                println!(
+                kiln::out!("{}", kiln::eval::report::table(&out.results).trim_end_matches('\n'))?;
+                kiln::out!(
                     "{} items in {:.1} s ({:.1} items/s)",
                     out.items,
                     out.secs,
                     out.items as f64 / out.secs.max(1e-9)
-                );
+                )?;
             }
         }
         Command::Prepare { tokenizer, out, text_field, val_fraction, inputs } => {
@@ -335,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: true,
             };
             let s = kiln::data::prepare::prepare(&args)?;
-            println!("{}", kiln::cli::prepare_summary(&s, &args.out));
+            kiln::out!("{}", kiln::cli::prepare_summary(&s, &args.out))?;
         }
         Command::CommCheck { gpus, megabytes, iters, timeout } => {
             let args = kiln::cli::comm_check::CommCheckArgs {
@@ -345,7 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: std::time::Duration::from_secs(timeout),
             };
             for line in kiln::cli::comm_check::run(&args)? {
-                println!("{line}");
+                kiln::out!("{line}")?;
             }
         }
         Command::Bench { what: Some(BenchWhat::Attention { batch, seq, head_dim, heads, iters }), .. } => {
@@ -353,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let heads = heads.unwrap_or((2048 / head_dim.max(1)).max(1));
             let args = kiln::cli::bench_attention::AttentionBenchArgs { batch, seq, head_dim, heads, iters };
             for (k, v) in kiln::cli::bench_attention::run(&args)? {
-                println!("{k:<24} {v}");
+                kiln::out!("{k:<24} {v}")?;
             }
         }
         Command::Bench {
@@ -363,16 +363,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = kiln::cli::bench_train::TrainBenchArgs {
                 device,
                 preset,
-                batch: batch.max(1),
-                seq: seq.max(1),
-                steps: steps.max(1),
+                batch: positive("--batch", batch)?,
+                seq: positive("--seq", seq)?,
+                steps: positive("--steps", steps)?,
                 warmup,
                 recompute,
                 profile,
                 fsdp,
             };
             for (k, v) in kiln::cli::bench_train::run(&args)? {
-                println!("{k:<28} {v}");
+                kiln::out!("{k:<28} {v}")?;
             }
         }
         Command::Bench {
@@ -385,20 +385,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = kiln::cli::bench_dashboard::DashboardBenchArgs {
                 config,
                 steps: steps.max(warmup + 1),
-                pairs: pairs.max(1),
+                pairs: positive("--pairs", pairs)?,
                 warmup,
                 idle_secs,
                 cols,
                 rows,
             };
             for (k, v) in kiln::cli::bench_dashboard::run(&args)? {
-                println!("{k:<24} {v}");
+                kiln::out!("{k:<24} {v}")?;
             }
         }
         Command::Bench { what: None, preset, batch, seq, steps, decode_tokens } => {
-            let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps: steps.max(1), decode_tokens })?;
+            let (batch, seq, steps) =
+                (positive("--batch", batch)?, positive("--seq", seq)?, positive("--steps", steps)?);
+            let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps, decode_tokens })?;
             for (k, v) in report.lines {
-                println!("{k:<24} {v}");
+                kiln::out!("{k:<24} {v}")?;
             }
         }
     }
@@ -421,7 +423,14 @@ fn detach_train(
     };
     std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create run directory", run.display()))?;
     let log_path = run.join("train.log");
-    let log = std::fs::File::create(&log_path).with_context(|| format!("{}: cannot create", log_path.display()))?;
+    // Appended to: a resumed run keeps its earlier log (and a live run's is not cut off).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("{}: cannot open", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let started = std::time::SystemTime::now();
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("train").arg("--headless");
     match &resume {
@@ -439,15 +448,35 @@ fn detach_train(
         cmd.arg("--steps").arg(n.to_string());
     }
     // Its own process group: closing this terminal does not signal it (and it ignores SIGHUP).
-    let child = cmd
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
         .spawn()
         .context("cannot start the background run")?;
-    println!("training in the background (pid {}), log {}", child.id(), log_path.display());
-    println!("attach:  kiln attach {}", run.display());
+    // A run that cannot start (a bad config, a corrupt shard, a run already in use) fails within
+    // moments: wait for it to open its socket or end, so that failure is this command's.
+    let socket = run.join(kiln::train::socket::SOCKET);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            let log_text = std::fs::read(&log_path).unwrap_or_default();
+            let tail = String::from_utf8_lossy(log_text.get(log_start as usize..).unwrap_or_default());
+            let why = tail.lines().rev().find_map(|l| l.strip_prefix("error: ")).unwrap_or("see its log");
+            if !status.success() {
+                anyhow::bail!("the background run failed at once: {why} (log {})", log_path.display());
+            }
+            break;
+        }
+        let listening = std::fs::metadata(&socket).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
+        if listening {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    kiln::out!("training in the background (pid {}), log {}", child.id(), log_path.display())?;
+    kiln::out!("attach:  kiln attach {}", run.display())?;
     Ok(())
 }
 
@@ -455,10 +484,18 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            kiln::note!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::from(2)
         }
     }
+}
+
+/// A count that must be at least 1 (a benchmark of nothing is a mistake, not a request).
+fn positive(flag: &str, n: usize) -> anyhow::Result<usize> {
+    if n == 0 {
+        anyhow::bail!("{flag} must be at least 1");
+    }
+    Ok(n)
 }
 
 fn check_sampling(temperature: f32, top_p: f32) -> anyhow::Result<()> {

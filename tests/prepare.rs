@@ -149,3 +149,56 @@ fn bad_inputs_name_the_file() {
     let e = prepare(&args(&out, vec![pq], 0.0, 1000)).unwrap_err().to_string();
     assert!(e.contains("bad.parquet") && e.contains("not a parquet file"), "{e}");
 }
+
+#[test]
+fn a_failed_re_prepare_leaves_the_earlier_dataset_as_it_was() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let good = vec![root().join("assets/corpus/starcoder_like/c")];
+    prepare(&args(&out, good.clone(), 0.0, DEFAULT_SHARD_TOKENS)).unwrap();
+    let before: Vec<(String, Vec<u8>)> = {
+        let mut v: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let bad = t.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{not json\n").unwrap();
+    let mut inputs = good;
+    inputs.push(bad);
+    let e = prepare(&args(&out, inputs, 0.0, DEFAULT_SHARD_TOKENS)).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl:2"), "{e}");
+    let mut after: Vec<(String, Vec<u8>)> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    after.sort();
+    assert!(before == after, "the output directory changed (no staging left, same files, same bytes)");
+    Dataset::open(&out, None, 32000).unwrap();
+    // A user's own index.json is not kiln's to delete.
+    let mine = t.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("index.json"), "{\"my\": \"notes\"}").unwrap();
+    let e =
+        prepare(&args(&mine, vec![root().join("assets/corpus/starcoder_like/c")], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("index.json: exists and is not a kiln dataset index"), "{e}");
+    assert_eq!(std::fs::read_to_string(mine.join("index.json")).unwrap(), "{\"my\": \"notes\"}");
+}
+
+#[test]
+fn a_parquet_file_the_decoder_panics_on_is_a_one_line_error() {
+    let t = tempfile::tempdir().unwrap();
+    // One flipped byte in the footer's metadata gives a negative column-chunk offset, on which the
+    // parquet crate panics rather than returning an error.
+    let mut bytes =
+        std::fs::read(root().join("assets/corpus/starcoder_like/python/train-00000-of-00001.parquet")).unwrap();
+    bytes[736_875] = 0xa3;
+    let pq = t.path().join("corrupt.parquet");
+    std::fs::write(&pq, bytes).unwrap();
+    let e = prepare(&args(&t.path().join("out"), vec![pq], 0.0, 1000)).unwrap_err().to_string();
+    assert!(e.contains("corrupt.parquet: corrupt parquet file ("), "{e}");
+}

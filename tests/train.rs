@@ -469,3 +469,33 @@ fn sigint_checkpoints_at_a_step_boundary_and_a_second_one_exits_130() {
     }
     assert_eq!(child.wait().unwrap().code(), Some(130));
 }
+
+#[test]
+fn a_live_run_refuses_a_second_process_and_a_closed_stdout_does_not_stop_it() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let run = t.path().join("live");
+    // Stdout is a pipe whose reader goes away at once: every progress line then fails to write.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
+        .args(["--set", "train.log_every=1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    wait_for_steps(&run, 3);
+    let metrics_before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let e = fails(&kiln(&["train", "--resume", run.to_str().unwrap(), "--headless", "--steps", "1"]), "kiln.lock");
+    assert!(e.contains(&format!("the run is in use by process {}", child.id())), "{e}");
+    assert!(kiln::train::checkpoint::latest(&run).unwrap().is_none(), "the refused process wrote no checkpoint");
+    assert!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().starts_with(&metrics_before));
+    // Still training, then it checkpoints and exits cleanly on SIGINT.
+    let n = step_records(&run).len();
+    wait_for_steps(&run, n + 2);
+    signal(&child, "-INT");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
+}

@@ -7,7 +7,7 @@ use crate::chat::prompt::ChatFormat;
 use crate::chat::reply::{stream_reply, ReplyParams};
 use crate::chat::{ChatTemplate, Message};
 use crate::io::load_model_dir;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
@@ -31,7 +31,7 @@ pub fn run(model_dir: &Path, args: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         let how = if format.template.is_some() { "its chat template" } else { "plain continuation (no chat template)" };
-        eprintln!("chatting with {} through {how}; /clear starts over, Ctrl-D ends", dir.display());
+        crate::note!("chatting with {} through {how}; /clear starts over, Ctrl-D ends", dir.display());
     }
     let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
     let max_tokens = args.max_tokens.clamp(1, md.model.cfg.max_seq_len - 1);
@@ -39,10 +39,11 @@ pub fn run(model_dir: &Path, args: ChatArgs) -> Result<()> {
     let mut turn = 0u64;
     loop {
         if interactive {
-            eprint!("you › ");
+            // Not eprint!, which panics when stderr is gone.
+            let _ = write!(std::io::stderr(), "you › ").and_then(|()| std::io::stderr().flush());
         }
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        if stdin.lock().read_line(&mut line).context("stdin")? == 0 {
             return Ok(());
         }
         let line = line.trim_end_matches(['\n', '\r']);
@@ -65,7 +66,7 @@ pub fn run(model_dir: &Path, args: ChatArgs) -> Result<()> {
                 let _ = out.flush();
             })?;
         writeln!(out)?;
-        eprintln!("[{} tokens · {:.1} tok/s · {}]", reply.ids.len(), reply.tokens_per_s(), reply.end.describe());
+        crate::note!("[{} tokens · {:.1} tok/s · {}]", reply.ids.len(), reply.tokens_per_s(), reply.end.describe());
         messages.push(Message::new("assistant", &reply.text));
     }
 }

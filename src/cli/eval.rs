@@ -5,10 +5,9 @@ use crate::eval::report::TaskResult;
 use crate::eval::score::{ItemScore, Scorer};
 use crate::eval::tasks;
 use crate::io::load_model_dir;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,6 +38,9 @@ pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
     for t in &args.tasks {
         let mut items = tasks::load(t, args.data.as_deref())?;
         if let Some(n) = args.limit {
+            if n == 0 {
+                bail!("--limit must be at least 1");
+            }
             items.truncate(n);
         }
         loaded.push((t.clone(), items));
@@ -51,10 +53,8 @@ pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
     bar.set_style(
         ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} items {per_sec} {msg}").expect("valid template"),
     );
-    let mut preds = match &args.predictions {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?),
-        None => None,
-    };
+    // Kept in memory and written whole at the end, so a failed run leaves an earlier file as it was.
+    let mut preds = args.predictions.as_ref().map(|_| String::new());
     let t0 = Instant::now();
     let mut results = Vec::new();
     for (task, items) in &loaded {
@@ -62,9 +62,9 @@ pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
         let mut scores: Vec<ItemScore> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let s = scorer.score(item).with_context(|| format!("{task} item {i}"))?;
-            if let Some(f) = preds.as_mut() {
+            if let Some(text) = preds.as_mut() {
                 let line = json!({"task": task, "index": i, "loglikelihoods": s.loglik, "gold": s.gold, "acc_choice": s.pred, "acc_norm_choice": s.pred_norm});
-                writeln!(f, "{line}").context("writing predictions")?;
+                text.push_str(&format!("{line}\n"));
             }
             scores.push(s);
             bar.inc(1);
@@ -72,6 +72,9 @@ pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
         results.push(TaskResult::from_scores(task, &scores));
     }
     bar.finish_and_clear();
+    if let (Some(path), Some(text)) = (&args.predictions, preds) {
+        crate::io::atomic::write_file(path, text.as_bytes())?;
+    }
     Ok(EvalOutput { results, items: total, secs: t0.elapsed().as_secs_f64() })
 }
 

@@ -306,8 +306,18 @@ impl RunConfig {
                 bail!("{k} must be in [0, 1)");
             }
         }
-        if o.weight_decay < 0.0 || o.grad_clip < 0.0 {
-            bail!("optim.weight_decay and optim.grad_clip must be non-negative");
+        // Written so that NaN fails too (every comparison with NaN is false).
+        for (k, v) in [("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{k} must be a non-negative number");
+            }
+        }
+        let sm = &self.sample;
+        if !(sm.temperature.is_finite() && sm.temperature >= 0.0) {
+            bail!("sample.temperature must be a non-negative number");
+        }
+        if !(sm.top_p > 0.0 && sm.top_p <= 1.0) {
+            bail!("sample.top_p must be in (0, 1]");
         }
         if !["cpu", "cuda"].contains(&self.parallel.device.as_str()) {
             bail!("parallel.device {:?}: unknown device (\"cpu\" or \"cuda\")", self.parallel.device);

@@ -56,7 +56,7 @@ impl Loader {
         let wins = sources.iter().map(|s| windows(s, seq_len)).collect::<Result<Vec<_>>>()?;
         let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
         let data: Vec<Arc<Dataset>> = sources.iter().map(|s| s.data.clone()).collect();
-        let mut mix = Mixture::new(seed, &weights, wins, state);
+        let mut mix = Mixture::new(seed, &weights, wins, state)?;
         let (tx, rx) = sync_channel(PREFETCH_DEPTH);
         let thread = std::thread::Builder::new().name("kiln-data".into()).spawn(move || loop {
             let mut ids = Vec::with_capacity(micro_batch * seq_len);

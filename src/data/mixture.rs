@@ -7,6 +7,7 @@
 //! pseudo-random order that a keyed Feistel permutation gives per epoch (O(1) memory at any scale).
 //! The position (sequence count plus each source's epoch and offset) is all a checkpoint needs.
 
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +74,7 @@ pub struct Draw {
 
 impl Mixture {
     /// `weights` need not sum to 1; `windows[s]` is how many `seq_len + 1` windows source `s` has.
-    pub fn new(seed: u64, weights: &[f64], windows: Vec<u64>, state: Option<MixState>) -> Mixture {
+    pub fn new(seed: u64, weights: &[f64], windows: Vec<u64>, state: Option<MixState>) -> Result<Mixture> {
         let total: f64 = weights.iter().sum();
         let mut acc = 0.0;
         let cumulative = weights
@@ -87,8 +88,15 @@ impl Mixture {
         if state.sources.is_empty() {
             state.sources = vec![SourceCursor::default(); weights.len()];
         }
-        assert_eq!(state.sources.len(), weights.len(), "one cursor per source (the loader checks resumed states)");
-        Mixture { seed, cumulative, windows, state }
+        if state.sources.len() != weights.len() {
+            bail!(
+                "data.sources: the checkpoint's data position is for {} source(s), the config has {}; resuming needs \
+                 the same sources (to change them, start a new run with model.init set to the checkpoint)",
+                state.sources.len(),
+                weights.len()
+            );
+        }
+        Ok(Mixture { seed, cumulative, windows, state })
     }
 
     pub fn pick_source(&self, k: u64) -> usize {
@@ -101,7 +109,9 @@ impl Mixture {
         self.state.sequences += 1;
         let n = self.windows[source];
         let cur = &mut self.state.sources[source];
-        if cur.used == n {
+        // `>=`: a source resumed with fewer windows than its checkpoint had already used (its
+        // data was replaced) starts its next epoch instead of asking for a window past its end.
+        if cur.used >= n {
             cur.epoch += 1;
             cur.used = 0;
         }
@@ -117,6 +127,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_resumed_position_must_match_the_sources_and_survives_shrunken_data() {
+        let mut a = Mixture::new(3, &[1.0], vec![20], None).unwrap();
+        for _ in 0..15 {
+            a.draw();
+        }
+        let e = Mixture::new(3, &[0.5, 0.5], vec![20, 4], Some(a.state.clone())).err().unwrap().to_string();
+        assert!(
+            e.starts_with("data.sources: the checkpoint's data position is for 1 source(s), the config has 2"),
+            "{e}"
+        );
+        // The source now has 5 windows, 15 of which were used: a new epoch, not a window past the end.
+        let mut b = Mixture::new(3, &[1.0], vec![5], Some(a.state.clone())).unwrap();
+        let d = b.draw();
+        assert!(d.window < 5 && b.state.sources[0].epoch == 1, "{d:?}");
+    }
+
+    #[test]
     fn permutation_is_a_bijection() {
         for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
             let mut seen = vec![false; n as usize];
@@ -130,7 +157,7 @@ mod tests {
 
     #[test]
     fn mixture_proportions_follow_the_weights() {
-        let mut m = Mixture::new(7, &[0.693584, 0.306416], vec![50, 3], None);
+        let mut m = Mixture::new(7, &[0.693584, 0.306416], vec![50, 3], None).unwrap();
         let n = 100_000;
         let first = (0..n).filter(|_| m.draw().source == 0).count() as f64 / n as f64;
         // Binomial standard deviation at n = 1e5 is 0.0015; allow 4σ.
@@ -139,19 +166,19 @@ mod tests {
 
     #[test]
     fn every_window_once_per_epoch_and_one_window_sources_repeat_it() {
-        let mut m = Mixture::new(1, &[1.0], vec![5], None);
+        let mut m = Mixture::new(1, &[1.0], vec![5], None).unwrap();
         let mut epoch: Vec<u64> = (0..5).map(|_| m.draw().window).collect();
         epoch.sort();
         assert_eq!(epoch, vec![0, 1, 2, 3, 4]);
-        let mut one = Mixture::new(1, &[1.0], vec![1], None);
+        let mut one = Mixture::new(1, &[1.0], vec![1], None).unwrap();
         assert!((0..10).all(|_| one.draw().window == 0));
     }
 
     #[test]
     fn resuming_from_a_state_continues_the_same_stream() {
-        let mut a = Mixture::new(3, &[0.5, 0.5], vec![11, 4], None);
+        let mut a = Mixture::new(3, &[0.5, 0.5], vec![11, 4], None).unwrap();
         let _: Vec<_> = (0..17).map(|_| a.draw()).collect();
-        let mut b = Mixture::new(3, &[0.5, 0.5], vec![11, 4], Some(a.state.clone()));
+        let mut b = Mixture::new(3, &[0.5, 0.5], vec![11, 4], Some(a.state.clone())).unwrap();
         for _ in 0..50 {
             assert_eq!(a.draw(), b.draw());
         }

@@ -197,15 +197,40 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     };
     let (bos, eos) = (piece("<s>")?, piece("</s>")?);
     let files = collect_inputs(&args.inputs)?;
-    let (fp, mut inputs, input_bytes) = fingerprint(&files, &tok_sha, args)?;
+    let (fp, inputs, input_bytes) = fingerprint(&files, &tok_sha, args)?;
     if let Some(index) = up_to_date(&args.out, &fp) {
         return Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: true });
     }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create output directory", args.out.display()))?;
-    // The index goes first, so an interrupted run leaves a directory nobody trusts.
-    remove_previous(&args.out)?;
+    check_previous_is_ours(&args.out)?;
+    // Shards are written into a staging directory inside the output and moved into place only once
+    // every input has been read: a bad input or a full disk leaves an earlier dataset as it was.
+    let staging = args.out.join(format!(".staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+    let result = write_shards(args, &tok, bos, eos, &files, inputs, &fp, &tok_sha, &staging)
+        .and_then(|index| publish(&staging, &args.out, index));
+    let _ = std::fs::remove_dir_all(&staging);
+    let index = result?;
+    Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: false })
+}
+
+/// Tokenizes every input into shards in `dir` and returns their index (not yet written).
+#[allow(clippy::too_many_arguments)]
+fn write_shards(
+    args: &PrepareArgs,
+    tok: &Tokenizer,
+    bos: u32,
+    eos: u32,
+    files: &[PathBuf],
+    mut inputs: Vec<InputEntry>,
+    fp: &str,
+    tok_sha: &str,
+    dir: &Path,
+) -> Result<PreparedIndex> {
+    let input_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let token_bytes = token_bytes_for(tok.vocab_size());
     let (mut train, mut val) = (SplitWriter::new("train"), SplitWriter::new("val"));
     let bar = if args.progress { ProgressBar::new(input_bytes) } else { ProgressBar::hidden() };
@@ -225,7 +250,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
                     let mut ids = ids.with_context(|| format!("{name}: document {doc}"))?;
                     ids.push(eos);
                     let split = if is_val(&name, *doc, args.val_fraction) { &mut *val } else { &mut *train };
-                    split.push(&ids, &args.out, args.shard_tokens, token_bytes)?;
+                    split.push(&ids, dir, args.shard_tokens, token_bytes)?;
                 }
                 batch.clear();
                 Ok(())
@@ -246,8 +271,8 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
         inputs[fi].documents = doc_no;
         bar.inc(inputs[fi].bytes);
     }
-    train.flush(&args.out, token_bytes)?;
-    val.flush(&args.out, token_bytes)?;
+    train.flush(dir, token_bytes)?;
+    val.flush(dir, token_bytes)?;
     bar.finish_and_clear();
     if train.index.documents == 0 {
         bail!(
@@ -255,19 +280,46 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
             args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     }
-    let index = PreparedIndex {
+    Ok(PreparedIndex {
         format: FORMAT.into(),
-        fingerprint: fp,
-        tokenizer: TokenizerInfo { sha256: tok_sha, vocab_size: tok.vocab_size(), bos, eos },
+        fingerprint: fp.to_string(),
+        tokenizer: TokenizerInfo { sha256: tok_sha.to_string(), vocab_size: tok.vocab_size(), bos, eos },
         token_bytes,
         text_field: args.text_field.clone(),
         val_fraction: args.val_fraction,
         inputs,
         train: train.index,
         val: val.index,
-    };
-    crate::io::atomic::write_file(&args.out.join(INDEX_FILE), serde_json::to_string_pretty(&index)?.as_bytes())?;
-    Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: false })
+    })
+}
+
+/// Replaces what an earlier run left in `out` with the staged shards, index last: until it is
+/// written the directory is trusted by nobody, so an interruption here costs a re-prepare, not data.
+fn publish(staging: &Path, out: &Path, index: PreparedIndex) -> Result<PreparedIndex> {
+    remove_previous(out)?;
+    for s in index.train.shards.iter().chain(&index.val.shards) {
+        let (from, to) = (staging.join(&s.file), out.join(&s.file));
+        std::fs::rename(&from, &to).with_context(|| format!("{}: cannot move into place", to.display()))?;
+    }
+    crate::io::atomic::write_file(&out.join(INDEX_FILE), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    Ok(index)
+}
+
+/// An `index.json` already in the output directory must be kiln's, or it is the user's file and
+/// preparing there would delete it.
+fn check_previous_is_ours(dir: &Path) -> Result<()> {
+    let index = dir.join(INDEX_FILE);
+    if !index.exists() {
+        return Ok(());
+    }
+    let ours = std::fs::read(&index)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("format").and_then(|f| f.as_str()).is_some_and(|f| f.starts_with("kiln")));
+    if !ours {
+        bail!("{}: exists and is not a kiln dataset index; prepare into another --out", index.display());
+    }
+    Ok(())
 }
 
 /// Removes what an earlier run wrote (index first), leaving unrelated files alone.

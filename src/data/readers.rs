@@ -116,14 +116,16 @@ fn parquet_docs(path: &Path, field: &str, mut f: impl FnMut(String) -> Result<()
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| anyhow::anyhow!("{}: not a parquet file ({e})", path.display()))?;
+    let reader = decoding(path, || SerializedFileReader::new(file))?
+        .map_err(|e| anyhow::anyhow!("{}: not a parquet file ({e})", path.display()))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     if !schema.columns().iter().any(|c| c.name() == field) {
         bail!("{}: no {field:?} column (set --text-field)", path.display());
     }
-    let rows = reader.get_row_iter(None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for (i, row) in rows.enumerate() {
+    let mut rows =
+        decoding(path, || reader.get_row_iter(None))?.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for i in 0.. {
+        let Some(row) = decoding(path, || rows.next())? else { break };
         let row = row.map_err(|e| anyhow::anyhow!("{}: row {i}: {e}", path.display()))?;
         let text = row.get_column_iter().find(|(name, _)| name.as_str() == field).map(|(_, v)| v);
         match text {
@@ -133,4 +135,33 @@ fn parquet_docs(path: &Path, field: &str, mut f: impl FnMut(String) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Runs a step of the parquet crate's decoding, which panics on some corrupt files (a negative
+/// column chunk offset, for one) instead of returning its error: the panic becomes this file's
+/// one-line error, and its default report (a multi-line trace) is kept off the terminal.
+fn decoding<T>(path: &Path, step: impl FnOnce() -> T) -> Result<T> {
+    use std::cell::Cell;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                default(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let result = catch_unwind(AssertUnwindSafe(step));
+    QUIET.with(|q| q.set(false));
+    result.map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed");
+        anyhow::anyhow!("{}: corrupt parquet file ({why})", path.display())
+    })
 }

@@ -83,7 +83,7 @@ fn serve(node: &Node, fingerprint: u64, payload: Vec<u8>, timeout: Duration) -> 
                 let hello = match Hello::read(&mut s) {
                     Ok(h) => h,
                     Err(e) => {
-                        eprintln!("rendezvous: ignoring {peer}: {e:#}");
+                        crate::note!("rendezvous: ignoring {peer}: {e:#}");
                         continue;
                     }
                 };

@@ -1,8 +1,10 @@
 //! Reading (and later writing) Hugging Face model directories.
 
 pub mod atomic;
+pub mod console;
 pub mod hf_config;
 pub mod model_dir;
+pub mod run_lock;
 pub mod safetensors;
 pub mod save;
 

@@ -36,6 +36,12 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.d_model / self.n_head.max(1))
     }
+    /// The same model: every field equal, with head_dim compared as the width it resolves to (a
+    /// checkpoint's config.json states it; a config's fields usually leave it implied).
+    pub fn same_model(&self, other: &LlamaConfig) -> bool {
+        let resolved = |c: &LlamaConfig| LlamaConfig { head_dim: Some(c.head_dim()), ..c.clone() };
+        resolved(self) == resolved(other)
+    }
     /// Width of the concatenated query heads (`n_head · head_dim`).
     pub fn q_dim(&self) -> usize {
         self.n_head * self.head_dim()

@@ -110,7 +110,16 @@ fn retain(dir: &Path, keep: usize, protect: &str) -> Result<()> {
 pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
     let p = checkpoints_dir(run).join("latest");
     if !p.exists() {
-        return Ok(None);
+        // A checkpoint directory is renamed into place only once whole, so any that exist are
+        // whole: `latest` was lost (deleted, or a crash between the rename and its write). Starting
+        // afresh would throw their training, and the run's metrics, away.
+        return Ok(match whole_checkpoints(run)?.pop() {
+            Some(newest) => {
+                crate::note!("{}: missing; using the newest whole checkpoint, {newest}", p.display());
+                Some(checkpoints_dir(run).join(newest))
+            }
+            None => None,
+        });
     }
     let name = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
     let name = name.trim();
@@ -122,6 +131,24 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
         bail!("{}: latest checkpoint is missing or incomplete", dir.display());
     }
     Ok(Some(dir))
+}
+
+/// Names of the checkpoint directories (`step-N` holding a trainer state), oldest first.
+fn whole_checkpoints(run: &Path) -> Result<Vec<String>> {
+    let dir = checkpoints_dir(run);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    if !dir.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("step-") && dir.join(n).join(TRAINER_FILE).is_file())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// A model directory from a path that may be a model dir, a checkpoint, or a run dir.
@@ -140,3 +167,35 @@ pub fn read_state(ckpt: &Path) -> Result<TrainerState> {
 
 /// AdamW first and second moments `(m, v)` on the host.
 pub type HostMoments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_checkpoint(run: &Path, step: u64) {
+        let d = checkpoints_dir(run).join(checkpoint_name(step));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(TRAINER_FILE), "{}").unwrap();
+    }
+
+    #[test]
+    fn without_latest_the_newest_whole_checkpoint_is_used() {
+        let run = tempfile::tempdir().unwrap();
+        assert!(latest(run.path()).unwrap().is_none());
+        fake_checkpoint(run.path(), 2);
+        fake_checkpoint(run.path(), 10);
+        // Not whole: no trainer state.
+        std::fs::create_dir_all(checkpoints_dir(run.path()).join(checkpoint_name(12))).unwrap();
+        assert_eq!(latest(run.path()).unwrap().unwrap(), checkpoints_dir(run.path()).join(checkpoint_name(10)));
+        std::fs::write(checkpoints_dir(run.path()).join("latest"), "step-00000002\n").unwrap();
+        assert_eq!(latest(run.path()).unwrap().unwrap(), checkpoints_dir(run.path()).join(checkpoint_name(2)));
+    }
+
+    #[test]
+    fn a_checkpoints_file_is_an_error() {
+        let run = tempfile::tempdir().unwrap();
+        std::fs::write(checkpoints_dir(run.path()), "").unwrap();
+        let e = latest(run.path()).unwrap_err().to_string();
+        assert!(e.ends_with("checkpoints: not a directory"), "{e}");
+    }
+}

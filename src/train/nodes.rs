@@ -72,7 +72,7 @@ pub fn train_across_nodes(args: TrainArgs, node: Node) -> Result<RunEnd> {
         return drive(trainer, &args);
     }
     if args.dashboard && args.verbose {
-        eprintln!(
+        crate::note!(
             "node {}: the dashboard runs on node 0 (`kiln attach` there); this node trains headless",
             node.node_rank
         );
@@ -103,7 +103,7 @@ pub fn follow<B: crate::backend::Backend>(mut trainer: Trainer<B>, args: &TrainA
         None => trainer.cfg.train.max_steps,
     };
     if args.verbose {
-        eprintln!(
+        crate::note!(
             "kiln train: node {} of {} follows node 0 from step {} (run dir {})",
             role.rank,
             role.count,
@@ -114,7 +114,7 @@ pub fn follow<B: crate::backend::Backend>(mut trainer: Trainer<B>, args: &TrainA
     let rank = role.rank;
     trainer.run_with_commands(until, None, &mut |e| {
         if let Event::Log { message, .. } = e {
-            eprintln!("node {rank}: {message}");
+            crate::note!("node {rank}: {message}");
         }
     })
 }

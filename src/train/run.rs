@@ -18,6 +18,7 @@ use crate::data::prepare::{prepare, sha256_hex, PrepareArgs, DEFAULT_SHARD_TOKEN
 use crate::dist::Member;
 use crate::io::atomic::write_file;
 use crate::io::load_model_dir;
+use crate::io::run_lock::lock_run_dir;
 use crate::model::init::random_weights;
 use crate::model::{Llama, Weights};
 use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
@@ -72,7 +73,7 @@ fn open_sources(cfg: &RunConfig, tok_path: &Path, tok_sha: &str, vocab: usize, v
             };
             let summary = prepare(&args).with_context(|| format!("data source {:?}", s.name))?;
             if verbose && !summary.skipped {
-                eprintln!("prepared {}", crate::cli::prepare_summary(&summary, &s.path));
+                crate::note!("prepared {}", crate::cli::prepare_summary(&summary, &s.path));
             }
         }
         let data = Dataset::open(&s.path, Some(tok_sha), vocab).with_context(|| format!("data source {:?}", s.name))?;
@@ -110,7 +111,7 @@ pub fn locate(args: &TrainArgs) -> Result<Located> {
     let resume = match (&args.resume, &args.config, &args.run_dir) {
         (None, None, None) if demo_dir.join("config.toml").exists() => {
             if args.verbose {
-                eprintln!("resuming the demo run in {} (delete it to start over)", demo_dir.display());
+                crate::note!("resuming the demo run in {} (delete it to start over)", demo_dir.display());
             }
             Some(demo_dir)
         }
@@ -167,6 +168,10 @@ pub fn build_on<B: Backend + Clone>(
         }
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
+    }
+    // Before anything in the run directory is written: one process per run (see `run_lock`).
+    let run_lock = if node.leads() { Some(lock_run_dir(&run_dir)?) } else { None };
+    if !resuming {
         write_file(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     }
 
@@ -183,7 +188,7 @@ pub fn build_on<B: Backend + Clone>(
     if resuming && ckpt.is_none() && node.leads() {
         truncate_metrics(&run_dir, 0)?;
         if args.verbose {
-            eprintln!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
+            crate::note!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
         }
     }
     let sharded = cfg.parallel.world_size > 1;
@@ -197,8 +202,26 @@ pub fn build_on<B: Backend + Clone>(
     };
     let (placed, moments, state) = if let Some(ckpt) = ckpt {
         let placed = load(&ckpt)?;
+        // The run's model (config.toml, with any --set) is the checkpoint's: a checkpoint of
+        // another shape, or a --set that would change the model, is a mistake to report, not a
+        // model to train silently.
+        if let Some(mc) = cfg.model_config()? {
+            if !mc.same_model(&placed.0.cfg) {
+                bail!(
+                    "{}: the model in this checkpoint differs from the run's configured model (config.toml and any --set)",
+                    ckpt.join("config.json").display()
+                );
+            }
+        }
         let moments = super::optim_state::open(&ckpt, &placed.0.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
+        if ckpt.file_name() != Some(std::ffi::OsStr::new(&checkpoint::checkpoint_name(state.step))) {
+            bail!(
+                "{}: step {} does not match its checkpoint directory's name",
+                ckpt.join(checkpoint::TRAINER_FILE).display(),
+                state.step
+            );
+        }
         if node.leads() {
             truncate_metrics(&run_dir, state.step)?;
         }
@@ -216,7 +239,7 @@ pub fn build_on<B: Backend + Clone>(
             let dir = checkpoint::resolve_model_dir(Path::new(&cfg.model.init))?;
             let placed = load(&dir).context("model.init")?;
             if let Some(mc) = cfg.model_config()? {
-                if mc != placed.0.cfg {
+                if !mc.same_model(&placed.0.cfg) {
                     bail!("model.init {}: its shape differs from the configured model", dir.display());
                 }
             }
@@ -256,6 +279,7 @@ pub fn build_on<B: Backend + Clone>(
         bos,
         eos,
         peak_flops,
+        run_lock,
     })
 }
 
@@ -369,7 +393,7 @@ pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Re
         None => trainer.cfg.train.max_steps,
     };
     if trainer.state.step >= until.min(trainer.cfg.train.max_steps) {
-        eprintln!(
+        crate::note!(
             "{}: nothing to do, the run is at step {} of {} (delete it to start over, or raise train.max_steps)",
             trainer.run_dir().display(),
             trainer.state.step,
@@ -399,7 +423,7 @@ pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Re
     }
     if args.verbose {
         let c = &trainer.model.cfg;
-        eprintln!(
+        crate::note!(
             "kiln train: {} | {:.1}M params | {} | run dir {} | step {} → {} | attach: kiln attach {}",
             trainer.model.backend.name(),
             c.n_params() as f64 / 1e6,
@@ -422,7 +446,7 @@ pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Re
         sink(e);
         if verbose {
             if let Some(line) = headless_line(e, &cfg) {
-                println!("{line}");
+                crate::progress!("{line}");
             }
         }
     };
@@ -456,7 +480,7 @@ fn train_with_dashboard<B: Backend>(
     })?;
     let ui = term::run(app, ev_rx, cmd_tx);
     if let Ok(true) = ui {
-        eprintln!(
+        crate::note!(
             "detached: training goes on in process {}; attach again with `kiln attach {}`",
             std::process::id(),
             run_dir.display()

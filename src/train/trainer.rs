@@ -19,6 +19,7 @@ use crate::dist::Member;
 use crate::eval::report::{self, TaskResult};
 use crate::eval::score::Scorer;
 use crate::eval::tasks;
+use crate::io::run_lock::RunLock;
 use crate::model::sampling::{Sampler, SamplingParams};
 use crate::model::{Keep, KvCache, Llama, Weights, Workspace};
 use crate::tokenizer::Tokenizer;
@@ -61,6 +62,7 @@ pub struct Trainer<B: Backend> {
     last_checkpoint_step: Option<u64>,
     /// Answers viewers' chat requests (see `attach_chat`).
     chat: Option<ChatService>,
+    _run_lock: Option<RunLock>,
     /// The weights chat replies use until the next step changes them.
     chat_weights: Option<(u64, Arc<Weights<Vec<f32>>>)>,
 }
@@ -111,6 +113,8 @@ pub struct TrainerParts<B: Backend> {
     pub bos: u32,
     pub eos: u32,
     pub peak_flops: f64,
+    /// The run directory's lock (on the node that writes), held as long as the trainer lives.
+    pub run_lock: Option<RunLock>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -191,6 +195,7 @@ impl<B: Backend> Trainer<B> {
             last_checkpoint_step: None,
             chat: None,
             chat_weights: None,
+            _run_lock: p.run_lock,
         })
     }
 

@@ -17,7 +17,7 @@ pub(super) fn exit_stuck(why: &str) {
         let _ = terminal::disable_raw_mode();
         let _ = execute!(std::io::stdout(), terminal::LeaveAlternateScreen);
     }
-    eprintln!("error: {why} (the other ranks are blocked in a collective that cannot be released: exiting)");
+    crate::note!("error: {why} (the other ranks are blocked in a collective that cannot be released: exiting)");
     std::process::exit(2);
 }
 
