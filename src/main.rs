@@ -260,9 +260,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Chat { model, system, temperature, top_p, max_tokens, seed } => {
             check_sampling(temperature, top_p)?;
+            positive("--max-tokens", max_tokens)?;
             kiln::cli::chat::run(&model, kiln::cli::chat::ChatArgs { system, temperature, top_p, max_tokens, seed })?;
         }
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json, device } => {
+            positive("--max-new-tokens", max_new_tokens)?;
             check_sampling(temperature, top_p)?;
             let args = generate::GenerateArgs {
                 prompt: &prompt,
@@ -481,7 +483,23 @@ fn detach_train(
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and a bare `kiln` (the help, on stderr)
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's report is several lines (error, tip, usage); one line carries the error and tip.
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("error: invalid arguments");
+            let tip = lines.find_map(|l| l.strip_prefix("tip: ")).map(|t| format!("; {t}")).unwrap_or_default();
+            kiln::note!("{first}{tip} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             kiln::note!("error: {}", format!("{e:#}").replace('\n', " "));

@@ -293,6 +293,13 @@ fn bad_inputs_give_one_line_errors() {
     fails(&run(&cfg, &["--set", "data.sources=[{name=\"x\", path=\"/nope/data\", weight=1.0}]"]), "/nope/data");
     fails(&run(&cfg, &["--set", "data.seq_len=100000"]), "seq_len");
     fails(&run(&cfg, &["--set", "model.vocab_size=1000"]), "vocab");
+    // NaN and sizes no machine holds are refused before anything is allocated.
+    fails(&run(&cfg, &["--set", "optim.grad_clip=nan"]), "optim.grad_clip must be a non-negative number");
+    fails(&run(&cfg, &["--set", "sample.top_p=2.0"]), "sample.top_p");
+    fails(&run(&cfg, &["--set", "model.vocab_size=4000000000"]), "vocab_size 4000000000 is beyond");
+    fails(&run(&cfg, &["--set", "train.micro_batch=1000000"]), "GiB of memory");
+    // Negative counts: clap's several-line report becomes one line.
+    fails(&run(&cfg, &["--steps", "-1"]), "unexpected argument '-1'");
     // A dataset shorter than seq_len + 1.
     let short = t.path().join("short");
     kiln::data::prepare::write_token_dataset(&short, &[1, 2, 3, 4, 5], &[], &tokenizer_json()).unwrap();

@@ -106,6 +106,11 @@ pub fn plot(run: &Path, out: &Path, from_step: u64) -> Result<()> {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
     let s = read(run, from_step)?;
+    // Checked first: plotters reports an unwritable path as a nested debug dump.
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("{}: no such directory", dir.display());
+    }
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let tmp = out.with_file_name(format!(".kiln-plot-{}.{ext}", std::process::id()));
     let title = format!("{}", run.display());

@@ -67,6 +67,21 @@ impl LlamaConfig {
                 bail!("{name} must be positive");
             }
         }
+        // Far beyond any Llama-family model; past these, sizes overflow or ask for terabytes.
+        let limits = [
+            ("n_layer", self.n_layer, 4096),
+            ("d_model", self.d_model, 1 << 17),
+            ("n_head", self.n_head, 1 << 12),
+            ("d_ff", self.d_ff, 1 << 19),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("max_seq_len", self.max_seq_len, 1 << 24),
+            ("head_dim", self.head_dim(), 1 << 12),
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                bail!("{name} {v} is beyond what kiln supports ({max})");
+            }
+        }
         if !self.n_head.is_multiple_of(self.n_kv_head) {
             bail!("n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }

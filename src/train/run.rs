@@ -20,7 +20,7 @@ use crate::io::atomic::write_file;
 use crate::io::load_model_dir;
 use crate::io::run_lock::lock_run_dir;
 use crate::model::init::random_weights;
-use crate::model::{Llama, Weights};
+use crate::model::{Llama, LlamaConfig, Weights};
 use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -229,6 +229,7 @@ pub fn build_on<B: Backend + Clone>(
     } else {
         let placed = if cfg.model.init == "random" {
             let mc = cfg.model_config()?.context("model: give a preset or the model fields (or model.init = PATH)")?;
+            check_host_memory(&cfg, &mc)?;
             let w = random_weights(&mc, cfg.train.seed)?;
             if sharded {
                 place(Llama::new(mc, Cpu::new(), w)?, backend.clone(), node)?
@@ -254,6 +255,7 @@ pub fn build_on<B: Backend + Clone>(
         (placed, None, state)
     };
     let (model, host_weights) = placed;
+    check_host_memory(&cfg, &model.cfg)?;
     tokenizer.check_vocab(model.cfg.vocab_size, "the model")?;
     if cfg.data.seq_len > model.cfg.max_seq_len {
         bail!("data.seq_len {} exceeds the model's max_seq_len {}", cfg.data.seq_len, model.cfg.max_seq_len);
@@ -281,6 +283,32 @@ pub fn build_on<B: Backend + Clone>(
         peak_flops,
         run_lock,
     })
+}
+
+/// On the CPU, a run that cannot fit in this machine's memory is refused before it allocates (it
+/// would abort, or be killed by the OOM killer minutes later). The estimate is a floor: f32
+/// weights, gradients and both AdamW moments, plus the activations of a micro-batch and its logits.
+fn check_host_memory(cfg: &RunConfig, mc: &LlamaConfig) -> Result<()> {
+    let Some(total) = crate::backend::cpu::host_memory_bytes() else { return Ok(()) };
+    if cfg.parallel.device != "cpu" {
+        return Ok(());
+    }
+    let params = mc.n_params() as f64;
+    let rows = (cfg.train.micro_batch * cfg.data.seq_len) as f64;
+    let per_row = (mc.n_layer * (8 * mc.d_model + 3 * mc.d_ff) + mc.vocab_size) as f64;
+    let need = 4.0 * (4.0 * params + rows * per_row);
+    if need > total as f64 {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        bail!(
+            "this run needs at least {:.1} GiB of memory ({:.1}M parameters with gradients and AdamW moments, \
+             activations of train.micro_batch × data.seq_len = {} tokens); this machine has {:.1} GiB",
+            gib(need),
+            params / 1e6,
+            rows,
+            gib(total as f64)
+        );
+    }
+    Ok(())
 }
 
 /// The trainer's model, and under FSDP the host f32 weights its shards start from.

@@ -7,7 +7,7 @@ use super::chat::ChatKey;
 use super::keymap::{action_for, Action};
 use super::view::render;
 use crate::train::events::{Command, Event};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen};
@@ -114,7 +114,7 @@ fn on_key(app: &mut App, code: KeyCode, ctrl: bool) -> Vec<Command> {
 /// (an event, a key, a resize) or once a second, so an idle dashboard costs next to nothing.
 pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<bool> {
     yield_to_training();
-    enable_raw_mode()?;
+    enable_raw_mode().context("the dashboard needs a terminal, and this process has none")?;
     execute!(std::io::stdout(), EnterAlternateScreen)?;
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -52,7 +52,7 @@ impl Backend for Cpu {
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+        host_zeros(len)
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
@@ -206,6 +206,35 @@ impl Backend for Cpu {
         adamw::step(param, grad, m, v, hp);
         Ok(())
     }
+}
+
+/// `vec![0.0; len]`, except that memory the allocator refuses is an error rather than an abort
+/// (an absurd config asks for terabytes). Zeroed pages come from the OS untouched, as with `vec!`.
+pub fn host_zeros(len: usize) -> Result<Vec<f32>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let too_big = || anyhow::anyhow!("cannot allocate {:.1} GiB of host memory", len as f64 * 4.0 / GIB);
+    let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| too_big())?;
+    // SAFETY: the layout has a non-zero size. The memory is zeroed and 0.0f32 is all zero bits, so
+    // all `len` values are initialised; the Vec owns it with the layout it was allocated with.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if p.is_null() {
+            return Err(too_big());
+        }
+        Ok(Vec::from_raw_parts(p, len, len))
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Physical memory of this machine (`MemTotal`), where the OS says.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// This machine's f32 GEMM throughput (FLOP/s), measured once: the denominator of MFU on CPU.
