@@ -286,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 g.prefill_secs
             );
         }
+        Command::Train { steps: Some(0), .. } => anyhow::bail!("--steps must be at least 1"),
         Command::Train { config, run_dir, sets, headless: _, steps, resume, detach: true } => {
             detach_train(config, run_dir, sets, steps, resume)?;
         }

@@ -202,3 +202,13 @@ fn a_parquet_file_the_decoder_panics_on_is_a_one_line_error() {
     let e = prepare(&args(&t.path().join("out"), vec![pq], 0.0, 1000)).unwrap_err().to_string();
     assert!(e.contains("corrupt.parquet: corrupt parquet file ("), "{e}");
 }
+
+#[test]
+fn a_token_outside_the_vocabulary_names_its_shard() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let tok = kiln::tokenizer::LLAMA2_TOKENIZER_JSON;
+    kiln::data::prepare::write_token_dataset(&dir, &[1, 5, 40000, 2], &[], tok).unwrap();
+    let e = Dataset::open(&dir, None, 32000).err().unwrap().to_string();
+    assert!(e.ends_with("train-00000.bin: token id 40000 is outside the model's vocabulary of 32000"), "{e}");
+}

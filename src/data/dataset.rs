@@ -14,7 +14,9 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
-    fn open(dir: &Path, files: &[super::prepare::ShardEntry]) -> Result<Self> {
+    /// Opens every shard, verified, and checks each id fits a vocabulary of `vocab_size` (the
+    /// model's): an out-of-range id would otherwise surface mid-run with no shard named.
+    fn open(dir: &Path, files: &[super::prepare::ShardEntry], vocab_size: usize) -> Result<Self> {
         let mut shards = Vec::new();
         let mut starts = Vec::new();
         let mut len = 0;
@@ -22,6 +24,9 @@ impl TokenStream {
             let s = Shard::open(&dir.join(&e.file), true)?;
             if s.tokens != e.tokens {
                 bail!("{}: corrupt shard (index says {} tokens, shard holds {})", s.path.display(), e.tokens, s.tokens);
+            }
+            if let Some(max) = s.max_token().filter(|&m| m as usize >= vocab_size) {
+                bail!("{}: token id {max} is outside the model's vocabulary of {vocab_size}", s.path.display());
             }
             starts.push(len);
             len += s.tokens;
@@ -71,8 +76,8 @@ impl Dataset {
                 index.tokenizer.vocab_size
             );
         }
-        let train = TokenStream::open(dir, &index.train.shards)?;
-        let val = TokenStream::open(dir, &index.val.shards)?;
+        let train = TokenStream::open(dir, &index.train.shards, vocab_size)?;
+        let val = TokenStream::open(dir, &index.val.shards, vocab_size)?;
         if train.len == 0 {
             bail!("{}: empty dataset (no training tokens)", dir.display());
         }

@@ -138,6 +138,16 @@ impl Shard {
         }
     }
 
+    /// The largest token id in the shard (None when it is empty).
+    pub fn max_token(&self) -> Option<u32> {
+        let body = &self.map[HEADER_LEN..];
+        if self.token_bytes == 2 {
+            body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).max()
+        } else {
+            body.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).max()
+        }
+    }
+
     /// Appends tokens `[start, start + len)` to `out`.
     pub fn read_into(&self, start: u64, len: usize, out: &mut Vec<u32>) {
         out.extend((start..start + len as u64).map(|i| self.get(i)));

@@ -201,6 +201,7 @@ pub fn build_on<B: Backend + Clone>(
         }
     };
     let (placed, moments, state) = if let Some(ckpt) = ckpt {
+        checkpoint::verify_files(&ckpt)?;
         let placed = load(&ckpt)?;
         // The run's model (config.toml, with any --set) is the checkpoint's: a checkpoint of
         // another shape, or a --set that would change the model, is a mistake to report, not a
