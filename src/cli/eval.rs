@@ -61,7 +61,13 @@ pub fn run_on<B: Backend>(args: &EvalArgs, backend: B) -> Result<EvalOutput> {
         bar.set_message(task.clone());
         let mut scores: Vec<ItemScore> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            let s = scorer.score(item).with_context(|| format!("{task} item {i}"))?;
+            let s = scorer.score(item).with_context(|| {
+                let file = match &args.data {
+                    Some(d) => d.join(format!("{task}.jsonl")).display().to_string(),
+                    None => format!("{task} (bundled)"),
+                };
+                format!("{file}: item {i}")
+            })?;
             if let Some(text) = preds.as_mut() {
                 let line = json!({"task": task, "index": i, "loglikelihoods": s.loglik, "gold": s.gold, "acc_choice": s.pred, "acc_norm_choice": s.pred_norm});
                 text.push_str(&format!("{line}\n"));

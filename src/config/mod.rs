@@ -287,9 +287,13 @@ impl RunConfig {
         if self.data.sources.is_empty() {
             bail!("data.sources: at least one source is needed");
         }
-        for s in &self.data.sources {
+        for (i, s) in self.data.sources.iter().enumerate() {
             if !(s.weight.is_finite() && s.weight > 0.0) {
                 bail!("data.sources: source {:?} needs a positive weight", s.name);
+            }
+            // Names key the per-source held-out losses in metrics.jsonl and the dashboard.
+            if self.data.sources[..i].iter().any(|o| o.name == s.name) {
+                bail!("data.sources: two sources are named {:?}", s.name);
             }
         }
         let o = &self.optim;

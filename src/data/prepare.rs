@@ -184,7 +184,10 @@ fn up_to_date(dir: &Path, fp: &str) -> Option<PreparedIndex> {
 
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     if !(0.0..1.0).contains(&args.val_fraction) {
-        bail!("--val-fraction must be in [0, 1), got {}", args.val_fraction);
+        bail!(
+            "the validation fraction (--val-fraction, or val_fraction in a config) must be in [0, 1), got {}",
+            args.val_fraction
+        );
     }
     let t0 = Instant::now();
     let tok_bytes = std::fs::read(&args.tokenizer)

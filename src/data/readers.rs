@@ -84,6 +84,10 @@ pub fn for_each_document(path: &Path, text_field: Option<&str>, mut f: impl FnMu
         Format::Text => {
             let mut s = String::new();
             open()?.read_to_string(&mut s).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+            // An empty file is no document (as an empty .jsonl is), not an empty one.
+            if s.trim().is_empty() {
+                return Ok(());
+            }
             f(s)
         }
         Format::Jsonl => jsonl(path, BufReader::new(open()?), field, f),

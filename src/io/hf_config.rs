@@ -63,6 +63,10 @@ pub fn parse_hf_config(text: &str) -> Result<HfConfig> {
     let bos_token_id = opt_usize(o, "bos_token_id")?.map(|x| x as u32);
     let eos_token_ids =
         token_ids(o.get("eos_token_id")).context("eos_token_id must be an integer or a list of integers")?;
+    let vocab = model.vocab_size;
+    if let Some(id) = bos_token_id.into_iter().chain(eos_token_ids.iter().copied()).find(|&t| t as usize >= vocab) {
+        bail!("bos_token_id/eos_token_id {id} is outside the vocabulary of {vocab}");
+    }
     let dtype = o.get("dtype").or_else(|| o.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
     Ok(HfConfig { model, bos_token_id, eos_token_ids, dtype })
 }
