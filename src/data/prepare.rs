@@ -210,8 +210,14 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     check_previous_is_ours(&args.out)?;
     // Shards are written into a staging directory inside the output and moved into place only once
     // every input has been read: a bad input or a full disk leaves an earlier dataset as it was.
+    // A killed run's staging directory holds only partial shards nobody can use.
+    for e in std::fs::read_dir(&args.out).with_context(|| format!("{}: cannot read", args.out.display()))? {
+        let p = e?.path();
+        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".staging-")) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
     let staging = args.out.join(format!(".staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
     let result = write_shards(args, &tok, bos, eos, &files, inputs, &fp, &tok_sha, &staging)
         .and_then(|index| publish(&staging, &args.out, index));
