@@ -417,6 +417,22 @@ fn wait_for_steps(run: &Path, n: usize) {
     panic!("training did not reach {n} steps");
 }
 
+/// `kiln train CFG --run-dir RUN --headless` that runs until signalled (no step limit, no periodic
+/// checkpoint), plus `--set` for each of `sets`; the caller chooses stdio and spawns it.
+fn endless_run(cfg: &Path, run: &Path, sets: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"]).args([
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "checkpoint.every_steps=100000",
+    ]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c
+}
+
 fn signal(child: &std::process::Child, sig: &str) {
     assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
 }
@@ -427,9 +443,7 @@ fn sigint_checkpoints_at_a_step_boundary_and_a_second_one_exits_130() {
     let data = prepared_text(t.path());
     let cfg = small_config(t.path(), &data, "");
     let spawn = |run: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
-            .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
+        endless_run(&cfg, run, &[])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -456,10 +470,7 @@ fn sigint_checkpoints_at_a_step_boundary_and_a_second_one_exits_130() {
     // long (64 micro-steps) so that the run cannot reach its checkpoint in between. The test stops
     // reading stderr before the second signal: a closed stderr must not swallow it.
     let run = t.path().join("twice");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
-        .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
-        .args(["--set", "train.grad_accum=64"])
+    let mut child = endless_run(&cfg, &run, &["train.grad_accum=64"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -484,10 +495,7 @@ fn a_live_run_refuses_a_second_process_and_a_closed_stdout_does_not_stop_it() {
     let cfg = small_config(t.path(), &data, "");
     let run = t.path().join("live");
     // Stdout is a pipe whose reader goes away at once: every progress line then fails to write.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
-        .args(["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=100000"])
-        .args(["--set", "train.log_every=1"])
+    let mut child = endless_run(&cfg, &run, &["train.log_every=1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
