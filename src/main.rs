@@ -491,12 +491,16 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            // clap's report is several lines (error, tip, usage); one line carries the error and tip.
+            // clap's report is several lines (the error, what is missing, a tip, the usage); one
+            // line carries all but the usage.
             let text = e.render().to_string();
-            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-            let first = lines.next().unwrap_or("error: invalid arguments");
-            let tip = lines.find_map(|l| l.strip_prefix("tip: ")).map(|t| format!("; {t}")).unwrap_or_default();
-            kiln::note!("{first}{tip} (see --help)");
+            let said: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect();
+            kiln::note!("{} (see --help)", said.join(" ").replace(": tip:", ";").replace(" tip:", ";"));
             return ExitCode::from(2);
         }
     };

@@ -186,6 +186,15 @@ fn a_failed_re_prepare_leaves_the_earlier_dataset_as_it_was() {
     let e =
         prepare(&args(&mine, vec![root().join("assets/corpus/starcoder_like/c")], 0.0, 1000)).unwrap_err().to_string();
     assert!(e.contains("index.json: exists and is not a kiln dataset index"), "{e}");
+    // Nor is a file that is named like a shard but is not one.
+    let theirs = t.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("train-00003.bin"), "mine").unwrap();
+    let e = prepare(&args(&theirs, vec![root().join("assets/corpus/starcoder_like/c")], 0.0, 1000))
+        .unwrap_err()
+        .to_string();
+    assert!(e.ends_with("train-00003.bin: exists and is not a kiln token shard; prepare into another --out"), "{e}");
+    assert_eq!(std::fs::read_to_string(theirs.join("train-00003.bin")).unwrap(), "mine");
     assert_eq!(std::fs::read_to_string(mine.join("index.json")).unwrap(), "{\"my\": \"notes\"}");
 }
 

@@ -298,6 +298,7 @@ fn bad_inputs_give_one_line_errors() {
     fails(&run(&cfg, &["--set", "sample.top_p=2.0"]), "sample.top_p");
     fails(&run(&cfg, &["--set", "model.vocab_size=4000000000"]), "vocab_size 4000000000 is beyond");
     fails(&run(&cfg, &["--set", "train.micro_batch=1000000"]), "GiB of memory");
+    fails(&run(&cfg, &["--set", "train.grad_accum=4000000000"]), "train.grad_accum 4000000000 is beyond");
     // Negative counts: clap's several-line report becomes one line.
     fails(&run(&cfg, &["--steps", "-1"]), "unexpected argument '-1'");
     // A dataset shorter than seq_len + 1.

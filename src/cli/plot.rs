@@ -111,6 +111,7 @@ pub fn plot(run: &Path, out: &Path, from_step: u64) -> Result<()> {
     if !dir.is_dir() {
         bail!("{}: no such directory", dir.display());
     }
+    let out = &crate::io::atomic::replace_target(out)?;
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let tmp = out.with_file_name(format!(".kiln-plot-{}.{ext}", std::process::id()));
     let title = format!("{}", run.display());

@@ -284,6 +284,10 @@ impl RunConfig {
                 bail!("{k} must be positive");
             }
         }
+        // A step of more micro-steps than this would never end (nor reach a signal's checkpoint).
+        if self.train.grad_accum > 1 << 20 {
+            bail!("train.grad_accum {} is beyond what kiln supports ({})", self.train.grad_accum, 1 << 20);
+        }
         if self.data.sources.is_empty() {
             bail!("data.sources: at least one source is needed");
         }

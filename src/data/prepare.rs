@@ -3,13 +3,15 @@
 //! once it is whole. Re-running over unchanged inputs is a no-op.
 
 use super::readers::{collect_inputs, for_each_document};
-use super::shard::{token_bytes_for, write_shard, Shard};
+use super::shard::{token_bytes_for, write_shard, Shard, MAGIC};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -317,6 +319,19 @@ fn publish(staging: &Path, out: &Path, index: PreparedIndex) -> Result<PreparedI
 /// An `index.json` already in the output directory must be kiln's, or it is the user's file and
 /// preparing there would delete it.
 fn check_previous_is_ours(dir: &Path) -> Result<()> {
+    // Shard-named files are replaced or removed when the new dataset is published: each must be a
+    // kiln shard (its magic), or it is someone else's file.
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if (name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".bin") {
+            let mut magic = [0u8; 8];
+            let ours = File::open(&p).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == MAGIC;
+            if !ours {
+                bail!("{}: exists and is not a kiln token shard; prepare into another --out", p.display());
+            }
+        }
+    }
     let index = dir.join(INDEX_FILE);
     if !index.exists() {
         return Ok(());

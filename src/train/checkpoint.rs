@@ -92,8 +92,9 @@ fn retain(dir: &Path, keep: usize, protect: &str) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
-        // Only directories are checkpoints; a stray file of that name is not kiln's to delete.
-        if name.starts_with("step-") && entry.file_type()?.is_dir() {
+        // Only whole checkpoints count and are deleted: a stray file or a directory without a
+        // trainer state (the user's, or anything else) is not kiln's to delete.
+        if name.starts_with("step-") && entry.file_type()?.is_dir() && dir.join(&name).join(TRAINER_FILE).is_file() {
             steps.push(name);
         } else if name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id())) {
             let _ = std::fs::remove_dir_all(dir.join(&name));
@@ -177,6 +178,11 @@ const CHECKSUMS_KEY: &str = "sha256";
 /// Files are hashed in parallel (about 1.3 GB/s per core with SHA extensions).
 fn checksum_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     use rayon::prelude::*;
+    files_in(dir)?.into_par_iter().map(|(rel, path)| Ok((rel, sha256_file(&path)?))).collect()
+}
+
+/// Every file under `dir` but trainer.json: (path relative to `dir`, path).
+fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -192,7 +198,7 @@ fn checksum_files(dir: &Path) -> Result<std::collections::BTreeMap<String, Strin
             }
         }
     }
-    files.into_par_iter().map(|(rel, path)| Ok((rel, sha256_file(&path)?))).collect()
+    Ok(files)
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -210,7 +216,9 @@ pub fn verify_files(ckpt: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))?;
-    let Some(list) = v.get(CHECKSUMS_KEY).and_then(|l| l.as_object()) else { return Ok(()) };
+    let Some(list) = v.get(CHECKSUMS_KEY) else { return Ok(()) };
+    let list = list.as_object().with_context(|| format!("{}: malformed {CHECKSUMS_KEY} list", p.display()))?;
+    // Files the list does not name (one a user added, say) are not checked, and not refused.
     use rayon::prelude::*;
     let list: Vec<_> = list.iter().collect();
     list.into_par_iter().try_for_each(|(rel, want)| {
@@ -266,8 +274,30 @@ mod tests {
         let e = verify_files(d.path()).unwrap_err().to_string();
         assert!(e.ends_with("rank-0.safetensors: corrupt (its sha256 differs from the one recorded in trainer.json)"));
         std::fs::write(d.path().join("optimizer/rank-0.safetensors"), b"moments").unwrap();
+        std::fs::write(d.path().join("generation_config.json"), b"{}").unwrap();
+        verify_files(d.path()).unwrap();
         std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
         assert!(verify_files(d.path()).unwrap_err().to_string().contains("model.safetensors: missing"));
+    }
+
+    #[test]
+    fn retention_deletes_only_whole_checkpoints() {
+        let run = tempfile::tempdir().unwrap();
+        for step in [60, 62, 64, 65] {
+            fake_checkpoint(run.path(), step);
+        }
+        let dir = checkpoints_dir(run.path());
+        // The user's: an empty directory, one with notes, a file; none may count or be deleted.
+        std::fs::create_dir(dir.join(checkpoint_name(999))).unwrap();
+        std::fs::create_dir(dir.join(checkpoint_name(10))).unwrap();
+        std::fs::write(dir.join(checkpoint_name(10)).join("mynotes"), "x").unwrap();
+        std::fs::write(dir.join(checkpoint_name(1)), "x").unwrap();
+        retain(&dir, 3, &checkpoint_name(65)).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        left.sort();
+        let want: Vec<String> = [1, 10, 62, 64, 65, 999].iter().map(|&s| checkpoint_name(s)).collect();
+        assert_eq!(left, want);
     }
 
     #[test]

@@ -418,7 +418,7 @@ pub(super) const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
 /// Runs a built trainer to `--steps` or `train.max_steps`, headless or with the dashboard.
 pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
     let until = match args.steps {
-        Some(n) => trainer.state.step + n,
+        Some(n) => trainer.state.step.saturating_add(n),
         None => trainer.cfg.train.max_steps,
     };
     if trainer.state.step >= until.min(trainer.cfg.train.max_steps) {
