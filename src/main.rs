@@ -401,6 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { what: None, preset, batch, seq, steps, decode_tokens } => {
             let (batch, seq, steps) =
                 (positive("--batch", batch)?, positive("--seq", seq)?, positive("--steps", steps)?);
+            let decode_tokens = positive("--decode-tokens", decode_tokens)?;
             let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps, decode_tokens })?;
             for (k, v) in report.lines {
                 kiln::out!("{k:<24} {v}")?;

@@ -18,8 +18,10 @@ struct Series {
 
 fn read(run: &Path, from_step: u64) -> Result<Series> {
     let p = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("{}: cannot read (is this a run directory?)", p.display()))?;
+    let bytes =
+        std::fs::read(&p).with_context(|| format!("{}: cannot read (is this a run directory?)", p.display()))?;
+    // Lossy: a damaged line is then reported by its number below, not as an unreadable file.
+    let text = String::from_utf8_lossy(&bytes);
     let mut s = Series { steps: Vec::new(), evals: Vec::new() };
     for (i, line) in text.lines().enumerate() {
         let v: Value = serde_json::from_str(line)

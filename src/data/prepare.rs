@@ -286,10 +286,15 @@ fn write_shards(
     val.flush(dir, token_bytes)?;
     bar.finish_and_clear();
     if train.index.documents == 0 {
-        bail!(
-            "{}: the inputs hold no documents",
-            args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        let inputs = args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        if val.index.documents > 0 {
+            bail!(
+                "{inputs}: all {} documents went to the validation split; lower --val-fraction ({})",
+                val.index.documents,
+                args.val_fraction
+            );
+        }
+        bail!("{inputs}: the inputs hold no documents");
     }
     Ok(PreparedIndex {
         format: FORMAT.into(),

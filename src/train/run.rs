@@ -336,7 +336,9 @@ fn place<B: Backend>(host: Llama<Cpu>, backend: B, node: NodeRole) -> Result<Pla
 /// On resume, drops metric records past the checkpoint so replayed steps are not duplicated.
 fn truncate_metrics(run: &Path, step: u64) -> Result<()> {
     let p = run.join("metrics.jsonl");
-    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let Ok(bytes) = std::fs::read(&p) else { return Ok(()) };
+    // Lossy, and only lines that parse are kept: a damaged file is repaired, not appended to.
+    let text = String::from_utf8_lossy(&bytes);
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
