@@ -73,10 +73,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
     // At head_dim 64, each kernel's other build: the forward for 4 blocks per SM instead of 3 (held
     // to 128 registers), the backward for 3 instead of 2 (held to 168), or the other way round.
-    let other_bwd_secs =
-        if s.head_dim == 64 { Some((fwd_bwd_secs(5 - used_bwd)? - fwd_secs).max(f64::MIN_POSITIVE)) } else { None };
-    let other = if s.head_dim == 64 { 7 - used } else { 0 };
-    let other_secs = if other > 0 {
+    let d64 = s.head_dim == 64;
+    let (other, other_bwd) = (7 - used, 5 - used_bwd);
+    let other_bwd_secs = if d64 { Some((fwd_bwd_secs(other_bwd)? - fwd_secs).max(f64::MIN_POSITIVE)) } else { None };
+    let other_secs = if d64 {
         Some(timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, other))?)
     } else {
         None
@@ -93,16 +93,15 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
             ),
         ),
         ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
-        ("  forward".into(), rate(fwd_flops, fwd_secs)),
-        ("  backward (delta, dQ cast incl.)".into(), rate(2.5 * fwd_flops, bwd_secs)),
+        (if d64 { format!("  forward ({used} blocks/SM)") } else { "  forward".into() }, rate(fwd_flops, fwd_secs)),
+        (
+            if d64 { format!("  backward ({used_bwd} blocks/SM)") } else { "  backward (delta, dQ cast incl.)".into() },
+            rate(2.5 * fwd_flops, bwd_secs),
+        ),
     ];
-    if let Some(t) = other_secs {
-        rows[3].0 = format!("  forward ({used} blocks/SM)");
-        rows.push((format!("  forward ({other} blocks/SM)"), rate(fwd_flops, t)));
-    }
-    if let Some(t) = other_bwd_secs {
-        rows[4].0 = format!("  backward ({used_bwd} blocks/SM)");
-        rows.push((format!("  backward ({} blocks/SM)", 5 - used_bwd), rate(2.5 * fwd_flops, t)));
+    if let (Some(f), Some(b)) = (other_secs, other_bwd_secs) {
+        rows.push((format!("  forward ({other} blocks/SM)"), rate(fwd_flops, f)));
+        rows.push((format!("  backward ({other_bwd} blocks/SM)"), rate(2.5 * fwd_flops, b)));
     }
     Ok(rows)
 }

@@ -290,10 +290,10 @@ pub fn build_on<B: Backend + Clone>(
 /// would abort, or be killed by the OOM killer minutes later). The estimate is a floor: f32
 /// weights, gradients and both AdamW moments, plus the activations of a micro-batch and its logits.
 fn check_host_memory(cfg: &RunConfig, mc: &LlamaConfig) -> Result<()> {
-    let Some(total) = crate::backend::cpu::host_memory_bytes() else { return Ok(()) };
     if cfg.parallel.device != "cpu" {
         return Ok(());
     }
+    let Some(total) = crate::backend::cpu::host_memory_bytes() else { return Ok(()) };
     let params = mc.n_params() as f64;
     let rows = (cfg.train.micro_batch * cfg.data.seq_len) as f64;
     let per_row = (mc.n_layer * (8 * mc.d_model + 3 * mc.d_ff) + mc.vocab_size) as f64;

@@ -111,8 +111,9 @@ pub fn fwd_d64_blocks() -> u32 {
 /// on 2 × 132 (1.125× against 1.016× the ideal, `bench/attention_schedule.py`), so the third block
 /// must raise an SM's throughput by more than a tenth to pay.
 pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
-    let fits = 3 * (bwd_shared_bytes(64) + gpu.shared_reserved_per_block) <= gpu.shared_per_sm;
-    if fits && std::env::var("KILN_FA_BWD_D64_BLOCKS").is_ok_and(|v| v == "3") {
+    static WANT_3: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let want_3 = *WANT_3.get_or_init(|| std::env::var("KILN_FA_BWD_D64_BLOCKS").is_ok_and(|v| v == "3"));
+    if want_3 && 3 * (bwd_shared_bytes(64) + gpu.shared_reserved_per_block) <= gpu.shared_per_sm {
         3
     } else {
         2

@@ -26,8 +26,8 @@ pub fn forward<T: Elem>(
         return Ok(());
     }
     let f = gpu.function(&format!("swiglu_fwd_{}", T::SUFFIX))?;
+    let cfg = elementwise_config(n.div_ceil(T::PER_THREAD));
     let n = n as i64;
-    let cfg = elementwise_config((n as usize).div_ceil(T::PER_THREAD));
     // SAFETY: argument order and types match the kernel; all three hold at least n values.
     unsafe { gpu.stream.launch_builder(f).arg(out).arg(gate).arg(up).arg(&n).launch(cfg) }?;
     Ok(())
@@ -49,18 +49,9 @@ pub fn backward<T: Elem>(
         return Ok(());
     }
     let f = gpu.function(&format!("swiglu_bwd_{}", T::SUFFIX))?;
+    let cfg = elementwise_config(n.div_ceil(T::PER_THREAD));
     let n = n as i64;
     // SAFETY: as above.
-    unsafe {
-        gpu.stream
-            .launch_builder(f)
-            .arg(dgate)
-            .arg(dup)
-            .arg(dout)
-            .arg(gate)
-            .arg(up)
-            .arg(&n)
-            .launch(elementwise_config((n as usize).div_ceil(T::PER_THREAD)))
-    }?;
+    unsafe { gpu.stream.launch_builder(f).arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&n).launch(cfg) }?;
     Ok(())
 }
