@@ -19,6 +19,12 @@ use kiln::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
 use kiln::train::optimizer::{device_step, AdamWState, StepParams};
 use rand::{Rng, SeedableRng};
 
+/// Without a GPU: every other test here, on the CPU stand-in for CUDA (tests/emulated/fake_cuda.cpp).
+#[test]
+fn on_the_emulated_gpu() {
+    common::emulated_gpu::rerun_on_the_emulator("on_the_emulated_gpu");
+}
+
 fn cuda() -> Option<Cuda> {
     or_skip(Cuda::open(0))
 }
@@ -206,12 +212,15 @@ fn the_reference_run_learns_on_the_cpu() {
     assert!(end < 0.6 * cpu[0], "the CPU run did not learn: {} → {end}", cpu[0]);
 }
 
+/// 200 steps on a GPU. The emulated GPU (tests/common/emulated_gpu.rs) runs the first 40, the
+/// warmup and the steepest descent, where a wrong gradient shows soonest: 200 would take it ten
+/// minutes.
 #[test]
 fn two_hundred_training_steps_track_the_cpu_run() {
     let Some(c) = cuda() else { return };
     let cfg = curve_config();
     let host = shared_weights(&cfg);
-    let steps = 200;
+    let steps = if common::emulated_gpu::emulated() { 40 } else { 200 };
     let cpu = train_curve(Cpu::new(), &cfg, &host, steps);
     let gpu = train_curve(c, &cfg, &host, steps);
     for s in (0..steps).step_by(20).chain([steps - 1]) {
@@ -219,9 +228,11 @@ fn two_hundred_training_steps_track_the_cpu_run() {
     }
     let tail = |x: &[f32]| x[steps - 20..].iter().sum::<f32>() / 20.0;
     let (cpu_end, gpu_end) = (tail(&cpu), tail(&gpu));
-    // It learns: the chain has 4 successors per token, so the floor is ln 4 ≈ 1.39 from ln 512 ≈ 6.24.
-    assert!(cpu_end < 0.6 * cpu[0], "the CPU run did not learn: {} → {cpu_end}", cpu[0]);
-    assert!(gpu_end < 0.6 * gpu[0], "the CUDA run did not learn: {} → {gpu_end}", gpu[0]);
+    // It learns: the chain has 4 successors per token, so the floor is ln 4 ≈ 1.39 from ln 512 ≈ 6.24
+    // (by 200 steps; a shorter run must at least have started down).
+    let learned = if steps == 200 { 0.6 } else { 0.95 };
+    assert!(cpu_end < learned * cpu[0], "the CPU run did not learn: {} → {cpu_end}", cpu[0]);
+    assert!(gpu_end < learned * gpu[0], "the CUDA run did not learn: {} → {gpu_end}", gpu[0]);
     // And the GPU run follows it: every 20-step window's mean within 10% (plus 0.05 nats, for the
     // steepest windows, where a lag of a step is most visible) of the CPU's (bf16 activations drift a
     // little from the f32 run; a wrong gradient drifts far or stops learning).

@@ -1,6 +1,6 @@
 //! The CUDA kernels' own source, compiled by g++ with `-DKILN_CPU_EMULATION` and run on the CPU
-//! (tests/emulated/: one host thread per CUDA thread, barriers for `__syncthreads`, the warp
-//! shuffles, and `mma.sync` computed from the PTX fragment layout), against double-precision
+//! (tests/emulated/: every CUDA thread a fiber, barriers for `__syncthreads`, the warp shuffles,
+//! and `mma.sync` computed from the PTX fragment layout), against double-precision
 //! references. This checks the kernels' logic on machines without a GPU; tests/gpu.rs checks the
 //! real thing where one is present. Skipped without g++ unless KILN_REQUIRE_GXX=1 (set by CI).
 

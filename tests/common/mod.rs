@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod emulated_gpu;
 pub mod gpu;
 
 use rand::{Rng, SeedableRng};

@@ -1,0 +1,611 @@
+// A CPU stand-in for the parts of the CUDA driver, NVRTC and cuBLASLt that kiln calls, built as one
+// shared library and put on LD_LIBRARY_PATH under the names cudarc loads (libcuda.so, libnvrtc.so,
+// libcublasLt.so, libcublas.so) by tests/common/emulated_gpu.rs. With it the CUDA backend's host code
+// (src/backend/cuda/: launchers, argument lists, grid sizes, cuBLASLt layouts, the engine's buffers and
+// streams) runs end to end on machines without a GPU, and tests/gpu.rs and tests/gpu_model.rs check it
+// against the CPU backend exactly as they do on a GPU.
+//
+// Kernels run on the emulator of include/cuda_bf16.h: the same kernels/*.cu sources, every CUDA
+// thread a fiber. The stand-in is stricter than a GPU where that is cheap, so mistakes that a GPU
+// would turn into silent garbage or a later sticky error fail here at once, with a message:
+//   - device memory is fresh mmap'd pages with a PROT_NONE guard page right after each buffer (its
+//     end at most 255 bytes before it), filled with 0xFF (NaN in f32 and bf16) when allocated, and
+//     made inaccessible when freed, so overruns and use after free fault;
+//   - every copy, memset and GEMM operand must lie inside one live allocation;
+//   - every pointer argument of a kernel must point into a live allocation (or be null);
+//   - a launch's dynamic shared memory must fit the 48 KB default or what cuFuncSetAttribute raised
+//     it to, its block at most 1024 threads;
+//   - a cuBLASLt matmul's layouts must agree with its transposes and with each other.
+// It reports itself as a compute capability 9.0 device with an H100's shared memory, so the engine
+// takes the Hopper paths (the 3-blocks-per-SM FlashAttention builds are allowed). Everything runs
+// synchronously on the calling thread; streams and events only keep time.
+
+#include "cuda_bf16.h"
+
+// The kernels, as NVRTC would see them (each includes common.cuh, which has #pragma once).
+#include "adamw.cu"
+#include "cast.cu"
+#include "cross_entropy.cu"
+#include "elementwise.cu"
+#include "flash_attn.cu"
+#include "rmsnorm.cu"
+#include "rope.cu"
+#include "swiglu.cu"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+typedef int CUresult;
+enum : int {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+typedef unsigned long long CUdeviceptr;
+
+static std::recursive_mutex fake_lock;  // the emulator runs one block at a time, whoever launches
+
+static void fake_say(const char* what, const std::string& detail) {
+    std::fprintf(stderr, "fake CUDA: %s: %s\n", what, detail.c_str());
+}
+
+// ---------------------------------------------------------------- device memory
+
+struct Allocation {
+    char* map;
+    size_t map_len;
+    size_t size;
+};
+static std::map<uintptr_t, Allocation> live;  // by start address
+static std::deque<std::pair<char*, size_t>> quarantine;  // freed, inaccessible, unmapped later
+static size_t live_bytes;
+static const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+static const size_t fake_total_memory = 16ull << 30;
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+static CUresult fake_alloc(CUdeviceptr* out, size_t size) {
+    if (size == 0) return CUDA_ERROR_INVALID_VALUE;  // as the driver answers
+    if (live_bytes + size > fake_total_memory) return CUDA_ERROR_OUT_OF_MEMORY;
+    const size_t body = round_up(size, page);
+    char* map = (char*)mmap(nullptr, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    mprotect(map + body, page, PROT_NONE);
+    char* start = map + body - round_up(size, 256);
+    std::memset(start, 0xFF, round_up(size, 256));
+    live[(uintptr_t)start] = {map, body + page, size};
+    live_bytes += size;
+    *out = (CUdeviceptr)start;
+    return CUDA_SUCCESS;
+}
+
+static CUresult fake_free(CUdeviceptr p) {
+    auto it = live.find((uintptr_t)p);
+    if (it == live.end()) {
+        fake_say("cuMemFree", "not the start of a live allocation: " + std::to_string(p));
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    Allocation a = it->second;
+    live.erase(it);
+    live_bytes -= a.size;
+    madvise(a.map, a.map_len, MADV_DONTNEED);
+    mprotect(a.map, a.map_len, PROT_NONE);
+    quarantine.emplace_back(a.map, a.map_len);
+    if (quarantine.size() > 10000) {
+        munmap(quarantine.front().first, quarantine.front().second);
+        quarantine.pop_front();
+    }
+    return CUDA_SUCCESS;
+}
+
+// The live allocation holding [p, p + bytes), or null.
+static const Allocation* owner(uintptr_t p, size_t bytes) {
+    auto it = live.upper_bound(p);
+    if (it == live.begin()) return nullptr;
+    --it;
+    if (p + bytes > it->first + it->second.size) return nullptr;
+    return &it->second;
+}
+
+static bool in_device_memory(uintptr_t p, size_t bytes, const char* what) {
+    if (owner(p, bytes)) return true;
+    fake_say(what, std::to_string(bytes) + " bytes at " + std::to_string(p) + " are not inside one live allocation");
+    return false;
+}
+
+// ---------------------------------------------------------------- kernels
+
+typedef void (*Invoke)(void** params, const char* name);
+struct FakeFunction {
+    const char* name;
+    Invoke invoke;
+    int max_dynamic_shared = 48 * 1024;
+};
+
+// The body of the next launch: the kernel with its arguments bound.
+static std::function<void()> emulated_launch_body;
+
+template <class A>
+static A arg(void* p, const char* name, int i) {
+    A v;
+    std::memcpy(&v, p, sizeof v);
+    if constexpr (std::is_pointer_v<A>) {
+        if (v != nullptr && !owner((uintptr_t)v, 1)) {
+            std::fprintf(stderr, "fake CUDA: %s: argument %d (%p) does not point into device memory\n", name, i,
+                         (const void*)v);
+            std::abort();  // on a GPU: an illegal address fault
+        }
+    }
+    return v;
+}
+template <class... A, size_t... I>
+static void bind_args(void (*f)(A...), void** params, const char* name, std::index_sequence<I...>) {
+    // Read (and checked) at the launch, in order, as the driver copies them.
+    std::tuple<A...> args{arg<A>(params[I], name, (int)I)...};
+    emulated_launch_body = [f, args]() { std::apply(f, args); };
+}
+template <class... A>
+static void bind_args(void (*f)(A...), void** params, const char* name) {
+    bind_args(f, params, name, std::index_sequence_for<A...>{});
+}
+template <auto F>
+static void invoke(void** params, const char* name) {
+    bind_args(F, params, name);
+}
+
+#define KILN_ENTRY(name) {#name, &invoke<&name>},
+static FakeFunction functions[] = {
+#include "fake_cuda_entries.inc"
+};
+#undef KILN_ENTRY
+
+// ---------------------------------------------------------------- the driver API
+
+struct FakeEvent {
+    std::chrono::steady_clock::time_point at;
+};
+static int fake_context, fake_stream_handles, fake_pool, fake_module;
+static const char* const ptx_mark = "// kiln fake PTX\n";
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = 0;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, int) {
+    std::snprintf(name, len, "kiln CPU emulator (compute capability 9.0)");
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = fake_total_memory;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
+    switch (attribute) {
+        case 1: *v = 1024; break;           // max threads per block
+        case 2: case 3: case 4: *v = attribute == 2 ? 1024 : 64; break;  // max block dims
+        case 5: *v = 2147483647; break;     // max grid x
+        case 6: case 7: *v = 65535; break;  // max grid y, z
+        case 8: *v = 48 * 1024; break;      // shared memory per block
+        case 10: *v = 32; break;            // warp size
+        case 13: *v = 1980000; break;       // clock rate, kHz
+        case 16: *v = 132; break;           // multiprocessors
+        case 75: *v = 9; break;             // compute capability
+        case 76: *v = 0; break;
+        case 81: *v = 228 * 1024; break;    // shared memory per multiprocessor
+        case 97: *v = 227 * 1024; break;    // shared memory per block, opt-in
+        case 111: *v = 1024; break;         // reserved shared memory per block
+        case 115: *v = 1; break;            // memory pools
+        default:
+            fake_say("cuDeviceGetAttribute", "attribute " + std::to_string(attribute) + " is not emulated");
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
+    *ctx = &fake_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
+CUresult cuCtxSetCurrent(void*) { return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(void** ctx) {
+    *ctx = &fake_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    static thread_local std::string name;
+    name = "CUDA_ERROR_" + std::to_string(e) + " (fake CUDA)";
+    *s = name.c_str();
+    return CUDA_SUCCESS;
+}
+CUresult cuGetErrorString(CUresult e, const char** s) { return cuGetErrorName(e, s); }
+
+CUresult cuDeviceGetDefaultMemPool(void** pool, int) {
+    *pool = &fake_pool;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(void*, int, void*) { return CUDA_SUCCESS; }
+CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    *total = fake_total_memory;
+    *free = fake_total_memory - live_bytes;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamCreate(void** s, unsigned) {
+    *s = new int(++fake_stream_handles);
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
+CUresult cuStreamDestroy_v2(void* s) {
+    delete (int*)s;
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
+
+CUresult cuEventCreate(void** e, unsigned) {
+    *e = new FakeEvent{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+CUresult cuEventDestroy_v2(void* e) {
+    delete (FakeEvent*)e;
+    return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(void* e, void*) {
+    ((FakeEvent*)e)->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
+    *ms = std::chrono::duration<float, std::milli>(((FakeEvent*)end)->at - ((FakeEvent*)start)->at).count();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    return fake_alloc(p, n);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    return fake_free(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    if (n == 0) return CUDA_SUCCESS;
+    if (!in_device_memory(dst, n, "cuMemcpyHtoD destination")) return CUDA_ERROR_INVALID_VALUE;
+    std::memcpy((void*)dst, src, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    if (n == 0) return CUDA_SUCCESS;
+    if (!in_device_memory(src, n, "cuMemcpyDtoH source")) return CUDA_ERROR_INVALID_VALUE;
+    std::memcpy(dst, (const void*)src, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    if (n == 0) return CUDA_SUCCESS;
+    if (!in_device_memory(dst, n, "cuMemcpyDtoD destination") || !in_device_memory(src, n, "cuMemcpyDtoD source"))
+        return CUDA_ERROR_INVALID_VALUE;
+    std::memmove((void*)dst, (const void*)src, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    if (n == 0) return CUDA_SUCCESS;
+    if (!in_device_memory(dst, n, "cuMemsetD8")) return CUDA_ERROR_INVALID_VALUE;
+    std::memset((void*)dst, v, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(dst, v, n); }
+
+CUresult cuModuleLoadData(void** module, const void* image) {
+    if (std::strncmp((const char*)image, ptx_mark, std::strlen(ptx_mark)) != 0) {
+        fake_say("cuModuleLoadData", "not PTX from the fake NVRTC");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    *module = &fake_module;
+    return CUDA_SUCCESS;
+}
+CUresult cuModuleUnload(void*) { return CUDA_SUCCESS; }
+CUresult cuModuleGetFunction(void** f, void*, const char* name) {
+    for (FakeFunction& fn : functions)
+        if (std::strcmp(fn.name, name) == 0) {
+            *f = &fn;
+            return CUDA_SUCCESS;
+        }
+    fake_say("cuModuleGetFunction", std::string("no entry point ") + name);
+    return CUDA_ERROR_NOT_FOUND;
+}
+CUresult cuFuncSetAttribute(void* f, int attribute, int value) {
+    if (attribute != 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        fake_say("cuFuncSetAttribute", "attribute " + std::to_string(attribute) + " is not emulated");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (value < 0 || value > 227 * 1024) return CUDA_ERROR_INVALID_VALUE;
+    ((FakeFunction*)f)->max_dynamic_shared = value;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, void*, void** params, void** extra) {
+    FakeFunction& fn = *(FakeFunction*)f;
+    const std::string what = std::string("cuLaunchKernel ") + fn.name;
+    if (extra != nullptr) {
+        fake_say(what.c_str(), "the `extra` parameter form is not emulated");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 || gz > 65535 || bx == 0 || by == 0 ||
+        bz == 0 || (size_t)bx * by * bz > 1024) {
+        fake_say(what.c_str(), "grid (" + std::to_string(gx) + "," + std::to_string(gy) + "," + std::to_string(gz) +
+                                   ") of blocks (" + std::to_string(bx) + "," + std::to_string(by) + "," +
+                                   std::to_string(bz) + ") is invalid");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((int)shared > fn.max_dynamic_shared) {
+        fake_say(what.c_str(), std::to_string(shared) + " bytes of dynamic shared memory, the kernel allows " +
+                                   std::to_string(fn.max_dynamic_shared) + " (cuFuncSetAttribute)");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    fn.invoke(params, fn.name);
+    emulated_launch({gx, gy, gz}, {bx, by, bz}, emulated_launch_body, shared);
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------- NVRTC
+
+struct FakeProgram {
+    std::string ptx;
+};
+int nvrtcVersion(int* major, int* minor) {
+    *major = 13;
+    *minor = 0;
+    return 0;
+}
+int nvrtcCreateProgram(void** prog, const char* src, const char* name, int, const char* const*, const char* const*) {
+    // The "PTX" names the source; the kernels themselves are compiled into this library.
+    *prog = new FakeProgram{std::string(ptx_mark) + "// " + (name ? name : "?") + ", " +
+                            std::to_string(std::strlen(src)) + " bytes of source\n"};
+    return 0;
+}
+int nvrtcCompileProgram(void*, int, const char* const*) { return 0; }
+int nvrtcGetPTXSize(void* prog, size_t* n) {
+    *n = ((FakeProgram*)prog)->ptx.size() + 1;
+    return 0;
+}
+int nvrtcGetPTX(void* prog, char* out) {
+    const std::string& p = ((FakeProgram*)prog)->ptx;
+    std::memcpy(out, p.c_str(), p.size() + 1);
+    return 0;
+}
+int nvrtcGetProgramLogSize(void*, size_t* n) {
+    *n = 1;
+    return 0;
+}
+int nvrtcGetProgramLog(void*, char* out) {
+    out[0] = 0;
+    return 0;
+}
+int nvrtcDestroyProgram(void** prog) {
+    delete (FakeProgram*)*prog;
+    *prog = nullptr;
+    return 0;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------- cuBLASLt
+
+enum : int { LT_OK = 0, LT_INVALID_VALUE = 7, LT_NOT_SUPPORTED = 15 };
+enum : int { R_32F = 0, R_16BF = 14, COMPUTE_32F = 68 };
+struct LtDesc {
+    int compute, scale;
+    int trans_a = 0, trans_b = 0;
+};
+struct LtLayout {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct LtPreference {
+    uint64_t max_workspace = 0;
+};
+struct LtAlgo {
+    uint64_t data[8];
+};
+struct LtHeuristicResult {
+    LtAlgo algo;
+    size_t workspace_size;
+    int state;
+    float waves;
+    int reserved[4];
+};
+static int fake_lt_handle;
+
+static size_t elem_size(int type) { return type == R_32F ? 4 : 2; }
+static double load(const void* base, int type, size_t i) {
+    if (type == R_32F) return ((const float*)base)[i];
+    return __bfloat162float(((const __nv_bfloat16*)base)[i]);
+}
+static void store(void* base, int type, size_t i, double v) {
+    if (type == R_32F)
+        ((float*)base)[i] = (float)v;
+    else
+        ((__nv_bfloat16*)base)[i] = __float2bfloat16_rn((float)v);
+}
+
+// What is wrong with this problem's descriptors, or "" (cuBLASLt checks the same at the call).
+static std::string lt_check(const LtDesc& d, const LtLayout& a, const LtLayout& b, const LtLayout& c, const LtLayout& o) {
+    if (d.compute != COMPUTE_32F || d.scale != R_32F) return "only CUBLAS_COMPUTE_32F with f32 scaling is emulated";
+    if (a.type != b.type || (a.type != R_16BF && a.type != R_32F)) return "A and B must both be bf16 or both f32";
+    if (c.type != o.type || (o.type != R_16BF && o.type != R_32F)) return "C and D must have one type, bf16 or f32";
+    for (const LtLayout* l : {&a, &b, &c, &o})
+        if (l->rows == 0 || l->cols == 0 || l->ld < (int64_t)l->rows) return "a layout is empty or its ld < rows";
+    const uint64_t m = d.trans_a ? a.cols : a.rows, ka = d.trans_a ? a.rows : a.cols;
+    const uint64_t kb = d.trans_b ? b.cols : b.rows, n = d.trans_b ? b.rows : b.cols;
+    if (ka != kb || m != o.rows || n != o.cols || c.rows != o.rows || c.cols != o.cols)
+        return "op(A) is " + std::to_string(m) + "x" + std::to_string(ka) + ", op(B) " + std::to_string(kb) + "x" +
+               std::to_string(n) + ", C " + std::to_string(c.rows) + "x" + std::to_string(c.cols) + ", D " +
+               std::to_string(o.rows) + "x" + std::to_string(o.cols);
+    return "";
+}
+static size_t extent(const LtLayout& l) { return ((l.cols - 1) * l.ld + l.rows) * elem_size(l.type); }
+
+extern "C" {
+
+int cublasLtCreate(void** h) {
+    *h = &fake_lt_handle;
+    return LT_OK;
+}
+int cublasLtDestroy(void*) { return LT_OK; }
+int cublasLtMatmulDescCreate(void** d, int compute, int scale) {
+    *d = new LtDesc{compute, scale};
+    return LT_OK;
+}
+int cublasLtMatmulDescDestroy(void* d) {
+    delete (LtDesc*)d;
+    return LT_OK;
+}
+int cublasLtMatmulDescSetAttribute(void* d, int attribute, const void* buf, size_t size) {
+    if ((attribute == 3 || attribute == 4) && size == 4) {  // TRANSA, TRANSB: cublasOperation_t
+        int op;
+        std::memcpy(&op, buf, 4);
+        if (op != 0 && op != 1) return LT_INVALID_VALUE;
+        (attribute == 3 ? ((LtDesc*)d)->trans_a : ((LtDesc*)d)->trans_b) = op;
+        return LT_OK;
+    }
+    fake_say("cublasLtMatmulDescSetAttribute", "attribute " + std::to_string(attribute) + " of " +
+                                                   std::to_string(size) + " bytes is not emulated");
+    return LT_NOT_SUPPORTED;
+}
+int cublasLtMatrixLayoutCreate(void** l, int type, uint64_t rows, uint64_t cols, int64_t ld) {
+    *l = new LtLayout{type, rows, cols, ld};
+    return LT_OK;
+}
+int cublasLtMatrixLayoutDestroy(void* l) {
+    delete (LtLayout*)l;
+    return LT_OK;
+}
+int cublasLtMatmulPreferenceCreate(void** p) {
+    *p = new LtPreference;
+    return LT_OK;
+}
+int cublasLtMatmulPreferenceDestroy(void* p) {
+    delete (LtPreference*)p;
+    return LT_OK;
+}
+int cublasLtMatmulPreferenceSetAttribute(void* p, int attribute, const void* buf, size_t size) {
+    if (attribute == 1 && size == 8) {  // MAX_WORKSPACE_BYTES
+        std::memcpy(&((LtPreference*)p)->max_workspace, buf, 8);
+        return LT_OK;
+    }
+    fake_say("cublasLtMatmulPreferenceSetAttribute", "attribute " + std::to_string(attribute) + " is not emulated");
+    return LT_NOT_SUPPORTED;
+}
+// Three candidates (the engine times them as it would cuBLASLt's), all computing the same way.
+int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c, void* d, void*, int requested,
+                                   LtHeuristicResult* results, int* returned) {
+    const std::string bad = lt_check(*(LtDesc*)desc, *(LtLayout*)a, *(LtLayout*)b, *(LtLayout*)c, *(LtLayout*)d);
+    if (!bad.empty()) {
+        fake_say("cublasLtMatmulAlgoGetHeuristic", bad);
+        return LT_INVALID_VALUE;
+    }
+    if (requested <= 0) return LT_INVALID_VALUE;
+    *returned = std::min(requested, 3);
+    for (int i = 0; i < *returned; ++i) {
+        std::memset(&results[i], 0, sizeof results[i]);
+        results[i].algo.data[0] = 0x6b696c6e00ull + i;
+        results[i].waves = 1;
+    }
+    return LT_OK;
+}
+int cublasLtMatmul(void*, void* desc, const void* alpha_p, const void* A, void* a_layout, const void* B, void* b_layout,
+                   const void* beta_p, const void* C, void* c_layout, void* D, void* d_layout, const LtAlgo* algo,
+                   void* workspace, size_t workspace_bytes, void*) {
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    const LtDesc& d = *(LtDesc*)desc;
+    const LtLayout &a = *(LtLayout*)a_layout, &b = *(LtLayout*)b_layout, &c = *(LtLayout*)c_layout,
+                   &o = *(LtLayout*)d_layout;
+    std::string bad = lt_check(d, a, b, c, o);
+    if (bad.empty() && (algo == nullptr || (algo->data[0] & ~0xffull) != 0x6b696c6e00ull))
+        bad = "the algorithm did not come from cublasLtMatmulAlgoGetHeuristic";
+    if (bad.empty() && C == D && (c.ld != o.ld || c.type != o.type)) bad = "C aliases D with another layout";
+    if (bad.empty() && workspace_bytes > 0 && !in_device_memory((uintptr_t)workspace, workspace_bytes, "workspace"))
+        bad = "the workspace is not device memory";
+    const struct {
+        const void* p;
+        const LtLayout* l;
+        const char* what;
+    } operands[] = {{A, &a, "A"}, {B, &b, "B"}, {C, &c, "C"}, {D, &o, "D"}};
+    for (auto& op : operands)
+        if (bad.empty() && !in_device_memory((uintptr_t)op.p, extent(*op.l), op.what))
+            bad = std::string("operand ") + op.what + " is not inside one device allocation";
+    if (!bad.empty()) {
+        fake_say("cublasLtMatmul", bad);
+        return LT_INVALID_VALUE;
+    }
+    float alpha, beta;
+    std::memcpy(&alpha, alpha_p, 4);
+    std::memcpy(&beta, beta_p, 4);
+    const size_t m = o.rows, n = o.cols, k = d.trans_a ? a.rows : a.cols;
+    // op(A) as m rows of k, op(B)ᵀ as n rows of k (column-major element (r, c) of X is X[r + c·ld]),
+    // then f32 dot products as cuBLASLt's f32 accumulation, vectorised (the autotuned shapes of
+    // tests/gpu_model.rs are gigaflops, each run several times).
+    std::vector<float> ra(m * k), rb(n * k);
+    for (size_t i = 0; i < m; ++i)
+        for (size_t p = 0; p < k; ++p) ra[i * k + p] = load(A, a.type, d.trans_a ? p + i * a.ld : i + p * a.ld);
+    for (size_t j = 0; j < n; ++j)
+        for (size_t p = 0; p < k; ++p) rb[j * k + p] = load(B, b.type, d.trans_b ? j + p * b.ld : p + j * b.ld);
+    for (size_t j = 0; j < n; ++j)
+        for (size_t i = 0; i < m; ++i) {
+            float acc = 0;
+            const float *x = &ra[i * k], *y = &rb[j * k];
+#pragma omp simd reduction(+ : acc)
+            for (size_t p = 0; p < k; ++p) acc += x[p] * y[p];
+            // beta = 0 does not read C (an uninitialised D may be NaN), as cuBLASLt.
+            float v = alpha * acc;
+            if (beta != 0) v += beta * (float)load(C, c.type, i + j * c.ld);
+            store(D, o.type, i + j * o.ld, v);
+        }
+    return LT_OK;
+}
+
+}  // extern "C"
