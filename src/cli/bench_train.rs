@@ -257,6 +257,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
     match a.device.as_str() {
         "cuda" => {
             let b = Cuda::open(0)?;
+            crate::backend::cuda::flash_attn::check_head_dim(&cfg)?;
             lines.push(("device".into(), b.name()));
             let ceiling = gemm_ceiling(b.gpu())?;
             let sheet = datasheet_bf16_flops(&b.gpu().name);

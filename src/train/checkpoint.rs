@@ -157,8 +157,16 @@ fn whole_checkpoints_in(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// A model directory from a path that may be a model dir, a checkpoint, or a run dir.
+/// A model directory from a path that may be a model dir, a checkpoint, a run dir, or a run's
+/// `checkpoints/latest` pointer (a file naming the checkpoint, which users reach for as if it were one).
 pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
+    if path.is_file() && path.file_name().is_some_and(|n| n == "latest") {
+        if let Some(run) =
+            path.parent().filter(|c| c.file_name().is_some_and(|n| n == "checkpoints")).and_then(Path::parent)
+        {
+            return latest(run)?.with_context(|| format!("{}: names no whole checkpoint", path.display()));
+        }
+    }
     if path.join("config.json").exists() || !path.join("checkpoints").is_dir() {
         return Ok(path.to_path_buf());
     }
@@ -245,6 +253,17 @@ mod tests {
         let d = checkpoints_dir(run).join(checkpoint_name(step));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(TRAINER_FILE), "{}").unwrap();
+    }
+
+    #[test]
+    fn the_latest_pointer_resolves_to_its_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        fake_checkpoint(run.path(), 2);
+        fake_checkpoint(run.path(), 4);
+        let pointer = checkpoints_dir(run.path()).join("latest");
+        std::fs::write(&pointer, "step-00000002\n").unwrap();
+        assert_eq!(resolve_model_dir(&pointer).unwrap(), checkpoints_dir(run.path()).join(checkpoint_name(2)));
+        assert_eq!(resolve_model_dir(run.path()).unwrap(), checkpoints_dir(run.path()).join(checkpoint_name(2)));
     }
 
     #[test]

@@ -402,6 +402,9 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         // the full model that evaluates, samples and checkpoints.
         "cuda" => {
             let gpu = Cuda::open(0)?;
+            if let Some(model) = located.cfg.model_config()? {
+                crate::backend::cuda::flash_attn::check_head_dim(&model)?;
+            }
             let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
             let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
             drive(build_on(&args, located, gpu, peak, NodeRole::SINGLE, |_| Ok(group))?, &args)

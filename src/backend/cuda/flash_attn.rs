@@ -68,6 +68,21 @@ fn check(s: &AttnShape, q_bufs: &[usize], kv_bufs: &[usize], lse_bufs: &[usize])
     }
 }
 
+/// The head sizes the kernels are built for, checked when a CUDA run starts rather than at its
+/// first step (after the run directory is made).
+pub fn check_head_dim(cfg: &crate::model::LlamaConfig) -> Result<()> {
+    let d = cfg.head_dim();
+    if d != 64 && d != 128 {
+        bail!(
+            "model: head_dim {d} (d_model {} / n_head {}) has no CUDA attention kernel; the CUDA backend takes head_dim 64 or 128 (n_head = {} would give 64)",
+            cfg.d_model,
+            cfg.n_head,
+            cfg.d_model / 64
+        );
+    }
+    Ok(())
+}
+
 /// The scalar tail of both kernels' parameters: q_len, kv_len, kv_stride, q_pos0, n_head,
 /// n_kv_head, then the softmax scale.
 struct ShapeArgs {
