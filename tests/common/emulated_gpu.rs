@@ -1,8 +1,9 @@
 //! The GPU tests on machines without a GPU: `rerun_on_the_emulator` builds the CPU stand-in for the
-//! CUDA driver, NVRTC and cuBLASLt (tests/emulated/fake_cuda.cpp: the kernels' own source on the
+//! CUDA driver, NVRTC, cuBLASLt and NCCL (tests/emulated/fake_cuda.cpp: the kernels' own source on the
 //! fiber emulator, strict checks on every pointer, copy, launch and GEMM layout) and runs the calling
 //! test binary's other tests again with it on LD_LIBRARY_PATH. The CUDA backend's host code (launchers,
-//! argument lists, grids, cuBLASLt layouts, the engine's buffers) then runs end to end against the
+//! argument lists, grids, cuBLASLt layouts, the engine's buffers, FSDP over NCCL between two emulated
+//! devices) then runs end to end against the
 //! CPU backend, as it does on a GPU in scripts/gpu-check.sh.
 //!
 //! Skipped where a real driver is present (the real tests run there) and without g++, unless
@@ -107,7 +108,7 @@ fn build_fake_cuda() -> PathBuf {
         .output()
         .unwrap();
     assert!(build.status.success(), "g++ fake_cuda.cpp:\n{}", String::from_utf8_lossy(&build.stderr));
-    for name in ["libcuda.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so"] {
+    for name in ["libcuda.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so", "libnccl.so"] {
         std::os::unix::fs::symlink("libkiln_fake_cuda.so", tmp.join(name)).unwrap();
     }
     if std::fs::rename(&tmp, &dir).is_err() {

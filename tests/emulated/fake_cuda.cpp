@@ -1,9 +1,9 @@
-// A CPU stand-in for the parts of the CUDA driver, NVRTC and cuBLASLt that kiln calls, built as one
-// shared library and put on LD_LIBRARY_PATH under the names cudarc loads (libcuda.so, libnvrtc.so,
-// libcublasLt.so, libcublas.so) by tests/common/emulated_gpu.rs. With it the CUDA backend's host code
+// A CPU stand-in for the parts of the CUDA driver, NVRTC, cuBLASLt and NCCL that kiln calls, built as
+// one shared library and put on LD_LIBRARY_PATH under the names cudarc loads (libcuda.so, libnvrtc.so,
+// libcublasLt.so, libcublas.so, libnccl.so) by tests/common/emulated_gpu.rs. With it the CUDA backend's host code
 // (src/backend/cuda/: launchers, argument lists, grid sizes, cuBLASLt layouts, the engine's buffers and
-// streams) runs end to end on machines without a GPU, and tests/gpu.rs and tests/gpu_model.rs check it
-// against the CPU backend exactly as they do on a GPU.
+// streams, FSDP's collectives) runs end to end on machines without a GPU, and tests/gpu.rs,
+// tests/gpu_model.rs and tests/gpu_fsdp.rs check it against the CPU backend exactly as on a GPU.
 //
 // Kernels run on the emulator of include/cuda_bf16.h: the same kernels/*.cu sources, every CUDA
 // thread a fiber. The stand-in is stricter than a GPU where that is cheap, so mistakes that a GPU
@@ -16,7 +16,7 @@
 //   - a launch's dynamic shared memory must fit the 48 KB default or what cuFuncSetAttribute raised
 //     it to, its block at most 1024 threads;
 //   - a cuBLASLt matmul's layouts must agree with its transposes and with each other.
-// It reports itself as a compute capability 9.0 device with an H100's shared memory, so the engine
+// It reports two compute capability 9.0 devices with an H100's shared memory, so the engine
 // takes the Hopper paths (the 3-blocks-per-SM FlashAttention builds are allowed). Everything runs
 // synchronously on the calling thread; streams and events only keep time.
 
@@ -178,7 +178,7 @@ static FakeFunction functions[] = {
 struct FakeEvent {
     std::chrono::steady_clock::time_point at;
 };
-static int fake_context, fake_stream_handles, fake_pool, fake_module;
+static int fake_stream_handles, fake_pool, fake_module;
 static const char* const ptx_mark = "// kiln fake PTX\n";
 
 extern "C" {
@@ -188,15 +188,26 @@ CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return CUDA_SUCCESS;
 }
+// Two devices by default (KILN_FAKE_GPUS), so FSDP over NCCL has a world of two. They share the
+// host's memory, as GPUs with peer access share an address space.
+static int fake_device_count() {
+    const char* n = std::getenv("KILN_FAKE_GPUS");
+    return n ? std::max(1, std::atoi(n)) : 2;
+}
 CUresult cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = fake_device_count();
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *dev = 0;
+    if (ordinal < 0 || ordinal >= fake_device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
     return CUDA_SUCCESS;
 }
+CUresult cuDeviceCanAccessPeer(int* can, int, int) {
+    *can = 1;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolSetAccess(void*, const void*, size_t) { return CUDA_SUCCESS; }
 CUresult cuDeviceGetName(char* name, int len, int) {
     std::snprintf(name, len, "kiln CPU emulator (compute capability 9.0)");
     return CUDA_SUCCESS;
@@ -227,14 +238,19 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     }
     return CUDA_SUCCESS;
 }
-CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
-    *ctx = &fake_context;
+static int fake_contexts[64];
+static thread_local void* fake_current_context;
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    *ctx = &fake_contexts[dev & 63];
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
-CUresult cuCtxSetCurrent(void*) { return CUDA_SUCCESS; }
+CUresult cuCtxSetCurrent(void* ctx) {
+    fake_current_context = ctx;
+    return CUDA_SUCCESS;
+}
 CUresult cuCtxGetCurrent(void** ctx) {
-    *ctx = &fake_context;
+    *ctx = fake_current_context;
     return CUDA_SUCCESS;
 }
 CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
@@ -606,6 +622,221 @@ int cublasLtMatmul(void*, void* desc, const void* alpha_p, const void* A, void* 
             store(D, o.type, i + j * o.ld, v);
         }
     return LT_OK;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------- NCCL
+//
+// Communicators of one process (kiln's GPUs of one node: a worker thread per rank). A collective
+// is a rendezvous: each rank's call posts its buffers and blocks until every rank of the world has
+// posted the same call; the last to arrive checks that they agree (kind, count, type, root) and
+// carries it out for all, summing in rank order. Real NCCL enqueues and returns at once; blocking is
+// stricter (a rank that issues collectives in another order than its peers deadlocks here, as it
+// would hang there), and the stream ordering around it is then trivially satisfied.
+
+#include <condition_variable>
+
+enum : int { NCCL_OK = 0, NCCL_SYSTEM_ERROR = 2, NCCL_INVALID_ARGUMENT = 4, NCCL_INVALID_USAGE = 5 };
+enum : int { N_INT8 = 0, N_UINT8, N_INT32, N_UINT32, N_INT64, N_UINT64, N_F16, N_F32, N_F64, N_BF16 };
+struct NcclUniqueId {
+    char internal[128];
+};
+
+struct NcclCall {
+    int kind = 0;  // 1 all_gather, 2 reduce_scatter, 3 all_reduce, 4 broadcast
+    const void* send = nullptr;
+    void* recv = nullptr;
+    size_t count = 0;  // per the NCCL signature of `kind`
+    int type = 0, op = 0, root = 0;
+};
+struct NcclWorld {
+    int size;
+    int joined = 0;
+    std::mutex m;
+    std::condition_variable cv;
+    std::vector<NcclCall> posted;
+    int arrived = 0;
+    unsigned long generation = 0;
+    int status = NCCL_OK;  // of the last completed call
+    bool aborted = false;
+};
+struct NcclComm {
+    std::shared_ptr<NcclWorld> world;
+    int rank;
+};
+static std::mutex worlds_lock;
+static std::map<std::string, std::shared_ptr<NcclWorld>> worlds;  // by unique id, until complete
+
+static size_t nccl_size(int type) {
+    switch (type) {
+        case N_INT8: case N_UINT8: return 1;
+        case N_F16: case N_BF16: return 2;
+        case N_INT32: case N_UINT32: case N_F32: return 4;
+        default: return 8;
+    }
+}
+static double nccl_load(const void* p, int type, size_t i) {
+    switch (type) {
+        case N_F32: return ((const float*)p)[i];
+        case N_BF16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+        case N_F64: return ((const double*)p)[i];
+        default: return NAN;
+    }
+}
+static void nccl_store(void* p, int type, size_t i, double v) {
+    if (type == N_F32) ((float*)p)[i] = (float)v;
+    else if (type == N_BF16) ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v);
+    else ((double*)p)[i] = v;
+}
+
+// Carries out the call every rank has posted; returns what went wrong, or "".
+static std::string nccl_execute(std::vector<NcclCall>& calls) {
+    const NcclCall& c0 = calls[0];
+    const int n = (int)calls.size();
+    for (const NcclCall& c : calls)
+        if (c.kind != c0.kind || c.count != c0.count || c.type != c0.type || c.op != c0.op || c.root != c0.root)
+            return "the ranks posted different collectives (kind, count, type, op or root) at the same point";
+    const size_t es = nccl_size(c0.type), cnt = c0.count;
+    std::lock_guard<std::recursive_mutex> g(fake_lock);
+    auto dev = [](const void* p, size_t bytes, const char* what) { return in_device_memory((uintptr_t)p, bytes, what); };
+    if (c0.kind == 1) {  // all_gather: sendcount each, recv holds n of them in rank order
+        for (auto& c : calls)
+            if (!dev(c.send, cnt * es, "ncclAllGather send") || !dev(c.recv, n * cnt * es, "ncclAllGather recv"))
+                return "a buffer is not device memory of the right size";
+        std::vector<char> all(n * cnt * es);
+        for (int r = 0; r < n; ++r) std::memcpy(&all[r * cnt * es], calls[r].send, cnt * es);
+        for (auto& c : calls) std::memcpy(c.recv, all.data(), all.size());
+        return "";
+    }
+    if (c0.kind == 4) {  // broadcast from root
+        for (auto& c : calls)
+            if (!dev(c.recv, cnt * es, "ncclBroadcast recv")) return "a buffer is not device memory of the right size";
+        if (c0.root < 0 || c0.root >= n || !dev(calls[c0.root].send, cnt * es, "ncclBroadcast send"))
+            return "bad root or root buffer";
+        std::vector<char> v((const char*)calls[c0.root].send, (const char*)calls[c0.root].send + cnt * es);
+        for (auto& c : calls) std::memcpy(c.recv, v.data(), v.size());
+        return "";
+    }
+    if (c0.op != 0 || (c0.type != N_F32 && c0.type != N_BF16 && c0.type != N_F64))
+        return "only sums of f32, bf16 and f64 are emulated";
+    const size_t in = c0.kind == 2 ? n * cnt : cnt;  // reduce_scatter: recvcount each
+    for (auto& c : calls)
+        if (!dev(c.send, in * es, "reduction send") || !dev(c.recv, cnt * es, "reduction recv"))
+            return "a buffer is not device memory of the right size";
+    std::vector<double> sum(in, 0.0);
+    for (int r = 0; r < n; ++r)
+        for (size_t i = 0; i < in; ++i) sum[i] += nccl_load(calls[r].send, c0.type, i);
+    for (int r = 0; r < n; ++r)
+        for (size_t i = 0; i < cnt; ++i) nccl_store(calls[r].recv, c0.type, i, sum[c0.kind == 2 ? r * cnt + i : i]);
+    return "";
+}
+
+static int nccl_collective(void* comm, NcclCall call) {
+    NcclComm& c = *(NcclComm*)comm;
+    NcclWorld& w = *c.world;
+    std::unique_lock<std::mutex> l(w.m);
+    if (w.aborted) return NCCL_SYSTEM_ERROR;
+    w.posted[c.rank] = call;
+    const unsigned long gen = w.generation;
+    if (++w.arrived == w.size) {
+        const std::string bad = nccl_execute(w.posted);
+        if (!bad.empty()) fake_say("NCCL collective", bad);
+        w.status = bad.empty() ? NCCL_OK : NCCL_INVALID_USAGE;
+        w.arrived = 0;
+        ++w.generation;
+        w.cv.notify_all();
+        return w.status;
+    }
+    w.cv.wait(l, [&] { return w.generation != gen || w.aborted; });
+    return w.generation != gen ? w.status : NCCL_SYSTEM_ERROR;
+}
+
+extern "C" {
+
+int ncclGetVersion(int* v) {
+    *v = 22800;
+    return NCCL_OK;
+}
+const char* ncclGetErrorString(int r) { return r == NCCL_OK ? "success (fake NCCL)" : "error (fake NCCL)"; }
+const char* ncclGetLastError(void*) { return "see the fake CUDA lines on stderr"; }
+int ncclGetUniqueId(NcclUniqueId* id) {
+    static std::atomic<unsigned long> next{1};
+    std::memset(id->internal, 0, sizeof id->internal);
+    std::snprintf(id->internal, sizeof id->internal, "kiln-fake-nccl-%d-%lu", (int)getpid(), next++);
+    return NCCL_OK;
+}
+int ncclCommInitRank(void** comm, int nranks, NcclUniqueId id, int rank) {
+    if (nranks < 1 || rank < 0 || rank >= nranks) return NCCL_INVALID_ARGUMENT;
+    std::shared_ptr<NcclWorld> w;
+    {
+        std::lock_guard<std::mutex> g(worlds_lock);
+        auto& slot = worlds[std::string(id.internal, sizeof id.internal)];
+        if (!slot) {
+            slot = std::make_shared<NcclWorld>();
+            slot->size = nranks;
+            slot->posted.resize(nranks);
+        }
+        w = slot;
+    }
+    if (w->size != nranks) return NCCL_INVALID_ARGUMENT;
+    std::unique_lock<std::mutex> l(w->m);
+    if (++w->joined == nranks) {
+        std::lock_guard<std::mutex> g(worlds_lock);
+        worlds.erase(std::string(id.internal, sizeof id.internal));
+        w->cv.notify_all();
+    } else {
+        w->cv.wait(l, [&] { return w->joined == nranks; });  // as ncclCommInitRank blocks
+    }
+    *comm = new NcclComm{w, rank};
+    return NCCL_OK;
+}
+int ncclCommInitAll(void** comms, int ndev, const int*) {
+    if (ndev < 1) return NCCL_INVALID_ARGUMENT;
+    auto w = std::make_shared<NcclWorld>();
+    w->size = w->joined = ndev;
+    w->posted.resize(ndev);
+    for (int r = 0; r < ndev; ++r) comms[r] = new NcclComm{w, r};
+    return NCCL_OK;
+}
+int ncclCommCount(void* comm, int* n) {
+    *n = ((NcclComm*)comm)->world->size;
+    return NCCL_OK;
+}
+int ncclCommUserRank(void* comm, int* r) {
+    *r = ((NcclComm*)comm)->rank;
+    return NCCL_OK;
+}
+// Abort wakes the world's ranks blocked in a collective: they fail, as NCCL's would after an abort.
+int ncclCommAbort(void* comm) {
+    if (!comm) return NCCL_OK;
+    NcclComm* c = (NcclComm*)comm;
+    {
+        std::lock_guard<std::mutex> l(c->world->m);
+        c->world->aborted = true;
+        c->world->cv.notify_all();
+    }
+    delete c;
+    return NCCL_OK;
+}
+int ncclCommDestroy(void* comm) {
+    delete (NcclComm*)comm;
+    return NCCL_OK;
+}
+int ncclCommFinalize(void*) { return NCCL_OK; }
+int ncclGroupStart() { return NCCL_OK; }
+int ncclGroupEnd() { return NCCL_OK; }
+int ncclAllGather(const void* send, void* recv, size_t sendcount, int type, void* comm, void*) {
+    return nccl_collective(comm, {1, send, recv, sendcount, type, 0, 0});
+}
+int ncclReduceScatter(const void* send, void* recv, size_t recvcount, int type, int op, void* comm, void*) {
+    return nccl_collective(comm, {2, send, recv, recvcount, type, op, 0});
+}
+int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void*) {
+    return nccl_collective(comm, {3, send, recv, count, type, op, 0});
+}
+int ncclBroadcast(const void* send, void* recv, size_t count, int type, int root, void* comm, void*) {
+    return nccl_collective(comm, {4, send, recv, count, type, 0, root});
 }
 
 }  // extern "C"
