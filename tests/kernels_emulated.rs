@@ -15,10 +15,11 @@ fn gxx() -> Option<&'static str> {
     ok.then_some("g++")
 }
 
-fn run(program: &str) {
+/// Builds and runs tests/emulated/`program`; None when there is no g++ (and it is not required).
+fn build_and_run(program: &str) -> Option<std::process::Output> {
     let Some(cxx) = gxx() else {
         eprintln!("skipped: no g++ to build tests/emulated/{program}");
-        return;
+        return None;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
@@ -35,7 +36,11 @@ fn run(program: &str) {
         .output()
         .unwrap();
     assert!(build.status.success(), "g++ {program}:\n{}", String::from_utf8_lossy(&build.stderr));
-    let out = Command::new(&exe).output().unwrap();
+    Some(Command::new(&exe).output().unwrap())
+}
+
+fn run(program: &str) {
+    let Some(out) = build_and_run(program) else { return };
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}");
     assert!(out.status.success(), "tests/emulated/{program} failed:\n{report}{}", String::from_utf8_lossy(&out.stderr));
@@ -49,4 +54,11 @@ fn flash_attention_forward_and_backward_on_the_cpu_emulator() {
 #[test]
 fn norm_rope_swiglu_cross_entropy_adamw_and_helpers_on_the_cpu_emulator() {
     run("kernels.cpp");
+}
+
+#[test]
+fn threads_that_wait_on_each_other_forever_abort_instead_of_hanging() {
+    let Some(out) = build_and_run("deadlock.cpp") else { return };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("block (0,0,0): deadlock"), "{err}");
 }

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -52,7 +53,6 @@ enum : int {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_NOT_FOUND = 500,
-    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
 typedef unsigned long long CUdeviceptr;
@@ -129,15 +129,13 @@ static bool in_device_memory(uintptr_t p, size_t bytes, const char* what) {
 
 // ---------------------------------------------------------------- kernels
 
-typedef void (*Invoke)(void** params, const char* name);
+// The kernel with the launch's arguments bound: what one CUDA thread runs.
+typedef std::function<void()> (*Bind)(void** params, const char* name);
 struct FakeFunction {
     const char* name;
-    Invoke invoke;
+    Bind bind;
     int max_dynamic_shared = 48 * 1024;
 };
-
-// The body of the next launch: the kernel with its arguments bound.
-static std::function<void()> emulated_launch_body;
 
 template <class A>
 static A arg(void* p, const char* name, int i) {
@@ -153,21 +151,17 @@ static A arg(void* p, const char* name, int i) {
     return v;
 }
 template <class... A, size_t... I>
-static void bind_args(void (*f)(A...), void** params, const char* name, std::index_sequence<I...>) {
+static std::function<void()> bind_args(void (*f)(A...), void** params, const char* name, std::index_sequence<I...>) {
     // Read (and checked) at the launch, in order, as the driver copies them.
     std::tuple<A...> args{arg<A>(params[I], name, (int)I)...};
-    emulated_launch_body = [f, args]() { std::apply(f, args); };
-}
-template <class... A>
-static void bind_args(void (*f)(A...), void** params, const char* name) {
-    bind_args(f, params, name, std::index_sequence_for<A...>{});
+    return [f, args]() { std::apply(f, args); };
 }
 template <auto F>
-static void invoke(void** params, const char* name) {
-    bind_args(F, params, name);
+static std::function<void()> bind_entry(void** params, const char* name) {
+    return [&]<class... A>(void (*f)(A...)) { return bind_args(f, params, name, std::index_sequence_for<A...>{}); }(F);
 }
 
-#define KILN_ENTRY(name) {#name, &invoke<&name>},
+#define KILN_ENTRY(name) {#name, &bind_entry<&name>},
 static FakeFunction functions[] = {
 #include "fake_cuda_entries.inc"
 };
@@ -188,18 +182,15 @@ CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return CUDA_SUCCESS;
 }
-// Two devices by default (KILN_FAKE_GPUS), so FSDP over NCCL has a world of two. They share the
-// host's memory, as GPUs with peer access share an address space.
-static int fake_device_count() {
-    const char* n = std::getenv("KILN_FAKE_GPUS");
-    return n ? std::max(1, std::atoi(n)) : 2;
-}
+// Two devices, so FSDP over NCCL has a world of two. They share the host's memory, as GPUs with
+// peer access share an address space.
+constexpr int fake_devices = 2;
 CUresult cuDeviceGetCount(int* n) {
-    *n = fake_device_count();
+    *n = fake_devices;
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal < 0 || ordinal >= fake_device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    if (ordinal < 0 || ordinal >= fake_devices) return CUDA_ERROR_INVALID_DEVICE;
     *dev = ordinal;
     return CUDA_SUCCESS;
 }
@@ -219,7 +210,7 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
 CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     switch (attribute) {
         case 1: *v = 1024; break;           // max threads per block
-        case 2: case 3: case 4: *v = attribute == 2 ? 1024 : 64; break;  // max block dims
+        case 2: case 3: case 4: *v = attribute == 4 ? 64 : 1024; break;  // max block dims x, y, z
         case 5: *v = 2147483647; break;     // max grid x
         case 6: case 7: *v = 65535; break;  // max grid y, z
         case 8: *v = 48 * 1024; break;      // shared memory per block
@@ -238,10 +229,10 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     }
     return CUDA_SUCCESS;
 }
-static int fake_contexts[64];
+static int fake_contexts[fake_devices];
 static thread_local void* fake_current_context;
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
-    *ctx = &fake_contexts[dev & 63];
+    *ctx = &fake_contexts[dev];
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
@@ -401,8 +392,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return CUDA_ERROR_INVALID_VALUE;
     }
     std::lock_guard<std::recursive_mutex> g(fake_lock);
-    fn.invoke(params, fn.name);
-    emulated_launch({gx, gy, gz}, {bx, by, bz}, emulated_launch_body, shared);
+    emulated_launch({gx, gy, gz}, {bx, by, bz}, fn.bind(params, fn.name), shared);
     return CUDA_SUCCESS;
 }
 
@@ -461,9 +451,7 @@ struct LtLayout {
     uint64_t rows, cols;
     int64_t ld;
 };
-struct LtPreference {
-    uint64_t max_workspace = 0;
-};
+struct LtPreference {};  // the one attribute kiln sets (a workspace cap) changes nothing here
 struct LtAlgo {
     uint64_t data[8];
 };
@@ -548,11 +536,8 @@ int cublasLtMatmulPreferenceDestroy(void* p) {
     delete (LtPreference*)p;
     return LT_OK;
 }
-int cublasLtMatmulPreferenceSetAttribute(void* p, int attribute, const void* buf, size_t size) {
-    if (attribute == 1 && size == 8) {  // MAX_WORKSPACE_BYTES
-        std::memcpy(&((LtPreference*)p)->max_workspace, buf, 8);
-        return LT_OK;
-    }
+int cublasLtMatmulPreferenceSetAttribute(void*, int attribute, const void*, size_t size) {
+    if (attribute == 1 && size == 8) return LT_OK;  // MAX_WORKSPACE_BYTES
     fake_say("cublasLtMatmulPreferenceSetAttribute", "attribute " + std::to_string(attribute) + " is not emulated");
     return LT_NOT_SUPPORTED;
 }
@@ -632,10 +617,10 @@ int cublasLtMatmul(void*, void* desc, const void* alpha_p, const void* A, void* 
 // is a rendezvous: each rank's call posts its buffers and blocks until every rank of the world has
 // posted the same call; the last to arrive checks that they agree (kind, count, type, root) and
 // carries it out for all, summing in rank order. Real NCCL enqueues and returns at once; blocking is
-// stricter (a rank that issues collectives in another order than its peers deadlocks here, as it
-// would hang there), and the stream ordering around it is then trivially satisfied.
-
-#include <condition_variable>
+// stricter (ranks that post different collectives at the same point are reported; a rank that posts
+// fewer waits forever, as it would hang there), and the stream ordering around it is then trivially
+// satisfied. Groups (ncclGroupStart/End) are not provided: kiln issues each rank's collectives from
+// that rank's thread, and a group of several ranks' calls from one thread could not rendezvous.
 
 enum : int { NCCL_OK = 0, NCCL_SYSTEM_ERROR = 2, NCCL_INVALID_ARGUMENT = 4, NCCL_INVALID_USAGE = 5 };
 enum : int { N_INT8 = 0, N_UINT8, N_INT32, N_UINT32, N_INT64, N_UINT64, N_F16, N_F32, N_F64, N_BF16 };
@@ -676,19 +661,6 @@ static size_t nccl_size(int type) {
         default: return 8;
     }
 }
-static double nccl_load(const void* p, int type, size_t i) {
-    switch (type) {
-        case N_F32: return ((const float*)p)[i];
-        case N_BF16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-        case N_F64: return ((const double*)p)[i];
-        default: return NAN;
-    }
-}
-static void nccl_store(void* p, int type, size_t i, double v) {
-    if (type == N_F32) ((float*)p)[i] = (float)v;
-    else if (type == N_BF16) ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v);
-    else ((double*)p)[i] = v;
-}
 
 // Carries out the call every rank has posted; returns what went wrong, or "".
 static std::string nccl_execute(std::vector<NcclCall>& calls) {
@@ -718,17 +690,17 @@ static std::string nccl_execute(std::vector<NcclCall>& calls) {
         for (auto& c : calls) std::memcpy(c.recv, v.data(), v.size());
         return "";
     }
-    if (c0.op != 0 || (c0.type != N_F32 && c0.type != N_BF16 && c0.type != N_F64))
-        return "only sums of f32, bf16 and f64 are emulated";
+    if (c0.op != 0 || (c0.type != N_F32 && c0.type != N_BF16)) return "only sums of f32 and bf16 are emulated";
+    const int lt_type = c0.type == N_F32 ? R_32F : R_16BF;  // load/store of the cuBLASLt section
     const size_t in = c0.kind == 2 ? n * cnt : cnt;  // reduce_scatter: recvcount each
     for (auto& c : calls)
         if (!dev(c.send, in * es, "reduction send") || !dev(c.recv, cnt * es, "reduction recv"))
             return "a buffer is not device memory of the right size";
     std::vector<double> sum(in, 0.0);
     for (int r = 0; r < n; ++r)
-        for (size_t i = 0; i < in; ++i) sum[i] += nccl_load(calls[r].send, c0.type, i);
+        for (size_t i = 0; i < in; ++i) sum[i] += load(calls[r].send, lt_type, i);
     for (int r = 0; r < n; ++r)
-        for (size_t i = 0; i < cnt; ++i) nccl_store(calls[r].recv, c0.type, i, sum[c0.kind == 2 ? r * cnt + i : i]);
+        for (size_t i = 0; i < cnt; ++i) store(calls[r].recv, lt_type, i, sum[c0.kind == 2 ? r * cnt + i : i]);
     return "";
 }
 
@@ -824,8 +796,6 @@ int ncclCommDestroy(void* comm) {
     return NCCL_OK;
 }
 int ncclCommFinalize(void*) { return NCCL_OK; }
-int ncclGroupStart() { return NCCL_OK; }
-int ncclGroupEnd() { return NCCL_OK; }
 int ncclAllGather(const void* send, void* recv, size_t sendcount, int type, void* comm, void*) {
     return nccl_collective(comm, {1, send, recv, sendcount, type, 0, 0});
 }

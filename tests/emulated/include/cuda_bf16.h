@@ -5,15 +5,17 @@
 // barriers) is tested on machines without a GPU. It does not model timing, register pressure or
 // fast-math rounding (__expf here is exact).
 //
-// Fibers rather than host threads: a launch of thousands of 256-thread blocks costs milliseconds,
-// not minutes, and the schedule is deterministic and adversarial. Each thread runs until it must wait
+// Fibers rather than host threads: a host thread per CUDA thread cost 14 ms per 256-thread block
+// here (creation and joins), minutes for a launch of thousands of blocks; and the fibers' schedule is
+// deterministic and adversarial. Each thread runs until it must wait
 // (a barrier, a shuffle, an mma), in thread order, so a thread that reads shared memory other threads
 // have not yet written sees the NaN poison, and one that runs ahead to refill a buffer overwrites it
 // before the others have read it: both missing-__syncthreads hazards fail every run, not by chance.
-// A barrier some threads never reach (one inside divergent code) aborts with the block's index.
+// Threads that wait on each other forever (a shuffle in divergent code whose other lanes wait at a
+// __syncthreads, say) abort with the block's index instead of hanging. A thread that ends drops out
+// of the barriers, as on the hardware.
 #pragma once
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -21,7 +23,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
 #include <ucontext.h>
 #include <vector>
 
