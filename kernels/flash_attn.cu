@@ -1,5 +1,5 @@
 // FlashAttention-2, causal, grouped-query, bf16 in and out, f32 accumulation, on tensor cores
-// (mma.sync m16n8k16; sm_80 and newer). Layouts match the CPU backend:
+// (mma.sync m16n8k16; sm_80 and newer), head_dim 32, 64 and 128. Layouts match the CPU backend:
 //   q, out, dq, dout: [batch, q_len, n_head, D]     k, v, dk, dv: [batch, kv_stride, n_kv_head, D]
 //   lse, delta: [batch, n_head, q_len] f32 (lse is the natural-log logsumexp of the scaled scores)
 // Query i sits at absolute position q_pos0 + i and sees keys 0 ..= q_pos0 + i.
@@ -298,9 +298,9 @@ template <int D>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
-    // Query tiles in flight: two at head_dim 64; one at 128, where a second would cost a block per
-    // SM (the one buffer is refilled during the dQ phase, which no longer reads it).
-    constexpr int STAGES = D == 64 ? 2 : 1;
+    // Query tiles in flight: two at head_dim 32 and 64; one at 128, where a second would cost a
+    // block per SM (the one buffer is refilled during the dQ phase, which no longer reads it).
+    constexpr int STAGES = D <= 64 ? 2 : 1;
     constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
@@ -347,9 +347,9 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     cp_async_commit();
 
     // This warp's 16 keys of K and V as A fragments, for K·Qᵀ and V·dOᵀ: the same for every query
-    // tile, so at head_dim 64 they stay in registers (32 of them) instead of being re-read from
-    // shared memory per tile; at 128 that would be 64 registers the kernel does not have.
-    constexpr bool HOIST = D == 64;
+    // tile, so at head_dim 32 and 64 they stay in registers (16 and 32 of them) instead of being
+    // re-read from shared memory per tile; at 128 that would be 64 registers the kernel does not have.
+    constexpr bool HOIST = D <= 64;
     auto kv_frags = [&](unsigned ka[4], unsigned va[4], int kk) {
         const int c = kk * 16 + 2 * tq;
         ka[0] = pair(Ks + klo * KS + c);
@@ -524,10 +524,20 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 }  // namespace
 
 // Dynamic shared memory (src/backend/cuda/flash_attn.rs computes the same and raises the limit):
-// forward, two stages of K and V tiles: D=64 36,864 bytes, D=128 69,632;
+// forward, two stages of K and V tiles: D=32 20,480 bytes, D=64 36,864, D=128 69,632;
 // backward, K and V, Q and dO per stage, dSᵀ, lse and delta per stage:
+// D=32 (2 stages) 10,240 + 20,480 + 9,216 + 1,024 = 40,960 bytes;
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
 // D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes.
+// At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
+// covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
+
+// head_dim 32, for small models such as the bundled demo: one build each, with default bounds.
+extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d32(bf16* out, float* lse, const bf16* q,
+    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
+    float scale) {
+    fwd<32>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
 
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
@@ -569,6 +579,11 @@ extern "C" __global__ void flash_attn_bwd_delta(float* delta, const bf16* dout, 
     }
 }
 
+extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d32(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<32>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d64(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {

@@ -26,8 +26,8 @@ fn config(tied: bool) -> LlamaConfig {
     LlamaConfig {
         n_layer: 2,
         d_model: 128,
-        // head_dim 64: the CUDA attention kernels take 64 or 128 (head_dim 32 here made the GPU
-        // test fail at its first step; the emulated GPU found it before a card did).
+        // head_dim 64, TinyLlama's (this test once had 32, which no CUDA kernel took then: the
+        // emulated GPU found it before a card did).
         n_head: 2,
         n_kv_head: 1,
         head_dim: None,

@@ -1,6 +1,6 @@
 // kernels/flash_attn.cu on the CPU: forward (out, logsumexp) and backward (dQ, dK, dV) against a
 // double-precision reference, launched exactly as src/backend/cuda/flash_attn.rs launches them,
-// over the shapes that exercise its edges: head_dim 64 and 128, lengths that are not multiples of
+// over the shapes that exercise its edges: head_dim 32, 64 and 128, lengths that are not multiples of
 // the 64-row tiles, a KV cache longer than its valid part (NaN beyond it must never leak),
 // decoding offsets (q_pos0 > 0), grouped queries (1, 2 and 4 query heads per KV head), and enough
 // tiles per block that the cp.async pipelines refill each buffer more than once. Copies land at their
@@ -25,7 +25,7 @@ static double f(B16 x) { return (double)__bfloat162float(x); }
 // src/backend/cuda/flash_attn.rs, same formulas): the kernels must stay inside it.
 static size_t fwd_shared_bytes(int d) { return (size_t)2 * 2 * 64 * (d + 8) * 2; }
 static size_t bwd_shared_bytes(int d) {
-    const size_t ks = d + 8, stages = d == 64 ? 2 : 1;
+    const size_t ks = d + 8, stages = d <= 64 ? 2 : 1;
     return 2 * (2 * 64 * ks + stages * 2 * 64 * ks + 64 * (64 + 8)) + 4 * stages * 2 * 64;
 }
 
@@ -51,12 +51,9 @@ static void run(Shape s, unsigned seed) {
     for (auto& x : out) x = __float2bfloat16_rn(NAN);
     const float scale = 1.0f / std::sqrt((float)s.d);
     auto fwd = [&] {
-        if (s.d == 64)
-            flash_attn_fwd_d64(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride,
-                               s.q_pos0, s.n_head, s.n_kv_head, scale);
-        else
-            flash_attn_fwd_d128(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride,
-                                s.q_pos0, s.n_head, s.n_kv_head, scale);
+        auto entry = s.d == 32 ? flash_attn_fwd_d32 : s.d == 64 ? flash_attn_fwd_d64 : flash_attn_fwd_d128;
+        entry(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0,
+              s.n_head, s.n_kv_head, scale);
     };
     // Grids as the launcher orders them: (head, batch, query block) and (KV head, batch, key block).
     emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (unsigned)((s.q_len + 63) / 64)}, {128, 1, 1}, fwd,
@@ -112,14 +109,9 @@ static void run(Shape s, unsigned seed) {
     for (auto& x : dk) x.bits = 0;
     for (auto& x : dv) x.bits = 0;
     auto bwd = [&] {
-        if (s.d == 64)
-            flash_attn_bwd_d64(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(),
-                               k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
-                               scale);
-        else
-            flash_attn_bwd_d128(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(),
-                                k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head,
-                                scale);
+        auto entry = s.d == 32 ? flash_attn_bwd_d32 : s.d == 64 ? flash_attn_bwd_d64 : flash_attn_bwd_d128;
+        entry(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(),
+              v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
     emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + 63) / 64)}, {128, 1, 1}, bwd,
                     bwd_shared_bytes(s.d));
@@ -153,10 +145,13 @@ int main() {
     run({1, 5, 200, 256, 195, 4, 2, 64}, 5);    // a few tokens at the end of a long cache
     run({1, 192, 192, 192, 0, 4, 1, 64}, 8);    // whole tiles, unmasked tiles in both directions
     run({1, 130, 130, 130, 0, 4, 2, 128}, 9);   // head_dim 128's one-stage backward over several heads
+    run({2, 150, 150, 150, 0, 4, 2, 32}, 12);   // head_dim 32 (the demo's), ragged, groups of 2
+    run({1, 3, 90, 96, 87, 4, 4, 32}, 13);      // head_dim 32 decoding at the end of a cache
     // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
     emulated_cp_async_eager = true;
     std::printf("cp.async landing at issue:\n");
     run({1, 192, 192, 192, 0, 4, 1, 64}, 10);
     run({1, 130, 130, 130, 0, 4, 2, 128}, 11);
+    run({1, 192, 192, 192, 0, 4, 1, 32}, 14);
     return emulated_failures ? 1 : 0;
 }

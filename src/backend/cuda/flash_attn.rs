@@ -1,4 +1,4 @@
-//! Launcher for `kernels/flash_attn.cu`: FlashAttention-2 forward and backward (bf16, head_dim 64 or 128).
+//! Launcher for `kernels/flash_attn.cu`: FlashAttention-2 forward and backward (bf16, head_dim 32, 64 or 128).
 
 use super::device::Gpu;
 use super::kernels::Kernel;
@@ -9,10 +9,12 @@ pub const KERNEL: Kernel = Kernel {
     name: "flash_attn",
     source: include_str!("../../../kernels/flash_attn.cu"),
     entries: &[
+        "flash_attn_fwd_d32",
         "flash_attn_fwd_d64",
         "flash_attn_fwd_d64_4",
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
+        "flash_attn_bwd_d32",
         "flash_attn_bwd_d64",
         "flash_attn_bwd_d64_3",
         "flash_attn_bwd_d128",
@@ -35,7 +37,7 @@ fn fwd_shared_bytes(head_dim: usize) -> usize {
 
 /// Query tiles the backward keeps in flight (mirrors `STAGES` in the source).
 fn bwd_stages(head_dim: usize) -> usize {
-    if head_dim == 64 {
+    if head_dim <= 64 {
         2
     } else {
         1
@@ -62,9 +64,10 @@ fn check(s: &AttnShape, q_bufs: &[usize], kv_bufs: &[usize], lse_bufs: &[usize])
         bail!("attention: a buffer is smaller than shape {s:?} needs");
     }
     match s.head_dim {
+        32 => Ok("d32"),
         64 => Ok("d64"),
         128 => Ok("d128"),
-        d => bail!("attention: head_dim {d} has no CUDA kernel (64 or 128)"),
+        d => bail!("attention: head_dim {d} has no CUDA kernel (32, 64 or 128)"),
     }
 }
 
@@ -72,9 +75,9 @@ fn check(s: &AttnShape, q_bufs: &[usize], kv_bufs: &[usize], lse_bufs: &[usize])
 /// first step (after the run directory is made).
 pub fn check_head_dim(cfg: &crate::model::LlamaConfig) -> Result<()> {
     let d = cfg.head_dim();
-    if d != 64 && d != 128 {
+    if ![32, 64, 128].contains(&d) {
         bail!(
-            "model: head_dim {d} (d_model {} / n_head {}) has no CUDA attention kernel; the CUDA backend takes head_dim 64 or 128 (n_head = {} would give 64)",
+            "model: head_dim {d} (d_model {} / n_head {}) has no CUDA attention kernel; the CUDA backend takes head_dim 32, 64 or 128 (n_head = {} would give 64)",
             cfg.d_model,
             cfg.n_head,
             cfg.d_model / 64
