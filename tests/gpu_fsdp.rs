@@ -149,6 +149,136 @@ fn fsdp_over_nccl_matches_one_gpu() {
     }
 }
 
+/// A run across two nodes over NCCL, played by two trainers in one process (tests/nodes.rs does the
+/// same on CPU ranks): node 0 makes the run and hands node 1 its resolved config and NCCL id; each
+/// node joins the world through `cuda_group_on_node` (`ncclCommInitRank` from a thread bound to its
+/// GPU), the nodes agree at every step boundary through NCCL all-reduces, and consolidation gathers
+/// over it. The losses and final checkpoint must equal one process with both ranks. Emulated GPU
+/// only: both "nodes" open GPU 0, which NCCL refuses on a real card (one rank per GPU), and a real
+/// machine has one node; across real nodes, `kiln comm-check` is the check (docs/multi-node.md).
+#[test]
+fn two_nodes_over_nccl_train_like_one_process() {
+    use kiln::backend::cuda::Cuda;
+    use kiln::config::RunConfig;
+    use kiln::dist::launch::Node;
+    use kiln::dist::nccl::{cuda_group, cuda_group_on_node, unique_id};
+    use kiln::train::run::{build_on, locate, Located, TrainArgs};
+    use kiln::train::trainer::{NodeRole, RunEnd};
+    use std::path::Path;
+    if !common::emulated_gpu::emulated() {
+        eprintln!("skipped: two nodes in one process need the emulated GPU (NCCL takes one rank per GPU)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::prepared_corpus_holding_out(dir.path(), 0.1);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = dir.path().join("nodes.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[model]
+n_layer = 2
+d_model = 64
+n_head = 2
+n_kv_head = 1
+d_ff = 96
+vocab_size = 32000
+max_seq_len = 32
+[tokenizer]
+path = "{tok}"
+[data]
+seq_len = 32
+[[data.sources]]
+name = "text"
+path = "{data}"
+weight = 1.0
+[train]
+micro_batch = 4
+grad_accum = 2
+max_steps = 4
+seed = 5
+[parallel]
+device = "cuda"
+world_size = 2
+[eval]
+every_steps = 2
+batches = 1
+[checkpoint]
+every_steps = 4
+"#,
+            tok = root.join("assets/tokenizer/llama2/tokenizer.json").display(),
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    let args = |run: &Path| TrainArgs {
+        config: Some(cfg.clone()),
+        run_dir: Some(run.to_path_buf()),
+        sets: Vec::new(),
+        steps: None,
+        resume: None,
+        verbose: false,
+        dashboard: false,
+    };
+    let losses = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step" || v["kind"] == "eval")
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect()
+    };
+
+    // One process, both ranks.
+    let one = dir.path().join("one");
+    let a = args(&one);
+    let single = NodeRole::SINGLE;
+    let mut t = build_on(&a, locate(&a).unwrap(), Cuda::open(0).unwrap(), 1e15, single, |_| cuda_group(2)).unwrap();
+    assert_eq!(t.run(4, &mut |_| {}).unwrap(), RunEnd::Done);
+    drop(t);
+
+    // Two nodes of one rank each, as `train_across_nodes` builds them once the rendezvous is done.
+    let two = dir.path().join("two");
+    let a = args(&two);
+    let id = unique_id().unwrap();
+    let node = |rank| Node { nnodes: 2, node_rank: rank, master_addr: "127.0.0.1".into(), master_port: 0 };
+    let (lead, follower) = (NodeRole { rank: 0, count: 2 }, NodeRole { rank: 1, count: 2 });
+    let (end0, end1) = std::thread::scope(|s| {
+        // Node 0 builds first (it makes the run directory); its communicator's init waits for node 1's.
+        let (plan_tx, plan_rx) = std::sync::mpsc::channel();
+        let (a, two, id, node) = (&a, &two, &id, &node);
+        let h0 = s.spawn(move || {
+            let mut t = build_on(a, locate(a).unwrap(), Cuda::open(0).unwrap(), 1e15, lead, |cfg| {
+                plan_tx.send(cfg.to_toml().unwrap()).unwrap();
+                cuda_group_on_node(&node(0), 2, id)
+            })
+            .unwrap();
+            t.run_with_commands(4, None, &mut |_| {}).unwrap()
+        });
+        let h1 = s.spawn(move || {
+            let plan = RunConfig::parse(&plan_rx.recv().unwrap(), "node 0's run config", &[]).unwrap();
+            let located = Located { cfg: plan, run_dir: two.clone(), resuming: true };
+            let mut t = build_on(a, located, Cuda::open(0).unwrap(), 1e15, follower, |cfg| {
+                cuda_group_on_node(&node(1), cfg.parallel.world_size, id)
+            })
+            .unwrap();
+            t.run_with_commands(4, None, &mut |_| {}).unwrap()
+        });
+        (h0.join().unwrap(), h1.join().unwrap())
+    });
+    assert_eq!((end0, end1), (RunEnd::Done, RunEnd::Done));
+    eprintln!("step and eval losses: one process {:?}, two nodes {:?}", losses(&one), losses(&two));
+    assert_eq!(losses(&one).len(), 6, "4 steps and 2 evals");
+    assert_eq!(losses(&two), losses(&one), "the same sums in the same order, bit for bit");
+    for f in
+        ["model.safetensors", "optimizer/rank-00000-of-00002.safetensors", "optimizer/rank-00001-of-00002.safetensors"]
+    {
+        let read = |run: &Path| std::fs::read(run.join("checkpoints/step-00000004").join(f)).unwrap();
+        assert!(read(&one) == read(&two), "{f} differs");
+    }
+}
+
 /// A CPU group that behaves like the GPU one in the way that matters to the engine: a started
 /// collective happens only when its ticket is waited on (its output is NaN until then, and its
 /// input is read then, not at the start). An engine that read a gathered unit before waiting, freed
