@@ -350,6 +350,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     // tile, so at head_dim 32 and 64 they stay in registers (16 and 32 of them) instead of being
     // re-read from shared memory per tile; at 128 that would be 64 registers the kernel does not have.
     constexpr bool HOIST = D <= 64;
+    constexpr int QH = D == 128 ? 2 : 1, QB = BR / QH;
     auto kv_frags = [&](unsigned ka[4], unsigned va[4], int kk) {
         const int c = kk * 16 + 2 * tq;
         ka[0] = pair(Ks + klo * KS + c);
@@ -391,83 +392,93 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
         const float* lse_s = stats + st * 2 * BR;
         const float* dlt = lse_s + BR;
 
-        // Sᵀ = K·Qᵀ for this warp's 16 keys × 64 queries, then Pᵀ.
-        float p[BR / 8][4], dp[BR / 8][4];
+        // The tile's queries in QH sub-tiles of QB (one at head_dim 32 and 64; two halves at 128,
+        // where Pᵀ and dPᵀ for all 64 queries beside the dK/dV accumulators would pass 255
+        // registers and spill). Each sub-tile adds its share to dK and dV and stores its columns of
+        // dSᵀ; the dQ phase below reads the whole tile's dSᵀ as before.
+#pragma unroll 1
+        for (int qh = 0; qh < QH; ++qh) {
+            const int q0 = qh * QB;  // the sub-tile's first query within the tile
+            // Sᵀ = K·Qᵀ for this warp's 16 keys × QB queries, then Pᵀ.
+            float p[QB / 8][4], dp[QB / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
-            p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-        }
+            for (int nt = 0; nt < QB / 8; ++nt) {
+                p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk += 2) {
-            unsigned ka[2][4], va[2][4];
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned ka[2][4], va[2][4];
 #pragma unroll
-            for (int h2 = 0; h2 < 2; ++h2) {
-                if constexpr (HOIST) {
+                for (int h2 = 0; h2 < 2; ++h2) {
+                    if constexpr (HOIST) {
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        ka[h2][r] = kf[kk + h2][r];
-                        va[h2][r] = vf[kk + h2][r];
+                        for (int r = 0; r < 4; ++r) {
+                            ka[h2][r] = kf[kk + h2][r];
+                            va[h2][r] = vf[kk + h2][r];
+                        }
+                    } else {
+                        kv_frags(ka[h2], va[h2], kk + h2);
                     }
-                } else {
-                    kv_frags(ka[h2], va[h2], kk + h2);
+                }
+#pragma unroll
+                for (int nt = 0; nt < QB / 8; ++nt) {
+                    unsigned bq[4], bo[4];
+                    b_frags_nk(bq, Qs + (q0 + nt * 8) * KS + kk * 16, KS, lane);
+                    mma16816(p[nt], ka[0], bq[0], bq[1]);
+                    mma16816(p[nt], ka[1], bq[2], bq[3]);
+                    b_frags_nk(bo, Os + (q0 + nt * 8) * KS + kk * 16, KS, lane);
+                    mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
+                    mma16816(dp[nt], va[1], bo[2], bo[3]);
                 }
             }
+            // Only sub-tiles where one of this warp's keys lies past the first query, or past the
+            // keys, need the mask (padding queries are zeroed by their infinite logsumexp either way).
+            const bool edge = j0 + warp * 16 + 15 > q_pos0 + i0 + q0 || j0 + warp * 16 + 16 > kv_len;
 #pragma unroll
-            for (int nt = 0; nt < BR / 8; ++nt) {
-                unsigned bq[4], bo[4];
-                b_frags_nk(bq, Qs + nt * 8 * KS + kk * 16, KS, lane);
-                mma16816(p[nt], ka[0], bq[0], bq[1]);
-                mma16816(p[nt], ka[1], bq[2], bq[3]);
-                b_frags_nk(bo, Os + nt * 8 * KS + kk * 16, KS, lane);
-                mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
-                mma16816(dp[nt], va[1], bo[2], bo[3]);
-            }
-        }
-        // Only tiles where one of this warp's keys lies past the tile's first query, or past the
-        // keys, need the mask (padding queries are zeroed by their infinite logsumexp either way).
-        const bool edge = j0 + warp * 16 + 15 > q_pos0 + i0 || j0 + warp * 16 + 16 > kv_len;
+            for (int nt = 0; nt < QB / 8; ++nt) {
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = nt * 8 + 2 * tq + (e & 1);
-                float pr = exp2f(p[nt][e] * sl2 - lse_s[qi] * LOG2E);
-                if (edge) {
-                    const int key = j0 + (e < 2 ? klo : khi);
-                    if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
+                    float pr = exp2f(p[nt][e] * sl2 - lse_s[qi] * LOG2E);
+                    if (edge) {
+                        const int key = j0 + (e < 2 ? klo : khi);
+                        if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                    }
+                    p[nt][e] = pr;
+                    dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
                 }
-                p[nt][e] = pr;
-                dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
             }
-        }
-        // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
 #pragma unroll
-        for (int kk = 0; kk < BR / 16; ++kk) {
-            const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
-                                    pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-            const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
-                                    pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                    pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+            for (int kk = 0; kk < QB / 16; ++kk) {
+                const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
+                                        pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                                        pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+                const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
+                                        pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                        pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                const int r0 = q0 + kk * 16;
 #pragma unroll
-            for (int nt = 0; nt < D / 8; nt += 2) {
-                unsigned bo[4], bq[4];
-                b_frags_kn(bo, Os + kk * 16 * KS + nt * 8, KS, lane);
-                mma16816(dV[nt], pa, bo[0], bo[1]);
-                mma16816(dV[nt + 1], pa, bo[2], bo[3]);
-                b_frags_kn(bq, Qs + kk * 16 * KS + nt * 8, KS, lane);
-                mma16816(dK[nt], sa, bq[0], bq[1]);
-                mma16816(dK[nt + 1], sa, bq[2], bq[3]);
+                for (int nt = 0; nt < D / 8; nt += 2) {
+                    unsigned bo[4], bq[4];
+                    b_frags_kn(bo, Os + r0 * KS + nt * 8, KS, lane);
+                    mma16816(dV[nt], pa, bo[0], bo[1]);
+                    mma16816(dV[nt + 1], pa, bo[2], bo[3]);
+                    b_frags_kn(bq, Qs + r0 * KS + nt * 8, KS, lane);
+                    mma16816(dK[nt], sa, bq[0], bq[1]);
+                    mma16816(dK[nt + 1], sa, bq[2], bq[3]);
+                }
             }
-        }
-        // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
+            // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
-            const int qi = nt * 8 + 2 * tq;
-            dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
-            dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
-            dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
-            dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+            for (int nt = 0; nt < QB / 8; ++nt) {
+                const int qi = q0 + nt * 8 + 2 * tq;
+                dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
+                dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
+                dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
+                dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+            }
         }
         __syncthreads();  // dSᵀ is complete, and Q, dO and the row statistics are no longer read
         if (STAGES == 1 && t + 1 < tiles) {
