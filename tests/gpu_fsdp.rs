@@ -149,21 +149,20 @@ fn fsdp_over_nccl_matches_one_gpu() {
     }
 }
 
-/// A run across two nodes over NCCL, played by two trainers in one process (tests/nodes.rs does the
-/// same on CPU ranks): node 0 makes the run and hands node 1 its resolved config and NCCL id; each
-/// node joins the world through `cuda_group_on_node` (`ncclCommInitRank` from a thread bound to its
-/// GPU), the nodes agree at every step boundary through NCCL all-reduces, and consolidation gathers
-/// over it. The losses and final checkpoint must equal one process with both ranks. Emulated GPU
-/// only: both "nodes" open GPU 0, which NCCL refuses on a real card (one rank per GPU), and a real
-/// machine has one node; across real nodes, `kiln comm-check` is the check (docs/multi-node.md).
+/// `kiln train` across two nodes over NCCL, the two nodes played by two threads of this process,
+/// each running what a node's process runs (`train_across_nodes`): the TCP rendezvous on a local
+/// port, node 0's plan (resolved config, run directory, NCCL id), `cuda_group_on_node`
+/// (`ncclCommInitRank` from a thread bound to its GPU), the step-boundary agreements over NCCL,
+/// consolidation gathered over it, node 0 alone writing. The losses and final checkpoint must equal
+/// `kiln train` in one process with both ranks (tests/nodes.rs does the same on CPU ranks).
+/// Emulated GPU only: both "nodes" open GPU 0, which NCCL refuses on a real card (one rank per
+/// GPU), and a real machine is one node; across real nodes `kiln comm-check` is the check.
 #[test]
 fn two_nodes_over_nccl_train_like_one_process() {
-    use kiln::backend::cuda::Cuda;
-    use kiln::config::RunConfig;
     use kiln::dist::launch::Node;
-    use kiln::dist::nccl::{cuda_group, cuda_group_on_node, unique_id};
-    use kiln::train::run::{build_on, locate, Located, TrainArgs};
-    use kiln::train::trainer::{NodeRole, RunEnd};
+    use kiln::train::nodes::train_across_nodes;
+    use kiln::train::run::{train, TrainArgs};
+    use kiln::train::trainer::RunEnd;
     use std::path::Path;
     if !common::emulated_gpu::emulated() {
         eprintln!("skipped: two nodes in one process need the emulated GPU (NCCL takes one rank per GPU)");
@@ -230,44 +229,20 @@ every_steps = 4
             .collect()
     };
 
-    // One process, both ranks.
+    // One process, both ranks (no launch variables: one node).
     let one = dir.path().join("one");
-    let a = args(&one);
-    let single = NodeRole::SINGLE;
-    let mut t = build_on(&a, locate(&a).unwrap(), Cuda::open(0).unwrap(), 1e15, single, |_| cuda_group(2)).unwrap();
-    assert_eq!(t.run(4, &mut |_| {}).unwrap(), RunEnd::Done);
-    drop(t);
+    assert_eq!(train(args(&one)).unwrap(), RunEnd::Done);
 
-    // Two nodes of one rank each, as `train_across_nodes` builds them once the rendezvous is done.
+    // Two nodes of one rank each, meeting at a local port.
     let two = dir.path().join("two");
-    let a = args(&two);
-    let id = unique_id().unwrap();
-    let node = |rank| Node { nnodes: 2, node_rank: rank, master_addr: "127.0.0.1".into(), master_port: 0 };
-    let (lead, follower) = (NodeRole { rank: 0, count: 2 }, NodeRole { rank: 1, count: 2 });
-    let (end0, end1) = std::thread::scope(|s| {
-        // Node 0 builds first (it makes the run directory); its communicator's init waits for node 1's.
-        let (plan_tx, plan_rx) = std::sync::mpsc::channel();
-        let (a, two, id, node) = (&a, &two, &id, &node);
-        let h0 = s.spawn(move || {
-            let mut t = build_on(a, locate(a).unwrap(), Cuda::open(0).unwrap(), 1e15, lead, |cfg| {
-                plan_tx.send(cfg.to_toml().unwrap()).unwrap();
-                cuda_group_on_node(&node(0), 2, id)
-            })
-            .unwrap();
-            t.run_with_commands(4, None, &mut |_| {}).unwrap()
-        });
-        let h1 = s.spawn(move || {
-            let plan = RunConfig::parse(&plan_rx.recv().unwrap(), "node 0's run config", &[]).unwrap();
-            let located = Located { cfg: plan, run_dir: two.clone(), resuming: true };
-            let mut t = build_on(a, located, Cuda::open(0).unwrap(), 1e15, follower, |cfg| {
-                cuda_group_on_node(&node(1), cfg.parallel.world_size, id)
-            })
-            .unwrap();
-            t.run_with_commands(4, None, &mut |_| {}).unwrap()
-        });
-        (h0.join().unwrap(), h1.join().unwrap())
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = |rank| Node { nnodes: 2, node_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+    let (args, node, two_dir) = (&args, &node, &two);
+    let ends = std::thread::scope(|s| {
+        let nodes: Vec<_> = (0..2).map(|r| s.spawn(move || train_across_nodes(args(two_dir), node(r)))).collect();
+        nodes.into_iter().map(|h| h.join().unwrap().unwrap()).collect::<Vec<_>>()
     });
-    assert_eq!((end0, end1), (RunEnd::Done, RunEnd::Done));
+    assert_eq!(ends, vec![RunEnd::Done, RunEnd::Done]);
     eprintln!("step and eval losses: one process {:?}, two nodes {:?}", losses(&one), losses(&two));
     assert_eq!(losses(&one).len(), 6, "4 steps and 2 evals");
     assert_eq!(losses(&two), losses(&one), "the same sums in the same order, bit for bit");
