@@ -274,4 +274,15 @@ fn kv_cache_decoding_on_the_gpu_matches_the_full_forward() {
         let l = model.decode(&mut cache, &ids[i..i + 1]).unwrap();
         assert_close(&l, &full[i * v..(i + 1) * v], 2e-2, &format!("decoded position {i}"));
     }
+    // Scoring's batched continuations of one context (the cache holds batch-many copies of it):
+    // branch 0 continues with the sequence's own next tokens, so the full forward is its reference.
+    cache.clear();
+    model.decode(&mut cache, &ids[..250]).unwrap();
+    let own = &ids[250..290];
+    let other: Vec<u32> = own.iter().rev().copied().take(7).collect();
+    let rows = model.decode_branches(&mut cache, &[own, &other, &own[..1]]).unwrap();
+    assert_close(&rows[0], &full[250 * v..290 * v], 2e-2, "branch continuing the sequence");
+    assert_close(&rows[2], &full[250 * v..251 * v], 2e-2, "one-token branch");
+    assert_eq!(rows[1].len(), 7 * v);
+    assert_eq!(cache.len(), 250);
 }

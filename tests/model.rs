@@ -139,6 +139,56 @@ fn recomputing_block_activations_gives_the_same_loss_and_gradients_bit_for_bit()
     assert!(model.backward(&mut ws, &mut g).is_err());
 }
 
+/// Scoring's batched continuations (`decode_branches`): every branch's logits equal a full forward
+/// of the context followed by that branch, whatever the mix of lengths (padding, several passes,
+/// more branches than one pass holds), and the cache is left holding the context alone.
+#[test]
+fn branches_of_one_context_decode_like_each_continuation_alone() {
+    let cfg = LlamaConfig { max_seq_len: 64, ..tiny(false, 2) };
+    let model = random_model(&cfg, 37);
+    let v = cfg.vocab_size;
+    let (ids, _) = batch(&cfg, 1, 64, 41);
+    let ctx = &ids[..20];
+    let full = |seq: &[u32]| {
+        let mut ws = Workspace::new(&model, 1, seq.len()).unwrap();
+        model.forward(&mut ws, seq, &vec![-1; seq.len()], None).unwrap();
+        Cpu.download(&ws.logits).unwrap()
+    };
+    let close = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    };
+    let mut cache = KvCache::new(&model, 64).unwrap();
+    // Four branches, 64 rows a pass: 16 positions each, so the longest takes three passes and the
+    // others are padded.
+    let branches: Vec<Vec<u32>> =
+        [30, 3, 41, 1].iter().map(|&n| ids[20..20 + n].iter().rev().copied().collect()).collect();
+    // 70 one- or two-token branches: more than one pass's 64 rows, so two groups.
+    let many: Vec<Vec<u32>> = (0..70).map(|i| ids[i % 60..i % 60 + 1 + i % 2].to_vec()).collect();
+    for set in [&branches, &many] {
+        cache.clear();
+        model.decode(&mut cache, ctx).unwrap();
+        let refs: Vec<&[u32]> = set.iter().map(|b| b.as_slice()).collect();
+        let got = model.decode_branches(&mut cache, &refs).unwrap();
+        assert_eq!(got.len(), set.len());
+        for (i, (b, g)) in set.iter().zip(&got).enumerate() {
+            let want = full(&[ctx, b].concat());
+            let err = close(g, &want[20 * v..]);
+            assert!(err < 1e-4, "branch {i} ({} tokens): {err}", b.len());
+        }
+        assert_eq!(cache.len(), 20, "the cache still holds the context alone");
+    }
+    // The context's cache is untouched: decoding goes on from it.
+    let next = model.decode(&mut cache, &ids[20..21]).unwrap();
+    assert!(close(&next, &full(&ids[..21])[20 * v..]) < 1e-4);
+    // A branch past the cache's capacity, or an empty one, is an error.
+    cache.clear();
+    model.decode(&mut cache, ctx).unwrap();
+    assert!(model.decode_branches(&mut cache, &[&ids[..45]]).is_err());
+    assert!(model.decode_branches(&mut cache, &[&ids[..2], &[]]).is_err());
+    assert!(model.decode_branches(&mut cache, &[]).unwrap().is_empty());
+}
+
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
     let cfg = LlamaConfig { max_seq_len: 400, ..tiny(false, 2) };

@@ -1,5 +1,5 @@
 //! Log-likelihood scoring of multiple-choice items with a KV cache: the shared context is run once,
-//! then each continuation is scored from it (the cache is truncated back between choices).
+//! then every continuation is scored from it in one batch (`Llama::decode_branches`).
 //!
 //! Tokenization follows lm-evaluation-harness for Llama models: no BOS; `whole = encode(context +
 //! continuation)`, `context = encode(context)`, continuation tokens = `whole[len(context):]`; the
@@ -57,9 +57,8 @@ impl<'a, B: Backend> Scorer<'a, B> {
     pub fn score(&mut self, item: &Item) -> Result<ItemScore> {
         let vocab = self.model.cfg.vocab_size;
         let max_len = self.cache.capacity();
-        let mut loglik = Vec::with_capacity(item.requests.len());
-        // (context ids, logits after the context) of the context now in the cache.
-        let mut primed: Option<(Vec<u32>, Vec<f32>)> = None;
+        // Each request as (context ids, continuation ids), tokenized as lm-evaluation-harness does.
+        let mut requests = Vec::with_capacity(item.requests.len());
         for r in &item.requests {
             let mut ctx = self.tok.encode(&r.context, None)?;
             let whole = self.tok.encode(&format!("{}{}", r.context, r.continuation), None)?;
@@ -76,24 +75,33 @@ impl<'a, B: Backend> Scorer<'a, B> {
             if ctx.len() + cont.len() > max_len {
                 ctx.drain(..ctx.len() + cont.len() - max_len);
             }
-            let last = match &primed {
-                Some((ids, logits)) if *ids == ctx => logits.clone(),
-                _ => {
-                    self.cache.clear();
-                    let logits = self.model.decode(&mut self.cache, &ctx)?;
-                    primed = Some((ctx.clone(), logits.clone()));
-                    logits
+            requests.push((ctx, cont));
+        }
+        // Requests that share their context (every choice of most tasks) run it once, then score
+        // their continuations together as branches of it; WinoGrande's choices differ in context.
+        let mut loglik = vec![0.0; requests.len()];
+        let mut start = 0;
+        while start < requests.len() {
+            let ctx = &requests[start].0;
+            let end = start + requests[start..].iter().take_while(|(c, _)| c == ctx).count();
+            self.cache.clear();
+            let last = self.model.decode(&mut self.cache, ctx)?;
+            // The first continuation token is scored from the context's last logits; the rest
+            // from the branch's own rows (a branch is the continuation without its last token).
+            let branches: Vec<&[u32]> =
+                requests[start..end].iter().map(|(_, c)| &c[..c.len() - 1]).filter(|b| !b.is_empty()).collect();
+            let mut rows = self.model.decode_branches(&mut self.cache, &branches)?.into_iter();
+            for (i, (_, cont)) in requests[start..end].iter().enumerate() {
+                let mut ll = log_prob(&last, cont[0]);
+                if cont.len() > 1 {
+                    let rows = rows.next().expect("one branch per continuation longer than a token");
+                    for (j, &t) in cont[1..].iter().enumerate() {
+                        ll += log_prob(&rows[j * vocab..(j + 1) * vocab], t);
+                    }
                 }
-            };
-            self.cache.truncate(ctx.len());
-            let mut ll = log_prob(&last, cont[0]);
-            if cont.len() > 1 {
-                let rows = self.model.decode_all(&mut self.cache, &cont[..cont.len() - 1])?;
-                for (j, &t) in cont[1..].iter().enumerate() {
-                    ll += log_prob(&rows[j * vocab..(j + 1) * vocab], t);
-                }
+                loglik[start + i] = ll;
             }
-            loglik.push(ll);
+            start = end;
         }
         let pred = argmax(loglik.iter().copied());
         let pred_norm =

@@ -17,8 +17,20 @@ pub struct KvCache<B: Backend> {
     last_norm: B::Buf,
     rstd: B::Buf,
     logits: B::Buf,
-    /// `[chunk, vocab]` logits for `decode_all`, allocated on first use.
+    /// `[chunk, vocab]` logits for `decode_branches`, allocated on first use.
     all: Option<AllRows<B>>,
+    /// Keys and values of the continuations `decode_branches` scores, allocated on first use.
+    branches: Option<BranchCache<B>>,
+}
+
+/// Per layer, `slots` sequences of `stride` positions: each a copy of the context, then one
+/// continuation. Sized to what scoring needs (a context and its longest continuation), not to the
+/// model's context length, and grown only when an item needs more.
+struct BranchCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    slots: usize,
+    stride: usize,
 }
 
 struct AllRows<B: Backend> {
@@ -50,6 +62,7 @@ impl<B: Backend> KvCache<B> {
             rstd: b.zeros_as(1, Role::Stats)?,
             logits: b.zeros(cfg.vocab_size)?,
             all: None,
+            branches: None,
         })
     }
 
@@ -75,16 +88,6 @@ impl<B: Backend> KvCache<B> {
 impl<B: Backend> Llama<B> {
     /// Appends `ids` to the cache and returns the next-token logits after the last of them.
     pub fn decode(&self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
-        self.decode_impl(cache, ids, false)
-    }
-
-    /// Appends `ids` to the cache and returns the next-token logits after every one of them,
-    /// `[ids.len(), vocab]` row-major (scoring continuations).
-    pub fn decode_all(&self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
-        self.decode_impl(cache, ids, true)
-    }
-
-    fn decode_impl(&self, cache: &mut KvCache<B>, ids: &[u32], all_rows: bool) -> Result<Vec<f32>> {
         if ids.is_empty() {
             bail!("decode needs at least one token");
         }
@@ -95,7 +98,6 @@ impl<B: Backend> Llama<B> {
         let (b, cfg) = (&self.backend, &self.cfg);
         let d = cfg.d_model;
         let mut last_rows = 0;
-        let mut all_logits = Vec::new();
         for chunk in ids.chunks(cache.ws.seq) {
             let seq = chunk.len();
             let ws = &mut cache.ws;
@@ -114,32 +116,6 @@ impl<B: Backend> Llama<B> {
             }
             cache.len += seq;
             last_rows = seq;
-            if all_rows {
-                let (chunk, v) = (cache.ws.seq, cfg.vocab_size);
-                if cache.all.is_none() {
-                    cache.all = Some(AllRows {
-                        norm: b.zeros(chunk * d)?,
-                        rstd: b.zeros_as(chunk, Role::Stats)?,
-                        logits: b.zeros(chunk * v)?,
-                    });
-                }
-                let a = cache.all.as_mut().expect("allocated above");
-                let out = &cache.ws.resid[cfg.n_layer % 2];
-                let eps = cfg.norm_eps as f32;
-                b.rmsnorm_forward(&mut a.norm, &mut a.rstd, out, &self.weights.final_norm, seq, d, eps)?;
-                b.matmul(&mut a.logits, &a.norm, self.weights.head(), Gemm::linear(seq, d, v))?;
-                // Only this chunk's rows: the buffer holds a whole chunk's (and on the CPU a
-                // download is a copy).
-                let host = b.download_prefix(&a.logits, seq * v)?;
-                if all_logits.is_empty() {
-                    all_logits = host;
-                } else {
-                    all_logits.extend_from_slice(&host);
-                }
-            }
-        }
-        if all_rows {
-            return Ok(all_logits);
         }
         // Only the last position's logits are needed: normalise and project one row.
         let out = &cache.ws.resid[cfg.n_layer % 2];
@@ -155,5 +131,113 @@ impl<B: Backend> Llama<B> {
         )?;
         b.matmul(&mut cache.logits, &cache.last_norm, self.weights.head(), Gemm::linear(1, d, cfg.vocab_size))?;
         b.download(&cache.logits)
+    }
+
+    /// Scores several continuations of the context now in the cache at once: returns, for each
+    /// branch, the next-token logits after every one of its tokens (`[branch.len(), vocab]`
+    /// row-major), as `decode` of the branch after that context would give them. The branches run
+    /// as one batch (each on its own copy of the context's keys and values, padded to the longest),
+    /// so the weights are read once per pass instead of once per branch. The cache itself is left
+    /// holding the context alone.
+    pub fn decode_branches(&self, cache: &mut KvCache<B>, branches: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let ctx = cache.len;
+        let longest = branches.iter().map(|b| b.len()).max().unwrap_or(0);
+        if branches.iter().any(|b| b.is_empty()) {
+            bail!("decode needs at least one token per branch");
+        }
+        if ctx + longest > cache.capacity {
+            bail!("context full: {ctx} + {longest} tokens exceed the cache of {}", cache.capacity);
+        }
+        for b in branches {
+            self.check_ids(b)?;
+        }
+        // A pass holds at most the workspace's rows: more branches than that go in groups.
+        let mut out = Vec::with_capacity(branches.len());
+        for group in branches.chunks(cache.ws.seq) {
+            out.extend(self.decode_group(cache, group, ctx, longest)?);
+        }
+        Ok(out)
+    }
+
+    fn decode_group(
+        &self,
+        cache: &mut KvCache<B>,
+        group: &[&[u32]],
+        ctx: usize,
+        longest: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let (d, v, kvd, n) = (cfg.d_model, cfg.vocab_size, cfg.kv_dim(), group.len());
+        let need = ctx + longest;
+        if !cache.branches.as_ref().is_some_and(|br| br.slots >= n && br.stride >= need) {
+            let (slots, stride) = match &cache.branches {
+                Some(br) => (br.slots.max(n), br.stride.max(need)),
+                None => (n, need),
+            };
+            // Free the old buffers before allocating larger ones.
+            cache.branches = None;
+            let layers = || (0..cfg.n_layer).map(|_| b.zeros(slots * stride * kvd)).collect::<Result<Vec<_>>>();
+            cache.branches = Some(BranchCache { k: layers()?, v: layers()?, slots, stride });
+        }
+        let br = cache.branches.as_mut().expect("allocated above");
+        let stride = br.stride;
+        for l in 0..cfg.n_layer {
+            for s in 0..n {
+                b.copy(&mut br.k[l], s * stride * kvd, &cache.k[l], 0, ctx * kvd)?;
+                b.copy(&mut br.v[l], s * stride * kvd, &cache.v[l], 0, ctx * kvd)?;
+            }
+        }
+        let rows_max = cache.ws.seq;
+        if cache.all.is_none() {
+            cache.all = Some(AllRows {
+                norm: b.zeros(rows_max * d)?,
+                rstd: b.zeros_as(rows_max, Role::Stats)?,
+                logits: b.zeros(rows_max * v)?,
+            });
+        }
+        // Positions per pass: the group's rows fill at most the workspace.
+        let step = (rows_max / n).max(1);
+        let mut out: Vec<Vec<f32>> = group.iter().map(|br| Vec::with_capacity(br.len() * v)).collect();
+        let mut ids = Vec::with_capacity(n * step);
+        for offset in (0..longest).step_by(step) {
+            let seq = step.min(longest - offset);
+            // Each branch's next `seq` tokens; one that has ended is padded with its last token.
+            // The padding comes after every real token of its row, so under the causal mask it
+            // changes nothing they see; its logits are dropped below.
+            ids.clear();
+            for br in group {
+                let last = *br.last().expect("branches are not empty");
+                ids.extend((offset..offset + seq).map(|i| br.get(i).copied().unwrap_or(last)));
+            }
+            let ws = &mut cache.ws;
+            b.embedding_forward(&mut ws.resid[0], &self.weights.embed, &ids, d)?;
+            for (l, w) in self.weights.layers.iter().enumerate() {
+                let (r0, r1) = ws.resid.split_at_mut(1);
+                let (x_in, x_out) = if l.is_multiple_of(2) { (&r0[0], &mut r1[0]) } else { (&r1[0], &mut r0[0]) };
+                let place = KvPlace::Cache { k: &mut br.k[l], v: &mut br.v[l], pos0: ctx + offset, capacity: stride };
+                self.block_forward(w, &mut ws.blocks[0], x_in, x_out, n, seq, place)?;
+            }
+            let a = cache.all.as_mut().expect("allocated above");
+            let hidden = &cache.ws.resid[cfg.n_layer % 2];
+            let rows = n * seq;
+            b.rmsnorm_forward(
+                &mut a.norm,
+                &mut a.rstd,
+                hidden,
+                &self.weights.final_norm,
+                rows,
+                d,
+                cfg.norm_eps as f32,
+            )?;
+            b.matmul(&mut a.logits, &a.norm, self.weights.head(), Gemm::linear(rows, d, v))?;
+            // Only this pass's rows: the buffer holds a whole workspace's (and on the CPU a
+            // download is a copy).
+            let host = b.download_prefix(&a.logits, rows * v)?;
+            for (s, br) in group.iter().enumerate() {
+                let real = br.len().saturating_sub(offset).min(seq);
+                out[s].extend_from_slice(&host[s * seq * v..(s * seq + real) * v]);
+            }
+        }
+        Ok(out)
     }
 }

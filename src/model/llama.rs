@@ -165,7 +165,8 @@ impl<B: Backend> Workspace<B> {
 pub(crate) enum KvPlace<'a, Buf> {
     /// In the block's own activations (training, full-sequence scoring).
     Local,
-    /// Appended to a per-layer cache at `pos0` (KV-cache decoding, batch 1).
+    /// Appended to a per-layer cache at `pos0`: sequence `s` of the batch at rows
+    /// `s · capacity + pos0 ..` (KV-cache decoding; several continuations of one context).
     Cache { k: &'a mut Buf, v: &'a mut Buf, pos0: usize, capacity: usize },
 }
 
@@ -245,9 +246,10 @@ impl<B: Backend> Llama<B> {
         match kv {
             KvPlace::Local => b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, shape)?,
             KvPlace::Cache { k, v, pos0, capacity } => {
-                debug_assert_eq!(batch, 1, "the KV cache holds one sequence");
-                b.copy(k, pos0 * kvd, &a.k, 0, rows * kvd)?;
-                b.copy(v, pos0 * kvd, &a.v, 0, rows * kvd)?;
+                for s in 0..batch {
+                    b.copy(k, (s * capacity + pos0) * kvd, &a.k, s * seq * kvd, seq * kvd)?;
+                    b.copy(v, (s * capacity + pos0) * kvd, &a.v, s * seq * kvd, seq * kvd)?;
+                }
                 let shape = AttnShape { kv_len: pos0 + seq, kv_stride: capacity, q_pos0: pos0, ..shape };
                 b.attention_forward(&mut a.att, &mut a.lse, &a.q, k, v, shape)?;
             }
