@@ -72,6 +72,9 @@ enum Command {
         max_tokens: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// cpu, or cuda (GPU 0, bf16)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Train a model (with no CONFIG: the bundled demo, configs/demo.toml)
     Train {
@@ -258,10 +261,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let scores = score::run(&model, input, &device)?;
             kiln::out!("{}", serde_json::to_string(&scores)?)?;
         }
-        Command::Chat { model, system, temperature, top_p, max_tokens, seed } => {
+        Command::Chat { model, system, temperature, top_p, max_tokens, seed, device } => {
             check_sampling(temperature, top_p)?;
             positive("--max-tokens", max_tokens)?;
-            kiln::cli::chat::run(&model, kiln::cli::chat::ChatArgs { system, temperature, top_p, max_tokens, seed })?;
+            let args = kiln::cli::chat::ChatArgs { system, temperature, top_p, max_tokens, seed };
+            kiln::cli::chat::run(&model, args, &device)?;
         }
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, json, device } => {
             positive("--max-new-tokens", max_new_tokens)?;

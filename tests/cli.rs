@@ -253,6 +253,7 @@ fn device_flag_is_checked_and_a_missing_gpu_is_one_line() {
         vec!["score", "--model", m, "--ids", "1 2 3", "--device", "tpu"],
         vec!["generate", "--model", m, "--max-new-tokens", "2", "--device", "tpu"],
         vec!["eval", "--model", m, "--tasks", "piqa", "--limit", "1", "--device", "tpu"],
+        vec!["chat", "--model", m, "--device", "tpu"],
     ] {
         let o = kiln(&args);
         let err = String::from_utf8_lossy(&o.stderr);

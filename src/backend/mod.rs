@@ -100,7 +100,7 @@ pub enum Role {
     /// Activations and activation gradients: the compute type.
     Activation,
     /// Per-row statistics and tables that lose too much in bf16 (RMSNorm's `rstd`, attention's
-    /// logsumexp, the RoPE tables): always f32.
+    /// logsumexp, the RoPE tables), and logits read back by a sampler or a scorer: always f32.
     Stats,
     /// Parameters: f32 master weights; a mixed-precision backend keeps a compute-type copy beside
     /// them for the forward and backward to read, refreshed by every `adamw_step`.

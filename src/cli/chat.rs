@@ -1,8 +1,8 @@
-//! `kiln chat --model DIR`: a conversation on standard input, one message per line, replies
+//! `kiln chat --model DIR [--device cuda]`: a conversation on standard input, one message per line, replies
 //! streamed to standard output through the model's chat template (plain continuation when its
 //! tokenizer has none). `/clear` starts over.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::chat::prompt::ChatFormat;
 use crate::chat::reply::{stream_reply, ReplyParams};
 use crate::chat::{ChatTemplate, Message};
@@ -19,9 +19,14 @@ pub struct ChatArgs {
     pub seed: u64,
 }
 
-pub fn run(model_dir: &Path, args: ChatArgs) -> Result<()> {
+/// Chats on `device` ("cpu" or "cuda").
+pub fn run(model_dir: &Path, args: ChatArgs, device: &str) -> Result<()> {
+    crate::on_device!(device, |b| run_on(model_dir, args, b))
+}
+
+fn run_on<B: Backend>(model_dir: &Path, args: ChatArgs, backend: B) -> Result<()> {
     let dir = crate::train::checkpoint::resolve_model_dir(model_dir)?;
-    let md = load_model_dir(&dir, Cpu::new())?;
+    let md = load_model_dir(&dir, backend)?;
     let config = dir.join("tokenizer_config.json");
     let template = match std::fs::read(&config) {
         Ok(bytes) => ChatTemplate::from_tokenizer_config(&bytes, &config.display().to_string())?,

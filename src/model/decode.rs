@@ -60,7 +60,10 @@ impl<B: Backend> KvCache<B> {
             last_hidden: b.zeros(cfg.d_model)?,
             last_norm: b.zeros(cfg.d_model)?,
             rstd: b.zeros_as(1, Role::Stats)?,
-            logits: b.zeros(cfg.vocab_size)?,
+            // f32 on every backend: the sampler and the scorer read these, and bf16 logits tie
+            // (greedy decoding on a GPU picked the lower id of two equal bf16 logits where f32
+            // told them apart).
+            logits: b.zeros_as(cfg.vocab_size, Role::Stats)?,
             all: None,
             branches: None,
         })
@@ -192,7 +195,7 @@ impl<B: Backend> Llama<B> {
             cache.all = Some(AllRows {
                 norm: b.zeros(rows_max * d)?,
                 rstd: b.zeros_as(rows_max, Role::Stats)?,
-                logits: b.zeros(rows_max * v)?,
+                logits: b.zeros_as(rows_max * v, Role::Stats)?,
             });
         }
         // Positions per pass: the group's rows fill at most the workspace.
