@@ -286,3 +286,61 @@ fn kv_cache_decoding_on_the_gpu_matches_the_full_forward() {
     assert_eq!(rows[1].len(), 7 * v);
     assert_eq!(cache.len(), 250);
 }
+
+/// The benchmarks scripts/gpu-check.sh runs for the figures, on shapes small enough for any
+/// device: `kiln bench train` (with `--profile` and `--fsdp`, as there, on the demo's preset) and
+/// `kiln bench attention` (both head_dim 64 builds). Every row must be there with finite figures,
+/// so the host code of the one run that matters on a card has run before it.
+#[test]
+fn the_gpu_benchmarks_run_and_report_every_row() {
+    use kiln::cli::bench_attention::{self, AttentionBenchArgs};
+    use kiln::cli::bench_train::{self, TrainBenchArgs};
+    let Some(count) = or_skip(kiln::dist::nccl::gpu_count()) else { return };
+    let world = count.min(2);
+    let args = TrainBenchArgs {
+        device: "cuda".into(),
+        preset: "tiny".into(),
+        batch: 2,
+        seq: 64,
+        steps: 1,
+        warmup: 1,
+        recompute: false,
+        profile: true,
+        fsdp: Some(world),
+    };
+    let lines = bench_train::run(&args).unwrap();
+    let attn = AttentionBenchArgs { batch: 1, seq: 128, head_dim: 64, heads: 8, iters: 1 };
+    let lines: Vec<_> = lines.into_iter().chain(bench_attention::run(&attn).unwrap()).collect();
+    for (k, v) in &lines {
+        eprintln!("{k:<32} {v}");
+    }
+    let row = |key: &str| {
+        lines.iter().find(|(k, _)| k.trim_start().starts_with(key)).map(|(_, v)| v.as_str()).unwrap_or_else(|| {
+            panic!("no {key:?} row in {lines:#?}");
+        })
+    };
+    // The first number of a row, which must be finite and (for rates and times) positive.
+    let first_number = |v: &str| -> f64 {
+        let n: String = v
+            .trim_start_matches(|c: char| !c.is_ascii_digit() && c != '-')
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+            .collect();
+        n.parse().unwrap_or_else(|_| panic!("no number in {v:?}"))
+    };
+    for key in ["train step 2x64", "profile (ops synchronised)", &format!("fsdp step, {world} rank(s)")] {
+        let x = first_number(row(key));
+        assert!(x.is_finite() && x > 0.0, "{key}: {}", row(key));
+    }
+    // TFLOP/s figures print as 0 on the emulated GPU: finite is what can be asked everywhere.
+    assert!(first_number(row("bf16 GEMM")).is_finite());
+    assert!(first_number(row("loss after the timed steps")).is_finite());
+    assert!(row("MFU").contains("% of the measured GEMM ceiling"));
+    assert!(row("memory").starts_with("peak "));
+    assert!(row("GEMM autotune").contains("shape"));
+    assert!(row("rank 0").contains("peak"));
+    assert!(row("matmul").contains("calls"), "the profile has a GEMM row");
+    // The attention rows: a TFLOP/s figure per build.
+    let attention: Vec<_> = lines.iter().filter(|(_, v)| v.contains("TFLOP/s")).collect();
+    assert!(attention.len() >= 3, "{attention:#?}");
+}

@@ -51,6 +51,8 @@ pub fn rerun_on_the_emulator(this_test: &str) {
         .env(CHILD, "1")
         // The child must find the emulated device: a skip there would pass by testing nothing.
         .env("KILN_REQUIRE_GPU", "1")
+        // `kiln bench train`'s GEMM ceiling at 256³: 8192³ would take minutes on the stand-in.
+        .env("KILN_GEMM_CEILING_N", "256")
         .env("KILN_CUDA_INCLUDE", root.join("tests/emulated/include"))
         // Fake PTX must never reach the cache a real GPU run reads.
         .env("KILN_KERNEL_CACHE", ptx_cache.path())

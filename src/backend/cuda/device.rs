@@ -33,6 +33,8 @@ pub struct Gpu {
     /// with a kernel's own bytes, how many of its blocks fit on an SM (read, not assumed per card).
     pub shared_per_sm: usize,
     pub shared_reserved_per_block: usize,
+    /// Multiprocessors: how many blocks a grid-stride reduction needs to fill the device.
+    pub sm_count: usize,
     functions: HashMap<&'static str, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
 }
@@ -72,6 +74,7 @@ impl Gpu {
         let shared_per_sm = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize;
         let shared_reserved_per_block =
             ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK).unwrap_or(1024) as usize;
+        let sm_count = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         for k in ALL {
@@ -108,6 +111,7 @@ impl Gpu {
             arch,
             shared_per_sm,
             shared_reserved_per_block,
+            sm_count,
             functions,
             _modules: modules,
         })
@@ -166,5 +170,15 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
 pub fn elementwise_config(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 4) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A grid-stride reduction over `n` elements that ends in one atomic per block: at most eight
+/// 256-thread blocks per multiprocessor (a full H100 SM), each looping over its share, so a
+/// tensor of 65M values costs ~1,000 atomics on one address instead of 256,000 (and as many
+/// one-element blocks).
+pub fn reduction_config(gpu: &Gpu, n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 8 * gpu.sm_count.max(1)) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }

@@ -1,6 +1,6 @@
 //! Launcher for `kernels/elementwise.cu`: accumulate, squared norm, embedding gather / scatter-add.
 
-use super::device::{elementwise_config, Elem, Gpu};
+use super::device::{elementwise_config, reduction_config, Elem, Gpu};
 use super::kernels::Kernel;
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -43,7 +43,9 @@ pub fn sum_squares_all(gpu: &Gpu, bufs: &[&CudaSlice<f32>]) -> Result<f64> {
         let n = buf.len() as i64;
         // SAFETY: argument order and types match the kernel, which adds its partial sums into
         // `out`; the block size is a multiple of 32 (its reduction needs it).
-        unsafe { gpu.stream.launch_builder(f).arg(&mut out).arg(*buf).arg(&n).launch(elementwise_config(n as usize)) }?;
+        unsafe {
+            gpu.stream.launch_builder(f).arg(&mut out).arg(*buf).arg(&n).launch(reduction_config(gpu, n as usize))
+        }?;
     }
     Ok(gpu.stream.clone_dtoh(&out)?[0])
 }
