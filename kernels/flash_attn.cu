@@ -152,10 +152,13 @@ __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, long
     }
 }
 
-template <int D>
+// MT: 16-row m-tiles per warp. With MT = 2 a block owns 128 queries and every K/V fragment read
+// from shared memory feeds two mma.sync instead of one, halving the shared-memory traffic per
+// FLOP (FA2's own kernels give each warp 32 or more rows) at the cost of twice the accumulators.
+template <int D, int MT = 1>
 __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len,
                     int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    constexpr int KS = D + 8, TILE = BC * KS;
+    constexpr int KS = D + 8, TILE = BC * KS, QB = BR * MT;  // QB: queries per block
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* kv_tiles = reinterpret_cast<bf16*>(smem);  // two stages of [K tile | V tile]
     // The grid is (head, batch, query block) with the last query blocks, which see the most keys,
@@ -167,10 +170,16 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     const bf16* qb_ptr = q + (long)b * q_len * qs + (long)h * D;
     const bf16* kb_ptr = k + (long)b * kv_stride * ks + (long)hk * D;
     const bf16* vb_ptr = v + (long)b * kv_stride * ks + (long)hk * D;
-    const int row0 = qb * BR + warp * 16;
-    const int rlo = row0 + g, rhi = row0 + g + 8;
+    // This warp's rows: m-tile mt covers row0 + 16·mt .. +15 (rows g and g + 8 of it per thread).
+    const int row0 = qb * QB + warp * 16 * MT;
+    int rlo[MT], rhi[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rlo[mt] = row0 + 16 * mt + g;
+        rhi[mt] = rlo[mt] + 8;
+    }
 
-    const int kv_end = min(kv_len, q_pos0 + min(q_len, (qb + 1) * BR));
+    const int kv_end = min(kv_len, q_pos0 + min(q_len, (qb + 1) * QB));
     const int tiles = (kv_end + BC - 1) / BC;
     auto issue = [&](int t) {
         bf16* dst = kv_tiles + (t & 1) * 2 * TILE;
@@ -181,20 +190,27 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     };
     issue(0);
 
-    // This warp's 16 query rows as A fragments, straight from global memory (while tile 0 lands).
-    unsigned qf[D / 16][4];
+    // This warp's query rows as A fragments, straight from global memory (while tile 0 lands).
+    unsigned qf[MT][D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const int c = kk * 16 + 2 * tq;
-        qf[kk][0] = rlo < q_len ? pair(qb_ptr + rlo * qs + c) : 0u;
-        qf[kk][1] = rhi < q_len ? pair(qb_ptr + rhi * qs + c) : 0u;
-        qf[kk][2] = rlo < q_len ? pair(qb_ptr + rlo * qs + c + 8) : 0u;
-        qf[kk][3] = rhi < q_len ? pair(qb_ptr + rhi * qs + c + 8) : 0u;
-    }
-    float o[D / 8][4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int c = kk * 16 + 2 * tq;
+            const bool lo = rlo[mt] < q_len, hi = rhi[mt] < q_len;
+            qf[mt][kk][0] = lo ? pair(qb_ptr + rlo[mt] * qs + c) : 0u;
+            qf[mt][kk][1] = hi ? pair(qb_ptr + rhi[mt] * qs + c) : 0u;
+            qf[mt][kk][2] = lo ? pair(qb_ptr + rlo[mt] * qs + c + 8) : 0u;
+            qf[mt][kk][3] = hi ? pair(qb_ptr + rhi[mt] * qs + c + 8) : 0u;
+        }
+    float o[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
     const float sl2 = scale * LOG2E;  // scores in the log2 domain: exp2 is one instruction
 
     for (int t = 0; t < tiles; ++t) {
@@ -205,92 +221,111 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
         const bf16* Vs = Ks + TILE;
         const int j0 = t * BC;
 
-        float s[BC / 8][4];
+        float s[MT][BC / 8][4];
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk += 2) {
-                unsigned b[4];
-                b_frags_nk(b, Ks + nt * 8 * KS + kk * 16, KS, lane);
-                mma16816(s[nt], qf[kk], b[0], b[1]);
-                mma16816(s[nt], qf[kk + 1], b[2], b[3]);
-            }
-        }
-        // Only tiles that reach past this warp's first row, or past the keys, need the mask.
-        const bool edge = j0 + BC - 1 > q_pos0 + row0 || j0 + BC > kv_len;
-        float mx[2] = {m[0], m[1]};
+                unsigned bk[4];
+                b_frags_nk(bk, Ks + nt * 8 * KS + kk * 16, KS, lane);
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * sl2;
-                if (edge) {
-                    const int row = e < 2 ? rlo : rhi;
-                    const int key = j0 + nt * 8 + 2 * tq + (e & 1);
-                    if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(s[mt][nt], qf[mt][kk], bk[0], bk[1]);
+                    mma16816(s[mt][nt], qf[mt][kk + 1], bk[2], bk[3]);
                 }
-                s[nt][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
-        }
-        float alpha[2], mref[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            // The four threads of a quad share a row.
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            mref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row with no key yet stays all zero
-            alpha[i] = exp2f(m[i] - mref[i]);
-            m[i] = mx[i];
-            l[i] *= alpha[i];
-        }
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
-                l[e >> 1] += s[nt][e];
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            o[nt][0] *= alpha[0];
-            o[nt][1] *= alpha[0];
-            o[nt][2] *= alpha[1];
-            o[nt][3] *= alpha[1];
+        for (int mt = 0; mt < MT; ++mt) {
+            // Only tiles that reach past this m-tile's first row, or past the keys, need the mask.
+            const bool edge = j0 + BC - 1 > q_pos0 + row0 + 16 * mt || j0 + BC > kv_len;
+            float mx[2] = {m[mt][0], m[mt][1]};
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[mt][nt][e] * sl2;
+                    if (edge) {
+                        const int row = e < 2 ? rlo[mt] : rhi[mt];
+                        const int key = j0 + nt * 8 + 2 * tq + (e & 1);
+                        if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
+                    }
+                    s[mt][nt][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+            }
+            float alpha[2], mref[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                // The four threads of a quad share a row.
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                mref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row with no key yet stays all zero
+                alpha[i] = exp2f(m[mt][i] - mref[i]);
+                m[mt][i] = mx[i];
+                l[mt][i] *= alpha[i];
+            }
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[mt][nt][e] = exp2f(s[mt][nt][e] - mref[e >> 1]);
+                    l[mt][e >> 1] += s[mt][nt][e];
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                o[mt][nt][0] *= alpha[0];
+                o[mt][nt][1] *= alpha[0];
+                o[mt][nt][2] *= alpha[1];
+                o[mt][nt][3] *= alpha[1];
+            }
         }
         // O += P·V: the accumulators of key tiles 2kk and 2kk+1 are the A fragment of step kk.
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
-            const unsigned a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
-                                   pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt += 2) {
-                unsigned b[4];
-                b_frags_kn(b, Vs + kk * 16 * KS + nt * 8, KS, lane);
-                mma16816(o[nt], a, b[0], b[1]);
-                mma16816(o[nt + 1], a, b[2], b[3]);
+                unsigned bv[4];
+                b_frags_kn(bv, Vs + kk * 16 * KS + nt * 8, KS, lane);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(o[mt][nt], a[mt], bv[0], bv[1]);
+                    mma16816(o[mt][nt + 1], a[mt], bv[2], bv[3]);
+                }
             }
         }
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    }
     bf16* ob = out + (long)b * q_len * qs + (long)h * D;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = half ? rhi : rlo;
-        if (row >= q_len) continue;
-        const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            *reinterpret_cast<unsigned*>(ob + row * qs + nt * 8 + 2 * tq) =
-                pack(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
+        for (int i = 0; i < 2; ++i) {
+            l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 1);
+            l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 2);
         }
-        if (tq == 0) lse[((long)b * n_head + h) * q_len + row] = (m[half] + log2f(l[half])) * LN2;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = half ? rhi[mt] : rlo[mt];
+            if (row >= q_len) continue;
+            const float inv = l[mt][half] > 0.0f ? 1.0f / l[mt][half] : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                *reinterpret_cast<unsigned*>(ob + row * qs + nt * 8 + 2 * tq) =
+                    pack(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
+            }
+            if (tq == 0) lse[((long)b * n_head + h) * q_len + row] = (m[mt][half] + log2f(l[mt][half])) * LN2;
+        }
     }
 }
 
@@ -562,6 +597,14 @@ extern "C" __global__ void __launch_bounds__(128, 4) flash_attn_fwd_d64_4(bf16* 
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {
     fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+// The head_dim 64 forward with two m-tiles per warp (128 queries per block): each K/V fragment
+// from shared memory feeds twice the tensor-core work. Which build is fastest is for a card to
+// say: `kiln bench attention` times it, and KILN_FA_FWD_D64_BLOCKS=2 makes the engine use it.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_fwd_d64_2(bf16* out, float* lse, const bf16* q,
+    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
+    float scale) {
+    fwd<64, 2>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d128(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,

@@ -203,12 +203,13 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("{tag} out"));
     assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("{tag} lse"));
     if s.head_dim == 64 {
-        // The forward's other build (4 blocks per SM or 3), which `kiln bench attention` also times.
-        let other = 7 - flash_attn::fwd_d64_blocks();
-        let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-        flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
-        assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({other} blocks/SM)"));
-        assert_close(&down_f32(g, &l2), &lse, 1e-3, &format!("{tag} lse ({other} blocks/SM)"));
+        // The forward's other builds, which `kiln bench attention` also times.
+        for other in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| b != flash_attn::fwd_d64_blocks()) {
+            let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
+            flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
+            assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({other} blocks/SM)"));
+            assert_close(&down_f32(g, &l2), &lse, 1e-3, &format!("{tag} lse ({other} blocks/SM)"));
+        }
     }
     // The backward starts from the CPU's output so only the backward's own error is measured.
     let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));

@@ -71,16 +71,15 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     };
     let secs = fwd_bwd_secs(used_bwd)?;
     let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
-    // At head_dim 64, each kernel's other build: the forward for 4 blocks per SM instead of 3 (held
-    // to 128 registers), the backward for 3 instead of 2 (held to 168), or the other way round.
+    // At head_dim 64, each kernel's other builds: the forward's (see `FWD_D64_BUILDS`), and the
+    // backward for 3 blocks per SM instead of 2 (held to 168 registers), or the other way round.
     let d64 = s.head_dim == 64;
-    let (other, other_bwd) = (7 - used, 5 - used_bwd);
+    let other_bwd = 5 - used_bwd;
     let other_bwd_secs = if d64 { Some((fwd_bwd_secs(other_bwd)? - fwd_secs).max(f64::MIN_POSITIVE)) } else { None };
-    let other_secs = if d64 {
-        Some(timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, other))?)
-    } else {
-        None
-    };
+    let mut other_fwd = Vec::new();
+    for build in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| d64 && b != used) {
+        other_fwd.push((build, timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build))?));
+    }
     let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
     let rate = |flops: f64, secs: f64| format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
     let mut rows = vec![
@@ -99,8 +98,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
             rate(2.5 * fwd_flops, bwd_secs),
         ),
     ];
-    if let (Some(f), Some(b)) = (other_secs, other_bwd_secs) {
-        rows.push((format!("  forward ({other} blocks/SM)"), rate(fwd_flops, f)));
+    for (build, f) in other_fwd {
+        rows.push((format!("  forward ({build} blocks/SM)"), rate(fwd_flops, f)));
+    }
+    if let Some(b) = other_bwd_secs {
         rows.push((format!("  backward ({other_bwd} blocks/SM)"), rate(2.5 * fwd_flops, b)));
     }
     Ok(rows)

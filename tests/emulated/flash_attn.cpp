@@ -29,6 +29,8 @@ static size_t bwd_shared_bytes(int d) {
     return 2 * (2 * 64 * ks + stages * 2 * 64 * ks + 64 * (64 + 8)) + 4 * stages * 2 * 64;
 }
 
+static int fwd_m_tiles = 1;
+
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0, 1);
@@ -50,13 +52,17 @@ static void run(Shape s, unsigned seed) {
                 }
     for (auto& x : out) x = __float2bfloat16_rn(NAN);
     const float scale = 1.0f / std::sqrt((float)s.d);
+    // The head_dim 64 forward's two-m-tile build (128 queries per block) when fwd_m_tiles is 2.
+    const bool two = s.d == 64 && fwd_m_tiles == 2;
     auto fwd = [&] {
-        auto entry = s.d == 32 ? flash_attn_fwd_d32 : s.d == 64 ? flash_attn_fwd_d64 : flash_attn_fwd_d128;
+        auto entry = two ? flash_attn_fwd_d64_2
+                         : s.d == 32 ? flash_attn_fwd_d32 : s.d == 64 ? flash_attn_fwd_d64 : flash_attn_fwd_d128;
         entry(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0,
               s.n_head, s.n_kv_head, scale);
     };
     // Grids as the launcher orders them: (head, batch, query block) and (KV head, batch, key block).
-    emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (unsigned)((s.q_len + 63) / 64)}, {128, 1, 1}, fwd,
+    const unsigned q_block = two ? 128 : 64;
+    emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (s.q_len + q_block - 1) / q_block}, {128, 1, 1}, fwd,
                     fwd_shared_bytes(s.d));
 
     // Reference in double: causal softmax attention, then its gradients.
@@ -124,8 +130,8 @@ static void run(Shape s, unsigned seed) {
     // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
     std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
     char name[160];
-    std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d", s.batch, s.q_len, s.kv_len,
-                  s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d);
+    std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d%s", s.batch, s.q_len, s.kv_len,
+                  s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "");
     std::printf("%s\n", name);
     expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 1e-2);
     double lse_err = 0;
@@ -147,11 +153,22 @@ int main() {
     run({1, 130, 130, 130, 0, 4, 2, 128}, 9);   // head_dim 128's one-stage backward over several heads
     run({2, 150, 150, 150, 0, 4, 2, 32}, 12);   // head_dim 32 (the demo's), ragged, groups of 2
     run({1, 3, 90, 96, 87, 4, 4, 32}, 13);      // head_dim 32 decoding at the end of a cache
+    // The head_dim 64 forward built with two m-tiles per warp, over the head_dim 64 shapes above.
+    fwd_m_tiles = 2;
+    std::printf("forward with 2 m-tiles per warp:\n");
+    run({1, 250, 260, 264, 10, 2, 1, 64}, 6);
+    run({2, 100, 100, 100, 0, 4, 2, 64}, 1);
+    run({1, 1, 64, 128, 63, 2, 2, 64}, 3);
+    run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 15);  // whole and partial 128-query blocks, several tiles
+    fwd_m_tiles = 1;
     // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
     emulated_cp_async_eager = true;
     std::printf("cp.async landing at issue:\n");
     run({1, 192, 192, 192, 0, 4, 1, 64}, 10);
     run({1, 130, 130, 130, 0, 4, 2, 128}, 11);
     run({1, 192, 192, 192, 0, 4, 1, 32}, 14);
+    fwd_m_tiles = 2;
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 16);
     return emulated_failures ? 1 : 0;
 }

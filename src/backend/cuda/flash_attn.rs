@@ -11,6 +11,7 @@ pub const KERNEL: Kernel = Kernel {
     entries: &[
         "flash_attn_fwd_d32",
         "flash_attn_fwd_d64",
+        "flash_attn_fwd_d64_2",
         "flash_attn_fwd_d64_4",
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
@@ -113,12 +114,30 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
     }
 }
 
-/// Blocks per SM the head_dim 64 forward is compiled for: 3 (the default entry point) or 4
-/// (`flash_attn_fwd_d64_4`, held to 128 registers), chosen by `KILN_FA_FWD_D64_BLOCKS=4` until a card
-/// has timed both (`kiln bench attention` reports each).
+/// The builds of the head_dim 64 forward, by the blocks per SM each is compiled for: 3 (the default
+/// entry point, 64 queries per block), 4 (`flash_attn_fwd_d64_4`, held to 128 registers) or 2
+/// (`flash_attn_fwd_d64_2`, 128 queries per block: two m-tiles per warp, so each K/V fragment read
+/// from shared memory feeds twice the tensor-core work).
+pub const FWD_D64_BUILDS: [u32; 3] = [3, 4, 2];
+
+/// The head_dim 64 forward build the engine uses: 3 blocks per SM unless `KILN_FA_FWD_D64_BLOCKS`
+/// says 4 or 2, until a card has timed them all (`kiln bench attention` reports each).
 pub fn fwd_d64_blocks() -> u32 {
     static BLOCKS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *BLOCKS.get_or_init(|| if std::env::var("KILN_FA_FWD_D64_BLOCKS").is_ok_and(|v| v == "4") { 4 } else { 3 })
+    *BLOCKS.get_or_init(|| match std::env::var("KILN_FA_FWD_D64_BLOCKS").as_deref() {
+        Ok("4") => 4,
+        Ok("2") => 2,
+        _ => 3,
+    })
+}
+
+/// Queries per forward block: 128 for the two-m-tile head_dim 64 build, 64 otherwise.
+fn fwd_queries_per_block(head_dim: usize, d64_blocks: u32) -> usize {
+    if head_dim == 64 && d64_blocks == 2 {
+        2 * BR
+    } else {
+        BR
+    }
 }
 
 /// Blocks per SM the head_dim 64 backward is launched for: 2 (`flash_attn_bwd_d64`, 186 registers)
@@ -139,7 +158,7 @@ pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
 }
 
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
-/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3 or 4; see `fwd_d64_blocks`).
+/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3, 4 or 2; see `FWD_D64_BUILDS`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -157,15 +176,17 @@ pub fn forward(
     }
     let entry = match (d, d64_blocks) {
         ("d64", 4) => "flash_attn_fwd_d64_4".to_string(),
+        ("d64", 2) => "flash_attn_fwd_d64_2".to_string(),
         _ => format!("flash_attn_fwd_{d}"),
     };
     let f = gpu.function(&entry)?;
     let smem = fwd_shared_bytes(s.head_dim);
+    let per_block = fwd_queries_per_block(s.head_dim, d64_blocks);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
     // Query blocks in the slowest grid dimension: the kernel runs the last (heaviest) ones first.
     let cfg = LaunchConfig {
-        grid_dim: (s.n_head as u32, s.batch as u32, s.q_len.div_ceil(BR) as u32),
+        grid_dim: (s.n_head as u32, s.batch as u32, s.q_len.div_ceil(per_block) as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
