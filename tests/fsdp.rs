@@ -17,10 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn kiln(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap()
 }
@@ -42,15 +38,7 @@ d_ff = 100
 vocab_size = 32000
 max_seq_len = 64
 tie_embeddings = false
-[tokenizer]
-path = "{tok}"
-[data]
-seq_len = 32
-[[data.sources]]
-name = "text"
-path = "{data}"
-weight = 1.0
-[train]
+{corpus}[train]
 micro_batch = 12
 grad_accum = 2
 max_steps = 20
@@ -63,8 +51,7 @@ warmup_steps = 4
 every_steps = 10
 keep_last = 5
 "#,
-        tok = root().join("assets/tokenizer/llama2/tokenizer.json").display(),
-        data = data.display()
+        corpus = common::corpus_sections(&data, 32)
     );
     let p = dir.join("fsdp.toml");
     std::fs::write(&p, cfg).unwrap();

@@ -170,7 +170,6 @@ fn two_nodes_over_nccl_train_like_one_process() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = common::prepared_corpus_holding_out(dir.path(), 0.1);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg = dir.path().join("nodes.toml");
     std::fs::write(
         &cfg,
@@ -183,15 +182,7 @@ n_kv_head = 1
 d_ff = 96
 vocab_size = 32000
 max_seq_len = 32
-[tokenizer]
-path = "{tok}"
-[data]
-seq_len = 32
-[[data.sources]]
-name = "text"
-path = "{data}"
-weight = 1.0
-[train]
+{corpus}[train]
 micro_batch = 4
 grad_accum = 2
 max_steps = 4
@@ -205,8 +196,7 @@ batches = 1
 [checkpoint]
 every_steps = 4
 "#,
-            tok = root.join("assets/tokenizer/llama2/tokenizer.json").display(),
-            data = data.display()
+            corpus = common::corpus_sections(&data, 32)
         ),
     )
     .unwrap();

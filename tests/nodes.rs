@@ -15,10 +15,6 @@ use kiln::train::trainer::{NodeRole, RunEnd};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn config(dir: &Path) -> PathBuf {
     // Held-out documents, so the scheduled and commanded evals have something to score.
     let data = common::prepared_corpus_holding_out(dir, 0.1);
@@ -31,15 +27,7 @@ n_kv_head = 2
 d_ff = 96
 vocab_size = 32000
 max_seq_len = 32
-[tokenizer]
-path = "{tok}"
-[data]
-seq_len = 32
-[[data.sources]]
-name = "text"
-path = "{data}"
-weight = 1.0
-[train]
+{corpus}[train]
 micro_batch = 4
 grad_accum = 2
 max_steps = 6
@@ -53,8 +41,7 @@ batches = 1
 every_steps = 4
 keep_last = 10
 "#,
-        tok = root().join("assets/tokenizer/llama2/tokenizer.json").display(),
-        data = data.display()
+        corpus = common::corpus_sections(&data, 32)
     );
     let p = dir.join("nodes.toml");
     std::fs::write(&p, cfg).unwrap();

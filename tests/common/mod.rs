@@ -144,3 +144,14 @@ pub fn prepared_corpus_holding_out(dir: &std::path::Path, val_fraction: f64) -> 
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     data
 }
+
+/// The `[tokenizer]` and `[data]` sections of a run config that trains on `data` (a prepared
+/// corpus) with the bundled Llama-2 tokenizer, `seq_len` tokens per sequence.
+pub fn corpus_sections(data: &std::path::Path, seq_len: usize) -> String {
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tokenizer/llama2/tokenizer.json");
+    format!(
+        "[tokenizer]\npath = \"{}\"\n[data]\nseq_len = {seq_len}\n[[data.sources]]\nname = \"text\"\npath = \"{}\"\nweight = 1.0\n",
+        tok.display(),
+        data.display()
+    )
+}
