@@ -59,13 +59,7 @@ keep_last = 5
 }
 
 fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["kind"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
+    common::metrics(run, "step").iter().map(|v| v["loss"].as_f64().unwrap()).collect()
 }
 
 fn weights(ckpt: &Path) -> Vec<Vec<f32>> {

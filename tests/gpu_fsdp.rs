@@ -161,7 +161,7 @@ fn fsdp_over_nccl_matches_one_gpu() {
 fn two_nodes_over_nccl_train_like_one_process() {
     use kiln::dist::launch::Node;
     use kiln::train::nodes::train_across_nodes;
-    use kiln::train::run::{train, TrainArgs};
+    use kiln::train::run::train;
     use kiln::train::trainer::RunEnd;
     use std::path::Path;
     if !common::emulated_gpu::emulated() {
@@ -200,23 +200,10 @@ every_steps = 4
         ),
     )
     .unwrap();
-    let args = |run: &Path| TrainArgs {
-        config: Some(cfg.clone()),
-        run_dir: Some(run.to_path_buf()),
-        sets: Vec::new(),
-        steps: None,
-        resume: None,
-        verbose: false,
-        dashboard: false,
-    };
+    let args = |run: &Path| common::train_args(&cfg, run);
     let losses = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["kind"] == "step" || v["kind"] == "eval")
-            .map(|v| v["loss"].as_f64().unwrap())
-            .collect()
+        let (steps, evals) = (common::metrics(run, "step"), common::metrics(run, "eval"));
+        steps.iter().chain(&evals).map(|v| v["loss"].as_f64().unwrap()).collect()
     };
 
     // One process, both ranks (no launch variables: one node).

@@ -6,13 +6,13 @@
 
 mod common;
 
+use common::{metrics as records, train_args as args};
 use kiln::backend::cpu::Cpu;
 use kiln::config::RunConfig;
 use kiln::dist::local::cpu_group;
 use kiln::train::events::Command;
-use kiln::train::run::{build_on, locate, Located, TrainArgs};
+use kiln::train::run::{build_on, locate, Located};
 use kiln::train::trainer::{NodeRole, RunEnd};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn config(dir: &Path) -> PathBuf {
@@ -46,27 +46,6 @@ keep_last = 10
     let p = dir.join("nodes.toml");
     std::fs::write(&p, cfg).unwrap();
     p
-}
-
-fn args(config: &Path, run: &Path) -> TrainArgs {
-    TrainArgs {
-        config: Some(config.to_path_buf()),
-        run_dir: Some(run.to_path_buf()),
-        sets: Vec::new(),
-        steps: None,
-        resume: None,
-        verbose: false,
-        dashboard: false,
-    }
-}
-
-fn records(run: &Path, kind: &str) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["kind"] == kind)
-        .collect()
 }
 
 fn checkpoints(run: &Path) -> Vec<String> {

@@ -155,3 +155,26 @@ pub fn corpus_sections(data: &std::path::Path, seq_len: usize) -> String {
         data.display()
     )
 }
+
+/// `kiln train CONFIG --run-dir RUN`, headless and quiet, as the library takes it.
+pub fn train_args(config: &std::path::Path, run: &std::path::Path) -> kiln::train::run::TrainArgs {
+    kiln::train::run::TrainArgs {
+        config: Some(config.to_path_buf()),
+        run_dir: Some(run.to_path_buf()),
+        sets: Vec::new(),
+        steps: None,
+        resume: None,
+        verbose: false,
+        dashboard: false,
+    }
+}
+
+/// The records of one `kind` ("step", "eval", ...) in a run's metrics.jsonl, in order.
+pub fn metrics(run: &std::path::Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
