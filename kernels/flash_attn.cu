@@ -4,7 +4,8 @@
 //   lse, delta: [batch, n_head, q_len] f32 (lse is the natural-log logsumexp of the scaled scores)
 // Query i sits at absolute position q_pos0 + i and sees keys 0 ..= q_pos0 + i.
 //
-// Forward: a block owns 64 queries of one head (4 warps × 16 rows) and streams 64-key tiles of
+// Forward: a block owns 64 queries of one head (4 warps × 16 rows; 128 queries, 4 warps × 32
+// rows, in the head_dim 64 build with two m-tiles per warp) and streams 64-key tiles of
 // K/V through shared memory; scores, the online softmax and the output stay in registers (the
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
 // Backward: a block owns 64 keys of one KV head (4 warps × 16 keys) and walks every query tile of

@@ -231,6 +231,31 @@ every_steps = 4
     }
 }
 
+/// A model whose head_dim no attention kernel takes is refused when a CUDA run starts, on one node
+/// and as node 0 of several, in one line and before the run directory exists (not at its first step).
+#[test]
+fn a_head_dim_without_a_kernel_is_refused_before_anything_is_written() {
+    use kiln::dist::launch::Node;
+    let Some(_) = or_skip(kiln::dist::nccl::gpu_count()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::prepared_corpus(dir.path());
+    let cfg = dir.path().join("hd16.toml");
+    let model = "[model]\nn_layer = 1\nd_model = 64\nn_head = 4\nn_kv_head = 2\nd_ff = 96\nvocab_size = 32000\nmax_seq_len = 32\n";
+    let rest = "[train]\nmicro_batch = 2\nmax_steps = 1\n[parallel]\ndevice = \"cuda\"\n";
+    std::fs::write(&cfg, format!("{model}{}{rest}", common::corpus_sections(&data, 32))).unwrap();
+    let run = dir.path().join("run");
+    let node0 = Node { nnodes: 2, node_rank: 0, master_addr: "127.0.0.1".into(), master_port: 0 };
+    for err in [
+        kiln::train::run::train(common::train_args(&cfg, &run)).unwrap_err(),
+        kiln::train::nodes::train_across_nodes(common::train_args(&cfg, &run), node0).unwrap_err(),
+    ] {
+        let msg = format!("{err:#}");
+        assert!(msg.contains("head_dim 16") && msg.contains("no CUDA attention kernel"), "{msg}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(!run.exists(), "the run directory was made before the refusal");
+    }
+}
+
 /// A CPU group that behaves like the GPU one in the way that matters to the engine: a started
 /// collective happens only when its ticket is waited on (its output is NaN until then, and its
 /// input is read then, not at the start). An engine that read a gathered unit before waiting, freed

@@ -289,7 +289,7 @@ fn kv_cache_decoding_on_the_gpu_matches_the_full_forward() {
 
 /// The benchmarks scripts/gpu-check.sh runs for the figures, on shapes small enough for any
 /// device: `kiln bench train` (with `--profile` and `--fsdp`, as there, on the demo's preset) and
-/// `kiln bench attention` (both head_dim 64 builds). Every row must be there with finite figures,
+/// `kiln bench attention` (every head_dim 64 build). Every row must be there with finite figures,
 /// so the host code of the one run that matters on a card has run before it.
 #[test]
 fn the_gpu_benchmarks_run_and_report_every_row() {
@@ -340,7 +340,13 @@ fn the_gpu_benchmarks_run_and_report_every_row() {
     assert!(row("GEMM autotune").contains("shape"));
     assert!(row("rank 0").contains("peak"));
     assert!(row("matmul").contains("calls"), "the profile has a GEMM row");
-    // The attention rows: a TFLOP/s figure per build.
+    // The attention rows: a TFLOP/s figure for every build of each pass.
     let attention: Vec<_> = lines.iter().filter(|(_, v)| v.contains("TFLOP/s")).collect();
     assert!(attention.len() >= 3, "{attention:#?}");
+    for build in kiln::backend::cuda::flash_attn::FWD_D64_BUILDS {
+        assert!(row(&format!("forward ({build} blocks/SM)")).contains("TFLOP/s"));
+    }
+    for build in [2, 3] {
+        assert!(row(&format!("backward ({build} blocks/SM)")).contains("TFLOP/s"));
+    }
 }

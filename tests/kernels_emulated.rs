@@ -4,27 +4,21 @@
 //! references. This checks the kernels' logic on machines without a GPU; tests/gpu.rs checks the
 //! real thing where one is present. Skipped without g++ unless KILN_REQUIRE_GXX=1 (set by CI).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
-fn gxx() -> Option<&'static str> {
-    let ok = Command::new("g++").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok && std::env::var("KILN_REQUIRE_GXX").is_ok_and(|v| v == "1") {
-        panic!("KILN_REQUIRE_GXX=1 but g++ is not on PATH");
-    }
-    ok.then_some("g++")
-}
-
 /// Builds and runs tests/emulated/`program`; None when there is no g++ (and it is not required).
 fn build_and_run(program: &str) -> Option<std::process::Output> {
-    let Some(cxx) = gxx() else {
+    if !common::emulated_gpu::gxx_present() {
         eprintln!("skipped: no g++ to build tests/emulated/{program}");
         return None;
-    };
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join(program.trim_end_matches(".cpp"));
-    let build = Command::new(cxx)
+    let build = Command::new("g++")
         .args(["-std=c++20", "-O2", "-pthread", "-w", "-DKILN_CPU_EMULATION"])
         .arg("-I")
         .arg(root.join("kernels"))

@@ -82,10 +82,6 @@ impl<B: Backend> KvCache<B> {
     pub fn clear(&mut self) {
         self.len = 0;
     }
-    /// Forgets every token after the first `len` (to score several continuations of one context).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
 }
 
 impl<B: Backend> Llama<B> {

@@ -6,10 +6,8 @@
 //! (`Trainer::run_across_nodes`). The run directory and the data must be on a filesystem every
 //! node sees, as they are for a torchrun job.
 
-use super::run::{build_on, drive, locate, Located, TrainArgs, DEFAULT_GPU_PEAK_FLOPS};
+use super::run::{build_on, drive, locate, open_gpu, Located, TrainArgs};
 use super::trainer::{NodeRole, RunEnd, Trainer};
-use crate::backend::cuda::device::datasheet_bf16_flops;
-use crate::backend::cuda::Cuda;
 use crate::config::RunConfig;
 use crate::dist::launch::Node;
 use crate::dist::nccl::{cuda_group_on_node, unique_id};
@@ -49,12 +47,6 @@ fn rendezvous_timeout() -> Result<Duration> {
     }
 }
 
-fn open_gpu() -> Result<(Cuda, f64)> {
-    let gpu = Cuda::open(0)?;
-    let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
-    Ok((gpu, peak))
-}
-
 pub fn train_across_nodes(args: TrainArgs, node: Node) -> Result<RunEnd> {
     let role = NodeRole { rank: node.node_rank, count: node.nnodes };
     let fp = fingerprint(&args, &node);
@@ -62,7 +54,7 @@ pub fn train_across_nodes(args: TrainArgs, node: Node) -> Result<RunEnd> {
     if role.leads() {
         let located = locate(&args)?;
         let run_dir = std::path::absolute(&located.run_dir)?;
-        let (gpu, peak) = open_gpu()?;
+        let (gpu, peak) = open_gpu(&located.cfg)?;
         let trainer = build_on(&args, located, gpu, peak, role, |cfg| {
             let nccl_id = unique_id()?;
             let plan = Plan { run_dir, config: cfg.to_toml()?, nccl_id: nccl_id.clone() };
@@ -87,8 +79,8 @@ pub fn train_across_nodes(args: TrainArgs, node: Node) -> Result<RunEnd> {
     if cfg.parallel.device != "cuda" {
         bail!("node 0's run trains on {:?}: only CUDA runs span nodes", cfg.parallel.device);
     }
+    let (gpu, peak) = open_gpu(&cfg)?;
     let located = Located { cfg, run_dir: plan.run_dir, resuming: true };
-    let (gpu, peak) = open_gpu()?;
     let trainer = build_on(&args, located, gpu, peak, role, |cfg| {
         cuda_group_on_node(&node, cfg.parallel.world_size, &plan.nccl_id)
     })?;

@@ -401,11 +401,7 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
         // a machine without CUDA, or with too few GPUs, leaves nothing behind. GPU 0 also holds
         // the full model that evaluates, samples and checkpoints.
         "cuda" => {
-            let gpu = Cuda::open(0)?;
-            if let Some(model) = located.cfg.model_config()? {
-                crate::backend::cuda::flash_attn::check_head_dim(&model)?;
-            }
-            let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
+            let (gpu, peak) = open_gpu(&located.cfg)?;
             let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
             drive(build_on(&args, located, gpu, peak, NodeRole::SINGLE, |_| Ok(group))?, &args)
         }
@@ -418,7 +414,19 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
 }
 
 /// MFU's denominator on a GPU kiln has no datasheet figure for: an H100 SXM's dense bf16 peak.
-pub(super) const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
+const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
+
+/// GPU 0 for a CUDA run (on one node or as one of several) and the bf16 peak MFU is counted
+/// against. A model whose head_dim no attention kernel takes is refused here, before the run
+/// directory is made, rather than at its first step.
+pub(super) fn open_gpu(cfg: &RunConfig) -> Result<(Cuda, f64)> {
+    let gpu = Cuda::open(0)?;
+    if let Some(model) = cfg.model_config()? {
+        crate::backend::cuda::flash_attn::check_head_dim(&model)?;
+    }
+    let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
+    Ok((gpu, peak))
+}
 
 /// Runs a built trainer to `--steps` or `train.max_steps`, headless or with the dashboard.
 pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
