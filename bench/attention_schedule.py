@@ -5,7 +5,8 @@ Under the causal mask a forward block of query tile qb visits qb + 1 key tiles, 
 of key tile kb visits (n - kb) query tiles of each of its group's heads, so block durations differ
 up to n-fold. The GPU hands blocks to free slots in launch order; this replays that greedy dispatch
 for TinyLlama's attention (batch 8, seq 2048, 32 heads / 4 KV heads, 64-row tiles) on an H100/H200
-(132 SMs, 3 forward and 2 or 3 backward blocks resident per SM by ptxas' register counts) and prints each
+(132 SMs, 3 forward and 2 or 3 backward blocks resident per SM by ptxas' register counts, or one
+8-warp backward block of 128 keys) and prints each
 order's finishing time against the ideal (total work / slots). kernels/flash_attn.cu launches
 heaviest first; the old grids put the tile index in the fastest dimension.
 
@@ -39,3 +40,8 @@ bwd_old = [(n - kb) * group for _b in range(BATCH) for _h in range(KV_HEADS) for
 bwd_new = [(n - kb) * group for kb in range(n) for _b in range(BATCH) for _h in range(KV_HEADS)]
 report("backward (2 blocks/SM)", bwd_old, bwd_new, 2 * SMS)
 report("backward (3 blocks/SM)", bwd_old, bwd_new, 3 * SMS)
+
+# The 8-warp backward: 128-key blocks (each query tile costs twice a 64-key block's), one per SM.
+bwd8_old = [(n - 2 * kb) * group * 2 for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n // 2)]
+bwd8_new = [(n - 2 * kb) * group * 2 for kb in range(n // 2) for _b in range(BATCH) for _h in range(KV_HEADS)]
+report("backward (1 block/SM of 8 warps)", bwd8_old, bwd8_new, SMS)

@@ -8,9 +8,10 @@
 // rows, in the head_dim 64 build with two m-tiles per warp) and streams 64-key tiles of
 // K/V through shared memory; scores, the online softmax and the output stay in registers (the
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
-// Backward: a block owns 64 keys of one KV head (4 warps × 16 keys) and walks every query tile of
-// every query head of its group, so dK and dV are summed in registers and written once (no repeated
-// K/V, no atomics); dQ is accumulated in f32 with atomics and cast at the end.
+// Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys and 8 warps in the
+// head_dim 64 build for one block per SM) and walks every query tile of every query head of its
+// group, so dK and dV are summed in registers and written once (no repeated K/V, no atomics); dQ
+// is accumulated in f32 with atomics and cast at the end.
 // Both stream their tiles with cp.async into a second buffer while the current one is computed on
 // (the backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a second would
 // halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
@@ -330,30 +331,35 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     }
 }
 
-template <int D>
+// NW: warps per block, each owning 16 keys, so a block owns KB = 16·NW keys. With NW = 8 (128
+// keys, FA2's own block for head_dim 64) every Q/dO tile brought into shared memory serves twice
+// the keys, and dQ gets half as many atomic additions per FLOP; the dQ phase then splits the
+// tile's 64 queries × D between the warps as 4 query m-tiles × NW/4 column groups.
+template <int D, int NW = 4>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
     // Query tiles in flight: two at head_dim 32 and 64; one at 128, where a second would cost a
     // block per SM (the one buffer is refilled during the dQ phase, which no longer reads it).
     constexpr int STAGES = D <= 64 ? 2 : 1;
+    constexpr int KB = 16 * NW;  // keys per block
     constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
-    bf16* Vs = Ks + BC * KS;
-    bf16* QO = Vs + BC * KS;                   // per stage: Q tile, then dO tile
+    bf16* Vs = Ks + KB * KS;
+    bf16* QO = Vs + KB * KS;                   // per stage: Q tile, then dO tile
     bf16* dSs = QO + STAGES * 2 * TILE;        // dSᵀ: [keys][queries]
-    float* stats = reinterpret_cast<float*>(dSs + BC * SS);  // per stage: lse[BR], then delta[BR]
+    float* stats = reinterpret_cast<float*>(dSs + KB * SS);  // per stage: lse[BR], then delta[BR]
 
     // The grid is (KV head, batch, key block): key block 0, seen by every query, launches first.
     const int hk = blockIdx.x, b = blockIdx.y, kb = blockIdx.z;
     const int group = n_head / n_kv_head;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
-    const int j0 = kb * BC;
+    const int j0 = kb * KB;
     const int klo = warp * 16 + g, khi = klo + 8;  // this warp's key rows within the tile
-    load_tile_async<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
-    load_tile_async<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, BC, kv_len - j0);
+    load_tile_async<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, KB, kv_len - j0);
+    load_tile_async<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, KB, kv_len - j0);
 
     // The (head, query tile) pairs this block visits, in order; queries before this block's first
     // key cannot see it.
@@ -506,7 +512,8 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                     mma16816(dK[nt + 1], sa, bq[2], bq[3]);
                 }
             }
-            // dSᵀ to shared memory, for dQ = dS·K over all four warps' keys.
+            // dSᵀ to shared memory, for dQ = dS·K over all the block's keys. (Packing each pair
+            // into one 4-byte store made ptxas spill the 3-block build; these stores are conflict-free.)
 #pragma unroll
             for (int nt = 0; nt < QB / 8; ++nt) {
                 const int qi = q0 + nt * 8 + 2 * tq;
@@ -521,21 +528,24 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             issue(t + 1);
             cp_async_commit();
         }
-        // This warp's 16 queries × D of dQ, accumulated in f32 in global memory.
-        const int qlo = warp * 16 + g, qhi = qlo + 8;
+        // This warp's 16 queries × DW columns of dQ, accumulated in f32 in global memory.
+        constexpr int DW = D / (NW / 4);
+        const int qw = NW == 4 ? warp : warp & 3, c0 = NW == 4 ? 0 : (warp >> 2) * DW;
+        const int qlo = qw * 16 + g, qhi = qlo + 8;
         // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
         // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
-        unsigned da[BC / 16][4];
+        unsigned da[KB / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
+        for (int kk = 0; kk < KB / 16; ++kk) {
             const int mj = lane >> 3, mi = lane & 7;
-            ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + warp * 16 + (mj & 1) * 8);
+            ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qw * 16 + (mj & 1) * 8);
         }
 #pragma unroll
-        for (int nt = 0; nt < D / 8; nt += 2) {
+        for (int j = 0; j < DW / 8; j += 2) {  // a fixed trip count, so the loop unrolls
+            const int nt = c0 / 8 + j;
             float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-            for (int kk = 0; kk < BC / 16; ++kk) {
+            for (int kk = 0; kk < KB / 16; ++kk) {
                 unsigned bk[4];
                 b_frags_kn(bk, Ks + kk * 16 * KS + nt * 8, KS, lane);
                 mma16816(acc[0], da[kk], bk[0], bk[1]);
@@ -575,7 +585,8 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 // backward, K and V, Q and dO per stage, dSᵀ, lse and delta per stage:
 // D=32 (2 stages) 10,240 + 20,480 + 9,216 + 1,024 = 40,960 bytes;
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
-// D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes.
+// D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes;
+// D=64 with 8 warps (128 keys, 2 stages) 36,864 + 36,864 + 18,432 + 1,024 = 93,184 bytes.
 // At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
 // covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
 
@@ -652,6 +663,16 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float*
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+// The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 251
+// registers, no spill; 8 warps per SM, as two 4-warp blocks give): each Q/dO tile loaded serves
+// twice the keys and dQ takes half the atomics per FLOP, but a block's barriers now stall every
+// warp on its SM. `kiln bench attention` times it; KILN_FA_BWD_D64_BLOCKS=1 makes the engine use it.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d64_8w(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<64, 8>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
+               scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d128(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,

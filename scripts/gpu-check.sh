@@ -82,10 +82,11 @@ for hd in 64 128; do
   elif out=$(timeout "$t" "$KILN" bench attention --head-dim $hd 2>&1); then
     echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$out" | grep -m1 '^ *forward' | grep -o '[0-9]* TFLOP/s') fwd, $(echo "$out" | grep -m1 '^ *backward' | grep -o '[0-9]* TFLOP/s') bwd)"
     # head_dim 64: each kernel's other builds (forward 3, 4 or 2 blocks per SM, the last with 128
-    # queries per block, KILN_FA_FWD_D64_BLOCKS picks; backward 2 or 3, KILN_FA_BWD_D64_BLOCKS).
+    # queries per block, KILN_FA_FWD_D64_BLOCKS picks; backward 2, 3 or 1 block of 8 warps with 128
+    # keys, KILN_FA_BWD_D64_BLOCKS).
     for pass in forward backward; do
       while read -r alt; do
-        [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([0-9] blocks/SM)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s')"
+        [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([^)]*)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s')"
       done <<< "$(echo "$out" | grep "^ *$pass (" | sed -n '2,$p')"
     done
   else
@@ -177,7 +178,7 @@ if [ -n "$ncu" ]; then
     echo "== ncu: flash-attn kernels at head_dim $hd"
     if ! t=$(stage_time 90); then
       row "ncu flash-attn hd$hd" "skipped (time budget spent)"
-    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[234])?$' \
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[234]|_8w)?$' \
         --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

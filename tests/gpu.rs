@@ -213,13 +213,18 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     }
     // The backward starts from the CPU's output so only the backward's own error is measured.
     let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));
-    // At head_dim 64 both builds of the backward (for 2 and 3 blocks per SM); one at head_dim 128.
-    let builds: &[u32] = if s.head_dim == 64 { &[2, 3] } else { &[2] };
-    for &blocks in builds {
+    // At head_dim 64 every build of the backward (`BWD_D64_BUILDS`) that fits the device; one at
+    // head_dim 32 and 128.
+    let builds: Vec<u32> = if s.head_dim == 64 {
+        flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(g, b)).collect()
+    } else {
+        vec![2]
+    };
+    for blocks in builds {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks).unwrap();
-        let tag = format!("{tag} (backward for {blocks} blocks/SM)");
+        let tag = format!("{tag} (backward, {})", flash_attn::bwd_d64_label(blocks));
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("{tag} dq"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk"));
         assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv"));

@@ -71,11 +71,15 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     };
     let secs = fwd_bwd_secs(used_bwd)?;
     let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
-    // At head_dim 64, each kernel's other builds: the forward's (see `FWD_D64_BUILDS`), and the
-    // backward for 3 blocks per SM instead of 2 (held to 168 registers), or the other way round.
+    // At head_dim 64, each kernel's other builds: the forward's (see `FWD_D64_BUILDS`) and the
+    // backward's (`BWD_D64_BUILDS`) that fit the device.
     let d64 = s.head_dim == 64;
-    let other_bwd = 5 - used_bwd;
-    let other_bwd_secs = if d64 { Some((fwd_bwd_secs(other_bwd)? - fwd_secs).max(f64::MIN_POSITIVE)) } else { None };
+    let mut other_bwd = Vec::new();
+    for build in flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| d64 && b != used_bwd) {
+        if flash_attn::bwd_d64_fits(&gpu, build) {
+            other_bwd.push((build, (fwd_bwd_secs(build)? - fwd_secs).max(f64::MIN_POSITIVE)));
+        }
+    }
     let mut other_fwd = Vec::new();
     for build in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| d64 && b != used) {
         other_fwd.push((build, timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build))?));
@@ -94,15 +98,19 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
         (if d64 { format!("  forward ({used} blocks/SM)") } else { "  forward".into() }, rate(fwd_flops, fwd_secs)),
         (
-            if d64 { format!("  backward ({used_bwd} blocks/SM)") } else { "  backward (delta, dQ cast incl.)".into() },
+            if d64 {
+                format!("  backward ({})", flash_attn::bwd_d64_label(used_bwd))
+            } else {
+                "  backward (delta, dQ cast incl.)".into()
+            },
             rate(2.5 * fwd_flops, bwd_secs),
         ),
     ];
     for (build, f) in other_fwd {
         rows.push((format!("  forward ({build} blocks/SM)"), rate(fwd_flops, f)));
     }
-    if let Some(b) = other_bwd_secs {
-        rows.push((format!("  backward ({other_bwd} blocks/SM)"), rate(2.5 * fwd_flops, b)));
+    for (build, b) in other_bwd {
+        rows.push((format!("  backward ({})", flash_attn::bwd_d64_label(build)), rate(2.5 * fwd_flops, b)));
     }
     Ok(rows)
 }

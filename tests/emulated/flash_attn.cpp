@@ -4,7 +4,7 @@
 // the 64-row tiles, a KV cache longer than its valid part (NaN beyond it must never leak),
 // decoding offsets (q_pos0 > 0), grouped queries (1, 2 and 4 query heads per KV head), and enough
 // tiles per block that the cp.async pipelines refill each buffer more than once. Copies land at their
-// wait, then (last two shapes) at their issue: a tile read too early, or a buffer refilled while
+// wait, then (the last shapes) at their issue: a tile read too early, or a buffer refilled while
 // still read, shows up as an error.
 #include "flash_attn.cu"
 
@@ -24,12 +24,13 @@ static double f(B16 x) { return (double)__bfloat162float(x); }
 // The dynamic shared memory the launcher reserves (fwd_shared_bytes / bwd_shared_bytes in
 // src/backend/cuda/flash_attn.rs, same formulas): the kernels must stay inside it.
 static size_t fwd_shared_bytes(int d) { return (size_t)2 * 2 * 64 * (d + 8) * 2; }
-static size_t bwd_shared_bytes(int d) {
+static size_t bwd_shared_bytes(int d, size_t keys) {
     const size_t ks = d + 8, stages = d <= 64 ? 2 : 1;
-    return 2 * (2 * 64 * ks + stages * 2 * 64 * ks + 64 * (64 + 8)) + 4 * stages * 2 * 64;
+    return 2 * (2 * keys * ks + stages * 2 * 64 * ks + keys * (64 + 8)) + 4 * stages * 2 * 64;
 }
 
 static int fwd_m_tiles = 1;
+static int bwd_warps = 4;  // 8: the head_dim 64 backward with 128 keys per block
 
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
@@ -114,13 +115,18 @@ static void run(Shape s, unsigned seed) {
                     [&] { flash_attn_bwd_delta(delta.data(), dout.data(), out.data(), rows, s.q_len, s.n_head, s.d); });
     for (auto& x : dk) x.bits = 0;
     for (auto& x : dv) x.bits = 0;
+    const bool wide = s.d == 64 && bwd_warps == 8;
     auto bwd = [&] {
-        auto entry = s.d == 32 ? flash_attn_bwd_d32 : s.d == 64 ? flash_attn_bwd_d64 : flash_attn_bwd_d128;
+        auto entry = wide        ? flash_attn_bwd_d64_8w
+                     : s.d == 32 ? flash_attn_bwd_d32
+                     : s.d == 64 ? flash_attn_bwd_d64
+                                 : flash_attn_bwd_d128;
         entry(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(),
               v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
-    emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + 63) / 64)}, {128, 1, 1}, bwd,
-                    bwd_shared_bytes(s.d));
+    const unsigned keys = wide ? 128 : 64;
+    emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + keys - 1) / keys)},
+                    {wide ? 256u : 128u, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
 
     auto rows_of = [](const std::vector<B16>& x) {
         std::vector<double> r(x.size());
@@ -130,8 +136,9 @@ static void run(Shape s, unsigned seed) {
     // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
     std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
     char name[160];
-    std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d%s", s.batch, s.q_len, s.kv_len,
-                  s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "");
+    std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d%s%s", s.batch, s.q_len, s.kv_len,
+                  s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "",
+                  wide ? " (backward with 8 warps)" : "");
     std::printf("%s\n", name);
     expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 1e-2);
     double lse_err = 0;
@@ -162,6 +169,16 @@ int main() {
     run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
     run({1, 300, 300, 300, 0, 4, 1, 64}, 15);  // whole and partial 128-query blocks, several tiles
     fwd_m_tiles = 1;
+    // The head_dim 64 backward with 8 warps and 128 keys per block: partial key blocks, decoding,
+    // several key blocks each visiting several query tiles and heads.
+    bwd_warps = 8;
+    std::printf("backward with 8 warps (128 keys per block):\n");
+    run({1, 250, 260, 264, 10, 2, 1, 64}, 6);
+    run({2, 100, 100, 100, 0, 4, 2, 64}, 1);
+    run({1, 1, 64, 128, 63, 2, 2, 64}, 3);
+    run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 15);
+    bwd_warps = 4;
     // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
     emulated_cp_async_eager = true;
     std::printf("cp.async landing at issue:\n");
@@ -170,5 +187,8 @@ int main() {
     run({1, 192, 192, 192, 0, 4, 1, 32}, 14);
     fwd_m_tiles = 2;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 16);
+    fwd_m_tiles = 1;
+    bwd_warps = 8;
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 17);
     return emulated_failures ? 1 : 0;
 }

@@ -18,6 +18,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_bwd_d32",
         "flash_attn_bwd_d64",
         "flash_attn_bwd_d64_3",
+        "flash_attn_bwd_d64_8w",
         "flash_attn_bwd_d128",
     ],
 };
@@ -45,11 +46,21 @@ fn bwd_stages(head_dim: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the backward kernel (mirrors the layout in the source): K and V tiles,
-/// a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
-fn bwd_shared_bytes(head_dim: usize) -> usize {
+/// Keys per backward block: 128 (8 warps) for the head_dim 64 build for one block per SM, else 64
+/// (4 warps).
+fn bwd_keys_per_block(head_dim: usize, d64_blocks: u32) -> usize {
+    if head_dim == 64 && d64_blocks == 1 {
+        2 * BC
+    } else {
+        BC
+    }
+}
+
+/// Dynamic shared memory of the backward kernel (mirrors the layout in the source): K and V tiles
+/// of `keys` rows, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
+fn bwd_shared_bytes(head_dim: usize, keys: usize) -> usize {
     let (ks, stages) = (head_dim + 8, bwd_stages(head_dim));
-    2 * (2 * BC * ks + stages * 2 * BR * ks + BC * (BR + 8)) + 4 * stages * 2 * BR
+    2 * (2 * keys * ks + stages * 2 * BR * ks + keys * (BR + 8)) + 4 * stages * 2 * BR
 }
 
 /// The kernels index without bounds checks, so every shape and buffer length is checked here.
@@ -140,18 +151,42 @@ fn fwd_queries_per_block(head_dim: usize, d64_blocks: u32) -> usize {
     }
 }
 
-/// Blocks per SM the head_dim 64 backward is launched for: 2 (`flash_attn_bwd_d64`, 186 registers)
-/// or 3 (`flash_attn_bwd_d64_3`, held to 168, no spill), which `KILN_FA_BWD_D64_BLOCKS=3` chooses
-/// where three blocks' shared memory fits on one of the device's SMs (an H100's 228 KiB does, an
-/// A100's 164 KiB does not). Not the default before a card has timed both (`kiln bench attention`):
-/// under the causal mask TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than
-/// on 2 × 132 (1.125× against 1.016× the ideal, `bench/attention_schedule.py`), so the third block
-/// must raise an SM's throughput by more than a tenth to pay.
+/// The builds of the head_dim 64 backward, by the blocks per SM each is compiled for: 2
+/// (`flash_attn_bwd_d64`, 4 warps and 64 keys per block, 186 registers), 3 (`flash_attn_bwd_d64_3`,
+/// held to 168 registers, no spill) or 1 (`flash_attn_bwd_d64_8w`, 8 warps and 128 keys per block:
+/// each Q/dO tile serves twice the keys, and dQ takes half the atomics).
+pub const BWD_D64_BUILDS: [u32; 3] = [2, 3, 1];
+
+/// How `kiln bench attention` and the tests name a head_dim 64 backward build.
+pub fn bwd_d64_label(blocks: u32) -> String {
+    match blocks {
+        1 => "1 block/SM of 8 warps".into(),
+        b => format!("{b} blocks/SM"),
+    }
+}
+
+/// Whether `blocks` of the head_dim 64 backward build for that many blocks per SM fit in one of
+/// the device's SMs' shared memory (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164).
+pub fn bwd_d64_fits(gpu: &Gpu, blocks: u32) -> bool {
+    let bytes = bwd_shared_bytes(64, bwd_keys_per_block(64, blocks)) + gpu.shared_reserved_per_block;
+    blocks as usize * bytes <= gpu.shared_per_sm
+}
+
+/// The head_dim 64 backward build the engine uses: 2 blocks per SM unless `KILN_FA_BWD_D64_BLOCKS`
+/// says 3 or 1 and that build fits the device. Not changed before a card has timed them all
+/// (`kiln bench attention`): under the causal mask TinyLlama's 1,024 backward blocks leave a
+/// longer tail on 3 × 132 slots than on 2 × 132 (1.125× against 1.016× the ideal,
+/// `bench/attention_schedule.py`), so the third block must raise an SM's throughput by more than a
+/// tenth to pay; the 8-warp build has half as many blocks, each twice as long, on 132 slots.
 pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
-    static WANT_3: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let want_3 = *WANT_3.get_or_init(|| std::env::var("KILN_FA_BWD_D64_BLOCKS").is_ok_and(|v| v == "3"));
-    if want_3 && 3 * (bwd_shared_bytes(64) + gpu.shared_reserved_per_block) <= gpu.shared_per_sm {
-        3
+    static WANT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let want = *WANT.get_or_init(|| match std::env::var("KILN_FA_BWD_D64_BLOCKS").as_deref() {
+        Ok("3") => 3,
+        Ok("1") => 1,
+        _ => 2,
+    });
+    if bwd_d64_fits(gpu, want) {
+        want
     } else {
         2
     }
@@ -196,7 +231,7 @@ pub fn forward(
 }
 
 /// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above; at head_dim 64 the kernel
-/// in its build for `d64_blocks` blocks per SM (2 or 3; see `bwd_d64_blocks`).
+/// in its build for `d64_blocks` blocks per SM (2, 3 or 1; see `BWD_D64_BUILDS`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -241,16 +276,18 @@ pub fn backward(
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
     let entry = match (d, d64_blocks) {
         ("d64", 3) => "flash_attn_bwd_d64_3".to_string(),
+        ("d64", 1) => "flash_attn_bwd_d64_8w".to_string(),
         _ => format!("flash_attn_bwd_{d}"),
     };
     let f = gpu.function(&entry)?;
-    let smem = bwd_shared_bytes(s.head_dim);
+    let keys = bwd_keys_per_block(s.head_dim, d64_blocks);
+    let smem = bwd_shared_bytes(s.head_dim, keys);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {
-        grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(BC) as u32),
-        block_dim: (128, 1, 1),
+        grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(keys) as u32),
+        block_dim: (2 * keys as u32, 1, 1), // a warp per 16 keys
         shared_mem_bytes: smem as u32,
     };
     // The kernel writes every dK/dV row below kv_len; a cache's rows past it, and anything past
