@@ -253,3 +253,63 @@ fn flash_attention_forward_and_backward() {
         attention_case(&g, s, hd as u64 + len as u64);
     }
 }
+
+/// The engine's attention autotune (`attn_tune.rs`): the first pass of a shape times every head_dim
+/// 64 build, keeps one, and leaves the outputs the kept build computes; the next pass of that shape
+/// runs the kept build untimed. (A tuner with no size threshold, so a small shape is timed.)
+#[test]
+fn attention_autotune_times_every_build_and_keeps_the_results_right() {
+    use kiln::backend::cuda::attn_tune::{AttnTuner, Pass};
+    let Some(g) = gpu() else { return };
+    let s = AttnShape {
+        batch: 1,
+        q_len: 150,
+        kv_len: 150,
+        kv_stride: 150,
+        q_pos0: 0,
+        n_head: 4,
+        n_kv_head: 1,
+        head_dim: 64,
+    };
+    let cpu = Cpu::new();
+    let q = bf(&randn(s.q_elems(), 31, 1.0));
+    let k = bf(&randn(s.kv_elems(), 32, 1.0));
+    let v = bf(&randn(s.kv_elems(), 33, 1.0));
+    let dout = bf(&randn(s.q_elems(), 34, 1.0));
+    let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+    cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; s.q_elems()], vec![0.0; s.kv_elems()], vec![0.0; s.kv_elems()]);
+    cpu.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s).unwrap();
+
+    let tuner = AttnTuner::new(true, 0.0);
+    let (gq, gk, gv, gdo) = (up_bf16(&g, &q), up_bf16(&g, &k), up_bf16(&g, &v), up_bf16(&g, &dout));
+    for round in 0..2 {
+        let (mut go, mut gl) = (poison_bf16(&g, s.q_elems()), poison_f32(&g, s.lse_elems()));
+        let mut fwd = |b: u32| flash_attn::forward(&g, &mut go, &mut gl, &gq, &gk, &gv, s, b);
+        tuner.forward(&g, s, &mut fwd).unwrap();
+        assert_close(&down_bf16(&g, &go), &out, 1e-2, &format!("tuned forward out, round {round}"));
+        assert_close(&down_f32(&g, &gl), &lse, 1e-3, &format!("tuned forward lse, round {round}"));
+        let (mut gdq, mut gdk, mut gdv) =
+            (poison_bf16(&g, s.q_elems()), poison_bf16(&g, s.kv_elems()), poison_bf16(&g, s.kv_elems()));
+        let mut bwd =
+            |b: u32| flash_attn::backward(&g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b);
+        tuner.backward(&g, s, &mut bwd).unwrap();
+        assert_close(&down_bf16(&g, &gdq), &dq, 1e-2, &format!("tuned backward dq, round {round}"));
+        assert_close(&down_bf16(&g, &gdk), &dk, 1e-2, &format!("tuned backward dk, round {round}"));
+        assert_close(&down_bf16(&g, &gdv), &dv, 1e-2, &format!("tuned backward dv, round {round}"));
+    }
+    // One record per pass: the second round ran the kept builds untimed.
+    let tuned = tuner.tuning();
+    assert_eq!(tuned.iter().map(|t| t.pass).collect::<Vec<_>>(), [Pass::Forward, Pass::Backward], "{tuned:#?}");
+    let fwd_builds: Vec<u32> = tuned[0].times_ms.iter().map(|t| t.0).collect();
+    assert_eq!(fwd_builds, flash_attn::FWD_D64_BUILDS, "every forward build timed");
+    let bwd_builds: Vec<u32> = tuned[1].times_ms.iter().map(|t| t.0).collect();
+    let fitting: Vec<u32> =
+        flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(&g, b)).collect();
+    assert_eq!(bwd_builds, fitting, "every backward build that fits the device timed");
+    for t in &tuned {
+        assert!(t.times_ms.iter().all(|(_, ms)| ms.is_finite() && *ms >= 0.0), "{t:#?}");
+        let best = t.times_ms.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+        assert!(t.times_ms.iter().any(|&(b, ms)| b == t.chosen && ms == best), "the fastest build is kept: {t:#?}");
+    }
+}

@@ -61,29 +61,42 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         gpu.synchronize()?;
         Ok(t.elapsed().as_secs_f64() / iters as f64)
     };
-    let (used, used_bwd) = (flash_attn::fwd_d64_blocks(), flash_attn::bwd_d64_blocks(&gpu));
-    let fwd_secs = timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used))?;
-    let mut fwd_bwd_secs = |bwd_blocks: u32| {
-        timed(&mut || {
-            flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, used)?;
-            flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, bwd_blocks)
-        })
-    };
-    let secs = fwd_bwd_secs(used_bwd)?;
-    let bwd_secs = (secs - fwd_secs).max(f64::MIN_POSITIVE);
-    // At head_dim 64, each kernel's other builds: the forward's (see `FWD_D64_BUILDS`) and the
-    // backward's (`BWD_D64_BUILDS`) that fit the device.
+    // Every build of each pass at head_dim 64 (one build otherwise), as the engine's autotune
+    // (`attn_tune.rs`) times them: the forward alone, then each backward after the fastest forward.
     let d64 = s.head_dim == 64;
-    let mut other_bwd = Vec::new();
-    for build in flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| d64 && b != used_bwd) {
-        if flash_attn::bwd_d64_fits(&gpu, build) {
-            other_bwd.push((build, (fwd_bwd_secs(build)? - fwd_secs).max(f64::MIN_POSITIVE)));
-        }
+    let fwd_builds: Vec<u32> = match flash_attn::fwd_d64_pinned() {
+        _ if !d64 => vec![flash_attn::fwd_d64_blocks()],
+        Some(b) => vec![b],
+        None => flash_attn::FWD_D64_BUILDS.to_vec(),
+    };
+    let bwd_builds: Vec<u32> = match flash_attn::bwd_d64_pinned(&gpu) {
+        _ if !d64 => vec![flash_attn::bwd_d64_blocks(&gpu)],
+        Some(b) => vec![b],
+        None => flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(&gpu, b)).collect(),
+    };
+    let mut fwd = Vec::new();
+    for &build in &fwd_builds {
+        fwd.push((build, timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build))?));
     }
-    let mut other_fwd = Vec::new();
-    for build in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| d64 && b != used) {
-        other_fwd.push((build, timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build))?));
+    let fastest = |times: &[(u32, f64)]| {
+        times
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .ok_or_else(|| anyhow::anyhow!("no attention build ran"))
+    };
+    let (fwd_used, fwd_secs) = fastest(&fwd)?;
+    // Each backward timed together with the forward it needs, then the forward's time taken off.
+    let mut pairs = Vec::new();
+    for &build in &bwd_builds {
+        let secs = timed(&mut || {
+            flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, fwd_used)?;
+            flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, build)
+        })?;
+        pairs.push((build, secs));
     }
+    let (bwd_used, secs) = fastest(&pairs)?;
+    let bwd_secs = |pair: f64| (pair - fwd_secs).max(f64::MIN_POSITIVE);
     let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
     let rate = |flops: f64, secs: f64| format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
     let mut rows = vec![
@@ -96,21 +109,24 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
             ),
         ),
         ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
-        (if d64 { format!("  forward ({used} blocks/SM)") } else { "  forward".into() }, rate(fwd_flops, fwd_secs)),
-        (
-            if d64 {
-                format!("  backward ({})", flash_attn::bwd_d64_label(used_bwd))
-            } else {
-                "  backward (delta, dQ cast incl.)".into()
-            },
-            rate(2.5 * fwd_flops, bwd_secs),
-        ),
     ];
-    for (build, f) in other_fwd {
-        rows.push((format!("  forward ({build} blocks/SM)"), rate(fwd_flops, f)));
+    // The builds the headline ran first (the fastest, or the pinned ones), then the others.
+    let bwd_label = |b: u32| if d64 { flash_attn::bwd_d64_label(b) } else { "delta, dQ cast incl.".into() };
+    let fwd_label = |b: u32| if d64 { format!("{b} blocks/SM") } else { "the one build".into() };
+    rows.push((format!("  forward ({})", fwd_label(fwd_used)), rate(fwd_flops, fwd_secs)));
+    rows.push((format!("  backward ({})", bwd_label(bwd_used)), rate(2.5 * fwd_flops, bwd_secs(secs))));
+    for &(build, f) in fwd.iter().filter(|(b, _)| *b != fwd_used) {
+        rows.push((format!("  forward ({})", fwd_label(build)), rate(fwd_flops, f)));
     }
-    for (build, b) in other_bwd {
-        rows.push((format!("  backward ({})", flash_attn::bwd_d64_label(build)), rate(2.5 * fwd_flops, b)));
+    for &(build, pair) in pairs.iter().filter(|(b, _)| *b != bwd_used) {
+        rows.push((format!("  backward ({})", bwd_label(build)), rate(2.5 * fwd_flops, bwd_secs(pair))));
     }
+    let pinned = flash_attn::fwd_d64_pinned().is_some() || flash_attn::bwd_d64_pinned(&gpu).is_some();
+    let how = match (d64, pinned) {
+        (false, _) => "one build per pass at this head_dim",
+        (true, false) => "the fastest of each pass, as the engine's autotune keeps",
+        (true, true) => "the fastest timed; KILN_FA_FWD_D64_BLOCKS / KILN_FA_BWD_D64_BLOCKS pin a pass to one build",
+    };
+    rows.push(("builds in the headline".into(), how.into()));
     Ok(rows)
 }

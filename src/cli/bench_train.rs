@@ -87,6 +87,32 @@ fn tuning_line(tuned: &[crate::backend::cuda::gemm::Tuned]) -> String {
     )
 }
 
+/// The attention builds timing chose, pass by pass: `forward: 2 blocks/SM (3 blocks/SM 1.02 ms,
+/// ...)`, each build with its time per call.
+fn attention_tuning_line(tuned: &[crate::backend::cuda::attn_tune::AttnTuned]) -> String {
+    use crate::backend::cuda::attn_tune::Pass;
+    use crate::backend::cuda::flash_attn::bwd_d64_label;
+    if tuned.is_empty() {
+        return "not timed (KILN_FA_AUTOTUNE=0, a pinned build, head_dim other than 64, or passes under 4 GFLOP)"
+            .into();
+    }
+    let label = |pass: Pass, b: u32| match pass {
+        Pass::Forward => format!("{b} blocks/SM"),
+        Pass::Backward => bwd_d64_label(b),
+    };
+    let parts: Vec<String> = tuned
+        .iter()
+        .map(|t| {
+            let times: Vec<String> =
+                t.times_ms.iter().map(|&(b, ms)| format!("{} {ms:.3} ms", label(t.pass, b))).collect();
+            let pass = if t.pass == Pass::Forward { "forward" } else { "backward" };
+            let default = if t.chosen == t.default { ", the default" } else { "" };
+            format!("{pass} q{}: {}{default} ({})", t.shape.q_len, label(t.pass, t.chosen), times.join(", "))
+        })
+        .collect();
+    parts.join("; ")
+}
+
 struct StepTiming {
     secs_per_step: f64,
     loss: f32,
@@ -302,6 +328,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
             lines.push(("GEMM autotune".into(), tuning_line(&b.gemm_tuning())));
+            lines.push(("attention autotune".into(), attention_tuning_line(&b.attention_tuning())));
             // One model on the card at a time.
             drop(model);
             if a.profile {

@@ -7,6 +7,7 @@
 //! GPU's one stream, so ops are ordered without host synchronisation; only `download`,
 //! `sum_squares` and `cross_entropy` (which return host values) wait.
 
+use super::attn_tune::{AttnTuned, AttnTuner};
 use super::buf::{storage_of, CudaBuf, Data, MemStats};
 use super::device::Gpu;
 use super::gemm::Blas;
@@ -29,6 +30,7 @@ fn fits(op: &str, need: &[(&CudaBuf, usize)]) -> Result<()> {
 pub struct Cuda {
     gpu: Arc<Gpu>,
     blas: Arc<Blas>,
+    attn: Arc<AttnTuner>,
     mem: Arc<MemStats>,
 }
 
@@ -54,7 +56,8 @@ impl Cuda {
         require("the CUDA backend", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
         let gpu = Arc::new(Gpu::open(ordinal)?);
         let blas = Arc::new(Blas::new(&gpu)?);
-        Ok(Cuda { gpu, blas, mem: Arc::new(MemStats::default()) })
+        let attn = Arc::new(AttnTuner::from_env());
+        Ok(Cuda { gpu, blas, attn, mem: Arc::new(MemStats::default()) })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -64,6 +67,11 @@ impl Cuda {
     /// What timing chose for each GEMM shape seen so far (see `gemm.rs`).
     pub fn gemm_tuning(&self) -> Vec<super::gemm::Tuned> {
         self.blas.tuning()
+    }
+
+    /// What timing chose for each attention pass and shape seen so far (see `attn_tune.rs`).
+    pub fn attention_tuning(&self) -> Vec<AttnTuned> {
+        self.attn.tuning()
     }
 
     /// Kiln's buffers and the whole device, as the driver reports it.
@@ -336,7 +344,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
         let (out, lse) = (out.bf16_mut("attention")?, lse.f32_mut("attention lse")?);
-        flash_attn::forward(&self.gpu, out, lse, q, k, v, shape, flash_attn::fwd_d64_blocks())
+        let gpu = &self.gpu;
+        self.attn.forward(gpu, shape, &mut |build| flash_attn::forward(gpu, out, lse, q, k, v, shape, build))
     }
 
     fn attention_backward(
@@ -352,20 +361,14 @@ impl Backend for Cuda {
         v: &CudaBuf,
         shape: AttnShape,
     ) -> Result<()> {
-        flash_attn::backward(
-            &self.gpu,
-            dq.bf16_mut("attention dq")?,
-            dk.bf16_mut("attention dk")?,
-            dv.bf16_mut("attention dv")?,
-            dout.bf16("attention dout")?,
-            out.bf16("attention out")?,
-            lse.f32("attention lse")?,
-            q.bf16("attention q")?,
-            k.bf16("attention k")?,
-            v.bf16("attention v")?,
-            shape,
-            flash_attn::bwd_d64_blocks(&self.gpu),
-        )
+        let (dq, dk, dv) = (dq.bf16_mut("attention dq")?, dk.bf16_mut("attention dk")?, dv.bf16_mut("attention dv")?);
+        let (dout, out, lse) = (dout.bf16("attention dout")?, out.bf16("attention out")?, lse.f32("attention lse")?);
+        let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
+        let gpu = &self.gpu;
+        // Every build overwrites dQ, dK and dV, so timing the builds in place is harmless.
+        self.attn.backward(gpu, shape, &mut |build| {
+            flash_attn::backward(gpu, dq, dk, dv, dout, out, lse, q, k, v, shape, build)
+        })
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) -> Result<()> {

@@ -131,15 +131,19 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
 /// from shared memory feeds twice the tensor-core work).
 pub const FWD_D64_BUILDS: [u32; 3] = [3, 4, 2];
 
-/// The head_dim 64 forward build the engine uses: 3 blocks per SM unless `KILN_FA_FWD_D64_BLOCKS`
-/// says 4 or 2, until a card has timed them all (`kiln bench attention` reports each).
-pub fn fwd_d64_blocks() -> u32 {
-    static BLOCKS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *BLOCKS.get_or_init(|| match std::env::var("KILN_FA_FWD_D64_BLOCKS").as_deref() {
-        Ok("4") => 4,
-        Ok("2") => 2,
-        _ => 3,
+/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (3, 4 or 2) pins, if it names one:
+/// the engine then runs it instead of timing every build (`attn_tune`).
+pub fn fwd_d64_pinned() -> Option<u32> {
+    static BLOCKS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *BLOCKS.get_or_init(|| {
+        let v = std::env::var("KILN_FA_FWD_D64_BLOCKS").ok()?.parse().ok()?;
+        FWD_D64_BUILDS.contains(&v).then_some(v)
     })
+}
+
+/// The head_dim 64 forward build run untimed: the pinned one, else 3 blocks per SM.
+pub fn fwd_d64_blocks() -> u32 {
+    fwd_d64_pinned().unwrap_or(3)
 }
 
 /// Queries per forward block: 128 for the two-m-tile head_dim 64 build, 64 otherwise.
@@ -165,31 +169,32 @@ pub fn bwd_d64_label(blocks: u32) -> String {
     }
 }
 
-/// Whether `blocks` of the head_dim 64 backward build for that many blocks per SM fit in one of
-/// the device's SMs' shared memory (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164).
+/// Whether the head_dim 64 backward build for `blocks` blocks per SM gets them on this device: that
+/// many blocks' shared memory fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's
+/// 164). The default build (2) runs everywhere, at whatever occupancy the device allows.
 pub fn bwd_d64_fits(gpu: &Gpu, blocks: u32) -> bool {
     let bytes = bwd_shared_bytes(64, bwd_keys_per_block(64, blocks)) + gpu.shared_reserved_per_block;
-    blocks as usize * bytes <= gpu.shared_per_sm
+    blocks == 2 || blocks as usize * bytes <= gpu.shared_per_sm
 }
 
-/// The head_dim 64 backward build the engine uses: 2 blocks per SM unless `KILN_FA_BWD_D64_BLOCKS`
-/// says 3 or 1 and that build fits the device. Not changed before a card has timed them all
-/// (`kiln bench attention`): under the causal mask TinyLlama's 1,024 backward blocks leave a
-/// longer tail on 3 × 132 slots than on 2 × 132 (1.125× against 1.016× the ideal,
-/// `bench/attention_schedule.py`), so the third block must raise an SM's throughput by more than a
-/// tenth to pay; the 8-warp build has half as many blocks, each twice as long, on 132 slots.
-pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
-    static WANT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let want = *WANT.get_or_init(|| match std::env::var("KILN_FA_BWD_D64_BLOCKS").as_deref() {
-        Ok("3") => 3,
-        Ok("1") => 1,
-        _ => 2,
+/// The head_dim 64 backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3 or 1) pins, if it names one
+/// that fits the device.
+pub fn bwd_d64_pinned(gpu: &Gpu) -> Option<u32> {
+    static BLOCKS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let want = *BLOCKS.get_or_init(|| {
+        let v = std::env::var("KILN_FA_BWD_D64_BLOCKS").ok()?.parse().ok()?;
+        BWD_D64_BUILDS.contains(&v).then_some(v)
     });
-    if bwd_d64_fits(gpu, want) {
-        want
-    } else {
-        2
-    }
+    want.filter(|&b| bwd_d64_fits(gpu, b))
+}
+
+/// The head_dim 64 backward build run untimed: the pinned one, else 2 blocks per SM. Under the
+/// causal mask TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than on
+/// 2 × 132 (1.125× against 1.016× the ideal, `bench/attention_schedule.py`), so the third block
+/// must raise an SM's throughput by more than a tenth to pay; the 8-warp build has half as many
+/// blocks, each twice as long, on 132 slots (1.031×). Only timing on the card can say.
+pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
+    bwd_d64_pinned(gpu).unwrap_or(2)
 }
 
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the

@@ -3,6 +3,7 @@
 //! launcher file per kernel file, named alike.
 
 pub mod adamw;
+pub mod attn_tune;
 pub mod buf;
 pub mod cast;
 pub mod cross_entropy;
