@@ -9,12 +9,12 @@
 // K/V through shared memory; scores, the online softmax and the output stay in registers (the
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
 // Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys and 8 warps in the
-// head_dim 64 build for one block per SM) and walks every query tile of every query head of its
+// builds for one block per SM) and walks every query tile of every query head of its
 // group, so dK and dV are summed in registers and written once (no repeated K/V, no atomics); dQ
 // is accumulated in f32 with atomics and cast at the end.
 // Both stream their tiles with cp.async into a second buffer while the current one is computed on
-// (the backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a second would
-// halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
+// (the 4-warp backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a
+// second would halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
 // last query blocks (forward) and the first key blocks (backward) carry the most work, so launching
 // them first across every head and batch leaves only light blocks for the tail of the kernel.
 #include "common.cuh"
@@ -339,9 +339,10 @@ template <int D, int NW = 4>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
-    // Query tiles in flight: two at head_dim 32 and 64; one at 128, where a second would cost a
-    // block per SM (the one buffer is refilled during the dQ phase, which no longer reads it).
-    constexpr int STAGES = D <= 64 ? 2 : 1;
+    // Query tiles in flight: two at head_dim 32 and 64; one at 128 with 4 warps, where a second
+    // would cost a block per SM (the one buffer is refilled during the dQ phase, which no longer
+    // reads it); two again at 128 with 8 warps, whose one block per SM has the room.
+    constexpr int STAGES = D <= 64 || NW == 8 ? 2 : 1;
     constexpr int KB = 16 * NW;  // keys per block
     constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
@@ -586,7 +587,8 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 // D=32 (2 stages) 10,240 + 20,480 + 9,216 + 1,024 = 40,960 bytes;
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
 // D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes;
-// D=64 with 8 warps (128 keys, 2 stages) 36,864 + 36,864 + 18,432 + 1,024 = 93,184 bytes.
+// D=64 with 8 warps (128 keys, 2 stages) 36,864 + 36,864 + 18,432 + 1,024 = 93,184 bytes;
+// D=128 with 8 warps (128 keys, 2 stages) 69,632 + 69,632 + 18,432 + 1,024 = 158,720 bytes.
 // At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
 // covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
 
@@ -678,4 +680,13 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d128(float* dq_
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<128>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+}
+// The head_dim 128 backward with 8 warps and 128 keys per block, one block per SM: besides what the
+// head_dim 64 build gains, the block's 155 KB hold two query stages, which the two 4-warp blocks'
+// 77 KB each do not.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d128_8w(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<128, 8>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
+                scale);
 }

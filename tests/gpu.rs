@@ -198,13 +198,14 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
 
     let (gq, gk, gv) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v));
     let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, flash_attn::fwd_d64_blocks()).unwrap();
+    let fwd_default = flash_attn::fwd_default(s.head_dim);
+    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, fwd_default).unwrap();
     let tag = format!("flash-attn hd{} q{} kv{} heads {}/{}", s.head_dim, s.q_len, s.kv_len, s.n_head, s.n_kv_head);
     assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("{tag} out"));
     assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("{tag} lse"));
     if s.head_dim == 64 {
         // The forward's other builds, which `kiln bench attention` also times.
-        for other in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| b != flash_attn::fwd_d64_blocks()) {
+        for other in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| b != fwd_default) {
             let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
             flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
             assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({other} blocks/SM)"));
@@ -213,18 +214,17 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     }
     // The backward starts from the CPU's output so only the backward's own error is measured.
     let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));
-    // At head_dim 64 every build of the backward (`BWD_D64_BUILDS`) that fits the device; one at
-    // head_dim 32 and 128.
-    let builds: Vec<u32> = if s.head_dim == 64 {
-        flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(g, b)).collect()
-    } else {
-        vec![2]
-    };
+    // Every build of the backward at this head_dim (`bwd_builds`) that fits the device.
+    let builds: Vec<u32> = flash_attn::bwd_builds(s.head_dim)
+        .iter()
+        .copied()
+        .filter(|&b| flash_attn::bwd_fits(g, s.head_dim, b))
+        .collect();
     for blocks in builds {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks).unwrap();
-        let tag = format!("{tag} (backward, {})", flash_attn::bwd_d64_label(blocks));
+        let tag = format!("{tag} (backward, {})", flash_attn::bwd_label(blocks));
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("{tag} dq"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk"));
         assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv"));
@@ -259,18 +259,16 @@ fn flash_attention_forward_and_backward() {
 /// runs the kept build untimed. (A tuner with no size threshold, so a small shape is timed.)
 #[test]
 fn attention_autotune_times_every_build_and_keeps_the_results_right() {
-    use kiln::backend::cuda::attn_tune::{AttnTuner, Pass};
     let Some(g) = gpu() else { return };
-    let s = AttnShape {
-        batch: 1,
-        q_len: 150,
-        kv_len: 150,
-        kv_stride: 150,
-        q_pos0: 0,
-        n_head: 4,
-        n_kv_head: 1,
-        head_dim: 64,
-    };
+    for head_dim in [64, 128] {
+        autotune_case(&g, head_dim);
+    }
+}
+
+fn autotune_case(g: &Gpu, head_dim: usize) {
+    use kiln::backend::cuda::attn_tune::{AttnTuner, Pass};
+    let s =
+        AttnShape { batch: 1, q_len: 150, kv_len: 150, kv_stride: 150, q_pos0: 0, n_head: 4, n_kv_head: 1, head_dim };
     let cpu = Cpu::new();
     let q = bf(&randn(s.q_elems(), 31, 1.0));
     let k = bf(&randn(s.kv_elems(), 32, 1.0));
@@ -282,31 +280,38 @@ fn attention_autotune_times_every_build_and_keeps_the_results_right() {
     cpu.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s).unwrap();
 
     let tuner = AttnTuner::new(true, 0.0);
-    let (gq, gk, gv, gdo) = (up_bf16(&g, &q), up_bf16(&g, &k), up_bf16(&g, &v), up_bf16(&g, &dout));
+    let (gq, gk, gv, gdo) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v), up_bf16(g, &dout));
     for round in 0..2 {
-        let (mut go, mut gl) = (poison_bf16(&g, s.q_elems()), poison_f32(&g, s.lse_elems()));
-        let mut fwd = |b: u32| flash_attn::forward(&g, &mut go, &mut gl, &gq, &gk, &gv, s, b);
-        tuner.forward(&g, s, &mut fwd).unwrap();
-        assert_close(&down_bf16(&g, &go), &out, 1e-2, &format!("tuned forward out, round {round}"));
-        assert_close(&down_f32(&g, &gl), &lse, 1e-3, &format!("tuned forward lse, round {round}"));
+        let tag = format!("hd{head_dim}, round {round}");
+        let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
+        let mut fwd = |b: u32| flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, b);
+        tuner.forward(g, s, &mut fwd).unwrap();
+        assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("tuned forward out, {tag}"));
+        assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("tuned forward lse, {tag}"));
         let (mut gdq, mut gdk, mut gdv) =
-            (poison_bf16(&g, s.q_elems()), poison_bf16(&g, s.kv_elems()), poison_bf16(&g, s.kv_elems()));
+            (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         let mut bwd =
-            |b: u32| flash_attn::backward(&g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b);
-        tuner.backward(&g, s, &mut bwd).unwrap();
-        assert_close(&down_bf16(&g, &gdq), &dq, 1e-2, &format!("tuned backward dq, round {round}"));
-        assert_close(&down_bf16(&g, &gdk), &dk, 1e-2, &format!("tuned backward dk, round {round}"));
-        assert_close(&down_bf16(&g, &gdv), &dv, 1e-2, &format!("tuned backward dv, round {round}"));
+            |b: u32| flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b);
+        tuner.backward(g, s, &mut bwd).unwrap();
+        assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("tuned backward dq, {tag}"));
+        assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("tuned backward dk, {tag}"));
+        assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("tuned backward dv, {tag}"));
     }
-    // One record per pass: the second round ran the kept builds untimed.
+    // A record per pass with several builds (the second round ran the kept builds untimed), each
+    // listing every build that fits the device.
     let tuned = tuner.tuning();
-    assert_eq!(tuned.iter().map(|t| t.pass).collect::<Vec<_>>(), [Pass::Forward, Pass::Backward], "{tuned:#?}");
-    let fwd_builds: Vec<u32> = tuned[0].times_ms.iter().map(|t| t.0).collect();
-    assert_eq!(fwd_builds, flash_attn::FWD_D64_BUILDS, "every forward build timed");
-    let bwd_builds: Vec<u32> = tuned[1].times_ms.iter().map(|t| t.0).collect();
-    let fitting: Vec<u32> =
-        flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(&g, b)).collect();
-    assert_eq!(bwd_builds, fitting, "every backward build that fits the device timed");
+    let fwd_builds = flash_attn::fwd_builds(head_dim);
+    let bwd_builds: Vec<u32> =
+        flash_attn::bwd_builds(head_dim).iter().copied().filter(|&b| flash_attn::bwd_fits(g, head_dim, b)).collect();
+    let mut want = Vec::new();
+    if fwd_builds.len() > 1 {
+        want.push((Pass::Forward, fwd_builds.to_vec()));
+    }
+    if bwd_builds.len() > 1 {
+        want.push((Pass::Backward, bwd_builds));
+    }
+    let got: Vec<_> = tuned.iter().map(|t| (t.pass, t.times_ms.iter().map(|x| x.0).collect::<Vec<_>>())).collect();
+    assert_eq!(got, want, "hd{head_dim}: {tuned:#?}");
     for t in &tuned {
         assert!(t.times_ms.iter().all(|(_, ms)| ms.is_finite() && *ms >= 0.0), "{t:#?}");
         let best = t.times_ms.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);

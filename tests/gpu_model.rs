@@ -348,8 +348,8 @@ fn the_gpu_benchmarks_run_and_report_every_row() {
     for build in kiln::backend::cuda::flash_attn::FWD_D64_BUILDS {
         assert!(row(&format!("forward ({build} blocks/SM)")).contains("TFLOP/s"));
     }
-    for build in kiln::backend::cuda::flash_attn::BWD_D64_BUILDS {
-        let label = kiln::backend::cuda::flash_attn::bwd_d64_label(build);
+    for &build in kiln::backend::cuda::flash_attn::bwd_builds(64) {
+        let label = kiln::backend::cuda::flash_attn::bwd_label(build);
         assert!(row(&format!("backward ({label})")).contains("TFLOP/s"));
     }
 }

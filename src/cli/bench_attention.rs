@@ -61,18 +61,17 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         gpu.synchronize()?;
         Ok(t.elapsed().as_secs_f64() / iters as f64)
     };
-    // Every build of each pass at head_dim 64 (one build otherwise), as the engine's autotune
-    // (`attn_tune.rs`) times them: the forward alone, then each backward after the fastest forward.
-    let d64 = s.head_dim == 64;
-    let fwd_builds: Vec<u32> = match flash_attn::fwd_d64_pinned() {
-        _ if !d64 => vec![flash_attn::fwd_d64_blocks()],
+    // Every build of each pass (see `flash_attn::fwd_builds`, `bwd_builds`), as the engine's
+    // autotune (`attn_tune.rs`) times them: the forward alone, then each backward after the
+    // fastest forward. A pinned build is timed alone.
+    let d = s.head_dim;
+    let fwd_builds: Vec<u32> = match flash_attn::fwd_pinned(d) {
         Some(b) => vec![b],
-        None => flash_attn::FWD_D64_BUILDS.to_vec(),
+        None => flash_attn::fwd_builds(d).to_vec(),
     };
-    let bwd_builds: Vec<u32> = match flash_attn::bwd_d64_pinned(&gpu) {
-        _ if !d64 => vec![flash_attn::bwd_d64_blocks(&gpu)],
+    let bwd_builds: Vec<u32> = match flash_attn::bwd_pinned(&gpu, d) {
         Some(b) => vec![b],
-        None => flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(&gpu, b)).collect(),
+        None => flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(&gpu, d, b)).collect(),
     };
     let mut fwd = Vec::new();
     for &build in &fwd_builds {
@@ -111,8 +110,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
     ];
     // The builds the headline ran first (the fastest, or the pinned ones), then the others.
-    let bwd_label = |b: u32| if d64 { flash_attn::bwd_d64_label(b) } else { "delta, dQ cast incl.".into() };
-    let fwd_label = |b: u32| if d64 { format!("{b} blocks/SM") } else { "the one build".into() };
+    let several_bwd = flash_attn::bwd_builds(d).len() > 1;
+    let bwd_label = |b: u32| if several_bwd { flash_attn::bwd_label(b) } else { "delta, dQ cast incl.".into() };
+    let several_fwd = flash_attn::fwd_builds(d).len() > 1;
+    let fwd_label = |b: u32| if several_fwd { format!("{b} blocks/SM") } else { "the one build".into() };
     rows.push((format!("  forward ({})", fwd_label(fwd_used)), rate(fwd_flops, fwd_secs)));
     rows.push((format!("  backward ({})", bwd_label(bwd_used)), rate(2.5 * fwd_flops, bwd_secs(secs))));
     for &(build, f) in fwd.iter().filter(|(b, _)| *b != fwd_used) {
@@ -121,11 +122,11 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     for &(build, pair) in pairs.iter().filter(|(b, _)| *b != bwd_used) {
         rows.push((format!("  backward ({})", bwd_label(build)), rate(2.5 * fwd_flops, bwd_secs(pair))));
     }
-    let pinned = flash_attn::fwd_d64_pinned().is_some() || flash_attn::bwd_d64_pinned(&gpu).is_some();
-    let how = match (d64, pinned) {
+    let pinned = flash_attn::fwd_pinned(d).is_some() || flash_attn::bwd_pinned(&gpu, d).is_some();
+    let how = match (several_fwd || several_bwd, pinned) {
         (false, _) => "one build per pass at this head_dim",
         (true, false) => "the fastest of each pass, as the engine's autotune keeps",
-        (true, true) => "the fastest timed; KILN_FA_FWD_D64_BLOCKS / KILN_FA_BWD_D64_BLOCKS pin a pass to one build",
+        (true, true) => "the fastest timed; a KILN_FA_*_BLOCKS variable pins a pass to one build",
     };
     rows.push(("builds in the headline".into(), how.into()));
     Ok(rows)

@@ -25,12 +25,12 @@ static double f(B16 x) { return (double)__bfloat162float(x); }
 // src/backend/cuda/flash_attn.rs, same formulas): the kernels must stay inside it.
 static size_t fwd_shared_bytes(int d) { return (size_t)2 * 2 * 64 * (d + 8) * 2; }
 static size_t bwd_shared_bytes(int d, size_t keys) {
-    const size_t ks = d + 8, stages = d <= 64 ? 2 : 1;
+    const size_t ks = d + 8, stages = d <= 64 || keys == 128 ? 2 : 1;
     return 2 * (2 * keys * ks + stages * 2 * 64 * ks + keys * (64 + 8)) + 4 * stages * 2 * 64;
 }
 
 static int fwd_m_tiles = 1;
-static int bwd_warps = 4;  // 8: the head_dim 64 backward with 128 keys per block
+static int bwd_warps = 4;  // 8: the head_dim 64 and 128 backward builds with 128 keys per block
 
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
@@ -115,9 +115,9 @@ static void run(Shape s, unsigned seed) {
                     [&] { flash_attn_bwd_delta(delta.data(), dout.data(), out.data(), rows, s.q_len, s.n_head, s.d); });
     for (auto& x : dk) x.bits = 0;
     for (auto& x : dv) x.bits = 0;
-    const bool wide = s.d == 64 && bwd_warps == 8;
+    const bool wide = s.d != 32 && bwd_warps == 8;
     auto bwd = [&] {
-        auto entry = wide        ? flash_attn_bwd_d64_8w
+        auto entry = wide        ? (s.d == 64 ? flash_attn_bwd_d64_8w : flash_attn_bwd_d128_8w)
                      : s.d == 32 ? flash_attn_bwd_d32
                      : s.d == 64 ? flash_attn_bwd_d64
                                  : flash_attn_bwd_d128;
@@ -169,8 +169,8 @@ int main() {
     run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
     run({1, 300, 300, 300, 0, 4, 1, 64}, 15);  // whole and partial 128-query blocks, several tiles
     fwd_m_tiles = 1;
-    // The head_dim 64 backward with 8 warps and 128 keys per block: partial key blocks, decoding,
-    // several key blocks each visiting several query tiles and heads.
+    // The backward with 8 warps and 128 keys per block: partial key blocks, decoding, several key
+    // blocks each visiting several query tiles and heads.
     bwd_warps = 8;
     std::printf("backward with 8 warps (128 keys per block):\n");
     run({1, 250, 260, 264, 10, 2, 1, 64}, 6);
@@ -178,6 +178,9 @@ int main() {
     run({1, 1, 64, 128, 63, 2, 2, 64}, 3);
     run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
     run({1, 300, 300, 300, 0, 4, 1, 64}, 15);
+    run({1, 200, 200, 200, 0, 2, 2, 128}, 7);
+    run({1, 70, 150, 160, 80, 4, 1, 128}, 2);
+    run({1, 300, 300, 300, 0, 4, 2, 128}, 18);
     bwd_warps = 4;
     // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
     emulated_cp_async_eager = true;
@@ -190,5 +193,6 @@ int main() {
     fwd_m_tiles = 1;
     bwd_warps = 8;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 17);
+    run({1, 300, 300, 300, 0, 4, 2, 128}, 19);
     return emulated_failures ? 1 : 0;
 }

@@ -1,12 +1,13 @@
-//! Which build of the head_dim 64 FlashAttention-2 kernels the engine runs, chosen by timing on
-//! the card, as `gemm.rs` chooses cuBLASLt's algorithms.
+//! Which build of the FlashAttention-2 kernels the engine runs, chosen by timing on the card, as
+//! `gemm.rs` chooses cuBLASLt's algorithms.
 //!
-//! Each pass comes in builds that trade occupancy, registers and block shape differently
-//! (`flash_attn::FWD_D64_BUILDS`, `BWD_D64_BUILDS`), and which is fastest depends on the card and
-//! the shape. So the first forward and the first backward of each new shape run every build on the
+//! At head_dim 64 and 128 a pass comes in builds that trade occupancy, registers and block shape
+//! differently (`flash_attn::fwd_builds`, `bwd_builds`), and which is fastest depends on the card
+//! and the shape. So the first forward and the first backward of each new shape run every build on the
 //! real operands and keep the fastest, then run it once more so that the outputs are its own. Every
 //! build computes the same attention (each is checked against the CPU backend in tests/gpu.rs), so
-//! only speed changes. `KILN_FA_FWD_D64_BLOCKS` / `KILN_FA_BWD_D64_BLOCKS` pin a build instead, and
+//! only speed changes. `KILN_FA_FWD_D64_BLOCKS`, `KILN_FA_BWD_D64_BLOCKS` and
+//! `KILN_FA_BWD_D128_BLOCKS` pin a build instead, and
 //! `KILN_FA_AUTOTUNE=0` runs the defaults untimed, for comparison.
 
 use super::device::Gpu;
@@ -37,7 +38,7 @@ pub struct AttnTuned {
     /// Each build timed, by its blocks per SM, with milliseconds per call.
     pub times_ms: Vec<(u32, f32)>,
     pub chosen: u32,
-    /// The build that runs untimed (`fwd_d64_blocks` / `bwd_d64_blocks`).
+    /// The build that runs untimed (`fwd_default` / `bwd_default`).
     pub default: u32,
 }
 
@@ -78,15 +79,24 @@ impl AttnTuner {
 
     /// The forward through the build timing chose for `s` (see the module comment).
     pub fn forward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
-        let builds: Vec<u32> = flash_attn::FWD_D64_BUILDS.to_vec();
-        self.run(gpu, Pass::Forward, s, &builds, flash_attn::fwd_d64_pinned(), flash_attn::fwd_d64_blocks(), run)
+        let d = s.head_dim;
+        self.run(
+            gpu,
+            Pass::Forward,
+            s,
+            flash_attn::fwd_builds(d),
+            flash_attn::fwd_pinned(d),
+            flash_attn::fwd_default(d),
+            run,
+        )
     }
 
     /// The backward through the build timing chose for `s`, among those that fit the device.
     pub fn backward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
+        let d = s.head_dim;
         let builds: Vec<u32> =
-            flash_attn::BWD_D64_BUILDS.into_iter().filter(|&b| flash_attn::bwd_d64_fits(gpu, b)).collect();
-        let (pinned, default) = (flash_attn::bwd_d64_pinned(gpu), flash_attn::bwd_d64_blocks(gpu));
+            flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(gpu, d, b)).collect();
+        let (pinned, default) = (flash_attn::bwd_pinned(gpu, d), flash_attn::bwd_default(gpu, d));
         self.run(gpu, Pass::Backward, s, &builds, pinned, default, run)
     }
 
@@ -101,8 +111,8 @@ impl AttnTuner {
         default: u32,
         run: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<()> {
-        // Only head_dim 64 has several builds; a pinned build or a small pass is not timed.
-        if s.head_dim != 64 || !self.enabled || forward_flops(&s) < self.min_flops {
+        // One build, a pinned build or a small pass is not timed.
+        if builds.len() < 2 || !self.enabled || forward_flops(&s) < self.min_flops {
             return run(pinned.unwrap_or(default));
         }
         if let Some(b) = pinned {

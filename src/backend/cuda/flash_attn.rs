@@ -20,6 +20,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_bwd_d64_3",
         "flash_attn_bwd_d64_8w",
         "flash_attn_bwd_d128",
+        "flash_attn_bwd_d128_8w",
     ],
 };
 
@@ -37,29 +38,29 @@ fn fwd_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * BC * (head_dim + 8) * 2
 }
 
-/// Query tiles the backward keeps in flight (mirrors `STAGES` in the source).
-fn bwd_stages(head_dim: usize) -> usize {
-    if head_dim <= 64 {
-        2
-    } else {
-        1
-    }
-}
-
-/// Keys per backward block: 128 (8 warps) for the head_dim 64 build for one block per SM, else 64
-/// (4 warps).
-fn bwd_keys_per_block(head_dim: usize, d64_blocks: u32) -> usize {
-    if head_dim == 64 && d64_blocks == 1 {
+/// Keys per backward block: 128 (8 warps) in the builds for one block per SM, else 64 (4 warps).
+fn bwd_keys_per_block(blocks: u32) -> usize {
+    if blocks == 1 {
         2 * BC
     } else {
         BC
     }
 }
 
-/// Dynamic shared memory of the backward kernel (mirrors the layout in the source): K and V tiles
-/// of `keys` rows, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
-fn bwd_shared_bytes(head_dim: usize, keys: usize) -> usize {
-    let (ks, stages) = (head_dim + 8, bwd_stages(head_dim));
+/// Query tiles the backward keeps in flight (mirrors `STAGES` in the source): one only in the
+/// 4-warp head_dim 128 builds.
+fn bwd_stages(head_dim: usize, blocks: u32) -> usize {
+    if head_dim <= 64 || blocks == 1 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Dynamic shared memory of a backward build (mirrors the layout in the source): K and V tiles of
+/// the block's keys, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
+fn bwd_shared_bytes(head_dim: usize, blocks: u32) -> usize {
+    let (ks, keys, stages) = (head_dim + 8, bwd_keys_per_block(blocks), bwd_stages(head_dim, blocks));
     2 * (2 * keys * ks + stages * 2 * BR * ks + keys * (BR + 8)) + 4 * stages * 2 * BR
 }
 
@@ -128,22 +129,87 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
 /// The builds of the head_dim 64 forward, by the blocks per SM each is compiled for: 3 (the default
 /// entry point, 64 queries per block), 4 (`flash_attn_fwd_d64_4`, held to 128 registers) or 2
 /// (`flash_attn_fwd_d64_2`, 128 queries per block: two m-tiles per warp, so each K/V fragment read
-/// from shared memory feeds twice the tensor-core work).
+/// from shared memory feeds twice the tensor-core work). Other head sizes have one build.
 pub const FWD_D64_BUILDS: [u32; 3] = [3, 4, 2];
 
-/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (3, 4 or 2) pins, if it names one:
-/// the engine then runs it instead of timing every build (`attn_tune`).
-pub fn fwd_d64_pinned() -> Option<u32> {
-    static BLOCKS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    *BLOCKS.get_or_init(|| {
-        let v = std::env::var("KILN_FA_FWD_D64_BLOCKS").ok()?.parse().ok()?;
-        FWD_D64_BUILDS.contains(&v).then_some(v)
-    })
+/// The forward builds at `head_dim` (`attn_tune` times them when there are several).
+pub fn fwd_builds(head_dim: usize) -> &'static [u32] {
+    if head_dim == 64 {
+        &FWD_D64_BUILDS
+    } else {
+        &[3]
+    }
 }
 
-/// The head_dim 64 forward build run untimed: the pinned one, else 3 blocks per SM.
-pub fn fwd_d64_blocks() -> u32 {
-    fwd_d64_pinned().unwrap_or(3)
+/// The builds of the backward, by blocks per SM: 2 (4 warps and 64 keys per block: head_dim 64 at
+/// 186 registers, 128 at 249), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
+/// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
+/// atomics, and at head_dim 128 the one block has room for two query stages).
+pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
+    match head_dim {
+        64 => &[2, 3, 1],
+        128 => &[2, 1],
+        _ => &[2],
+    }
+}
+
+/// How `kiln bench attention` and the tests name a backward build.
+pub fn bwd_label(blocks: u32) -> String {
+    match blocks {
+        1 => "1 block/SM of 8 warps".into(),
+        b => format!("{b} blocks/SM"),
+    }
+}
+
+/// Whether a backward build gets its blocks per SM on this device: that many blocks' shared memory
+/// fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164). The 2-block builds
+/// run everywhere, at whatever occupancy the device allows.
+pub fn bwd_fits(gpu: &Gpu, head_dim: usize, blocks: u32) -> bool {
+    let bytes = bwd_shared_bytes(head_dim, blocks) + gpu.shared_reserved_per_block;
+    blocks == 2 || blocks as usize * bytes <= gpu.shared_per_sm
+}
+
+/// A build named by an environment variable, if it is one of `builds`.
+fn env_build(var: &str, builds: &[u32]) -> Option<u32> {
+    let v = std::env::var(var).ok()?.parse().ok()?;
+    builds.contains(&v).then_some(v)
+}
+
+/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (3, 4 or 2) pins, if it names one: the
+/// engine then runs it instead of timing every build (`attn_tune`).
+pub fn fwd_pinned(head_dim: usize) -> Option<u32> {
+    static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    match head_dim {
+        64 => *D64.get_or_init(|| env_build("KILN_FA_FWD_D64_BLOCKS", &FWD_D64_BUILDS)),
+        _ => None,
+    }
+}
+
+/// The forward build run untimed: the pinned one, else 3 blocks per SM at head_dim 64.
+pub fn fwd_default(head_dim: usize) -> u32 {
+    fwd_pinned(head_dim).unwrap_or(3)
+}
+
+/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3 or 1) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
+/// pins, if it names one that fits the device.
+pub fn bwd_pinned(gpu: &Gpu, head_dim: usize) -> Option<u32> {
+    static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    static D128: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let want = match head_dim {
+        64 => *D64.get_or_init(|| env_build("KILN_FA_BWD_D64_BLOCKS", bwd_builds(64))),
+        128 => *D128.get_or_init(|| env_build("KILN_FA_BWD_D128_BLOCKS", bwd_builds(128))),
+        _ => None,
+    };
+    want.filter(|&b| bwd_fits(gpu, head_dim, b))
+}
+
+/// The backward build run untimed: the pinned one, else 2 blocks per SM. Under the causal mask
+/// TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than on 2 × 132 (1.125×
+/// against 1.016× the ideal, `bench/attention_schedule.py`), so the third block must raise an SM's
+/// throughput by more than a tenth to pay; the 8-warp build has half as many blocks, each twice as
+/// long, on 132 slots (1.031×). Only timing on the card can say, which `attn_tune` does.
+pub fn bwd_default(gpu: &Gpu, head_dim: usize) -> u32 {
+    bwd_pinned(gpu, head_dim).unwrap_or(2)
 }
 
 /// Queries per forward block: 128 for the two-m-tile head_dim 64 build, 64 otherwise.
@@ -155,50 +221,9 @@ fn fwd_queries_per_block(head_dim: usize, d64_blocks: u32) -> usize {
     }
 }
 
-/// The builds of the head_dim 64 backward, by the blocks per SM each is compiled for: 2
-/// (`flash_attn_bwd_d64`, 4 warps and 64 keys per block, 186 registers), 3 (`flash_attn_bwd_d64_3`,
-/// held to 168 registers, no spill) or 1 (`flash_attn_bwd_d64_8w`, 8 warps and 128 keys per block:
-/// each Q/dO tile serves twice the keys, and dQ takes half the atomics).
-pub const BWD_D64_BUILDS: [u32; 3] = [2, 3, 1];
-
-/// How `kiln bench attention` and the tests name a head_dim 64 backward build.
-pub fn bwd_d64_label(blocks: u32) -> String {
-    match blocks {
-        1 => "1 block/SM of 8 warps".into(),
-        b => format!("{b} blocks/SM"),
-    }
-}
-
-/// Whether the head_dim 64 backward build for `blocks` blocks per SM gets them on this device: that
-/// many blocks' shared memory fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's
-/// 164). The default build (2) runs everywhere, at whatever occupancy the device allows.
-pub fn bwd_d64_fits(gpu: &Gpu, blocks: u32) -> bool {
-    let bytes = bwd_shared_bytes(64, bwd_keys_per_block(64, blocks)) + gpu.shared_reserved_per_block;
-    blocks == 2 || blocks as usize * bytes <= gpu.shared_per_sm
-}
-
-/// The head_dim 64 backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3 or 1) pins, if it names one
-/// that fits the device.
-pub fn bwd_d64_pinned(gpu: &Gpu) -> Option<u32> {
-    static BLOCKS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    let want = *BLOCKS.get_or_init(|| {
-        let v = std::env::var("KILN_FA_BWD_D64_BLOCKS").ok()?.parse().ok()?;
-        BWD_D64_BUILDS.contains(&v).then_some(v)
-    });
-    want.filter(|&b| bwd_d64_fits(gpu, b))
-}
-
-/// The head_dim 64 backward build run untimed: the pinned one, else 2 blocks per SM. Under the
-/// causal mask TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than on
-/// 2 × 132 (1.125× against 1.016× the ideal, `bench/attention_schedule.py`), so the third block
-/// must raise an SM's throughput by more than a tenth to pay; the 8-warp build has half as many
-/// blocks, each twice as long, on 132 slots (1.031×). Only timing on the card can say.
-pub fn bwd_d64_blocks(gpu: &Gpu) -> u32 {
-    bwd_d64_pinned(gpu).unwrap_or(2)
-}
-
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
-/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3, 4 or 2; see `FWD_D64_BUILDS`).
+/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3, 4 or 2; see `FWD_D64_BUILDS`;
+/// other head sizes have one build and ignore it).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -211,6 +236,9 @@ pub fn forward(
     d64_blocks: u32,
 ) -> Result<()> {
     let d = check(&s, &[out.len(), q.len()], &[k.len(), v.len()], &[lse.len()])?;
+    if s.head_dim == 64 && !FWD_D64_BUILDS.contains(&d64_blocks) {
+        bail!("attention: no head_dim 64 forward build for {d64_blocks} blocks per SM");
+    }
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
@@ -235,8 +263,8 @@ pub fn forward(
     Ok(())
 }
 
-/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above; at head_dim 64 the kernel
-/// in its build for `d64_blocks` blocks per SM (2, 3 or 1; see `BWD_D64_BUILDS`).
+/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through the build for
+/// `blocks` blocks per SM (one of `bwd_builds(head_dim)`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -250,10 +278,18 @@ pub fn backward(
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
     s: AttnShape,
-    d64_blocks: u32,
+    blocks: u32,
 ) -> Result<()> {
     let d =
         check(&s, &[dq.len(), dout.len(), out.len(), q.len()], &[dk.len(), dv.len(), k.len(), v.len()], &[lse.len()])?;
+    if !bwd_builds(s.head_dim).contains(&blocks) {
+        bail!("attention: head_dim {} has no backward build for {blocks} blocks per SM", s.head_dim);
+    }
+    let entry = match blocks {
+        3 => format!("flash_attn_bwd_{d}_3"),
+        1 => format!("flash_attn_bwd_{d}_8w"),
+        _ => format!("flash_attn_bwd_{d}"),
+    };
     let st = &gpu.stream;
     if s.batch == 0 || s.q_len == 0 {
         st.memset_zeros(dq)?;
@@ -279,14 +315,9 @@ pub fn backward(
             .launch(cfg)
     }?;
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
-    let entry = match (d, d64_blocks) {
-        ("d64", 3) => "flash_attn_bwd_d64_3".to_string(),
-        ("d64", 1) => "flash_attn_bwd_d64_8w".to_string(),
-        _ => format!("flash_attn_bwd_{d}"),
-    };
     let f = gpu.function(&entry)?;
-    let keys = bwd_keys_per_block(s.head_dim, d64_blocks);
-    let smem = bwd_shared_bytes(s.head_dim, keys);
+    let keys = bwd_keys_per_block(blocks);
+    let smem = bwd_shared_bytes(s.head_dim, blocks);
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
