@@ -88,7 +88,7 @@ for hd in 64 128; do
     # keys, KILN_FA_BWD_D64_BLOCKS).
     for pass in forward backward; do
       while read -r alt; do
-        [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([^)]*)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s')"
+        [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([^)]*)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s' || echo FAILED)"
       done <<< "$(echo "$out" | grep "^ *$pass (" | sed -n '2,$p')"
     done
   else

@@ -73,28 +73,31 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         Some(b) => vec![b],
         None => flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(&gpu, d, b)).collect(),
     };
-    let mut fwd = Vec::new();
+    // A build that fails is reported in its own row and left out, so one bad build does not cost
+    // the other figures of the run.
+    let (mut fwd, mut failed) = (Vec::new(), Vec::new());
     for &build in &fwd_builds {
-        fwd.push((build, timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build))?));
+        match timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build)) {
+            Ok(secs) => fwd.push((build, secs)),
+            Err(e) => failed.push((format!("forward ({build} blocks/SM)"), e)),
+        }
     }
-    let fastest = |times: &[(u32, f64)]| {
-        times
-            .iter()
-            .copied()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .ok_or_else(|| anyhow::anyhow!("no attention build ran"))
-    };
-    let (fwd_used, fwd_secs) = fastest(&fwd)?;
+    let (fwd_used, fwd_secs) = fastest(&fwd, "forward", &failed)?;
     // Each backward timed together with the forward it needs, then the forward's time taken off.
     let mut pairs = Vec::new();
+    let mut bwd_failed = Vec::new();
     for &build in &bwd_builds {
         let secs = timed(&mut || {
             flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, fwd_used)?;
             flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, build)
-        })?;
-        pairs.push((build, secs));
+        });
+        match secs {
+            Ok(secs) => pairs.push((build, secs)),
+            Err(e) => bwd_failed.push((format!("backward ({})", flash_attn::bwd_label(build)), e)),
+        }
     }
-    let (bwd_used, secs) = fastest(&pairs)?;
+    failed.extend(bwd_failed);
+    let (bwd_used, secs) = fastest(&pairs, "backward", &failed)?;
     let bwd_secs = |pair: f64| (pair - fwd_secs).max(f64::MIN_POSITIVE);
     let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
     let rate = |flops: f64, secs: f64| format!("{:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
@@ -129,5 +132,16 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         (true, true) => "the fastest timed; a KILN_FA_*_BLOCKS variable pins a pass to one build",
     };
     rows.push(("builds in the headline".into(), how.into()));
+    for (what, e) in failed {
+        rows.push((format!("  {what}"), format!("FAILED: {e:#}")));
+    }
     Ok(rows)
+}
+
+/// The fastest build timed, or an error naming why each failed.
+fn fastest(times: &[(u32, f64)], pass: &str, failed: &[(String, anyhow::Error)]) -> Result<(u32, f64)> {
+    times.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).ok_or_else(|| {
+        let why: Vec<String> = failed.iter().map(|(what, e)| format!("{what}: {e:#}")).collect();
+        anyhow::anyhow!("no {pass} build of the attention ran ({})", why.join("; "))
+    })
 }
