@@ -6,6 +6,10 @@
 #   scripts/gpu-check.sh            # from the repository root
 #   KILN_GPU_SUMMARY=$OUT/summary.txt scripts/gpu-check.sh   # also write each table row as it is known
 #
+# KILN_GPU_CHECK_SMOKE=1 runs the same stages on small shapes and without the test binaries: how
+# tests/gpu_check_script.rs checks this script's own plumbing on the emulated GPU (its figures mean
+# nothing there).
+#
 # Finds the CUDA libraries of the machine's PyTorch install (or TORCH_VENV), gives NCCL the
 # libnccl.so name cudarc loads, and points NVRTC at cuda_bf16.h.
 set -uo pipefail
@@ -24,12 +28,24 @@ inc=$(ls -d "$SITE"/nvidia/cu13/include "$SITE"/nvidia/cuda_runtime/include 2>/d
 [ -n "$inc" ] && export KILN_CUDA_INCLUDE="$inc"
 export KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
 
+if [ "${KILN_GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  COMM_MB=4 TESTS="" ATTN=(--batch 1 --seq 128 --heads 8 --iters 1)
+  TRAIN=(--preset tiny --batch 2 --seq 64) STEPS=(--steps 1 --warmup 1) FSDP_STEPS=(--steps 1 --warmup 1)
+else
+  COMM_MB=256 TESTS="kernels gpu gpu_model gpu_fsdp" ATTN=()
+  TRAIN=(--preset tinyllama-1.1b --batch 8 --seq 2048) STEPS=(--steps 10 --warmup 3) FSDP_STEPS=(--steps 4 --warmup 2)
+fi
+
 declare -a rows
 status=0
+# Set when a FlashAttention-2 build may be broken on this card: the step benchmarks then run the
+# default builds untimed (KILN_FA_AUTOTUNE=0) rather than let the autotune launch a faulting one,
+# which would end the process and lose the step's figures.
+fa_suspect=
 # Each row also goes to $KILN_GPU_SUMMARY as it is known, so a run cut short keeps what it measured.
 row() {
-  rows+=("$(printf '%-34s %s' "$1" "$2")")
-  [ -n "${KILN_GPU_SUMMARY:-}" ] && printf '%-34s %s\n' "$1" "$2" >> "$KILN_GPU_SUMMARY"
+  rows+=("$(printf '%-40s %s' "$1" "$2")")
+  [ -n "${KILN_GPU_SUMMARY:-}" ] && printf '%-40s %s\n' "$1" "$2" >> "$KILN_GPU_SUMMARY"
   return 0
 }
 
@@ -54,7 +70,7 @@ KILN=$BIN/kiln
 echo "== comm-check (NCCL on every local GPU)"
 if ! t=$(stage_time 60); then
   row "nccl all_reduce" "skipped (time budget spent)"
-elif out=$(timeout "$t" "$KILN" comm-check --megabytes 256 2>&1); then
+elif out=$(timeout "$t" "$KILN" comm-check --megabytes $COMM_MB 2>&1); then
   echo "$out"
   bw=$(echo "$out" | grep -o '[0-9.]* GB/s bus' | head -1)
   [ -n "$bw" ] || bw=$(echo "$out" | grep -o '[0-9.]* GB/s algorithm (one rank: a local copy)' | head -1)
@@ -63,7 +79,7 @@ else
   echo "$out"; row "nccl all_reduce" "FAILED"; status=1
 fi
 
-for t in kernels gpu gpu_model gpu_fsdp; do
+for t in $TESTS; do
   if [ -x "$BIN/$t" ]; then bin=$BIN/$t; else bin=$(ls -t target/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1); fi
   echo "== test $t ($bin)"
   if [ -z "$bin" ]; then row "test $t" "MISSING (run scripts/gpu-pack.sh)"; status=1; continue; fi
@@ -72,6 +88,7 @@ for t in kernels gpu gpu_model gpu_fsdp; do
     row "test $t" "passed"
   else
     row "test $t" "FAILED"; status=1
+    [ "$t" = gpu ] && fa_suspect="the kernel tests failed"
   fi
 done
 
@@ -79,9 +96,10 @@ for hd in 64 128; do
   echo "== kiln bench attention --head-dim $hd"
   if ! t=$(stage_time 60); then
     row "kiln flash-attn hd$hd" "skipped (time budget spent)"
-  elif out=$(timeout "$t" "$KILN" bench attention --head-dim $hd 2>&1); then
+  elif out=$(timeout "$t" "$KILN" bench attention --head-dim $hd "${ATTN[@]}" 2>&1); then
     # The headline runs the fastest build of each pass (the first forward and backward rows).
     fwd1=$(echo "$out" | grep -m1 '^ *forward'); bwd1=$(echo "$out" | grep -m1 '^ *backward')
+    echo "$out" | grep -q FAILED && fa_suspect="a build failed in kiln bench attention"
     echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$fwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$fwd1" | grep -o 'forward ([^)]*)'), $(echo "$bwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$bwd1" | grep -o 'backward ([^)]*)'))"
     # head_dim 64: each kernel's other builds (forward 3, 4 or 2 blocks per SM, the last with 128
     # queries per block, KILN_FA_FWD_D64_BLOCKS picks; backward 2, 3 or 1 block of 8 warps with 128
@@ -92,14 +110,18 @@ for hd in 64 128; do
       done <<< "$(echo "$out" | grep "^ *$pass (" | sed -n '2,$p')"
     done
   else
-    echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1
+    echo "$out"; row "kiln flash-attn hd$hd" "FAILED"; status=1; fa_suspect="kiln bench attention failed"
   fi
 done
+if [ -n "$fa_suspect" ]; then
+  export KILN_FA_AUTOTUNE=0
+  row "attention autotune" "off for the step benchmarks: $fa_suspect"
+fi
 
 echo "== kiln bench train (TinyLlama-1.1B, micro-batch 8 x 2048, the same step as the PyTorch baseline)"
 if ! t=$(stage_time 180); then
   row "kiln TinyLlama-1.1B step" "skipped (time budget spent)"
-elif out=$(timeout "$t" "$KILN" bench train --preset tinyllama-1.1b --batch 8 --seq 2048 --steps 10 --warmup 3 --profile 2>&1); then
+elif out=$(timeout "$t" "$KILN" bench train "${TRAIN[@]}" "${STEPS[@]}" --profile 2>&1); then
   echo "$out"
   row "kiln TinyLlama-1.1B step" "$(echo "$out" | grep '^train step' | sed 's/^train step [0-9x]* *//')"
   row "kiln TinyLlama-1.1B MFU" "$(echo "$out" | grep '^MFU' | sed 's/^MFU *//')"
@@ -138,7 +160,7 @@ fi
 echo "== kiln bench train --fsdp 1 (TinyLlama-1.1B through the sharded engine on one GPU)"
 if ! t=$(stage_time 240); then
   row "kiln FSDP, 1 GPU (NCCL)" "skipped (time budget spent)"
-elif out=$(timeout "$t" "$KILN" bench train --preset tinyllama-1.1b --batch 8 --seq 2048 --steps 4 --warmup 2 --fsdp 1 2>&1); then
+elif out=$(timeout "$t" "$KILN" bench train "${TRAIN[@]}" "${FSDP_STEPS[@]}" --fsdp 1 2>&1); then
   echo "$out"
   row "kiln FSDP, 1 GPU (NCCL)" "$(echo "$out" | grep '^fsdp step' | sed 's/^fsdp step, [0-9]* rank(s) *//')"
   row "  same step, one device" "$(echo "$out" | grep '^train step' | sed 's/^train step [0-9x]* *//')"

@@ -71,7 +71,7 @@ pub fn rerun_on_the_emulator(this_test: &str) {
 
 /// Builds the stand-in once per source version into the target directory, with the names cudarc
 /// loads, and returns its directory.
-fn build_fake_cuda() -> PathBuf {
+pub fn build_fake_cuda() -> PathBuf {
     use sha2::{Digest, Sha256};
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Every kernel entry point the launchers load, for the stand-in's cuModuleGetFunction.

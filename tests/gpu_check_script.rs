@@ -1,0 +1,74 @@
+//! scripts/gpu-check.sh is the one command a session lent a GPU runs, on a machine with no Rust and
+//! about fifteen minutes of device time: a fault in its own plumbing (a stage's arguments, a grep
+//! that finds no row, the time budget) would cost that run. So it runs here end to end on the
+//! emulated GPU in its smoke mode (`KILN_GPU_CHECK_SMOKE=1`: every stage, small shapes, no test
+//! binaries), and every row of its table must be there and none may say FAILED.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_gpu_check_script_runs_every_stage_on_the_emulated_gpu() {
+    // SAFETY: only tries to dlopen the driver library.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("skipped: a CUDA driver is present; run scripts/gpu-check.sh itself");
+        return;
+    }
+    if !common::emulated_gpu::gxx_present() {
+        eprintln!("skipped: no g++ to build tests/emulated/fake_cuda.cpp");
+        return;
+    }
+    let libs = common::emulated_gpu::build_fake_cuda();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = tmp.path().join("summary.txt");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/gpu-check.sh"))
+        .env("KILN_GPU_CHECK_SMOKE", "1")
+        .env("KILN_GPU_SUMMARY", &summary)
+        .env("KILN_BIN_DIR", kiln.parent().unwrap())
+        .env("LD_LIBRARY_PATH", &libs)
+        .env("KILN_CUDA_INCLUDE", root.join("tests/emulated/include"))
+        .env("KILN_KERNEL_CACHE", tmp.path().join("ptx"))
+        .env("KILN_GEMM_CEILING_N", "256")
+        // No PyTorch here: the baseline's stage must say it was skipped, not fail.
+        .env("TORCH_VENV", tmp.path().join("no-venv"))
+        .output()
+        .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let table = std::fs::read_to_string(&summary).unwrap_or_default();
+    assert!(out.status.success(), "gpu-check.sh failed ({}):\n{log}", out.status);
+    assert!(!table.contains("FAILED"), "a stage failed:\n{table}\n{log}");
+    let row = |label: &str| {
+        table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row in\n{table}"))
+    };
+    for (label, expect) in [
+        ("card", "unknown"),
+        ("nccl all_reduce", "GB/s"),
+        ("kiln flash-attn hd64", "TFLOP/s fwd+bwd"),
+        ("kiln flash-attn hd128", "TFLOP/s fwd+bwd"),
+        ("kiln TinyLlama-1.1B step", "tokens/s"),
+        ("kiln TinyLlama-1.1B MFU", "% of"),
+        ("kiln TinyLlama-1.1B memory", "peak"),
+        ("kiln GEMM autotune", ""),
+        ("kiln attention autotune", "not timed"),
+        ("kiln step profile (top 3)", "ms/step"),
+        ("torch baseline", "skipped"),
+        ("kiln FSDP, 1 GPU (NCCL)", "tokens/s"),
+        ("  same step, one device", "tokens/s"),
+    ] {
+        assert!(row(label).contains(expect), "{label}: {:?} lacks {expect:?}", row(label));
+    }
+    // The headline names the builds it ran, and every other build of each pass has its own row.
+    assert!(row("kiln flash-attn hd64").contains("forward (") && row("kiln flash-attn hd64").contains("backward ("));
+    let alternates = |hd: usize| table.lines().filter(|l| l.starts_with(&format!("  hd{hd} "))).count();
+    let builds = |hd: usize| {
+        kiln::backend::cuda::flash_attn::fwd_builds(hd).len() + kiln::backend::cuda::flash_attn::bwd_builds(hd).len()
+            - 2
+    };
+    assert_eq!(alternates(64), builds(64), "{table}");
+    assert_eq!(alternates(128), builds(128), "{table}");
+}
