@@ -160,24 +160,24 @@ int main() {
     run({1, 130, 130, 130, 0, 4, 2, 128}, 9);   // head_dim 128's one-stage backward over several heads
     run({2, 150, 150, 150, 0, 4, 2, 32}, 12);   // head_dim 32 (the demo's), ragged, groups of 2
     run({1, 3, 90, 96, 87, 4, 4, 32}, 13);      // head_dim 32 decoding at the end of a cache
-    // The head_dim 64 forward built with two m-tiles per warp, over the head_dim 64 shapes above.
+    // The alternate builds over head_dim 64 shapes from above (ragged tiles and a longer cache,
+    // batch 2, decoding, the end of a long cache) and one with whole and partial 128-row blocks
+    // over several tiles.
+    const std::pair<Shape, unsigned> d64[] = {{{1, 250, 260, 264, 10, 2, 1, 64}, 6},
+                                              {{2, 100, 100, 100, 0, 4, 2, 64}, 1},
+                                              {{1, 1, 64, 128, 63, 2, 2, 64}, 3},
+                                              {{1, 5, 200, 256, 195, 4, 2, 64}, 5},
+                                              {{1, 300, 300, 300, 0, 4, 1, 64}, 15}};
+    // The head_dim 64 forward built with two m-tiles per warp (128 queries per block).
     fwd_m_tiles = 2;
     std::printf("forward with 2 m-tiles per warp:\n");
-    run({1, 250, 260, 264, 10, 2, 1, 64}, 6);
-    run({2, 100, 100, 100, 0, 4, 2, 64}, 1);
-    run({1, 1, 64, 128, 63, 2, 2, 64}, 3);
-    run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
-    run({1, 300, 300, 300, 0, 4, 1, 64}, 15);  // whole and partial 128-query blocks, several tiles
+    for (const auto& [shape, seed] : d64) run(shape, seed);
     fwd_m_tiles = 1;
     // The backward with 8 warps and 128 keys per block: partial key blocks, decoding, several key
-    // blocks each visiting several query tiles and heads.
+    // blocks each visiting several query tiles and heads, at head_dim 64 and 128.
     bwd_warps = 8;
     std::printf("backward with 8 warps (128 keys per block):\n");
-    run({1, 250, 260, 264, 10, 2, 1, 64}, 6);
-    run({2, 100, 100, 100, 0, 4, 2, 64}, 1);
-    run({1, 1, 64, 128, 63, 2, 2, 64}, 3);
-    run({1, 5, 200, 256, 195, 4, 2, 64}, 5);
-    run({1, 300, 300, 300, 0, 4, 1, 64}, 15);
+    for (const auto& [shape, seed] : d64) run(shape, seed);
     run({1, 200, 200, 200, 0, 2, 2, 128}, 7);
     run({1, 70, 150, 160, 80, 4, 1, 128}, 2);
     run({1, 300, 300, 300, 0, 4, 2, 128}, 18);
