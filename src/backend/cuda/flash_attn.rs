@@ -169,10 +169,16 @@ pub fn bwd_fits(gpu: &Gpu, head_dim: usize, blocks: u32) -> bool {
     blocks == 2 || blocks as usize * bytes <= gpu.shared_per_sm
 }
 
-/// A build named by an environment variable, if it is one of `builds`.
+/// A build named by an environment variable, if it is one of `builds`; any other value is ignored
+/// with a warning (callers read each variable once).
 fn env_build(var: &str, builds: &[u32]) -> Option<u32> {
-    let v = std::env::var(var).ok()?.parse().ok()?;
-    builds.contains(&v).then_some(v)
+    let raw = std::env::var(var).ok()?;
+    let build = raw.trim().parse().ok().filter(|b| builds.contains(b));
+    if build.is_none() {
+        let names: Vec<String> = builds.iter().map(u32::to_string).collect();
+        eprintln!("warning: {var}={raw:?} names no build (one of {}); ignored", names.join(", "));
+    }
+    build
 }
 
 /// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (3, 4 or 2) pins, if it names one: the
