@@ -111,6 +111,9 @@ fn batch(cfg: &LlamaConfig, rows: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
 #[test]
 fn whole_model_loss_and_every_gradient_match_the_cpu_backend() {
     let Some(c) = cuda() else { return };
+    // Attention autotune on for every pass, however small: the first forward and backward time
+    // every head_dim 64 build inside the model, and the gradients below come from the kept ones.
+    let c = c.with_attention_tuner(kiln::backend::cuda::attn_tune::AttnTuner::new(true, 0.0));
     let cfg = small_config();
     let host = shared_weights(&cfg);
     let (bsz, seq) = (2, 128);
@@ -147,6 +150,10 @@ fn whole_model_loss_and_every_gradient_match_the_cpu_backend() {
         }
     }
     assert!(bad.is_empty(), "gradients off by more than 5e-2: {}", bad.join(", "));
+    // One shape, so one forward and one backward were timed (the second layer ran the kept builds).
+    let tuned: Vec<_> = c.attention_tuning().iter().map(|t| t.pass).collect();
+    use kiln::backend::cuda::attn_tune::Pass;
+    assert_eq!(tuned, [Pass::Forward, Pass::Backward], "{:#?}", c.attention_tuning());
 
     // Per-block recomputation on the GPU reproduces the stored-activation pass.
     let mut rws = Workspace::keeping(&gpu_model, bsz, seq, Keep::BlockInputs).unwrap();

@@ -69,6 +69,12 @@ impl Cuda {
         self.blas.tuning()
     }
 
+    /// The same engine with another attention tuner (tests time every pass of a small model).
+    pub fn with_attention_tuner(mut self, tuner: AttnTuner) -> Cuda {
+        self.attn = Arc::new(tuner);
+        self
+    }
+
     /// What timing chose for each attention pass and shape seen so far (see `attn_tune.rs`).
     pub fn attention_tuning(&self) -> Vec<AttnTuned> {
         self.attn.tuning()
