@@ -6,9 +6,9 @@
 #   scripts/gpu-check.sh            # from the repository root
 #   KILN_GPU_SUMMARY=$OUT/summary.txt scripts/gpu-check.sh   # also write each table row as it is known
 #
-# KILN_GPU_CHECK_SMOKE=1 runs the same stages on small shapes and without the test binaries: how
-# tests/gpu_check_script.rs checks this script's own plumbing on the emulated GPU (its figures mean
-# nothing there).
+# KILN_GPU_CHECK_SMOKE=1 runs the same stages on small shapes and without the test binaries (or
+# those KILN_GPU_CHECK_TESTS names): how tests/gpu_check_script.rs checks this script's own plumbing
+# on the emulated GPU (its figures mean nothing there).
 #
 # Finds the CUDA libraries of the machine's PyTorch install (or TORCH_VENV), gives NCCL the
 # libnccl.so name cudarc loads, and points NVRTC at cuda_bf16.h.
@@ -29,7 +29,7 @@ inc=$(ls -d "$SITE"/nvidia/cu13/include "$SITE"/nvidia/cuda_runtime/include 2>/d
 export KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
 
 if [ "${KILN_GPU_CHECK_SMOKE:-0}" = 1 ]; then
-  COMM_MB=4 TESTS="" ATTN=(--batch 1 --seq 128 --heads 8 --iters 1)
+  COMM_MB=4 TESTS=${KILN_GPU_CHECK_TESTS:-} ATTN=(--batch 1 --seq 128 --heads 8 --iters 1)
   TRAIN=(--preset tiny --batch 2 --seq 64) STEPS=(--steps 1 --warmup 1) FSDP_STEPS=(--steps 1 --warmup 1)
 else
   COMM_MB=256 TESTS="kernels gpu gpu_model gpu_fsdp" ATTN=()
