@@ -327,3 +327,102 @@ fn ranks_the_group_cannot_release_are_reported_after_the_grace_instead_of_hangin
     assert_eq!(seen.lock().unwrap().as_deref(), Some("rank 1 failed: injected fault at step 1"));
     assert!(t.elapsed() >= std::time::Duration::from_millis(300), "reported before the grace ran out");
 }
+
+/// A rank that stops responding without failing (as a node that died does, seen from the others):
+/// its first all-gather waits until the test lets it go.
+struct Hangs {
+    comm: Arc<LocalComm>,
+    hang: bool,
+    released: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl DeviceComm<Cpu> for Hangs {
+    fn start_all_gather(&self, b: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+        if self.hang {
+            let (lock, cv) = &*self.released;
+            let _held = cv.wait_while(lock.lock().unwrap(), |released| !*released).unwrap();
+        }
+        self.comm.start_all_gather(b, shard, out)
+    }
+    fn start_reduce_scatter(&self, b: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+        self.comm.start_reduce_scatter(b, input, out)
+    }
+    fn wait(&self, b: &Cpu, t: Ticket) -> anyhow::Result<()> {
+        self.comm.wait(b, t)
+    }
+    fn take_busy_secs(&self) -> anyhow::Result<f64> {
+        DeviceComm::<Cpu>::take_busy_secs(&*self.comm)
+    }
+}
+
+impl Comm for Hangs {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> anyhow::Result<()> {
+        self.comm.all_gather(shard, out)
+    }
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32]) -> anyhow::Result<()> {
+        self.comm.reduce_scatter(input, out)
+    }
+    fn all_reduce(&self, buf: &mut [f32]) -> anyhow::Result<()> {
+        self.comm.all_reduce(buf)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> anyhow::Result<()> {
+        self.comm.broadcast(buf, root)
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        self.comm.barrier()
+    }
+    fn abort(&self, why: &str) {
+        self.comm.abort(why)
+    }
+}
+
+#[test]
+fn a_rank_that_stops_responding_is_reported_after_the_collective_timeout_instead_of_hanging() {
+    let cfg = tiny();
+    let full = random_weights(&cfg, 0).unwrap();
+    let comms: Vec<Arc<LocalComm>> = local_group(2).into_iter().map(Arc::new).collect();
+    let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let group = comms
+        .iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let comm = Hangs { comm: c.clone(), hang: r == 1, released: released.clone() };
+            Member { backend: Cpu::new(), comm: Box::new(comm) as Box<dyn DeviceComm<Cpu>> }
+        })
+        .collect();
+    let mut f = Fsdp::new(&cfg, &full, None, group, 1, 16, Keep::All).unwrap();
+    f.stall_timeout = Some(std::time::Duration::from_millis(300));
+    // Instead of exiting the process, the test records the report and releases both ranks.
+    let seen = Arc::new(Mutex::new(None::<String>));
+    let (record, comm0, release) = (seen.clone(), comms[0].clone(), released.clone());
+    f.on_stuck = Arc::new(move |why: &str| {
+        *record.lock().unwrap() = Some(why.to_string());
+        comm0.abort("released by the test");
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+    });
+    // Should the limit never fire, this releases the ranks after 10 s, so the test fails instead
+    // of hanging.
+    let (comm0, backstop) = (comms[0].clone(), released.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        comm0.abort("released by the test's backstop");
+        *backstop.0.lock().unwrap() = true;
+        backstop.1.notify_all();
+    });
+    let t = std::time::Instant::now();
+    assert!(f.step(&[batch(&cfg, 2, 16)], 1, 1.0 / 32.0, 1.0, hp()).is_err(), "the step cannot succeed");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(300), "reported before the limit");
+    let why = seen.lock().unwrap().clone().expect("on_stuck was told");
+    assert!(
+        why.starts_with("2 of 2 rank(s) on this node still inside a collective after 0.3 s")
+            && why.contains("parallel.collective_timeout_s"),
+        "{why}"
+    );
+}

@@ -169,11 +169,18 @@ impl Default for CheckpointSection {
 pub struct ParallelSection {
     pub device: String,
     pub world_size: usize,
+    /// Seconds the ranks of a sharded run may spend inside one step's collectives before the run
+    /// ends with an error (a rank on another node died or hung, which no local rank sees); 0 =
+    /// wait forever. PyTorch's NCCL default is the same ten minutes.
+    pub collective_timeout_s: u64,
 }
+
+/// `parallel.collective_timeout_s` when the config does not say.
+pub const DEFAULT_COLLECTIVE_TIMEOUT_S: u64 = 600;
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { device: "cpu".into(), world_size: 1 }
+        ParallelSection { device: "cpu".into(), world_size: 1, collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S }
     }
 }
 

@@ -136,7 +136,9 @@ impl<B: Backend> Trainer<B> {
             // host for the checkpoint until the next step changes them.
             let full = p.host_weights.take().context("FSDP starts from host weights (run::build_on loads them)")?;
             let rows = c.train.micro_batch / world;
-            let f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
+            let mut f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
+            let limit = c.parallel.collective_timeout_s;
+            f.stall_timeout = (limit > 0).then(|| std::time::Duration::from_secs(limit));
             master_host = p.node.leads().then_some(full);
             (None, None, Some(f))
         } else {

@@ -55,6 +55,9 @@ pub struct Fsdp<B: Backend> {
     /// How long the other ranks get to come back after one fails, and what happens if they do not
     /// (see `on_every_rank`).
     pub release_grace: Duration,
+    /// How long the local ranks may stay inside one call's collectives with no failure before
+    /// `on_stuck` is told (a peer elsewhere died or hung; `parallel.collective_timeout_s`).
+    pub stall_timeout: Option<Duration>,
     pub on_stuck: Arc<dyn Fn(&str) + Send + Sync>,
 }
 
@@ -133,6 +136,7 @@ impl<B: Backend> Fsdp<B> {
             ranks,
             fault: None,
             release_grace: Duration::from_secs(30),
+            stall_timeout: Some(Duration::from_secs(crate::config::DEFAULT_COLLECTIVE_TIMEOUT_S)),
             on_stuck: Arc::new(exit_stuck),
         })
     }
@@ -214,9 +218,10 @@ impl<B: Backend> Fsdp<B> {
             ref mut ranks,
             fault,
             release_grace,
+            stall_timeout,
             ref on_stuck,
         } = *self;
-        let results = on_every_rank(ranks, release_grace, &**on_stuck, |rank, i| {
+        let results = on_every_rank(ranks, release_grace, stall_timeout, &**on_stuck, |rank, i| {
             rank.comm_secs = 0.0;
             if fault == Some((i, step)) {
                 bail!("injected fault at step {step}");
@@ -233,7 +238,7 @@ impl<B: Backend> Fsdp<B> {
 
     /// `on_every_rank` over this process's ranks.
     fn each_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-        on_every_rank(&mut self.ranks, self.release_grace, &*self.on_stuck, f)
+        on_every_rank(&mut self.ranks, self.release_grace, self.stall_timeout, &*self.on_stuck, f)
     }
 
     /// `Σ over nodes` of `local` (each node's first rank contributes it, the others zeros): how the
@@ -291,8 +296,8 @@ impl<B: Backend> Fsdp<B> {
         }
         // Shards live on other nodes too: every rank all-gathers each unit in f32 (one unit at a
         // time, so the transient memory is one unit), and the first local rank keeps the result.
-        let Fsdp { ref layouts, ref mut ranks, release_grace, ref on_stuck, .. } = *self;
-        let out = on_every_rank(ranks, release_grace, &**on_stuck, |rank, i| {
+        let Fsdp { ref layouts, ref mut ranks, release_grace, stall_timeout, ref on_stuck, .. } = *self;
+        let out = on_every_rank(ranks, release_grace, stall_timeout, &**on_stuck, |rank, i| {
             let mut units = Vec::new();
             for (u, l) in layouts.iter().enumerate() {
                 let b = rank.b();

@@ -29,12 +29,18 @@ pub(super) fn exit_stuck(why: &str) {
 /// cannot be (kiln does not call `ncclCommAbort`), so if the others have not come back
 /// `release_grace` after the first failure, `on_stuck` gets the failure: by default it prints
 /// it and exits the process, which ends a run that would otherwise hang forever.
+///
+/// With no local failure at all, a rank on another node that died or stalled leaves every local
+/// rank waiting in a collective for good; so if they are not all back `stall` after the call
+/// began (`parallel.collective_timeout_s`), `on_stuck` gets that instead.
 pub(super) fn on_every_rank<B: Backend, T: Send>(
     ranks: &mut [Rank<B>],
     grace: Duration,
+    stall: Option<Duration>,
     on_stuck: &(dyn Fn(&str) + Send + Sync),
     f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
+    let started = Instant::now();
     let f = &f;
     let n = ranks.len();
     let global: Vec<usize> = ranks.iter().map(|r| r.comm.rank()).collect();
@@ -64,17 +70,31 @@ pub(super) fn on_every_rank<B: Backend, T: Send>(
         drop(tx);
         let mut first_failure: Option<(Instant, String)> = None;
         let mut stuck_reported = false;
-        for _ in 0..n {
-            let next = match &first_failure {
-                Some((t, why)) if !stuck_reported => match rx.recv_timeout(grace.saturating_sub(t.elapsed())) {
-                    Ok(x) => Ok(x),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        stuck_reported = true;
-                        on_stuck(why);
-                        rx.recv()
+        for back in 0..n {
+            // Until when the ranks still out may take, and what to report if they overrun it.
+            let limit = match &first_failure {
+                Some((t, why)) => Some((*t + grace, why.clone())),
+                None => stall.map(|d| {
+                    let why = format!(
+                        "{} of {n} rank(s) on this node still inside a collective after {} s: a rank here or on another node stopped responding (the limit is parallel.collective_timeout_s)",
+                        n - back,
+                        d.as_secs_f64()
+                    );
+                    (started + d, why)
+                }),
+            };
+            let next = match limit {
+                Some((at, why)) if !stuck_reported => {
+                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                        Ok(x) => Ok(x),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            stuck_reported = true;
+                            on_stuck(&why);
+                            rx.recv()
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                },
+                }
                 _ => match rx.recv() {
                     Ok(x) => Ok(x),
                     Err(_) => break,
