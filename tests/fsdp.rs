@@ -421,7 +421,7 @@ fn a_rank_that_stops_responding_is_reported_after_the_collective_timeout_instead
     assert!(t.elapsed() >= std::time::Duration::from_millis(300), "reported before the limit");
     let why = seen.lock().unwrap().clone().expect("on_stuck was told");
     assert!(
-        why.starts_with("2 of 2 rank(s) on this node still inside a collective after 0.3 s")
+        why.starts_with("2 of 2 rank(s) on this node still inside the training step after 0.3 s")
             && why.contains("parallel.collective_timeout_s"),
         "{why}"
     );

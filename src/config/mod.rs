@@ -169,9 +169,10 @@ impl Default for CheckpointSection {
 pub struct ParallelSection {
     pub device: String,
     pub world_size: usize,
-    /// Seconds the ranks of a sharded run may spend inside one step's collectives before the run
-    /// ends with an error (a rank on another node died or hung, which no local rank sees); 0 =
-    /// wait forever. PyTorch's NCCL default is the same ten minutes.
+    /// Seconds the ranks of a sharded run may spend inside one training step before the run ends
+    /// with an error (a rank on another node died or hung, which no local rank sees); 0 = wait
+    /// forever. PyTorch's NCCL default is the same ten minutes. The step-boundary agreement is not
+    /// limited: there the other nodes wait for node 0's checkpoint or evaluation.
     pub collective_timeout_s: u64,
 }
 

@@ -55,8 +55,11 @@ pub struct Fsdp<B: Backend> {
     /// How long the other ranks get to come back after one fails, and what happens if they do not
     /// (see `on_every_rank`).
     pub release_grace: Duration,
-    /// How long the local ranks may stay inside one call's collectives with no failure before
-    /// `on_stuck` is told (a peer elsewhere died or hung; `parallel.collective_timeout_s`).
+    /// How long the local ranks may stay inside one step with no failure before `on_stuck` is
+    /// told (a peer elsewhere died or hung; `parallel.collective_timeout_s`). Only the step: every
+    /// node does the same work there, while at the step-boundary agreement and in consolidation
+    /// the other nodes may rightly wait on node 0 writing a checkpoint or evaluating, for as long
+    /// as that takes.
     pub stall_timeout: Option<Duration>,
     pub on_stuck: Arc<dyn Fn(&str) + Send + Sync>,
 }
@@ -238,7 +241,7 @@ impl<B: Backend> Fsdp<B> {
 
     /// `on_every_rank` over this process's ranks.
     fn each_rank<T: Send>(&mut self, f: impl Fn(&mut Rank<B>, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-        on_every_rank(&mut self.ranks, self.release_grace, self.stall_timeout, &*self.on_stuck, f)
+        on_every_rank(&mut self.ranks, self.release_grace, None, &*self.on_stuck, f)
     }
 
     /// `Σ over nodes` of `local` (each node's first rank contributes it, the others zeros): how the
@@ -296,8 +299,8 @@ impl<B: Backend> Fsdp<B> {
         }
         // Shards live on other nodes too: every rank all-gathers each unit in f32 (one unit at a
         // time, so the transient memory is one unit), and the first local rank keeps the result.
-        let Fsdp { ref layouts, ref mut ranks, release_grace, stall_timeout, ref on_stuck, .. } = *self;
-        let out = on_every_rank(ranks, release_grace, stall_timeout, &**on_stuck, |rank, i| {
+        let Fsdp { ref layouts, ref mut ranks, release_grace, ref on_stuck, .. } = *self;
+        let out = on_every_rank(ranks, release_grace, None, &**on_stuck, |rank, i| {
             let mut units = Vec::new();
             for (u, l) in layouts.iter().enumerate() {
                 let b = rank.b();

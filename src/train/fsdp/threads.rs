@@ -76,7 +76,7 @@ pub(super) fn on_every_rank<B: Backend, T: Send>(
                 Some((t, why)) => Some((*t + grace, why.clone())),
                 None => stall.map(|d| {
                     let why = format!(
-                        "{} of {n} rank(s) on this node still inside a collective after {} s: a rank here or on another node stopped responding (the limit is parallel.collective_timeout_s)",
+                        "{} of {n} rank(s) on this node still inside the training step after {} s: a rank here or on another node stopped responding (the limit is parallel.collective_timeout_s)",
                         n - back,
                         d.as_secs_f64()
                     );
