@@ -79,13 +79,12 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     for &build in &fwd_builds {
         match timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build)) {
             Ok(secs) => fwd.push((build, secs)),
-            Err(e) => failed.push((format!("forward ({build} blocks/SM)"), e)),
+            Err(e) => failed.push((format!("forward ({})", flash_attn::fwd_label(build)), e)),
         }
     }
     let (fwd_used, fwd_secs) = fastest(&fwd, "forward", &failed)?;
     // Each backward timed together with the forward it needs, then the forward's time taken off.
     let mut pairs = Vec::new();
-    let mut bwd_failed = Vec::new();
     for &build in &bwd_builds {
         let secs = timed(&mut || {
             flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, fwd_used)?;
@@ -93,10 +92,9 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         });
         match secs {
             Ok(secs) => pairs.push((build, secs)),
-            Err(e) => bwd_failed.push((format!("backward ({})", flash_attn::bwd_label(build)), e)),
+            Err(e) => failed.push((format!("backward ({})", flash_attn::bwd_label(build)), e)),
         }
     }
-    failed.extend(bwd_failed);
     let (bwd_used, secs) = fastest(&pairs, "backward", &failed)?;
     let bwd_secs = |pair: f64| (pair - fwd_secs).max(f64::MIN_POSITIVE);
     let fwd_flops = 4.0 * (s.batch * s.n_head * s.q_len * s.q_len * s.head_dim) as f64 / 2.0;
@@ -116,7 +114,7 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     let several_bwd = flash_attn::bwd_builds(d).len() > 1;
     let bwd_label = |b: u32| if several_bwd { flash_attn::bwd_label(b) } else { "delta, dQ cast incl.".into() };
     let several_fwd = flash_attn::fwd_builds(d).len() > 1;
-    let fwd_label = |b: u32| if several_fwd { format!("{b} blocks/SM") } else { "the one build".into() };
+    let fwd_label = |b: u32| if several_fwd { flash_attn::fwd_label(b) } else { "the one build".into() };
     rows.push((format!("  forward ({})", fwd_label(fwd_used)), rate(fwd_flops, fwd_secs)));
     rows.push((format!("  backward ({})", bwd_label(bwd_used)), rate(2.5 * fwd_flops, bwd_secs(secs))));
     for &(build, f) in fwd.iter().filter(|(b, _)| *b != fwd_used) {

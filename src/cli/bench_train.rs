@@ -91,12 +91,12 @@ fn tuning_line(tuned: &[crate::backend::cuda::gemm::Tuned]) -> String {
 /// ...)`, each build with its time per call.
 fn attention_tuning_line(tuned: &[crate::backend::cuda::attn_tune::AttnTuned]) -> String {
     use crate::backend::cuda::attn_tune::Pass;
-    use crate::backend::cuda::flash_attn::bwd_label;
+    use crate::backend::cuda::flash_attn::{bwd_label, fwd_label};
     if tuned.is_empty() {
         return "not timed (KILN_FA_AUTOTUNE=0, pinned builds, one build per pass at this head_dim, or passes under 4 GFLOP)".into();
     }
     let label = |pass: Pass, b: u32| match pass {
-        Pass::Forward => format!("{b} blocks/SM"),
+        Pass::Forward => fwd_label(b),
         Pass::Backward => bwd_label(b),
     };
     let parts: Vec<String> = tuned

@@ -80,39 +80,34 @@ impl AttnTuner {
     /// The forward through the build timing chose for `s` (see the module comment).
     pub fn forward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
         let d = s.head_dim;
-        self.run(
-            gpu,
-            Pass::Forward,
-            s,
-            flash_attn::fwd_builds(d),
-            flash_attn::fwd_pinned(d),
-            flash_attn::fwd_default(d),
-            run,
-        )
+        let builds = || flash_attn::fwd_builds(d).to_vec();
+        self.run(gpu, Pass::Forward, s, &builds, flash_attn::fwd_pinned(d), flash_attn::fwd_default(d), run)
     }
 
     /// The backward through the build timing chose for `s`, among those that fit the device.
     pub fn backward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
         let d = s.head_dim;
-        let builds: Vec<u32> =
-            flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(gpu, d, b)).collect();
+        let builds =
+            || flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(gpu, d, b)).collect();
         let (pinned, default) = (flash_attn::bwd_pinned(gpu, d), flash_attn::bwd_default(gpu, d));
         self.run(gpu, Pass::Backward, s, &builds, pinned, default, run)
     }
 
+    /// `builds` lists the candidates; it is called only the first time a shape is seen, so the
+    /// step's later passes cost one map lookup.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         gpu: &Gpu,
         pass: Pass,
         s: AttnShape,
-        builds: &[u32],
+        builds: &dyn Fn() -> Vec<u32>,
         pinned: Option<u32>,
         default: u32,
         run: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<()> {
-        // One build, a pinned build or a small pass is not timed.
-        if builds.len() < 2 || !self.enabled || forward_flops(&s) < self.min_flops {
+        // A pinned build or a small pass is not timed.
+        if !self.enabled || forward_flops(&s) < self.min_flops {
             return run(pinned.unwrap_or(default));
         }
         if let Some(b) = pinned {
@@ -123,10 +118,16 @@ impl AttnTuner {
         if let Some(b) = known {
             return run(b);
         }
+        let builds = builds();
+        if builds.len() < 2 {
+            // One build (this head_dim has no alternatives): nothing to time, now or later.
+            self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.insert(k, default);
+            return run(default);
+        }
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (gpu.ctx.new_event(timing)?, gpu.ctx.new_event(timing)?);
         let mut times_ms = Vec::with_capacity(builds.len());
-        for &b in builds {
+        for &b in &builds {
             let mut time = || -> Result<f32> {
                 run(b)?;
                 start.record(&gpu.stream)?;

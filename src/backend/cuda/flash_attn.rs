@@ -153,11 +153,16 @@ pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
     }
 }
 
-/// How `kiln bench attention` and the tests name a backward build.
+/// How `kiln bench attention`, `kiln bench train` and the tests name a forward build.
+pub fn fwd_label(blocks: u32) -> String {
+    format!("{blocks} blocks/SM")
+}
+
+/// How `kiln bench attention`, `kiln bench train` and the tests name a backward build.
 pub fn bwd_label(blocks: u32) -> String {
     match blocks {
         1 => "1 block/SM of 8 warps".into(),
-        b => format!("{b} blocks/SM"),
+        b => fwd_label(b),
     }
 }
 
