@@ -5,8 +5,8 @@ Under the causal mask a forward block of query tile qb visits qb + 1 key tiles, 
 of key tile kb visits (n - kb) query tiles of each of its group's heads, so block durations differ
 up to n-fold. The GPU hands blocks to free slots in launch order; this replays that greedy dispatch
 for TinyLlama's attention (batch 8, seq 2048, 32 heads / 4 KV heads, 64-row tiles) on an H100/H200
-(132 SMs, 3 forward and 2 or 3 backward blocks resident per SM by ptxas' register counts, or one
-8-warp backward block of 128 keys) and prints each
+(132 SMs; 4 or 5 forward blocks of 64 queries or 2 of 128, and 2 or 3 backward blocks, resident
+per SM by ptxas' register counts, or one 8-warp backward block of 128 keys) and prints each
 order's finishing time against the ideal (total work / slots). kernels/flash_attn.cu launches
 heaviest first; the old grids put the tile index in the fastest dimension.
 
@@ -33,7 +33,14 @@ def report(name, old, new, slots):
 n = SEQ // TILE
 fwd_old = [qb + 1 for _b in range(BATCH) for _h in range(HEADS) for qb in range(n)]
 fwd_new = [qb + 1 for qb in reversed(range(n)) for _b in range(BATCH) for _h in range(HEADS)]
-report("forward (3 blocks/SM)", fwd_old, fwd_new, 3 * SMS)
+report("forward (4 blocks/SM)", fwd_old, fwd_new, 4 * SMS)
+report("forward (5 blocks/SM)", fwd_old, fwd_new, 5 * SMS)
+
+# The two-m-tile forward: 128-query blocks, two per SM; block qb visits 2·qb + 2 key tiles with
+# twice a 64-query block's rows.
+fwd2_old = [2 * (2 * qb + 2) for _b in range(BATCH) for _h in range(HEADS) for qb in range(n // 2)]
+fwd2_new = [2 * (2 * qb + 2) for qb in reversed(range(n // 2)) for _b in range(BATCH) for _h in range(HEADS)]
+report("forward (2 blocks/SM of 128 queries)", fwd2_old, fwd2_new, 2 * SMS)
 
 group = HEADS // KV_HEADS
 bwd_old = [(n - kb) * group for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n)]

@@ -38,6 +38,22 @@ __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsign
 #endif
 }
 
+// 2^x on the special-function unit alone (ex2.approx.ftz: relative error ~2^-22, subnormal results
+// flushed to zero). exp2f keeps subnormal results exact, which costs a compare and two multiplies
+// around every MUFU.EX2 (ptxas, sm_90), and the softmax issues one exponential per score: in the
+// head_dim 64 forward that made a third of the main loop's instructions. A probability under
+// 2^-126 adds nothing to a row whose largest term is 1.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef KILN_CPU_EMULATION
+    const float y = exp2f(x);
+    return y < 0x1p-126f ? 0.0f : y;
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 __device__ __forceinline__ unsigned pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
@@ -243,20 +259,27 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
         for (int mt = 0; mt < MT; ++mt) {
             // Only tiles that reach past this m-tile's first row, or past the keys, need the mask.
             const bool edge = j0 + BC - 1 > q_pos0 + row0 + 16 * mt || j0 + BC > kv_len;
-            float mx[2] = {m[mt][0], m[mt][1]};
+            // The row maximum is taken over the raw scores and scaled once per row, so that each
+            // score costs one FFMA and one MUFU.EX2 on its way to a probability (FA2's form).
+            // The mask is a pass of its own under one branch, so that the tiles without it (all
+            // but the diagonal's) do not issue its compares: folded into the maximum below, it is
+            // compiled to predicated instructions that every tile issues.
+            if (edge) {
+#pragma unroll
+                for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = e < 2 ? rlo[mt] : rhi[mt];
+                        const int key = j0 + nt * 8 + 2 * tq + (e & 1);
+                        if (key > q_pos0 + row || key >= kv_len) s[mt][nt][e] = -INFINITY;
+                    }
+                }
+            }
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[mt][nt][e] * sl2;
-                    if (edge) {
-                        const int row = e < 2 ? rlo[mt] : rhi[mt];
-                        const int key = j0 + nt * 8 + 2 * tq + (e & 1);
-                        if (key > q_pos0 + row || key >= kv_len) x = -INFINITY;
-                    }
-                    s[mt][nt][e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                }
+                for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
             }
             float alpha[2], mref[2];
 #pragma unroll
@@ -264,16 +287,17 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
                 // The four threads of a quad share a row.
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                mref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row with no key yet stays all zero
-                alpha[i] = exp2f(m[mt][i] - mref[i]);
-                m[mt][i] = mx[i];
+                const float mnew = fmaxf(m[mt][i], mx[i] * sl2);  // log2 domain (scale > 0)
+                mref[i] = mnew == -INFINITY ? 0.0f : mnew;  // a row with no key yet stays all zero
+                alpha[i] = exp2_ftz(m[mt][i] - mref[i]);
+                m[mt][i] = mnew;
                 l[mt][i] *= alpha[i];
             }
 #pragma unroll
             for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[mt][nt][e] = exp2f(s[mt][nt][e] - mref[e >> 1]);
+                    s[mt][nt][e] = exp2_ftz(fmaf(s[mt][nt][e], sl2, -mref[e >> 1]));
                     l[mt][e >> 1] += s[mt][nt][e];
                 }
             }
@@ -335,7 +359,9 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
 // keys, FA2's own block for head_dim 64) every Q/dO tile brought into shared memory serves twice
 // the keys, and dQ gets half as many atomic additions per FLOP; the dQ phase then splits the
 // tile's 64 queries × D between the warps as 4 query m-tiles × NW/4 column groups.
-template <int D, int NW = 4>
+// LEAN (the 3-block build, held to 168 registers): the softmax pass has one copy, with the mask
+// predicated, since a second copy costs registers that build does not have.
+template <int D, int NW = 4, bool LEAN = false>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
@@ -478,19 +504,31 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             // Only sub-tiles where one of this warp's keys lies past the first query, or past the
             // keys, need the mask (padding queries are zeroed by their infinite logsumexp either way).
             const bool edge = j0 + warp * 16 + 15 > q_pos0 + i0 + q0 || j0 + warp * 16 + 16 > kv_len;
+            // Pᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − delta), in one pass. The two calls below inline into two
+            // copies, so tiles off the diagonal issue none of the mask's compares (if-converted
+            // into the one pass they would; as a pass of its own the mask made the 3-block build spill).
+            auto probs = [&](bool masked) {
 #pragma unroll
-            for (int nt = 0; nt < QB / 8; ++nt) {
+                for (int nt = 0; nt < QB / 8; ++nt) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
-                    float pr = exp2f(p[nt][e] * sl2 - lse_s[qi] * LOG2E);
-                    if (edge) {
-                        const int key = j0 + (e < 2 ? klo : khi);
-                        if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                    for (int e = 0; e < 4; ++e) {
+                        const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
+                        float pr = exp2_ftz(fmaf(p[nt][e], sl2, -lse_s[qi] * LOG2E));
+                        if (masked) {
+                            const int key = j0 + (e < 2 ? klo : khi);
+                            if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                        }
+                        p[nt][e] = pr;
+                        dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);
                     }
-                    p[nt][e] = pr;
-                    dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);  // dSᵀ
                 }
+            };
+            if (LEAN) {
+                probs(edge);
+            } else if (edge) {
+                probs(true);
+            } else {
+                probs(false);
             }
             // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
 #pragma unroll
@@ -599,15 +637,17 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d32(bf16* out, 
     fwd<32>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
 
+// ptxas gives this build 99 registers (sm_90), so 4 blocks share an SM. (Held to 128 by
+// __launch_bounds__(128, 4) it spills 24 bytes instead: ptxas schedules differently under a bound.)
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {
     fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
-// The same forward held to 128 registers so that 4 blocks share an SM instead of 3 (ptxas spills 20
-// bytes for it on sm_90). Which is faster is for a card to say: `kiln bench attention` times both, and
-// the engine takes this one only with KILN_FA_FWD_D64_BLOCKS=4.
-extern "C" __global__ void __launch_bounds__(128, 4) flash_attn_fwd_d64_4(bf16* out, float* lse, const bf16* q,
+// The same forward held to 102 registers so that 5 blocks share an SM (96 registers; ptxas spills 16
+// bytes outside the main loop). Which is faster is for a card to say: `kiln bench attention` times
+// both, and the engine takes this one only if it wins there or with KILN_FA_FWD_D64_BLOCKS=5.
+extern "C" __global__ void __launch_bounds__(128, 5) flash_attn_fwd_d64_5(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {
     fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
@@ -664,9 +704,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d64(float* dq_a
 extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
+    bwd<64, 4, true>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
+                     scale);
 }
-// The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 251
+// The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 250
 // registers, no spill; 8 warps per SM, as two 4-warp blocks give): each Q/dO tile loaded serves
 // twice the keys and dQ takes half the atomics per FLOP, but a block's barriers now stall every
 // warp on its SM. `kiln bench attention` times it; KILN_FA_BWD_D64_BLOCKS=1 makes the engine use it.

@@ -87,7 +87,7 @@ fn tuning_line(tuned: &[crate::backend::cuda::gemm::Tuned]) -> String {
     )
 }
 
-/// The attention builds timing chose, pass by pass: `forward: 2 blocks/SM (3 blocks/SM 1.02 ms,
+/// The attention builds timing chose, pass by pass: `forward: 2 blocks/SM (4 blocks/SM 1.02 ms,
 /// ...)`, each build with its time per call.
 fn attention_tuning_line(tuned: &[crate::backend::cuda::attn_tune::AttnTuned]) -> String {
     use crate::backend::cuda::attn_tune::Pass;

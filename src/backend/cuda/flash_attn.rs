@@ -12,7 +12,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_fwd_d32",
         "flash_attn_fwd_d64",
         "flash_attn_fwd_d64_2",
-        "flash_attn_fwd_d64_4",
+        "flash_attn_fwd_d64_5",
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
         "flash_attn_bwd_d32",
@@ -126,23 +126,27 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
     }
 }
 
-/// The builds of the head_dim 64 forward, by the blocks per SM each is compiled for: 3 (the default
-/// entry point, 64 queries per block), 4 (`flash_attn_fwd_d64_4`, held to 128 registers) or 2
+/// The builds of the head_dim 64 forward, by the blocks per SM each is compiled for: 4 (the default
+/// entry point, 64 queries per block, 99 registers), 5 (`flash_attn_fwd_d64_5`, held to 102) or 2
 /// (`flash_attn_fwd_d64_2`, 128 queries per block: two m-tiles per warp, so each K/V fragment read
 /// from shared memory feeds twice the tensor-core work). Other head sizes have one build.
-pub const FWD_D64_BUILDS: [u32; 3] = [3, 4, 2];
+pub const FWD_D64_BUILDS: [u32; 3] = [4, 5, 2];
 
 /// The forward builds at `head_dim` (`attn_tune` times them when there are several).
 pub fn fwd_builds(head_dim: usize) -> &'static [u32] {
     if head_dim == 64 {
         &FWD_D64_BUILDS
     } else {
-        &[3]
+        &[FWD_DEFAULT_BUILD]
     }
 }
 
+/// The head_dim 64 forward build run untimed (64 queries per block, the least work wasted on a
+/// short query), and the name the one build of other head sizes goes by.
+const FWD_DEFAULT_BUILD: u32 = 4;
+
 /// The builds of the backward, by blocks per SM: 2 (4 warps and 64 keys per block: head_dim 64 at
-/// 186 registers, 128 at 249), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
+/// 247 registers, 128 at 254), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
 /// atomics, and at head_dim 128 the one block has room for two query stages).
 pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
@@ -186,7 +190,7 @@ fn env_build(var: &str, builds: &[u32]) -> Option<u32> {
     build
 }
 
-/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (3, 4 or 2) pins, if it names one: the
+/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (4, 5 or 2) pins, if it names one: the
 /// engine then runs it instead of timing every build (`attn_tune`).
 pub fn fwd_pinned(head_dim: usize) -> Option<u32> {
     static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
@@ -196,9 +200,9 @@ pub fn fwd_pinned(head_dim: usize) -> Option<u32> {
     }
 }
 
-/// The forward build run untimed: the pinned one, else 3 blocks per SM at head_dim 64.
+/// The forward build run untimed: the pinned one, else 4 blocks per SM at head_dim 64.
 pub fn fwd_default(head_dim: usize) -> u32 {
-    fwd_pinned(head_dim).unwrap_or(3)
+    fwd_pinned(head_dim).unwrap_or(FWD_DEFAULT_BUILD)
 }
 
 /// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3 or 1) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
@@ -233,7 +237,7 @@ fn fwd_queries_per_block(head_dim: usize, d64_blocks: u32) -> usize {
 }
 
 /// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
-/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (3, 4 or 2; see `FWD_D64_BUILDS`;
+/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (4, 5 or 2; see `FWD_D64_BUILDS`;
 /// other head sizes have one build and ignore it).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -254,7 +258,7 @@ pub fn forward(
         return Ok(());
     }
     let entry = match (d, d64_blocks) {
-        ("d64", 4) => "flash_attn_fwd_d64_4".to_string(),
+        ("d64", 5) => "flash_attn_fwd_d64_5".to_string(),
         ("d64", 2) => "flash_attn_fwd_d64_2".to_string(),
         _ => format!("flash_attn_fwd_{d}"),
     };
