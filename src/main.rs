@@ -165,7 +165,7 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
-    /// Measure CPU throughput: GEMM, training forward+backward, decoding
+    /// Measure throughput: CPU GEMM, training, decoding; subcommands: GPU attention, a training step, the dashboard
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
