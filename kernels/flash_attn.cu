@@ -59,13 +59,6 @@ __device__ __forceinline__ unsigned pack(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-__device__ __forceinline__ unsigned pack(bf16 lo, bf16 hi) {
-    __nv_bfloat162 v;
-    v.x = lo;
-    v.y = hi;
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
 // Four 8×8 bf16 matrices from shared memory in one instruction: lane 8j + i gives the address of
 // row i of matrix j (16-byte aligned); register j receives matrix j's row lane/4, columns
 // 2·(lane%4) and +1 — or, transposed, its rows 2·(lane%4) and +1 of column lane/4. Either way

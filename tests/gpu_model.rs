@@ -360,3 +360,32 @@ fn the_gpu_benchmarks_run_and_report_every_row() {
         assert!(row(&format!("backward ({label})")).contains("TFLOP/s"));
     }
 }
+
+/// A driver older than CUDA 13.0 (kiln's bindings call symbols it lacks, and cudarc panics on a
+/// missing one), or an NVRTC newer than the driver (which then refuses its PTX), is one line that
+/// says what to change, before any kernel is compiled. Only the stand-in can be told its versions.
+#[test]
+fn a_driver_too_old_for_kiln_or_for_its_nvrtc_is_one_line() {
+    if !common::emulated_gpu::emulated() {
+        return;
+    }
+    let cases = [
+        (
+            "KILN_FAKE_DRIVER_VERSION",
+            "12080",
+            "the NVIDIA driver supports CUDA 12.8; kiln's CUDA backend needs CUDA 13.0",
+        ),
+        ("KILN_FAKE_NVRTC_VERSION", "13.2", "NVRTC is CUDA 13.2, newer than the driver's CUDA 13.0"),
+    ];
+    for (var, value, want) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["bench", "train", "--preset", "tiny", "--batch", "1", "--seq", "16", "--steps", "1"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{var}={value}: not one line: {err}");
+        assert!(err.contains(want), "{var}={value}: {err}");
+    }
+}

@@ -1,9 +1,10 @@
 //! Every kernel in kernels/ compiles with NVRTC for compute_80 (A100) and compute_90 (H100/H200),
-//! with no GPU needed, and every entry point its launcher calls is in the PTX. NVRTC comes from the
+//! and assembles for sm_80 and sm_90, with no GPU needed, and every entry point its launcher calls
+//! is in the PTX. NVRTC comes from the
 //! pip wheels nvidia-cuda-nvrtc==13.0.88 and nvidia-cuda-runtime==13.0.96 (.ci/run installs them);
 //! without them the compile part is skipped with a note, unless KILN_REQUIRE_NVRTC=1.
 
-use kiln::backend::cuda::kernels::{cache_path, compile, compile_cached, entry_points, include_dir, ALL};
+use kiln::backend::cuda::kernels::{assemble, cache_path, compile, compile_cached, entry_points, include_dir, ALL};
 use kiln::backend::cuda::libs::{require, CudaLib};
 
 #[test]
@@ -47,6 +48,13 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     };
     let mut failures = Vec::new();
     for k in ALL {
+        // Assembled too, as the driver will at load: inline PTX is only text to NVRTC's compiler.
+        for sm in ["sm_80", "sm_90"] {
+            match assemble(k, sm, &include) {
+                Ok(bytes) => assert!(bytes > 0, "kernels/{}.cu: empty machine code for {sm}", k.name),
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
         for arch in ["compute_80", "compute_90"] {
             match compile(k, arch, &include) {
                 Ok(ptx) => {

@@ -128,17 +128,17 @@ impl NcclComm {
         Ok(())
     }
 
+    // The `*_device` collectives run on the communication stream with no ordering against any
+    // other stream: their buffers must live on it (allocated on `stream()`, as the staged `Comm`
+    // path and comm-check do). An engine's own buffers go through `start`, which orders first.
+
     /// `out = concat over ranks of shard`, on the GPU.
-    pub fn all_gather_device<T: NcclType + DeviceRepr>(
-        &self,
-        shard: &CudaSlice<T>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()> {
+    fn all_gather_device<T: NcclType + DeviceRepr>(&self, shard: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
         self.with(|i| i.all_gather(shard, out))
     }
 
     /// `out = Σ over ranks of input[rank·len..(rank+1)·len]`, on the GPU.
-    pub fn reduce_scatter_device<T: NcclType + DeviceRepr>(
+    fn reduce_scatter_device<T: NcclType + DeviceRepr>(
         &self,
         input: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
@@ -164,13 +164,14 @@ impl NcclComm {
         Ok(Ticket(id))
     }
 
+    /// `buf = Σ over ranks of buf`, in place; `buf` must live on `stream()` (see above).
     pub fn all_reduce_device(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
         self.with(|i| {
             i.comm.all_reduce_in_place(buf, &ReduceOp::Sum).map(|_| ()).map_err(|e| nccl_err("all_reduce", e))
         })
     }
 
-    pub fn broadcast_device(&self, buf: &mut CudaSlice<f32>, root: usize) -> Result<()> {
+    fn broadcast_device(&self, buf: &mut CudaSlice<f32>, root: usize) -> Result<()> {
         self.with(|i| i.comm.broadcast_in_place(buf, root as i32).map(|_| ()).map_err(|e| nccl_err("broadcast", e)))
     }
 

@@ -178,8 +178,10 @@ static const char* const ptx_mark = "// kiln fake PTX\n";
 extern "C" {
 
 CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+// CUDA 13.0, or what KILN_FAKE_DRIVER_VERSION says (tests of kiln's version checks).
 CUresult cuDriverGetVersion(int* v) {
-    *v = 13000;
+    const char* told = std::getenv("KILN_FAKE_DRIVER_VERSION");
+    *v = told ? std::atoi(told) : 13000;
     return CUDA_SUCCESS;
 }
 // Two devices, so FSDP over NCCL has a world of two. They share the host's memory, as GPUs with
@@ -401,9 +403,11 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
 struct FakeProgram {
     std::string ptx;
 };
+// 13.0, or KILN_FAKE_NVRTC_VERSION as "major.minor".
 int nvrtcVersion(int* major, int* minor) {
     *major = 13;
     *minor = 0;
+    if (const char* told = std::getenv("KILN_FAKE_NVRTC_VERSION")) std::sscanf(told, "%d.%d", major, minor);
     return 0;
 }
 int nvrtcCreateProgram(void** prog, const char* src, const char* name, int, const char* const*, const char* const*) {

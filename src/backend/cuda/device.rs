@@ -39,8 +39,9 @@ pub struct Gpu {
     _modules: Vec<Arc<CudaModule>>,
 }
 
-/// NVRTC's name for a compute capability. Unknown (newer) devices get the newest PTX we know,
-/// which the driver compiles forward.
+/// NVRTC's name for a compute capability. A device this list does not know gets PTX for the
+/// newest architecture below it that the kernels tell apart (their Hopper paths are compiled
+/// for `__CUDA_ARCH__ >= 900`), which the driver compiles forward.
 fn arch_of(major: i32, minor: i32) -> &'static str {
     match (major, minor) {
         (8, 0) => "compute_80",
@@ -50,14 +51,49 @@ fn arch_of(major: i32, minor: i32) -> &'static str {
         (9, 0) => "compute_90",
         (10, 0) => "compute_100",
         (12, 0) => "compute_120",
+        (m, _) if m >= 9 => "compute_90",
         _ => "compute_80",
     }
+}
+
+/// The CUDA version the driver supports and the one NVRTC comes from, as 1000·major + 10·minor.
+/// kiln's bindings are CUDA 13.0's (an older driver lacks symbols they call, and cudarc panics on a
+/// missing one), and a driver refuses PTX from a newer toolkit than its own, so both are checked
+/// before any kernel is compiled: one line that says what to change, not a refusal per kernel.
+fn check_versions() -> Result<()> {
+    let (mut driver, mut major, mut minor) = (0, 0, 0);
+    // SAFETY: the driver and NVRTC are present (`require` ran first); the calls only write integers.
+    unsafe {
+        cudarc::driver::sys::cuDriverGetVersion(&mut driver).result()?;
+        if cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+            anyhow::bail!("NVRTC does not report its version");
+        }
+    }
+    let nvrtc = 1000 * major + 10 * minor;
+    let show = |v: i32| format!("{}.{}", v / 1000, v % 1000 / 10);
+    if driver < 13000 {
+        anyhow::bail!(
+            "the NVIDIA driver supports CUDA {}; kiln's CUDA backend needs CUDA 13.0 or newer (driver 580 or later)",
+            show(driver)
+        );
+    }
+    if nvrtc > driver {
+        anyhow::bail!(
+            "NVRTC is CUDA {}, newer than the driver's CUDA {}, which cannot load the PTX it makes: put CUDA {}'s NVRTC first on LD_LIBRARY_PATH (pip: nvidia-cuda-nvrtc=={}.*), or update the driver",
+            show(nvrtc),
+            show(driver),
+            show(driver),
+            show(driver)
+        );
+    }
+    Ok(())
 }
 
 impl Gpu {
     /// Opens GPU `ordinal` and compiles (or loads from the cache) every kernel for it.
     pub fn open(ordinal: usize) -> Result<Gpu> {
         require("the CUDA backend", &[CudaLib::Driver, CudaLib::Nvrtc])?;
+        check_versions()?;
         let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e:?}"))? as usize;
         if ordinal >= count {
             anyhow::bail!("GPU {ordinal} requested, this machine has {count}");
@@ -119,6 +155,17 @@ impl Gpu {
 
     pub fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).with_context(|| format!("no kernel entry point {name}"))
+    }
+
+    /// The entry point `name`, allowed `bytes` of dynamic shared memory (past the 48 KiB default
+    /// a kernel must opt in). Binds the context first: cuFuncSetAttribute, unlike cudarc's
+    /// launches and copies, does not, and FSDP's rank threads are fresh every step.
+    pub fn function_with_shared(&self, name: &str, bytes: usize) -> Result<&CudaFunction> {
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let f = self.function(name)?;
+        self.ctx.bind_to_thread()?;
+        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
+        Ok(f)
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -27,7 +27,6 @@ pub const KERNEL: Kernel = Kernel {
 use super::cast;
 use crate::backend::AttnShape;
 use anyhow::bail;
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use half::bf16;
 
 const BR: usize = 64;
@@ -262,10 +261,9 @@ pub fn forward(
         ("d64", 2) => "flash_attn_fwd_d64_2".to_string(),
         _ => format!("flash_attn_fwd_{d}"),
     };
-    let f = gpu.function(&entry)?;
     let smem = fwd_shared_bytes(s.head_dim);
+    let f = gpu.function_with_shared(&entry, smem)?;
     let per_block = fwd_queries_per_block(s.head_dim, d64_blocks);
-    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let shape_args = ShapeArgs::new(&s);
     // Query blocks in the slowest grid dimension: the kernel runs the last (heaviest) ones first.
     let cfg = LaunchConfig {
@@ -330,10 +328,9 @@ pub fn backward(
             .launch(cfg)
     }?;
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
-    let f = gpu.function(&entry)?;
     let keys = bwd_keys_per_block(blocks);
     let smem = bwd_shared_bytes(s.head_dim, blocks);
-    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let f = gpu.function_with_shared(&entry, smem)?;
     let shape_args = ShapeArgs::new(&s);
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {

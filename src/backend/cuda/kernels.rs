@@ -63,13 +63,16 @@ pub fn include_dir() -> Result<PathBuf> {
     )
 }
 
+/// What NVRTC is told besides the architecture and include path (part of the cache key).
+const OPTIONS: &[&str] = &["--std=c++17"];
+
 /// PTX for `kernel` on `arch` (e.g. "compute_90"), straight from NVRTC.
 pub fn compile(kernel: &Kernel, arch: &'static str, include: &Path) -> Result<String> {
     require("compiling CUDA kernels", &[CudaLib::Nvrtc])?;
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         include_paths: vec![include.display().to_string()],
-        options: vec!["--std=c++17".into()],
+        options: OPTIONS.iter().map(|o| o.to_string()).collect(),
         name: Some(format!("{}.cu", kernel.name)),
         ..Default::default()
     };
@@ -83,12 +86,50 @@ pub fn compile(kernel: &Kernel, arch: &'static str, include: &Path) -> Result<St
     Ok(ptx.to_src())
 }
 
-/// Where `compile_cached` keeps `kernel`'s PTX for `arch`: keyed by the source, the architecture
-/// and the NVRTC version (a driver refuses PTX from a newer toolkit than its own, so PTX from one
-/// NVRTC must not be served to a run using another).
+/// Bytes of machine code for `kernel` on `sm` (e.g. "sm_90"): NVRTC compiles, then assembles the
+/// PTX as the driver does when it loads it, so inline PTX the assembler rejects (an `mma.sync`,
+/// `ldmatrix` or `cp.async` typo) fails here, with no GPU. The loader itself keeps handing the
+/// driver PTX (`compile`), which any later device can compile forward.
+pub fn assemble(kernel: &Kernel, sm: &str, include: &Path) -> Result<usize> {
+    use cudarc::nvrtc::{result, sys};
+    require("assembling CUDA kernels", &[CudaLib::Nvrtc])?;
+    let src = std::ffi::CString::new(kernel.full_source())?;
+    let name = std::ffi::CString::new(format!("{}.cu", kernel.name))?;
+    let mut opts = vec![format!("--gpu-architecture={sm}"), format!("--include-path={}", include.display())];
+    opts.extend(OPTIONS.iter().map(|o| o.to_string()));
+    let prog = result::create_program(&src, Some(&name))?;
+    // SAFETY: `prog` is live from create_program until destroy_program below, and the CUBIN buffer
+    // is sized by NVRTC's own report.
+    unsafe {
+        let out = match result::compile_program(prog, &opts) {
+            Ok(()) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+                let mut cubin = vec![0 as std::ffi::c_char; size];
+                sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr()).result()?;
+                Ok(size)
+            }
+            Err(_) => {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+                let log = String::from_utf8_lossy(&log).replace('\n', " | ");
+                Err(anyhow::anyhow!("kernels/{}.cu does not assemble for {sm}: {log}", kernel.name))
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
+/// Where `compile_cached` keeps `kernel`'s PTX for `arch`: keyed by the source, the architecture,
+/// NVRTC's options and its version (a driver refuses PTX from a newer toolkit than its own, so PTX
+/// from one NVRTC must not be served to a run using another).
 pub fn cache_path(kernel: &Kernel, arch: &'static str) -> PathBuf {
     use sha2::{Digest, Sha256};
-    let key = format!("{:x}", Sha256::digest(format!("{arch}\n{}\n{}", nvrtc_version(), kernel.full_source())));
+    let key = format!(
+        "{:x}",
+        Sha256::digest(format!("{arch}\n{}\n{}\n{}", nvrtc_version(), OPTIONS.join(" "), kernel.full_source()))
+    );
     cache_dir().join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]))
 }
 

@@ -64,12 +64,8 @@ pub fn backward<T: Elem>(
     if rows == 0 {
         return Ok(());
     }
-    let f = gpu.function(&format!("rmsnorm_bwd_{}", T::SUFFIX))?;
     // One f32 per column of dynamic shared memory: past 48 KiB (d > 12288) the limit must be raised.
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        (d * 4) as i32,
-    )?;
+    let f = gpu.function_with_shared(&format!("rmsnorm_bwd_{}", T::SUFFIX), d * 4)?;
     let (rows32, d32, per) = (rows as i32, d as i32, ROWS_PER_BLOCK as i32);
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
