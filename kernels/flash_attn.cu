@@ -412,6 +412,10 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     // tile, so at head_dim 32 and 64 they stay in registers (16 and 32 of them) instead of being
     // re-read from shared memory per tile; at 128 that would be 64 registers the kernel does not have.
     constexpr bool HOIST = D <= 64;
+    // dSᵀ goes to shared memory as the bf16 pairs packed for dK's mma, one 4-byte store per pair
+    // (15 fewer instructions per trip at head_dim 64), except where ptxas did worse with it: in
+    // the 3-block build it spilled, and at head_dim 128 it cost 4 to 11 instructions per trip.
+    constexpr bool PACKED_DS = !LEAN && D <= 64;
     constexpr int QH = D == 128 ? 2 : 1, QB = BR / QH;
     auto kv_frags = [&](unsigned ka[4], unsigned va[4], int kk) {
         const int c = kk * 16 + 2 * tq;
@@ -533,6 +537,16 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                                         pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
                                         pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
                 const int r0 = q0 + kk * 16;
+                if constexpr (PACKED_DS) {
+                    // dSᵀ to shared memory for the dQ phase below, as the pairs just packed: each
+                    // is one key row's two adjacent queries, one 4-byte store (conflict-free: the
+                    // eight rows of a warp's stores start 4 banks apart).
+                    auto put = [&](int key, int qi, unsigned v) { *reinterpret_cast<unsigned*>(dSs + key * SS + qi) = v; };
+                    put(klo, r0 + 2 * tq, sa[0]);
+                    put(khi, r0 + 2 * tq, sa[1]);
+                    put(klo, r0 + 8 + 2 * tq, sa[2]);
+                    put(khi, r0 + 8 + 2 * tq, sa[3]);
+                }
 #pragma unroll
                 for (int nt = 0; nt < D / 8; nt += 2) {
                     unsigned bo[4], bq[4];
@@ -544,15 +558,16 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                     mma16816(dK[nt + 1], sa, bq[2], bq[3]);
                 }
             }
-            // dSᵀ to shared memory, for dQ = dS·K over all the block's keys. (Packing each pair
-            // into one 4-byte store made ptxas spill the 3-block build; these stores are conflict-free.)
+            if constexpr (!PACKED_DS) {
+                // dSᵀ one value at a time (see PACKED_DS).
 #pragma unroll
-            for (int nt = 0; nt < QB / 8; ++nt) {
-                const int qi = q0 + nt * 8 + 2 * tq;
-                dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
-                dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
-                dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
-                dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+                for (int nt = 0; nt < QB / 8; ++nt) {
+                    const int qi = q0 + nt * 8 + 2 * tq;
+                    dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
+                    dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
+                    dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
+                    dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
+                }
             }
         }
         __syncthreads();  // dSᵀ is complete, and Q, dO and the row statistics are no longer read
