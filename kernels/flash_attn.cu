@@ -9,7 +9,8 @@
 // K/V through shared memory; scores, the online softmax and the output stay in registers (the
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
 // Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys and 8 warps in the
-// builds for one block per SM) and walks every query tile of every query head of its
+// builds for one block per SM, or 4 warps × 32 keys in the head_dim 64 build with two m-tiles
+// per warp) and walks every query tile of every query head of its
 // group, so dK and dV are summed in registers and written once (no repeated K/V, no atomics); dQ
 // is accumulated in f32 with atomics and cast at the end.
 // Both stream their tiles with cp.async into a second buffer while the current one is computed on
@@ -354,7 +355,11 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
 // tile's 64 queries × D between the warps as 4 query m-tiles × NW/4 column groups.
 // LEAN (the 3-block build, held to 168 registers): the softmax pass has one copy, with the mask
 // predicated, since a second copy costs registers that build does not have.
-template <int D, int NW = 4, bool LEAN = false>
+// MT: 16-key m-tiles per warp. With MT = 2 a warp owns 32 keys, so every Q/dO fragment it reads
+// from shared memory feeds two mma.sync instead of one (the backward's five GEMMs read their B
+// operands from shared memory, which bounds it before the tensor cores do); the queries then go
+// in sub-tiles of 16 so that Pᵀ and dPᵀ for both m-tiles fit beside the accumulators.
+template <int D, int NW = 4, bool LEAN = false, int MT = 1>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
@@ -362,7 +367,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     // would cost a block per SM (the one buffer is refilled during the dQ phase, which no longer
     // reads it); two again at 128 with 8 warps, whose one block per SM has the room.
     constexpr int STAGES = D <= 64 || NW == 8 ? 2 : 1;
-    constexpr int KB = 16 * NW;  // keys per block
+    constexpr int KB = 16 * NW * MT;  // keys per block
     constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
@@ -377,7 +382,12 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const long qs = (long)n_head * D, ks = (long)n_kv_head * D;
     const int j0 = kb * KB;
-    const int klo = warp * 16 + g, khi = klo + 8;  // this warp's key rows within the tile
+    int klo[MT], khi[MT];  // this warp's key rows within the tile, per m-tile
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        klo[mt] = (warp * MT + mt) * 16 + g;
+        khi[mt] = klo[mt] + 8;
+    }
     load_tile_async<D>(Ks, k + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, KB, kv_len - j0);
     load_tile_async<D>(Vs, v + ((long)b * kv_stride + j0) * ks + (long)hk * D, ks, KB, kv_len - j0);
 
@@ -416,25 +426,27 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     // (15 fewer instructions per trip at head_dim 64), except where ptxas did worse with it: in
     // the 3-block build it spilled, and at head_dim 128 it cost 4 to 11 instructions per trip.
     constexpr bool PACKED_DS = !LEAN && D <= 64;
-    constexpr int QH = D == 128 ? 2 : 1, QB = BR / QH;
-    auto kv_frags = [&](unsigned ka[4], unsigned va[4], int kk) {
-        const int c = kk * 16 + 2 * tq;
-        ka[0] = pair(Ks + klo * KS + c);
-        ka[1] = pair(Ks + khi * KS + c);
-        ka[2] = pair(Ks + klo * KS + c + 8);
-        ka[3] = pair(Ks + khi * KS + c + 8);
-        va[0] = pair(Vs + klo * KS + c);
-        va[1] = pair(Vs + khi * KS + c);
-        va[2] = pair(Vs + klo * KS + c + 8);
-        va[3] = pair(Vs + khi * KS + c + 8);
+    constexpr int QH = D == 128 ? 2 : MT == 2 ? 4 : 1, QB = BR / QH;
+    auto kv_frags = [&](unsigned ka[4], unsigned va[4], int mt, int kk) {
+        const int c = kk * 16 + 2 * tq, lo = klo[mt], hi = khi[mt];
+        ka[0] = pair(Ks + lo * KS + c);
+        ka[1] = pair(Ks + hi * KS + c);
+        ka[2] = pair(Ks + lo * KS + c + 8);
+        ka[3] = pair(Ks + hi * KS + c + 8);
+        va[0] = pair(Vs + lo * KS + c);
+        va[1] = pair(Vs + hi * KS + c);
+        va[2] = pair(Vs + lo * KS + c + 8);
+        va[3] = pair(Vs + hi * KS + c + 8);
     };
-    unsigned kf[HOIST ? D / 16 : 1][4], vf[HOIST ? D / 16 : 1][4];
+    unsigned kf[MT][HOIST ? D / 16 : 1][4], vf[MT][HOIST ? D / 16 : 1][4];
 
-    float dK[D / 8][4], dV[D / 8][4];
+    float dK[MT][D / 8][4], dV[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dK[i][e] = dV[i][e] = 0.0f;
+        for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dK[mt][i][e] = dV[mt][i][e] = 0.0f;
     const float sl2 = scale * LOG2E;
 
     for (int t = 0; t < tiles; ++t) {
@@ -449,7 +461,9 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
         if constexpr (HOIST) {
             if (t == 0) {
 #pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) kv_frags(kf[kk], vf[kk], kk);
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) kv_frags(kf[mt][kk], vf[mt][kk], mt, kk);
             }
         }
         const int h = head_of(t), i0 = row_of(t), st = t % STAGES;
@@ -465,60 +479,73 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 #pragma unroll 1
         for (int qh = 0; qh < QH; ++qh) {
             const int q0 = qh * QB;  // the sub-tile's first query within the tile
-            // Sᵀ = K·Qᵀ for this warp's 16 keys × QB queries, then Pᵀ.
-            float p[QB / 8][4], dp[QB / 8][4];
+            // Sᵀ = K·Qᵀ for this warp's 16·MT keys × QB queries, then Pᵀ.
+            float p[MT][QB / 8][4], dp[MT][QB / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < QB / 8; ++nt) {
-                p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
-                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-            }
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < QB / 8; ++nt) {
+                    p[mt][nt][0] = p[mt][nt][1] = p[mt][nt][2] = p[mt][nt][3] = 0.0f;
+                    dp[mt][nt][0] = dp[mt][nt][1] = dp[mt][nt][2] = dp[mt][nt][3] = 0.0f;
+                }
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk += 2) {
-                unsigned ka[2][4], va[2][4];
+                unsigned ka[MT][2][4], va[MT][2][4];
 #pragma unroll
-                for (int h2 = 0; h2 < 2; ++h2) {
-                    if constexpr (HOIST) {
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            ka[h2][r] = kf[kk + h2][r];
-                            va[h2][r] = vf[kk + h2][r];
+                    for (int h2 = 0; h2 < 2; ++h2) {
+                        if constexpr (HOIST) {
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) {
+                                ka[mt][h2][r] = kf[mt][kk + h2][r];
+                                va[mt][h2][r] = vf[mt][kk + h2][r];
+                            }
+                        } else {
+                            kv_frags(ka[mt][h2], va[mt][h2], mt, kk + h2);
                         }
-                    } else {
-                        kv_frags(ka[h2], va[h2], kk + h2);
                     }
-                }
 #pragma unroll
                 for (int nt = 0; nt < QB / 8; ++nt) {
                     unsigned bq[4], bo[4];
                     b_frags_nk(bq, Qs + (q0 + nt * 8) * KS + kk * 16, KS, lane);
-                    mma16816(p[nt], ka[0], bq[0], bq[1]);
-                    mma16816(p[nt], ka[1], bq[2], bq[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(p[mt][nt], ka[mt][0], bq[0], bq[1]);
+                        mma16816(p[mt][nt], ka[mt][1], bq[2], bq[3]);
+                    }
                     b_frags_nk(bo, Os + (q0 + nt * 8) * KS + kk * 16, KS, lane);
-                    mma16816(dp[nt], va[0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
-                    mma16816(dp[nt], va[1], bo[2], bo[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(dp[mt][nt], va[mt][0], bo[0], bo[1]);  // dPᵀ = V·dOᵀ
+                        mma16816(dp[mt][nt], va[mt][1], bo[2], bo[3]);
+                    }
                 }
             }
             // Only sub-tiles where one of this warp's keys lies past the first query, or past the
             // keys, need the mask (padding queries are zeroed by their infinite logsumexp either way).
-            const bool edge = j0 + warp * 16 + 15 > q_pos0 + i0 + q0 || j0 + warp * 16 + 16 > kv_len;
+            const int wk0 = j0 + warp * 16 * MT;  // this warp's first key
+            const bool edge = wk0 + 16 * MT - 1 > q_pos0 + i0 + q0 || wk0 + 16 * MT > kv_len;
             // Pᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − delta), in one pass. The two calls below inline into two
             // copies, so tiles off the diagonal issue none of the mask's compares (if-converted
             // into the one pass they would; as a pass of its own the mask made the 3-block build spill).
             auto probs = [&](bool masked) {
 #pragma unroll
-                for (int nt = 0; nt < QB / 8; ++nt) {
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
-                        float pr = exp2_ftz(fmaf(p[nt][e], sl2, -lse_s[qi] * LOG2E));
-                        if (masked) {
-                            const int key = j0 + (e < 2 ? klo : khi);
-                            if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                    for (int nt = 0; nt < QB / 8; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
+                            float pr = exp2_ftz(fmaf(p[mt][nt][e], sl2, -lse_s[qi] * LOG2E));
+                            if (masked) {
+                                const int key = j0 + (e < 2 ? klo[mt] : khi[mt]);
+                                if (key > q_pos0 + i0 + qi || key >= kv_len) pr = 0.0f;
+                            }
+                            p[mt][nt][e] = pr;
+                            dp[mt][nt][e] = pr * (dp[mt][nt][e] - dlt[qi]);
                         }
-                        p[nt][e] = pr;
-                        dp[nt][e] = pr * (dp[nt][e] - dlt[qi]);
                     }
-                }
             };
             if (LEAN) {
                 probs(edge);
@@ -530,44 +557,62 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             // dV += Pᵀ·dO and dK += dSᵀ·Q (scaled at the end): Pᵀ and dSᵀ as A fragments.
 #pragma unroll
             for (int kk = 0; kk < QB / 16; ++kk) {
-                const unsigned pa[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
-                                        pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                                        pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-                const unsigned sa[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
-                                        pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                                        pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                unsigned pa[MT][4], sa[MT][4];
                 const int r0 = q0 + kk * 16;
-                if constexpr (PACKED_DS) {
-                    // dSᵀ to shared memory for the dQ phase below, as the pairs just packed: each
-                    // is one key row's two adjacent queries, one 4-byte store (conflict-free: the
-                    // eight rows of a warp's stores start 4 banks apart).
-                    auto put = [&](int key, int qi, unsigned v) { *reinterpret_cast<unsigned*>(dSs + key * SS + qi) = v; };
-                    put(klo, r0 + 2 * tq, sa[0]);
-                    put(khi, r0 + 2 * tq, sa[1]);
-                    put(klo, r0 + 8 + 2 * tq, sa[2]);
-                    put(khi, r0 + 8 + 2 * tq, sa[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const auto& pm = p[mt];
+                    const auto& dm = dp[mt];
+                    pa[mt][0] = pack(pm[2 * kk][0], pm[2 * kk][1]);
+                    pa[mt][1] = pack(pm[2 * kk][2], pm[2 * kk][3]);
+                    pa[mt][2] = pack(pm[2 * kk + 1][0], pm[2 * kk + 1][1]);
+                    pa[mt][3] = pack(pm[2 * kk + 1][2], pm[2 * kk + 1][3]);
+                    sa[mt][0] = pack(dm[2 * kk][0], dm[2 * kk][1]);
+                    sa[mt][1] = pack(dm[2 * kk][2], dm[2 * kk][3]);
+                    sa[mt][2] = pack(dm[2 * kk + 1][0], dm[2 * kk + 1][1]);
+                    sa[mt][3] = pack(dm[2 * kk + 1][2], dm[2 * kk + 1][3]);
+                    if constexpr (PACKED_DS) {
+                        // dSᵀ to shared memory for the dQ phase below, as the pairs just packed:
+                        // each is one key row's two adjacent queries, one 4-byte store
+                        // (conflict-free: the eight rows of a warp's stores start 4 banks apart).
+                        auto put = [&](int key, int qi, unsigned v) {
+                            *reinterpret_cast<unsigned*>(dSs + key * SS + qi) = v;
+                        };
+                        put(klo[mt], r0 + 2 * tq, sa[mt][0]);
+                        put(khi[mt], r0 + 2 * tq, sa[mt][1]);
+                        put(klo[mt], r0 + 8 + 2 * tq, sa[mt][2]);
+                        put(khi[mt], r0 + 8 + 2 * tq, sa[mt][3]);
+                    }
                 }
 #pragma unroll
                 for (int nt = 0; nt < D / 8; nt += 2) {
                     unsigned bo[4], bq[4];
                     b_frags_kn(bo, Os + r0 * KS + nt * 8, KS, lane);
-                    mma16816(dV[nt], pa, bo[0], bo[1]);
-                    mma16816(dV[nt + 1], pa, bo[2], bo[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(dV[mt][nt], pa[mt], bo[0], bo[1]);
+                        mma16816(dV[mt][nt + 1], pa[mt], bo[2], bo[3]);
+                    }
                     b_frags_kn(bq, Qs + r0 * KS + nt * 8, KS, lane);
-                    mma16816(dK[nt], sa, bq[0], bq[1]);
-                    mma16816(dK[nt + 1], sa, bq[2], bq[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(dK[mt][nt], sa[mt], bq[0], bq[1]);
+                        mma16816(dK[mt][nt + 1], sa[mt], bq[2], bq[3]);
+                    }
                 }
             }
             if constexpr (!PACKED_DS) {
                 // dSᵀ one value at a time (see PACKED_DS).
 #pragma unroll
-                for (int nt = 0; nt < QB / 8; ++nt) {
-                    const int qi = q0 + nt * 8 + 2 * tq;
-                    dSs[klo * SS + qi] = __float2bfloat16_rn(dp[nt][0]);
-                    dSs[klo * SS + qi + 1] = __float2bfloat16_rn(dp[nt][1]);
-                    dSs[khi * SS + qi] = __float2bfloat16_rn(dp[nt][2]);
-                    dSs[khi * SS + qi + 1] = __float2bfloat16_rn(dp[nt][3]);
-                }
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < QB / 8; ++nt) {
+                        const int qi = q0 + nt * 8 + 2 * tq;
+                        dSs[klo[mt] * SS + qi] = __float2bfloat16_rn(dp[mt][nt][0]);
+                        dSs[klo[mt] * SS + qi + 1] = __float2bfloat16_rn(dp[mt][nt][1]);
+                        dSs[khi[mt] * SS + qi] = __float2bfloat16_rn(dp[mt][nt][2]);
+                        dSs[khi[mt] * SS + qi + 1] = __float2bfloat16_rn(dp[mt][nt][3]);
+                    }
             }
         }
         __syncthreads();  // dSᵀ is complete, and Q, dO and the row statistics are no longer read
@@ -581,6 +626,38 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
         const int qlo = qw * 16 + g, qhi = qlo + 8;
         // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
         // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
+        auto dq_add = [&](int nt, const float acc[4]) {
+            const int col = nt * 8 + 2 * tq;
+            if (i0 + qlo < q_len)
+                red_add2(dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col, acc[0] * scale,
+                         acc[1] * scale);
+            if (i0 + qhi < q_len)
+                red_add2(dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col, acc[2] * scale,
+                         acc[3] * scale);
+        };
+        if constexpr (MT == 2) {
+            // Keys outermost: one dS fragment live at a time and the whole row of accumulators,
+            // 4 registers fewer than holding all 8 dS fragments (the two-m-tile build has none).
+            float acc[DW / 8][4];
+#pragma unroll
+            for (int j = 0; j < DW / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KB / 16; ++kk) {
+                unsigned a[4];
+                const int mj = lane >> 3, mi = lane & 7;
+                ldsm_x4_trans(a, dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qw * 16 + (mj & 1) * 8);
+#pragma unroll
+                for (int j = 0; j < DW / 8; j += 2) {
+                    unsigned bk[4];
+                    b_frags_kn(bk, Ks + kk * 16 * KS + c0 + j * 8, KS, lane);
+                    mma16816(acc[j], a, bk[0], bk[1]);
+                    mma16816(acc[j + 1], a, bk[2], bk[3]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < DW / 8; ++j) dq_add(c0 / 8 + j, acc[j]);
+            continue;
+        }
         unsigned da[KB / 16][4];
 #pragma unroll
         for (int kk = 0; kk < KB / 16; ++kk) {
@@ -598,31 +675,27 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 mma16816(acc[0], da[kk], bk[0], bk[1]);
                 mma16816(acc[1], da[kk], bk[2], bk[3]);
             }
-#pragma unroll
-            for (int t2 = 0; t2 < 2; ++t2) {
-                const int col = (nt + t2) * 8 + 2 * tq;
-                if (i0 + qlo < q_len)
-                    red_add2(dq_acc + ((long)b * q_len + i0 + qlo) * qs + (long)h * D + col, acc[t2][0] * scale,
-                             acc[t2][1] * scale);
-                if (i0 + qhi < q_len)
-                    red_add2(dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col, acc[t2][2] * scale,
-                             acc[t2][3] * scale);
-            }
+            dq_add(nt, acc[0]);
+            dq_add(nt + 1, acc[1]);
         }
     }
     cp_async_wait_all();  // a block with no query tile still has its K/V copies in flight
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int key = j0 + (half ? khi : klo);
-        if (key >= kv_len) continue;
-        const long at = ((long)b * kv_stride + key) * ks + (long)hk * D;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            const int col = nt * 8 + 2 * tq;
-            *reinterpret_cast<unsigned*>(dk + at + col) = pack(dK[nt][2 * half] * scale, dK[nt][2 * half + 1] * scale);
-            *reinterpret_cast<unsigned*>(dv + at + col) = pack(dV[nt][2 * half], dV[nt][2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+            const int key = j0 + (half ? khi[mt] : klo[mt]);
+            if (key >= kv_len) continue;
+            const long at = ((long)b * kv_stride + key) * ks + (long)hk * D;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                const int col = nt * 8 + 2 * tq;
+                const float* kr = dK[mt][nt];
+                const float* vr = dV[mt][nt];
+                *reinterpret_cast<unsigned*>(dk + at + col) = pack(kr[2 * half] * scale, kr[2 * half + 1] * scale);
+                *reinterpret_cast<unsigned*>(dv + at + col) = pack(vr[2 * half], vr[2 * half + 1]);
+            }
         }
-    }
 }
 
 }  // namespace
@@ -633,7 +706,8 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 // D=32 (2 stages) 10,240 + 20,480 + 9,216 + 1,024 = 40,960 bytes;
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
 // D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes;
-// D=64 with 8 warps (128 keys, 2 stages) 36,864 + 36,864 + 18,432 + 1,024 = 93,184 bytes;
+// D=64 with 128 keys (8 warps, or 4 of two m-tiles; 2 stages) 36,864 + 36,864 + 18,432 + 1,024 =
+// 93,184 bytes;
 // D=128 with 8 warps (128 keys, 2 stages) 69,632 + 69,632 + 18,432 + 1,024 = 158,720 bytes.
 // At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
 // covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
@@ -714,6 +788,18 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float*
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<64, 4, true>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
                      scale);
+}
+// The head_dim 64 backward with two 16-key m-tiles per warp: 4 warps, 128 keys per block, 2 blocks
+// per SM where their shared memory fits (H100/H200). Each Q/dO fragment a warp reads from shared
+// memory feeds two mma.sync, so a tile costs 104 ldmatrix per 320 mma.sync where the 64-key
+// builds need 84 per 160 (scripts/kernel-sass.sh); ptxas, sm_90: 255 registers and a 4-byte
+// spill, reloaded once per 16-query sub-tile. `kiln bench attention` times it;
+// KILN_FA_BWD_D64_BLOCKS=4 makes the engine use it.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_d64_2mt(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<64, 4, false, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head,
+                         n_kv_head, scale);
 }
 // The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 250
 // registers, no spill; 8 warps per SM, as two 4-warp blocks give): each Q/dO tile loaded serves

@@ -9,7 +9,8 @@ bound by shared memory. Without a GPU these counts are the measure of a change t
 The main loop is the backward branch spanning the most HMMA. Its trip is counted along the
 shortest path (no branch into a rarely-taken part such as the causal mask or the next tile's
 copies) and the longest; predicated instructions count, since they are issued either way, and an
-inner loop counts once.
+inner loop counts once (it is also shown on a line of its own: a kernel that walks its query tile
+in sub-tiles runs it several times per trip).
 
     python3 scripts/sass_loops.py kernels.sass
 """
@@ -32,16 +33,30 @@ def parse(body):
     return out
 
 
-def main_loop(ins):
-    """(first, last) instruction index of the loop whose back edge spans the most HMMA."""
+def loops_with_hmma(ins):
+    """(first, last, HMMA count) of every loop (back edge) that contains an HMMA."""
     at = {a: k for k, (a, *_rest) in enumerate(ins)}
-    best, best_hmma = None, 0
+    found = []
     for k, (a, op, _pred, t) in enumerate(ins):
         if op == "BRA" and t is not None and t < a and t in at:
             hmma = sum(1 for _a, o, *_r in ins[at[t]:k + 1] if o == "HMMA")
-            if hmma > best_hmma:
-                best, best_hmma = (at[t], k), hmma
-    return best
+            if hmma:
+                found.append((at[t], k, hmma))
+    return found
+
+
+def main_loop(ins):
+    """(first, last) instruction index of the loop whose back edge spans the most HMMA."""
+    found = loops_with_hmma(ins)
+    if not found:
+        return None
+    first, last, _ = max(found, key=lambda f: f[2])
+    return first, last
+
+
+def inner_loops(ins, first, last):
+    """The loops with HMMA strictly inside the main loop (a kernel's sub-tile loop, say)."""
+    return [(f, l) for f, l, _ in loops_with_hmma(ins) if first <= f and l < last]
 
 
 def trips(ins, first, last):
@@ -76,12 +91,18 @@ def main():
         if loop is None:
             continue
         short, long = trips(ins, *loop)
-        rows.append((name, short, long))
+        inner = [trips(ins, f, l)[0] for f, l in inner_loops(ins, *loop)]
+        rows.append((name, short, long, inner))
     print(f"{'kernel':26} {'trip':>11} {'HMMA':>5} {'LDSM':>5} {'MUFU':>5} {'per HMMA':>9}  longest trip")
-    for name, short, long in sorted(rows):
+    line = "{:26} {:5} instr {:5} {:5} {:5} {:9.2f}"
+    for name, short, long, inner in sorted(rows):
         h = max(short["HMMA"], 1)
-        print(f"{name:26} {short.total():5} instr {short['HMMA']:5} {short['LDSM']:5} {short['MUFU']:5} "
-              f"{short.total() / h:9.2f}  {long.total():5} ({long.total() / max(long['HMMA'], 1):.2f} per HMMA)")
+        print(line.format(name, short.total(), short["HMMA"], short["LDSM"], short["MUFU"], short.total() / h)
+              + f"  {long.total():5} ({long.total() / max(long['HMMA'], 1):.2f} per HMMA)")
+        # A loop inside the trip (query sub-tiles) is counted once above; it runs more often.
+        for c in inner:
+            print(line.format("  of which, per inner trip", c.total(), c["HMMA"], c["LDSM"], c["MUFU"],
+                              c.total() / max(c["HMMA"], 1)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ static size_t bwd_shared_bytes(int d, size_t keys) {
 
 static int fwd_m_tiles = 1;
 static int bwd_warps = 4;  // 8: the head_dim 64 and 128 backward builds with 128 keys per block
-static bool bwd_lean = false;  // the head_dim 64 backward's 3-block build (one softmax copy, mask predicated)
+static bool bwd_lean = false;
+static bool bwd_two_m_tiles = false;  // the head_dim 64 backward with 32 keys per warp (128 per block)  // the head_dim 64 backward's 3-block build (one softmax copy, mask predicated)
 
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
@@ -117,15 +118,17 @@ static void run(Shape s, unsigned seed) {
     for (auto& x : dk) x.bits = 0;
     for (auto& x : dv) x.bits = 0;
     const bool wide = s.d != 32 && bwd_warps == 8;
+    const bool mt2 = s.d == 64 && bwd_two_m_tiles;
     auto bwd = [&] {
-        auto entry = wide        ? (s.d == 64 ? flash_attn_bwd_d64_8w : flash_attn_bwd_d128_8w)
+        auto entry = mt2         ? flash_attn_bwd_d64_2mt
+                     : wide      ? (s.d == 64 ? flash_attn_bwd_d64_8w : flash_attn_bwd_d128_8w)
                      : s.d == 32 ? flash_attn_bwd_d32
                      : s.d == 64 ? (bwd_lean ? flash_attn_bwd_d64_3 : flash_attn_bwd_d64)
                                  : flash_attn_bwd_d128;
         entry(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(),
               v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
-    const unsigned keys = wide ? 128 : 64;
+    const unsigned keys = wide || mt2 ? 128 : 64;
     emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + keys - 1) / keys)},
                     {wide ? 256u : 128u, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
 
@@ -183,6 +186,11 @@ int main() {
     run({1, 70, 150, 160, 80, 4, 1, 128}, 2);
     run({1, 300, 300, 300, 0, 4, 2, 128}, 18);
     bwd_warps = 4;
+    // The backward with two 16-key m-tiles per warp (128 keys per block, queries in sub-tiles of 16).
+    bwd_two_m_tiles = true;
+    std::printf("backward with 2 m-tiles per warp:\n");
+    for (const auto& [shape, seed] : d64) run(shape, seed);
+    bwd_two_m_tiles = false;
     // The 3-block backward, whose softmax pass is one copy with the mask predicated.
     bwd_lean = true;
     std::printf("backward held to 3 blocks per SM:\n");
@@ -197,6 +205,9 @@ int main() {
     fwd_m_tiles = 2;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 16);
     fwd_m_tiles = 1;
+    bwd_two_m_tiles = true;
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 20);
+    bwd_two_m_tiles = false;
     bwd_warps = 8;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 17);
     run({1, 300, 300, 300, 0, 4, 2, 128}, 19);

@@ -18,6 +18,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_bwd_d32",
         "flash_attn_bwd_d64",
         "flash_attn_bwd_d64_3",
+        "flash_attn_bwd_d64_2mt",
         "flash_attn_bwd_d64_8w",
         "flash_attn_bwd_d128",
         "flash_attn_bwd_d128_8w",
@@ -37,19 +38,42 @@ fn fwd_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * BC * (head_dim + 8) * 2
 }
 
-/// Keys per backward block: 128 (8 warps) in the builds for one block per SM, else 64 (4 warps).
-fn bwd_keys_per_block(blocks: u32) -> usize {
-    if blocks == 1 {
+/// The head_dim 64 backward build with two 16-key m-tiles per warp (4 warps, 128 keys per block,
+/// 2 blocks per SM); the other builds are named by the blocks per SM they are compiled for.
+pub const BWD_TWO_M_TILES: u32 = 4;
+
+/// Keys per backward block: 128 in the 8-warp builds (one block per SM) and the two-m-tile build,
+/// else 64 (4 warps of 16 keys).
+fn bwd_keys_per_block(build: u32) -> usize {
+    if build == 1 || build == BWD_TWO_M_TILES {
         2 * BC
     } else {
         BC
     }
 }
 
+/// Warps per backward block: 8 in the one-block-per-SM builds, else 4.
+fn bwd_warps(build: u32) -> u32 {
+    if build == 1 {
+        8
+    } else {
+        4
+    }
+}
+
+/// The blocks per SM a backward build is compiled for.
+fn bwd_blocks_per_sm(build: u32) -> u32 {
+    if build == BWD_TWO_M_TILES {
+        2
+    } else {
+        build
+    }
+}
+
 /// Query tiles the backward keeps in flight (mirrors `STAGES` in the source): one only in the
 /// 4-warp head_dim 128 builds.
-fn bwd_stages(head_dim: usize, blocks: u32) -> usize {
-    if head_dim <= 64 || blocks == 1 {
+fn bwd_stages(head_dim: usize, build: u32) -> usize {
+    if head_dim <= 64 || build == 1 {
         2
     } else {
         1
@@ -58,8 +82,8 @@ fn bwd_stages(head_dim: usize, blocks: u32) -> usize {
 
 /// Dynamic shared memory of a backward build (mirrors the layout in the source): K and V tiles of
 /// the block's keys, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
-fn bwd_shared_bytes(head_dim: usize, blocks: u32) -> usize {
-    let (ks, keys, stages) = (head_dim + 8, bwd_keys_per_block(blocks), bwd_stages(head_dim, blocks));
+fn bwd_shared_bytes(head_dim: usize, build: u32) -> usize {
+    let (ks, keys, stages) = (head_dim + 8, bwd_keys_per_block(build), bwd_stages(head_dim, build));
     2 * (2 * keys * ks + stages * 2 * BR * ks + keys * (BR + 8)) + 4 * stages * 2 * BR
 }
 
@@ -147,10 +171,12 @@ const FWD_DEFAULT_BUILD: u32 = 4;
 /// The builds of the backward, by blocks per SM: 2 (4 warps and 64 keys per block: head_dim 64 at
 /// 247 registers, 128 at 254), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
-/// atomics, and at head_dim 128 the one block has room for two query stages).
+/// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
+/// [`BWD_TWO_M_TILES`] (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared
+/// memory feeds two mma.sync, 38% fewer shared-memory reads per mma.sync than the others).
 pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
     match head_dim {
-        64 => &[2, 3, 1],
+        64 => &[2, 3, 1, BWD_TWO_M_TILES],
         128 => &[2, 1],
         _ => &[2],
     }
@@ -162,19 +188,21 @@ pub fn fwd_label(blocks: u32) -> String {
 }
 
 /// How `kiln bench attention`, `kiln bench train` and the tests name a backward build.
-pub fn bwd_label(blocks: u32) -> String {
-    match blocks {
+pub fn bwd_label(build: u32) -> String {
+    match build {
         1 => "1 block/SM of 8 warps".into(),
+        BWD_TWO_M_TILES => "2 blocks/SM of 32-key warps".into(),
         b => fwd_label(b),
     }
 }
 
 /// Whether a backward build gets its blocks per SM on this device: that many blocks' shared memory
-/// fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164). The 2-block builds
-/// run everywhere, at whatever occupancy the device allows.
-pub fn bwd_fits(gpu: &Gpu, head_dim: usize, blocks: u32) -> bool {
-    let bytes = bwd_shared_bytes(head_dim, blocks) + gpu.shared_reserved_per_block;
-    blocks == 2 || blocks as usize * bytes <= gpu.shared_per_sm
+/// fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164; two 91 KiB blocks of
+/// the two-m-tile build likewise). The 64-key 2-block builds run everywhere, at whatever occupancy
+/// the device allows.
+pub fn bwd_fits(gpu: &Gpu, head_dim: usize, build: u32) -> bool {
+    let bytes = bwd_shared_bytes(head_dim, build) + gpu.shared_reserved_per_block;
+    build == 2 || bwd_blocks_per_sm(build) as usize * bytes <= gpu.shared_per_sm
 }
 
 /// A build named by an environment variable, if it is one of `builds`; any other value is ignored
@@ -204,7 +232,7 @@ pub fn fwd_default(head_dim: usize) -> u32 {
     fwd_pinned(head_dim).unwrap_or(FWD_DEFAULT_BUILD)
 }
 
-/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3 or 1) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
+/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3, 1 or 4) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
 /// pins, if it names one that fits the device.
 pub fn bwd_pinned(gpu: &Gpu, head_dim: usize) -> Option<u32> {
     static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
@@ -221,7 +249,8 @@ pub fn bwd_pinned(gpu: &Gpu, head_dim: usize) -> Option<u32> {
 /// TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than on 2 × 132 (1.125×
 /// against 1.016× the ideal, `bench/attention_schedule.py`), so the third block must raise an SM's
 /// throughput by more than a tenth to pay; the 8-warp build has half as many blocks, each twice as
-/// long, on 132 slots (1.031×). Only timing on the card can say, which `attn_tune` does.
+/// long, on 132 slots (1.031×), as has the two-m-tile build on 264. Only timing on the card can
+/// say, which `attn_tune` does.
 pub fn bwd_default(gpu: &Gpu, head_dim: usize) -> u32 {
     bwd_pinned(gpu, head_dim).unwrap_or(2)
 }
@@ -276,8 +305,8 @@ pub fn forward(
     Ok(())
 }
 
-/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through the build for
-/// `blocks` blocks per SM (one of `bwd_builds(head_dim)`).
+/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through build `blocks`
+/// (one of `bwd_builds(head_dim)`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -301,6 +330,7 @@ pub fn backward(
     let entry = match blocks {
         3 => format!("flash_attn_bwd_{d}_3"),
         1 => format!("flash_attn_bwd_{d}_8w"),
+        BWD_TWO_M_TILES => format!("flash_attn_bwd_{d}_2mt"),
         _ => format!("flash_attn_bwd_{d}"),
     };
     let st = &gpu.stream;
@@ -335,7 +365,7 @@ pub fn backward(
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {
         grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(keys) as u32),
-        block_dim: (2 * keys as u32, 1, 1), // a warp per 16 keys
+        block_dim: (32 * bwd_warps(blocks), 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // The kernel writes every dK/dV row below kv_len; a cache's rows past it, and anything past
