@@ -8,7 +8,8 @@ bound by shared memory. Without a GPU these counts are the measure of a change t
 
 The main loop is the backward branch spanning the most HMMA. Its trip is counted along the
 shortest path (no branch into a rarely-taken part such as the causal mask or the next tile's
-copies) and the longest; predicated instructions count, since they are issued either way, and an
+copies, but also none into a guarded store: ptxas branches around each of the backward's dQ
+additions, which the shortest path therefore leaves out) and the longest; predicated instructions count, since they are issued either way, and an
 inner loop counts once (it is also shown on a line of its own: a kernel that walks its query tile
 in sub-tiles runs it several times per trip).
 
