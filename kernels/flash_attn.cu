@@ -636,26 +636,47 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                          acc[3] * scale);
         };
         if constexpr (MT == 2) {
-            // Keys outermost: one dS fragment live at a time and the whole row of accumulators,
-            // 4 registers fewer than holding all 8 dS fragments (the two-m-tile build has none).
-            float acc[DW / 8][4];
+            // The warps split the tile as 2 query halves × 2 column halves: each takes 32 queries
+            // (two m-tiles) × 32 columns over the block's 128 keys, keys outermost, so each dS
+            // and K fragment it reads feeds two mma.sync (32 ldmatrix per tile, not 40).
+            const int qb0 = (warp & 1) * 32, cb = (warp >> 1) * 32;
+            float acc[2][4][4];
 #pragma unroll
-            for (int j = 0; j < DW / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < KB / 16; ++kk) {
-                unsigned a[4];
+                unsigned a[2][4];
                 const int mj = lane >> 3, mi = lane & 7;
-                ldsm_x4_trans(a, dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qw * 16 + (mj & 1) * 8);
 #pragma unroll
-                for (int j = 0; j < DW / 8; j += 2) {
+                for (int m = 0; m < 2; ++m)
+                    ldsm_x4_trans(a[m], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qb0 + m * 16 + (mj & 1) * 8);
+#pragma unroll
+                for (int j = 0; j < 4; j += 2) {
                     unsigned bk[4];
-                    b_frags_kn(bk, Ks + kk * 16 * KS + c0 + j * 8, KS, lane);
-                    mma16816(acc[j], a, bk[0], bk[1]);
-                    mma16816(acc[j + 1], a, bk[2], bk[3]);
+                    b_frags_kn(bk, Ks + kk * 16 * KS + cb + j * 8, KS, lane);
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        mma16816(acc[m][j], a[m], bk[0], bk[1]);
+                        mma16816(acc[m][j + 1], a[m], bk[2], bk[3]);
+                    }
                 }
             }
 #pragma unroll
-            for (int j = 0; j < DW / 8; ++j) dq_add(c0 / 8 + j, acc[j]);
+            for (int m = 0; m < 2; ++m) {
+                const int lo = qb0 + m * 16 + g, hi = lo + 8;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int col = cb + j * 8 + 2 * tq;
+                    if (i0 + lo < q_len)
+                        red_add2(dq_acc + ((long)b * q_len + i0 + lo) * qs + (long)h * D + col, acc[m][j][0] * scale,
+                                 acc[m][j][1] * scale);
+                    if (i0 + hi < q_len)
+                        red_add2(dq_acc + ((long)b * q_len + i0 + hi) * qs + (long)h * D + col, acc[m][j][2] * scale,
+                                 acc[m][j][3] * scale);
+                }
+            }
             continue;
         }
         unsigned da[KB / 16][4];
@@ -791,9 +812,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float*
 }
 // The head_dim 64 backward with two 16-key m-tiles per warp: 4 warps, 128 keys per block, 2 blocks
 // per SM where their shared memory fits (H100/H200). Each Q/dO fragment a warp reads from shared
-// memory feeds two mma.sync, so a tile costs 104 ldmatrix per 320 mma.sync where the 64-key
-// builds need 84 per 160 (scripts/kernel-sass.sh); ptxas, sm_90: 255 registers and a 4-byte
-// spill, reloaded once per 16-query sub-tile. `kiln bench attention` times it;
+// memory feeds two mma.sync, as does each dS and K fragment of its dQ phase (2 query halves × 2
+// column halves), so a tile costs 96 ldmatrix per 320 mma.sync where the 64-key builds need 84
+// per 160 (scripts/kernel-sass.sh); ptxas: 255 registers, no spill. `kiln bench attention` times it;
 // KILN_FA_BWD_D64_BLOCKS=4 makes the engine use it.
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_d64_2mt(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
