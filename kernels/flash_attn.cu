@@ -635,10 +635,11 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 red_add2(dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col, acc[2] * scale,
                          acc[3] * scale);
         };
-        if constexpr (MT == 2) {
-            // The warps split the tile as 2 query halves × 2 column halves: each takes 32 queries
-            // (two m-tiles) × 32 columns over the block's 128 keys, keys outermost, so each dS
-            // and K fragment it reads feeds two mma.sync (32 ldmatrix per tile, not 40).
+        if constexpr (MT == 2 || (D == 64 && NW == 4 && !LEAN)) {
+            // At head_dim 64 with 4 warps the warps split the tile as 2 query halves × 2 column
+            // halves: each takes 32 queries (two m-tiles) × 32 columns over the block's keys, keys
+            // outermost, so each dS and K fragment it reads feeds two mma.sync (16 ldmatrix per
+            // 64 keys, not 20; the 3-block build has no registers for the accumulators).
             const int qb0 = (warp & 1) * 32, cb = (warp >> 1) * 32;
             float acc[2][4][4];
 #pragma unroll
@@ -813,9 +814,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float*
 // The head_dim 64 backward with two 16-key m-tiles per warp: 4 warps, 128 keys per block, 2 blocks
 // per SM where their shared memory fits (H100/H200). Each Q/dO fragment a warp reads from shared
 // memory feeds two mma.sync, as does each dS and K fragment of its dQ phase (2 query halves × 2
-// column halves), so a tile costs 96 ldmatrix per 320 mma.sync where the 64-key builds need 84
-// per 160 (scripts/kernel-sass.sh); ptxas: 255 registers, no spill. `kiln bench attention` times it;
-// KILN_FA_BWD_D64_BLOCKS=4 makes the engine use it.
+// column halves), so a tile costs 96 ldmatrix per 320 mma.sync where the 64-key builds need 80
+// to 84 per 160 (scripts/kernel-sass.sh); ptxas: 255 registers, no spill. `kiln bench attention`
+// times it; KILN_FA_BWD_D64_BLOCKS=4 makes the engine use it.
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_d64_2mt(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {

@@ -173,7 +173,7 @@ const FWD_DEFAULT_BUILD: u32 = 4;
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
 /// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
 /// [`BWD_TWO_M_TILES`] (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared
-/// memory feeds two mma.sync, 43% fewer shared-memory reads per mma.sync than the others).
+/// memory feeds two mma.sync, about 40% fewer shared-memory reads per mma.sync than the others).
 pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
     match head_dim {
         64 => &[2, 3, 1, BWD_TWO_M_TILES],
