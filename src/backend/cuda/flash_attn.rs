@@ -169,7 +169,7 @@ pub fn fwd_builds(head_dim: usize) -> &'static [u32] {
 const FWD_DEFAULT_BUILD: u32 = 4;
 
 /// The builds of the backward, by blocks per SM: 2 (4 warps and 64 keys per block: head_dim 64 at
-/// 247 registers, 128 at 254), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
+/// 246 registers, 128 at 255), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
 /// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
 /// [`BWD_TWO_M_TILES`] (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared
