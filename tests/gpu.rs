@@ -215,12 +215,7 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     // The backward starts from the CPU's output so only the backward's own error is measured.
     let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));
     // Every build of the backward at this head_dim (`bwd_builds`) that fits the device.
-    let builds: Vec<u32> = flash_attn::bwd_builds(s.head_dim)
-        .iter()
-        .copied()
-        .filter(|&b| flash_attn::bwd_fits(g, s.head_dim, b))
-        .collect();
-    for blocks in builds {
+    for blocks in flash_attn::bwd_builds_fitting(g, s.head_dim) {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks).unwrap();
@@ -301,8 +296,7 @@ fn autotune_case(g: &Gpu, head_dim: usize) {
     // listing every build that fits the device.
     let tuned = tuner.tuning();
     let fwd_builds = flash_attn::fwd_builds(head_dim);
-    let bwd_builds: Vec<u32> =
-        flash_attn::bwd_builds(head_dim).iter().copied().filter(|&b| flash_attn::bwd_fits(g, head_dim, b)).collect();
+    let bwd_builds = flash_attn::bwd_builds_fitting(g, head_dim);
     let mut want = Vec::new();
     if fwd_builds.len() > 1 {
         want.push((Pass::Forward, fwd_builds.to_vec()));

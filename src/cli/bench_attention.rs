@@ -65,14 +65,7 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     // autotune (`attn_tune.rs`) times them: the forward alone, then each backward after the
     // fastest forward. A pinned build is timed alone.
     let d = s.head_dim;
-    let fwd_builds: Vec<u32> = match flash_attn::fwd_pinned(d) {
-        Some(b) => vec![b],
-        None => flash_attn::fwd_builds(d).to_vec(),
-    };
-    let bwd_builds: Vec<u32> = match flash_attn::bwd_pinned(&gpu, d) {
-        Some(b) => vec![b],
-        None => flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(&gpu, d, b)).collect(),
-    };
+    let (fwd_builds, bwd_builds) = (flash_attn::fwd_candidates(d), flash_attn::bwd_candidates(&gpu, d));
     // A build that fails is reported in its own row and left out, so one bad build does not cost
     // the other figures of the run.
     let (mut fwd, mut failed) = (Vec::new(), Vec::new());

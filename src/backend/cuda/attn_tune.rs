@@ -80,49 +80,41 @@ impl AttnTuner {
     /// The forward through the build timing chose for `s` (see the module comment).
     pub fn forward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
         let d = s.head_dim;
-        let builds = || flash_attn::fwd_builds(d).to_vec();
-        self.run(gpu, Pass::Forward, s, &builds, flash_attn::fwd_pinned(d), flash_attn::fwd_default(d), run)
+        self.run(gpu, Pass::Forward, s, &|| flash_attn::fwd_candidates(d), flash_attn::fwd_default(d), run)
     }
 
     /// The backward through the build timing chose for `s`, among those that fit the device.
     pub fn backward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
         let d = s.head_dim;
-        let builds =
-            || flash_attn::bwd_builds(d).iter().copied().filter(|&b| flash_attn::bwd_fits(gpu, d, b)).collect();
-        let (pinned, default) = (flash_attn::bwd_pinned(gpu, d), flash_attn::bwd_default(gpu, d));
-        self.run(gpu, Pass::Backward, s, &builds, pinned, default, run)
+        self.run(gpu, Pass::Backward, s, &|| flash_attn::bwd_candidates(gpu, d), flash_attn::bwd_default(gpu, d), run)
     }
 
-    /// `builds` lists the candidates; it is called only the first time a shape is seen, so the
-    /// step's later passes cost one map lookup.
-    #[allow(clippy::too_many_arguments)]
+    /// `candidates` lists the builds to time (only the pinned one, when a variable pins it); it is
+    /// called only the first time a shape is seen, so the step's later passes cost one map lookup.
+    /// `default` (the pinned build, if any) runs where nothing is timed.
     fn run(
         &self,
         gpu: &Gpu,
         pass: Pass,
         s: AttnShape,
-        builds: &dyn Fn() -> Vec<u32>,
-        pinned: Option<u32>,
+        candidates: &dyn Fn() -> Vec<u32>,
         default: u32,
         run: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<()> {
-        // A pinned build or a small pass is not timed.
         if !self.enabled || forward_flops(&s) < self.min_flops {
-            return run(pinned.unwrap_or(default));
-        }
-        if let Some(b) = pinned {
-            return run(b);
+            return run(default);
         }
         let k = key(pass, &s);
         let known = self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.get(&k).copied();
         if let Some(b) = known {
             return run(b);
         }
-        let builds = builds();
+        let builds = candidates();
         if builds.len() < 2 {
-            // One build (this head_dim has no alternatives): nothing to time, now or later.
-            self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.insert(k, default);
-            return run(default);
+            // One build (pinned, or this head_dim has no alternatives): nothing to time, now or later.
+            let only = builds.first().copied().unwrap_or(default);
+            self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.insert(k, only);
+            return run(only);
         }
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (gpu.ctx.new_event(timing)?, gpu.ctx.new_event(timing)?);

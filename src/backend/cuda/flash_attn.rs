@@ -27,7 +27,7 @@ pub const KERNEL: Kernel = Kernel {
 
 use super::cast;
 use crate::backend::AttnShape;
-use anyhow::bail;
+use anyhow::{bail, Context};
 use half::bf16;
 
 const BR: usize = 64;
@@ -38,42 +38,34 @@ fn fwd_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * BC * (head_dim + 8) * 2
 }
 
-/// The head_dim 64 backward build with two 16-key m-tiles per warp (4 warps, 128 keys per block,
-/// 2 blocks per SM); the other builds are named by the blocks per SM they are compiled for.
-pub const BWD_TWO_M_TILES: u32 = 4;
-
-/// Keys per backward block: 128 in the 8-warp builds (one block per SM) and the two-m-tile build,
-/// else 64 (4 warps of 16 keys).
-fn bwd_keys_per_block(build: u32) -> usize {
-    if build == 1 || build == BWD_TWO_M_TILES {
-        2 * BC
-    } else {
-        BC
-    }
+/// One build of the backward kernel, as the launcher, the autotune and the reports know it. Builds
+/// are numbered by the blocks per SM they are compiled for, except the two-m-tile build (4).
+struct BwdBuild {
+    id: u32,
+    /// Appended to `flash_attn_bwd_d{head_dim}` for the entry point.
+    suffix: &'static str,
+    warps: u32,
+    keys: usize,
+    blocks_per_sm: u32,
+    label: &'static str,
 }
 
-/// Warps per backward block: 8 in the one-block-per-SM builds, else 4.
-fn bwd_warps(build: u32) -> u32 {
-    if build == 1 {
-        8
-    } else {
-        4
-    }
-}
+const BWD_BUILDS: [BwdBuild; 4] = [
+    BwdBuild { id: 2, suffix: "", warps: 4, keys: BC, blocks_per_sm: 2, label: "2 blocks/SM" },
+    BwdBuild { id: 3, suffix: "_3", warps: 4, keys: BC, blocks_per_sm: 3, label: "3 blocks/SM" },
+    BwdBuild { id: 1, suffix: "_8w", warps: 8, keys: 2 * BC, blocks_per_sm: 1, label: "1 block/SM of 8 warps" },
+    BwdBuild { id: 4, suffix: "_2mt", warps: 4, keys: 2 * BC, blocks_per_sm: 2, label: "2 blocks/SM of 32-key warps" },
+];
 
-/// The blocks per SM a backward build is compiled for.
-fn bwd_blocks_per_sm(build: u32) -> u32 {
-    if build == BWD_TWO_M_TILES {
-        2
-    } else {
-        build
-    }
+/// The build numbered `id`; callers only pass ids from `bwd_builds`.
+fn bwd_build(id: u32) -> Result<&'static BwdBuild> {
+    BWD_BUILDS.iter().find(|b| b.id == id).with_context(|| format!("attention: no backward build {id}"))
 }
 
 /// Query tiles the backward keeps in flight (mirrors `STAGES` in the source): one only in the
 /// 4-warp head_dim 128 builds.
-fn bwd_stages(head_dim: usize, build: u32) -> usize {
-    if head_dim <= 64 || build == 1 {
+fn bwd_stages(head_dim: usize, b: &BwdBuild) -> usize {
+    if head_dim <= 64 || b.warps == 8 {
         2
     } else {
         1
@@ -82,8 +74,8 @@ fn bwd_stages(head_dim: usize, build: u32) -> usize {
 
 /// Dynamic shared memory of a backward build (mirrors the layout in the source): K and V tiles of
 /// the block's keys, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
-fn bwd_shared_bytes(head_dim: usize, build: u32) -> usize {
-    let (ks, keys, stages) = (head_dim + 8, bwd_keys_per_block(build), bwd_stages(head_dim, build));
+fn bwd_shared_bytes(head_dim: usize, b: &BwdBuild) -> usize {
+    let (ks, keys, stages) = (head_dim + 8, b.keys, bwd_stages(head_dim, b));
     2 * (2 * keys * ks + stages * 2 * BR * ks + keys * (BR + 8)) + 4 * stages * 2 * BR
 }
 
@@ -172,11 +164,11 @@ const FWD_DEFAULT_BUILD: u32 = 4;
 /// 246 registers, 128 at 255), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
 /// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
-/// [`BWD_TWO_M_TILES`] (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared
-/// memory feeds two mma.sync, about 40% fewer shared-memory reads per mma.sync than the others).
+/// 4 (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared memory feeds two
+/// mma.sync, about 40% fewer shared-memory reads per mma.sync than the others).
 pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
     match head_dim {
-        64 => &[2, 3, 1, BWD_TWO_M_TILES],
+        64 => &[2, 3, 1, 4],
         128 => &[2, 1],
         _ => &[2],
     }
@@ -189,11 +181,7 @@ pub fn fwd_label(blocks: u32) -> String {
 
 /// How `kiln bench attention`, `kiln bench train` and the tests name a backward build.
 pub fn bwd_label(build: u32) -> String {
-    match build {
-        1 => "1 block/SM of 8 warps".into(),
-        BWD_TWO_M_TILES => "2 blocks/SM of 32-key warps".into(),
-        b => fwd_label(b),
-    }
+    bwd_build(build).map_or_else(|_| format!("build {build}"), |b| b.label.into())
 }
 
 /// Whether a backward build gets its blocks per SM on this device: that many blocks' shared memory
@@ -201,8 +189,25 @@ pub fn bwd_label(build: u32) -> String {
 /// the two-m-tile build likewise). The 64-key 2-block builds run everywhere, at whatever occupancy
 /// the device allows.
 pub fn bwd_fits(gpu: &Gpu, head_dim: usize, build: u32) -> bool {
-    let bytes = bwd_shared_bytes(head_dim, build) + gpu.shared_reserved_per_block;
-    build == 2 || bwd_blocks_per_sm(build) as usize * bytes <= gpu.shared_per_sm
+    let Ok(b) = bwd_build(build) else { return false };
+    let bytes = bwd_shared_bytes(head_dim, b) + gpu.shared_reserved_per_block;
+    (b.keys == BC && b.blocks_per_sm == 2) || b.blocks_per_sm as usize * bytes <= gpu.shared_per_sm
+}
+
+/// The backward builds at `head_dim` that fit this device.
+pub fn bwd_builds_fitting(gpu: &Gpu, head_dim: usize) -> Vec<u32> {
+    bwd_builds(head_dim).iter().copied().filter(|&b| bwd_fits(gpu, head_dim, b)).collect()
+}
+
+/// The forward builds to time at `head_dim`: the pinned one alone, else all of them.
+pub fn fwd_candidates(head_dim: usize) -> Vec<u32> {
+    fwd_pinned(head_dim).map_or_else(|| fwd_builds(head_dim).to_vec(), |b| vec![b])
+}
+
+/// The backward builds to time at `head_dim` on this device: the pinned one alone, else every one
+/// that fits.
+pub fn bwd_candidates(gpu: &Gpu, head_dim: usize) -> Vec<u32> {
+    bwd_pinned(gpu, head_dim).map_or_else(|| bwd_builds_fitting(gpu, head_dim), |b| vec![b])
 }
 
 /// A build named by an environment variable, if it is one of `builds`; any other value is ignored
@@ -327,12 +332,8 @@ pub fn backward(
     if !bwd_builds(s.head_dim).contains(&blocks) {
         bail!("attention: head_dim {} has no backward build for {blocks} blocks per SM", s.head_dim);
     }
-    let entry = match blocks {
-        3 => format!("flash_attn_bwd_{d}_3"),
-        1 => format!("flash_attn_bwd_{d}_8w"),
-        BWD_TWO_M_TILES => format!("flash_attn_bwd_{d}_2mt"),
-        _ => format!("flash_attn_bwd_{d}"),
-    };
+    let build = bwd_build(blocks)?;
+    let entry = format!("flash_attn_bwd_{d}{}", build.suffix);
     let st = &gpu.stream;
     if s.batch == 0 || s.q_len == 0 {
         st.memset_zeros(dq)?;
@@ -358,14 +359,14 @@ pub fn backward(
             .launch(cfg)
     }?;
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
-    let keys = bwd_keys_per_block(blocks);
-    let smem = bwd_shared_bytes(s.head_dim, blocks);
+    let keys = build.keys;
+    let smem = bwd_shared_bytes(s.head_dim, build);
     let f = gpu.function_with_shared(&entry, smem)?;
     let shape_args = ShapeArgs::new(&s);
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {
         grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(keys) as u32),
-        block_dim: (32 * bwd_warps(blocks), 1, 1),
+        block_dim: (32 * build.warps, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // The kernel writes every dK/dV row below kv_len; a cache's rows past it, and anything past
