@@ -70,31 +70,27 @@ pub(super) fn on_every_rank<B: Backend, T: Send>(
         drop(tx);
         let mut first_failure: Option<(Instant, String)> = None;
         let mut stuck_reported = false;
+        let stalled = |left: usize| {
+            let secs = stall.unwrap_or_default().as_secs_f64();
+            format!("{left} of {n} rank(s) on this node still inside the training step after {secs} s: a rank here or on another node stopped responding (the limit is parallel.collective_timeout_s)")
+        };
         for back in 0..n {
-            // Until when the ranks still out may take, and what to report if they overrun it.
-            let limit = match &first_failure {
-                Some((t, why)) => Some((*t + grace, why.clone())),
-                None => stall.map(|d| {
-                    let why = format!(
-                        "{} of {n} rank(s) on this node still inside the training step after {} s: a rank here or on another node stopped responding (the limit is parallel.collective_timeout_s)",
-                        n - back,
-                        d.as_secs_f64()
-                    );
-                    (started + d, why)
-                }),
+            // Until when the ranks still out may take; what to report is worded only if they overrun it.
+            let deadline = match &first_failure {
+                Some((t, _)) => Some(*t + grace),
+                None => stall.map(|d| started + d),
             };
-            let next = match limit {
-                Some((at, why)) if !stuck_reported => {
-                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                        Ok(x) => Ok(x),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            stuck_reported = true;
-                            on_stuck(&why);
-                            rx.recv()
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            let next = match deadline {
+                Some(at) if !stuck_reported => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(x) => Ok(x),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        stuck_reported = true;
+                        let why = first_failure.as_ref().map_or_else(|| stalled(n - back), |(_, why)| why.clone());
+                        on_stuck(&why);
+                        rx.recv()
                     }
-                }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                },
                 _ => match rx.recv() {
                     Ok(x) => Ok(x),
                     Err(_) => break,
