@@ -620,12 +620,13 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             issue(t + 1);
             cp_async_commit();
         }
-        // This warp's 16 queries × DW columns of dQ, accumulated in f32 in global memory.
+        // dQ += dS·K over the block's keys, accumulated in f32 in global memory. Unless the tile is
+        // split 2 × 2 (below), this warp takes 16 queries × DW columns: 4 query m-tiles × NW/4
+        // column groups. (The two paths write their additions and dS loads separately: sharing
+        // one helper cost the two-m-tile build 36 instructions per trip in ptxas's schedule.)
         constexpr int DW = D / (NW / 4);
         const int qw = NW == 4 ? warp : warp & 3, c0 = NW == 4 ? 0 : (warp >> 2) * DW;
         const int qlo = qw * 16 + g, qhi = qlo + 8;
-        // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
-        // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
         auto dq_add = [&](int nt, const float acc[4]) {
             const int col = nt * 8 + 2 * tq;
             if (i0 + qlo < q_len)
@@ -680,6 +681,8 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             }
             continue;
         }
+        // dS as A fragments, straight from the stored dSᵀ by a transposing load: matrices (keys
+        // c..c+7 | c+8..c+15) × (queries qlo-row block | +8), in the A register order.
         unsigned da[KB / 16][4];
 #pragma unroll
         for (int kk = 0; kk < KB / 16; ++kk) {
