@@ -203,7 +203,7 @@ if [ -n "$ncu" ]; then
     echo "== ncu: flash-attn kernels at head_dim $hd"
     if ! t=$(stage_time 90); then
       row "ncu flash-attn hd$hd" "skipped (time budget spent)"
-    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[234]|_8w)?$' \
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[235]|_8w|_2mt)?$' \
         --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
