@@ -31,8 +31,8 @@ static size_t bwd_shared_bytes(int d, size_t keys) {
 
 static int fwd_m_tiles = 1;
 static int bwd_warps = 4;  // 8: the head_dim 64 and 128 backward builds with 128 keys per block
-static bool bwd_lean = false;
-static bool bwd_two_m_tiles = false;  // the head_dim 64 backward with 32 keys per warp (128 per block)  // the head_dim 64 backward's 3-block build (one softmax copy, mask predicated)
+static bool bwd_lean = false;         // the head_dim 64 backward's 3-block build (one softmax copy, mask predicated)
+static bool bwd_two_m_tiles = false;  // the head_dim 64 backward with 32 keys per warp (128 per block)
 
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
@@ -140,9 +140,13 @@ static void run(Shape s, unsigned seed) {
     // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
     std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
     char name[160];
+    const char* bwd_build = wide                         ? " (backward with 8 warps)"
+                            : mt2                        ? " (backward with 2 m-tiles per warp)"
+                            : bwd_lean && s.d == 64      ? " (backward held to 3 blocks per SM)"
+                                                         : "";
     std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d%s%s", s.batch, s.q_len, s.kv_len,
                   s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "",
-                  wide ? " (backward with 8 warps)" : "");
+                  bwd_build);
     std::printf("%s\n", name);
     expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 1e-2);
     double lse_err = 0;
