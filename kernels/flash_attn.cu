@@ -106,6 +106,9 @@ __device__ __forceinline__ unsigned pair(const bf16* p) { return *reinterpret_ca
 // has a two-wide reduction: one instruction and one L2 operation per pair instead of two, which
 // halves the atomic traffic of the backward's dQ accumulation.
 __device__ __forceinline__ void red_add2(float* d, float x, float y) {
+#ifdef KILN_CPU_EMULATION
+    emulated_require_aligned(d, 8, "red.global.add.v2.f32");  // what the Hopper path below needs
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(d), "f"(x), "f"(y) : "memory");
 #else

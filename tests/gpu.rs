@@ -23,6 +23,29 @@ fn gpu() -> Option<Gpu> {
     or_skip(Gpu::open(0))
 }
 
+/// The emulator's stream-order check, checked (tests/emulated/fake_cuda.cpp runs all work at once,
+/// in order, so it checks each access against CUDA's ordering rules instead): a second stream that
+/// reads what the first wrote, or a first stream that overwrites what the second read, with no event
+/// between them, is refused, and the same work is accepted once the streams wait for each other. On a
+/// GPU such a race is no error, only sometimes wrong numbers, so this runs on the emulator alone.
+#[test]
+fn the_emulator_refuses_work_on_two_streams_that_nothing_orders() {
+    if !common::emulated_gpu::emulated() {
+        eprintln!("skipped: checks the emulated GPU's stream-order check");
+        return;
+    }
+    let g = gpu().expect("the emulated GPU");
+    let other = g.ctx.new_stream().unwrap();
+    let mut buf = g.stream.alloc_zeros::<f32>(256).unwrap();
+    let race = other.clone_dtoh(&buf).expect_err("a read on another stream, after a write it did not wait for");
+    assert!(format!("{race:?}").contains("INVALID_VALUE"), "{race:?}");
+    other.join(&g.stream).unwrap();
+    assert_eq!(other.clone_dtoh(&buf).unwrap(), vec![0.0; 256]);
+    g.stream.memset_zeros(&mut buf).expect_err("a write over another stream's read that it did not wait for");
+    g.stream.join(&other).unwrap();
+    g.stream.memset_zeros(&mut buf).unwrap();
+}
+
 fn up_f32(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {
     g.stream.clone_htod(x).unwrap()
 }

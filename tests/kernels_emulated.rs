@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds and runs tests/emulated/`program`; None when there is no g++ (and it is not required).
-fn build_and_run(program: &str) -> Option<std::process::Output> {
+/// Builds tests/emulated/`program` into a temporary directory (returned with the executable, which
+/// lives as long as it does); None when there is no g++ (and it is not required).
+fn build(program: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     if !common::emulated_gpu::gxx_present() {
         eprintln!("skipped: no g++ to build tests/emulated/{program}");
         return None;
@@ -19,7 +20,7 @@ fn build_and_run(program: &str) -> Option<std::process::Output> {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join(program.trim_end_matches(".cpp"));
     let build = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-pthread", "-w", "-DKILN_CPU_EMULATION"])
+        .args(common::emulated_gpu::GXX_FLAGS)
         .arg("-I")
         .arg(root.join("kernels"))
         .arg("-I")
@@ -30,6 +31,12 @@ fn build_and_run(program: &str) -> Option<std::process::Output> {
         .output()
         .unwrap();
     assert!(build.status.success(), "g++ {program}:\n{}", String::from_utf8_lossy(&build.stderr));
+    Some((dir, exe))
+}
+
+/// Builds and runs tests/emulated/`program`; None when there is no g++ (and it is not required).
+fn build_and_run(program: &str) -> Option<std::process::Output> {
+    let (_dir, exe) = build(program)?;
     Some(Command::new(&exe).output().unwrap())
 }
 
@@ -55,4 +62,23 @@ fn threads_that_wait_on_each_other_forever_abort_instead_of_hanging() {
     let Some(out) = build_and_run("deadlock.cpp") else { return };
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("block (0,0,0): deadlock"), "{err}");
+}
+
+#[test]
+fn misaligned_vector_loads_ldmatrix_and_cp_async_abort_as_they_fault_on_a_gpu() {
+    let Some((_dir, exe)) = build("misaligned.cpp") else { return };
+    let run = |case: &str| {
+        let out = Command::new(&exe).arg(case).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The same accesses, aligned, run: the checks object to the address, not to the access.
+    let (ok, err) = run("aligned");
+    assert!(ok, "aligned accesses aborted: {err}");
+    for case in ["uint4", "ldmatrix", "cp.async"] {
+        let (ok, err) = run(case);
+        assert!(
+            !ok && err.contains("misaligned address") && err.contains(case),
+            "a misaligned {case} was not caught: {err}"
+        );
+    }
 }

@@ -15,6 +15,20 @@ use std::process::Command;
 /// Set in the re-run child, whose tests then open the emulated device.
 const CHILD: &str = "KILN_EMULATED_GPU";
 
+/// g++ flags of every program built from the kernels' source. `-fsanitize=alignment` checks each
+/// typed access against its type's alignment (the stand-in `uint4` is 16-byte aligned, as CUDA's is),
+/// so a kernel's vector load through a misaligned pointer, which a GPU answers with a fault that
+/// ends the context, aborts here with its source line instead of reading the bytes anyway.
+pub const GXX_FLAGS: &[&str] = &[
+    "-std=c++20",
+    "-O2",
+    "-pthread",
+    "-w",
+    "-DKILN_CPU_EMULATION",
+    "-fsanitize=alignment",
+    "-fno-sanitize-recover=alignment",
+];
+
 /// True in the re-run: tests may shrink their largest shapes (the emulator runs every CUDA thread
 /// on one core).
 pub fn emulated() -> bool {
@@ -87,6 +101,7 @@ pub fn build_fake_cuda() -> PathBuf {
     sources.extend(kernels);
     let mut hash = Sha256::new();
     hash.update(&entries);
+    hash.update(GXX_FLAGS.join(" "));
     for s in &sources {
         hash.update(std::fs::read(s).unwrap());
     }
@@ -102,8 +117,8 @@ pub fn build_fake_cuda() -> PathBuf {
     std::fs::write(tmp.join("fake_cuda_entries.inc"), entries).unwrap();
     let lib = tmp.join("libkiln_fake_cuda.so");
     let build = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread", "-w"])
-        .arg("-DKILN_CPU_EMULATION")
+        .args(GXX_FLAGS)
+        .args(["-march=native", "-fopenmp-simd", "-shared", "-fPIC"])
         .arg("-I")
         .arg(root.join("kernels"))
         .arg("-I")

@@ -45,7 +45,11 @@ inline EmulatedDim3 blockDim, gridDim;
 struct __nv_bfloat16 {
     uint16_t bits;
 };
-struct __nv_bfloat162 {
+// The vector types carry CUDA's alignments (cuda_bf16.h's __align__(4), vector_types.h's 16), so a
+// kernel that reads one through a misaligned pointer, which a GPU answers with a misaligned-address
+// fault that ends the context, fails here too: the emulator's programs are built with
+// -fsanitize=alignment, which checks every typed access against its type's alignment.
+struct alignas(4) __nv_bfloat162 {
     __nv_bfloat16 x, y;
 };
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
@@ -68,11 +72,11 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
 
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 
@@ -191,6 +195,17 @@ inline EmulatedBlock* emulated_block;
 alignas(16) inline unsigned char emulated_smem[256 * 1024];
 inline unsigned char* emulated_dynamic_smem() { return emulated_smem; }
 
+// What the PTX instructions behind the kernels' inline assembly require of their addresses
+// (ldmatrix's row addresses 16 bytes, cp.async's both ends its copy size, red.v2.f32 8 bytes): a
+// GPU faults on anything less, so the emulator aborts, naming the thread, the instruction and the
+// address, where plain C++ would have read the bytes anyway.
+inline void emulated_require_aligned(const void* p, size_t bytes, const char* what) {
+    if ((uintptr_t)p % bytes == 0) return;
+    std::fprintf(stderr, "block (%u,%u,%u) thread %u: misaligned address %p for %s (needs %zu bytes)\n", blockIdx.x,
+                 blockIdx.y, blockIdx.z, threadIdx.x, p, what, bytes);
+    std::abort();
+}
+
 inline void __syncthreads() { emulated_block->block.arrive_and_wait(); }
 inline void emulated_warp_sync() { emulated_block->warp[threadIdx.x >> 5].arrive_and_wait(); }
 // The parity of this thread's next warp-wide call (see EmulatedBlock).
@@ -244,6 +259,7 @@ inline void emulated_mma16816(float c[4], const unsigned a[4], unsigned b0, unsi
 inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool trans) {
     EmulatedBlock& blk = *emulated_block;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, par = emulated_warp_call();
+    emulated_require_aligned(p, 16, "ldmatrix");
     blk.ldsm_rows[par][w][lane] = p;
     emulated_warp_sync();
     for (int j = 0; j < 4; ++j) {
@@ -268,6 +284,8 @@ inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool tra
 // still reading corrupts their tile. Either mistake then fails a test instead of passing by luck.
 inline bool emulated_cp_async_eager = false;
 inline void emulated_cp_async(void* dst, const void* src, int bytes, bool valid) {
+    emulated_require_aligned(dst, bytes, "cp.async (shared destination)");
+    emulated_require_aligned(src, bytes, "cp.async (global source)");
     if (emulated_cp_async_eager) {
         if (valid)
             std::memcpy(dst, src, bytes);
