@@ -65,8 +65,10 @@ static void run(Shape s, unsigned seed) {
     };
     // Grids as the launcher orders them: (head, batch, query block) and (KV head, batch, key block).
     const unsigned q_block = two ? 128 : 64;
+    emulated_ldsm_count = emulated_ldsm_wavefronts = 0;
     emulated_launch({(unsigned)s.n_head, (unsigned)s.batch, (s.q_len + q_block - 1) / q_block}, {128, 1, 1}, fwd,
                     fwd_shared_bytes(s.d));
+    const double fwd_wavefronts = (double)emulated_ldsm_wavefronts / emulated_ldsm_count;
 
     // Reference in double: causal softmax attention, then its gradients.
     const int group = s.n_head / s.n_kv_head;
@@ -129,8 +131,10 @@ static void run(Shape s, unsigned seed) {
               v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
     const unsigned keys = wide || mt2 ? 128 : 64;
+    emulated_ldsm_count = emulated_ldsm_wavefronts = 0;
     emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + keys - 1) / keys)},
                     {wide ? 256u : 128u, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
+    const double bwd_wavefronts = (double)emulated_ldsm_wavefronts / emulated_ldsm_count;
 
     auto rows_of = [](const std::vector<B16>& x) {
         std::vector<double> r(x.size());
@@ -155,6 +159,10 @@ static void run(Shape s, unsigned seed) {
     expect_below("  dq (f32 accumulator)", rel_max_err(widen(dq_acc), r_dq), 2e-2);
     expect_below("  dk (bf16)", rel_max_err(dk_valid, r_dk), 2e-2);
     expect_below("  dv (bf16)", rel_max_err(dv_valid, r_dv), 2e-2);
+    // Shared-memory bank conflicts: ldmatrix takes 4 wavefronts per x4 when its rows' banks never
+    // collide (the padded row strides are what make it so); each one beyond is bandwidth lost.
+    expect_below("  ldmatrix bank conflicts, forward (wavefronts/x4 - 4)", fwd_wavefronts - 4, 1e-9);
+    expect_below("  ldmatrix bank conflicts, backward (wavefronts/x4 - 4)", bwd_wavefronts - 4, 1e-9);
 }
 
 int main() {

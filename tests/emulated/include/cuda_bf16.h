@@ -192,7 +192,8 @@ struct EmulatedBlock {
     const __nv_bfloat16* ldsm_rows[2][32][32];      // ldmatrix row addresses: [parity][warp][lane]
 };
 inline EmulatedBlock* emulated_block;
-alignas(16) inline unsigned char emulated_smem[256 * 1024];
+// 128-byte aligned, as a block's shared window is, so an address's bank here is its bank there.
+alignas(128) inline unsigned char emulated_smem[256 * 1024];
 inline unsigned char* emulated_dynamic_smem() { return emulated_smem; }
 
 // What the PTX instructions behind the kernels' inline assembly require of their addresses
@@ -253,6 +254,29 @@ inline void emulated_mma16816(float c[4], const unsigned a[4], unsigned b0, unsi
     for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
 
+// What ldmatrix costs in shared-memory bandwidth, counted for the tests: an x4 reads its four 8×8
+// matrices in four phases of 8 rows of 16 bytes, and a phase takes as many wavefronts as the most
+// distinct 4-byte words any one of the 32 banks must deliver: 1 when the rows' banks do not
+// collide, up to 8. So 4 wavefronts per instruction is conflict-free.
+inline unsigned long emulated_ldsm_count, emulated_ldsm_wavefronts;
+inline void emulated_count_ldsm_wavefronts(const __nv_bfloat16* const rows[32]) {
+    ++emulated_ldsm_count;
+    for (int j = 0; j < 4; ++j) {
+        uintptr_t words[32][8];
+        int in_bank[32] = {}, most = 0;
+        for (int i = 0; i < 8; ++i)
+            for (int k = 0; k < 4; ++k) {
+                const uintptr_t word = (uintptr_t)rows[8 * j + i] / 4 + k;
+                const int bank = (int)(word % 32);
+                bool seen = false;
+                for (int n = 0; n < in_bank[bank]; ++n) seen |= words[bank][n] == word;
+                if (!seen) words[bank][in_bank[bank]++] = word;
+                most = in_bank[bank] > most ? in_bank[bank] : most;
+            }
+        emulated_ldsm_wavefronts += most;
+    }
+}
+
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane 8j + i gives the address of row i of 8×8
 // matrix j; register j of lane l receives matrix j's row l/4, columns 2·(l%4) and +1, or with
 // .trans its rows 2·(l%4) and +1 of column l/4 (low half first).
@@ -262,6 +286,7 @@ inline void emulated_ldmatrix_x4(unsigned r[4], const __nv_bfloat16* p, bool tra
     emulated_require_aligned(p, 16, "ldmatrix");
     blk.ldsm_rows[par][w][lane] = p;
     emulated_warp_sync();
+    if (lane == 0) emulated_count_ldsm_wavefronts(blk.ldsm_rows[par][w]);
     for (int j = 0; j < 4; ++j) {
         __nv_bfloat16 lo, hi;
         if (!trans) {
