@@ -26,7 +26,8 @@ fn gpu() -> Option<Gpu> {
 /// The emulator's stream-order check, checked (tests/emulated/fake_cuda.cpp runs all work at once,
 /// in order, so it checks each access against CUDA's ordering rules instead): a second stream that
 /// reads what the first wrote, or a first stream that overwrites what the second read, with no event
-/// between them, is refused, and the same work is accepted once the streams wait for each other. On a
+/// between them, is refused (AdamW's writes through its chunk table too), and the same work is
+/// accepted once the streams wait for each other. On a
 /// GPU such a race is no error, only sometimes wrong numbers, so this runs on the emulator alone.
 #[test]
 fn the_emulator_refuses_work_on_two_streams_that_nothing_orders() {
@@ -44,6 +45,18 @@ fn the_emulator_refuses_work_on_two_streams_that_nothing_orders() {
     g.stream.memset_zeros(&mut buf).expect_err("a write over another stream's read that it did not wait for");
     g.stream.join(&other).unwrap();
     g.stream.memset_zeros(&mut buf).unwrap();
+
+    // AdamW writes through the pointers of its chunk table, which its arguments do not show: what it
+    // updated is still unordered for the other stream until that waits.
+    let hp = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+    let (mut p, grad) = (up_f32(&g, &[1.0; 64]), up_f32(&g, &[0.5; 64]));
+    let (mut m, mut v) = (up_f32(&g, &[0.0; 64]), up_f32(&g, &[0.0; 64]));
+    other.join(&g.stream).unwrap();
+    let mut tensor = [adamw::AdamTensor { param: &mut p, grad: &grad, m: &mut m, v: &mut v, param_bf16: None }];
+    adamw::step(&g, &mut tensor, hp).unwrap();
+    other.clone_dtoh(&p).expect_err("a read of what AdamW wrote through its chunk table, unordered");
+    other.join(&g.stream).unwrap();
+    assert!(other.clone_dtoh(&p).unwrap().iter().all(|&x| x < 1.0), "AdamW moved the weights down the gradient");
 }
 
 fn up_f32(g: &Gpu, x: &[f32]) -> cudarc::driver::CudaSlice<f32> {

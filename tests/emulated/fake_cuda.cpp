@@ -149,8 +149,8 @@ static bool in_device_memory(uintptr_t p, size_t bytes, const char* what) {
 // later operation is ordered after. Each allocation keeps its last write and, per stream, its latest
 // read since; an access not ordered after a conflicting one (any access after another stream's
 // write, a write after another stream's read) is reported and fails its call. Kernels read through
-// their `const T*` arguments and write through their `T*` ones; the pointers inside adamw's chunk
-// table are not seen.
+// their `const T*` arguments and write through their `T*` ones, and adamw_multi through the pointers
+// of its chunk table as well (see note_adamw_chunks).
 using VClock = std::map<const void*, unsigned long>;  // stream -> how many of its operations are ordered before
 struct StreamOp {
     const void* stream;
@@ -265,6 +265,22 @@ static std::function<void()> bind_entry(void** params, const char* name, std::ve
     return [&]<class... A>(void (*f)(A...)) {
         return bind_args(f, params, name, accesses, std::index_sequence_for<A...>{});
     }(F);
+}
+
+// adamw_multi updates through pointers held in device memory, its chunk table (one chunk per block),
+// which its arguments do not show: each chunk's master weights, moments and bf16 copy are written,
+// its gradient read. FSDP's gradient shards are written by a reduce-scatter on the communication
+// stream, and its weight shards read by the next step's all-gather there, so these count.
+static void note_adamw_chunks(void** params, unsigned chunks, std::vector<Access>& accesses) {
+    const AdamChunk* table;
+    std::memcpy(&table, params[0], sizeof table);
+    if (!owner((uintptr_t)table, (size_t)chunks * sizeof(AdamChunk))) return;  // the kernel faults on its own
+    for (unsigned i = 0; i < chunks; ++i) {
+        const AdamChunk& c = table[i];
+        for (const void* p : {(const void*)c.param, (const void*)c.m, (const void*)c.v, (const void*)c.param_bf16})
+            if (p != nullptr) accesses.push_back({(uintptr_t)p, true});
+        accesses.push_back({(uintptr_t)c.grad, false});
+    }
 }
 
 #define KILN_ENTRY(name) {#name, &bind_entry<&name>},
@@ -555,6 +571,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     std::lock_guard<std::recursive_mutex> g(fake_lock);
     std::vector<Access> accesses;
     const std::function<void()> body = fn.bind(params, fn.name, accesses);
+    if (std::strcmp(fn.name, "adamw_multi") == 0) note_adamw_chunks(params, gx, accesses);
     if (races(stream, what.c_str(), accesses)) return CUDA_ERROR_INVALID_VALUE;
     emulated_launch({gx, gy, gz}, {bx, by, bz}, body, shared);
     return CUDA_SUCCESS;
