@@ -15,7 +15,8 @@
 //   - every pointer argument of a kernel must point into a live allocation (or be null);
 //   - a launch's dynamic shared memory must fit the 48 KB default or what cuFuncSetAttribute raised
 //     it to, its block at most 1024 threads;
-//   - a cuBLASLt matmul's layouts must agree with its transposes and with each other;
+//   - a cuBLASLt matmul's layouts must agree with its transposes and with each other, and its
+//     operands be 256-byte aligned, as the heuristic's default preferences assume;
 //   - work on one stream that touches memory another stream's work also touches must be ordered
 //     after it by an event or a host synchronization, as on a GPU, where streams run at once (see
 //     "stream order" below).
@@ -762,6 +763,11 @@ FAKE_HOST_ARITHMETIC int cublasLtMatmul(void*, void* desc, const void* alpha_p, 
     for (auto& op : operands)
         if (bad.empty() && !in_device_memory((uintptr_t)op.p, extent(*op.l), op.what))
             bad = std::string("operand ") + op.what + " is not inside one device allocation";
+    // The heuristic chose its algorithm for operands aligned as CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES
+    // says, 256 bytes unless set (kiln sets none); one less aligned may fail or fault on a GPU.
+    for (auto& op : operands)
+        if (bad.empty() && (uintptr_t)op.p % 256 != 0)
+            bad = std::string("operand ") + op.what + " is not 256-byte aligned, as the heuristic assumed";
     if (!bad.empty()) {
         fake_say("cublasLtMatmul", bad);
         return LT_INVALID_VALUE;
