@@ -6,7 +6,7 @@ of key tile kb visits (n - kb) query tiles of each of its group's heads, so bloc
 up to n-fold. The GPU hands blocks to free slots in launch order; this replays that greedy dispatch
 for TinyLlama's attention (batch 8, seq 2048, 32 heads / 4 KV heads, 64-row tiles) on an H100/H200
 (132 SMs; 4 or 5 forward blocks of 64 queries or 2 of 128, and 2 or 3 backward blocks, resident
-per SM by ptxas' register counts, or one 8-warp backward block of 128 keys) and prints each
+per SM by ptxas' register counts, or one 8-warp backward block of 128 or 256 keys) and prints each
 order's finishing time against the ideal (total work / slots). kernels/flash_attn.cu launches
 heaviest first; the old grids put the tile index in the fastest dimension.
 
@@ -52,3 +52,8 @@ report("backward (3 blocks/SM)", bwd_old, bwd_new, 3 * SMS)
 bwd8_old = [(n - 2 * kb) * group * 2 for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n // 2)]
 bwd8_new = [(n - 2 * kb) * group * 2 for kb in range(n // 2) for _b in range(BATCH) for _h in range(KV_HEADS)]
 report("backward (1 block/SM of 8 warps)", bwd8_old, bwd8_new, SMS)
+
+# The 8-warp backward with two m-tiles per warp: 256-key blocks, one per SM.
+bwd256_old = [(n - 4 * kb) * group * 4 for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n // 4)]
+bwd256_new = [(n - 4 * kb) * group * 4 for kb in range(n // 4) for _b in range(BATCH) for _h in range(KV_HEADS)]
+report("backward (1 block/SM of 8 warps x 32 keys)", bwd256_old, bwd256_new, SMS)

@@ -10,7 +10,7 @@
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
 // Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys and 8 warps in the
 // builds for one block per SM, or 4 warps × 32 keys in the head_dim 64 build with two m-tiles
-// per warp) and walks every query tile of every query head of its
+// per warp, 256 keys in the one with 8 such warps) and walks every query tile of every query head of its
 // group, so dK and dV are summed in registers and written once (no repeated K/V, no atomics); dQ
 // is accumulated in f32 with atomics and cast at the end.
 // Both stream their tiles with cp.async into a second buffer while the current one is computed on
@@ -643,13 +643,15 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             // At head_dim 64 with 4 warps the warps split the tile as 2 query halves × 2 column
             // halves: each takes 32 queries (two m-tiles) × 32 columns over the block's keys, keys
             // outermost, so each dS and K fragment it reads feeds two mma.sync (16 ldmatrix per
-            // 64 keys, not 20; the 3-block build has no registers for the accumulators).
-            const int qb0 = (warp & 1) * 32, cb = (warp >> 1) * 32;
-            float acc[2][4][4];
+            // 64 keys, not 20; the 3-block build has no registers for the accumulators). With 8
+            // warps (two m-tiles each) the columns go in quarters of 16 instead.
+            constexpr int CW = D / (NW / 2);  // columns per warp
+            const int qb0 = (warp & 1) * 32, cb = (warp >> 1) * CW;
+            float acc[2][CW / 8][4];
 #pragma unroll
             for (int m = 0; m < 2; ++m)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+                for (int j = 0; j < CW / 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < KB / 16; ++kk) {
                 unsigned a[2][4];
@@ -658,7 +660,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 for (int m = 0; m < 2; ++m)
                     ldsm_x4_trans(a[m], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qb0 + m * 16 + (mj & 1) * 8);
 #pragma unroll
-                for (int j = 0; j < 4; j += 2) {
+                for (int j = 0; j < CW / 8; j += 2) {
                     unsigned bk[4];
                     b_frags_kn(bk, Ks + kk * 16 * KS + cb + j * 8, KS, lane);
 #pragma unroll
@@ -672,7 +674,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             for (int m = 0; m < 2; ++m) {
                 const int lo = qb0 + m * 16 + g, hi = lo + 8;
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                for (int j = 0; j < CW / 8; ++j) {
                     const int col = cb + j * 8 + 2 * tq;
                     if (i0 + lo < q_len)
                         red_add2(dq_acc + ((long)b * q_len + i0 + lo) * qs + (long)h * D + col, acc[m][j][0] * scale,
@@ -735,7 +737,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
 // D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes;
 // D=64 with 128 keys (8 warps, or 4 of two m-tiles; 2 stages) 36,864 + 36,864 + 18,432 + 1,024 =
-// 93,184 bytes;
+// 93,184 bytes; with 256 keys (8 warps of two m-tiles) 73,728 + 36,864 + 36,864 + 1,024 = 148,480;
 // D=128 with 8 warps (128 keys, 2 stages) 69,632 + 69,632 + 18,432 + 1,024 = 158,720 bytes.
 // At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
 // covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
@@ -827,6 +829,18 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_d64_2mt(floa
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<64, 4, false, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head,
+                         n_kv_head, scale);
+}
+// Both at once: 8 warps of two 16-key m-tiles, 256 keys per block, one block per SM (148,480 bytes of
+// shared memory). Per mma.sync it reads shared memory as the two-m-tile build does, and it issues
+// half the dQ atomics of the 128-key builds, a quarter of the 64-key ones': each query tile's dQ
+// (16 KB of f32 reductions into L2) now covers 256 keys. At the tensor cores' pace the 64-key
+// builds would need some 4-6 TB/s of L2 reductions for dQ, which may be what bounds them on a card.
+// `kiln bench attention` times it; KILN_FA_BWD_D64_BLOCKS=5 makes the engine use it.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d64_8w2mt(float* dq_acc, bf16* dk, bf16* dv,
+    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
+    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
+    bwd<64, 8, false, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head,
                          n_kv_head, scale);
 }
 // The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 250

@@ -103,7 +103,7 @@ for hd in 64 128; do
     echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$fwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$fwd1" | grep -o 'forward ([^)]*)'), $(echo "$bwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$bwd1" | grep -o 'backward ([^)]*)'))"
     # head_dim 64: each kernel's other builds (forward 4, 5 or 2 blocks per SM, the last with 128
     # queries per block, KILN_FA_FWD_D64_BLOCKS picks; backward 2, 3 or 1 block of 8 warps with 128
-    # keys, or 4: 2 blocks of 32-key warps, KILN_FA_BWD_D64_BLOCKS).
+    # keys, or 4: 2 blocks of 32-key warps, or 5: one block of 8 such warps, KILN_FA_BWD_D64_BLOCKS).
     for pass in forward backward; do
       while read -r alt; do
         [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([^)]*)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s' || echo FAILED)"
@@ -203,7 +203,7 @@ if [ -n "$ncu" ]; then
     echo "== ncu: flash-attn kernels at head_dim $hd"
     if ! t=$(stage_time 90); then
       row "ncu flash-attn hd$hd" "skipped (time budget spent)"
-    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[235]|_8w|_2mt)?$' \
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[235]|_8w|_2mt|_8w2mt)?$' \
         --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

@@ -122,7 +122,8 @@ static void run(Shape s, unsigned seed) {
     const bool wide = s.d != 32 && bwd_warps == 8;
     const bool mt2 = s.d == 64 && bwd_two_m_tiles;
     auto bwd = [&] {
-        auto entry = mt2         ? flash_attn_bwd_d64_2mt
+        auto entry = mt2 && wide ? flash_attn_bwd_d64_8w2mt
+                     : mt2       ? flash_attn_bwd_d64_2mt
                      : wide      ? (s.d == 64 ? flash_attn_bwd_d64_8w : flash_attn_bwd_d128_8w)
                      : s.d == 32 ? flash_attn_bwd_d32
                      : s.d == 64 ? (bwd_lean ? flash_attn_bwd_d64_3 : flash_attn_bwd_d64)
@@ -130,7 +131,7 @@ static void run(Shape s, unsigned seed) {
         entry(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(),
               v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
-    const unsigned keys = wide || mt2 ? 128 : 64;
+    const unsigned keys = wide && mt2 ? 256 : wide || mt2 ? 128 : 64;
     emulated_ldsm_count = emulated_ldsm_wavefronts = 0;
     emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + keys - 1) / keys)},
                     {wide ? 256u : 128u, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
@@ -144,7 +145,8 @@ static void run(Shape s, unsigned seed) {
     // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
     std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
     char name[160];
-    const char* bwd_build = wide                         ? " (backward with 8 warps)"
+    const char* bwd_build = wide && mt2                  ? " (backward with 8 warps of 2 m-tiles)"
+                            : wide                       ? " (backward with 8 warps)"
                             : mt2                        ? " (backward with 2 m-tiles per warp)"
                             : bwd_lean && s.d == 64      ? " (backward held to 3 blocks per SM)"
                                                          : "";
@@ -202,6 +204,12 @@ int main() {
     bwd_two_m_tiles = true;
     std::printf("backward with 2 m-tiles per warp:\n");
     for (const auto& [shape, seed] : d64) run(shape, seed);
+    // And with 8 such warps (256 keys per block: partial and whole key blocks).
+    bwd_warps = 8;
+    std::printf("backward with 8 warps of 2 m-tiles:\n");
+    for (const auto& [shape, seed] : d64) run(shape, seed);
+    run({1, 512, 520, 520, 0, 4, 2, 64}, 21);
+    bwd_warps = 4;
     bwd_two_m_tiles = false;
     // The 3-block backward, whose softmax pass is one copy with the mask predicated.
     bwd_lean = true;
@@ -219,6 +227,9 @@ int main() {
     fwd_m_tiles = 1;
     bwd_two_m_tiles = true;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 20);
+    bwd_warps = 8;
+    run({1, 300, 300, 300, 0, 4, 1, 64}, 22);
+    bwd_warps = 4;
     bwd_two_m_tiles = false;
     bwd_warps = 8;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 17);

@@ -19,6 +19,7 @@ pub const KERNEL: Kernel = Kernel {
         "flash_attn_bwd_d64",
         "flash_attn_bwd_d64_3",
         "flash_attn_bwd_d64_2mt",
+        "flash_attn_bwd_d64_8w2mt",
         "flash_attn_bwd_d64_8w",
         "flash_attn_bwd_d128",
         "flash_attn_bwd_d128_8w",
@@ -39,7 +40,7 @@ fn fwd_shared_bytes(head_dim: usize) -> usize {
 }
 
 /// One build of the backward kernel, as the launcher, the autotune and the reports know it. Builds
-/// are numbered by the blocks per SM they are compiled for, except the two-m-tile build (4).
+/// are numbered by the blocks per SM they are compiled for, except the two-m-tile builds (4, 5).
 struct BwdBuild {
     id: u32,
     /// Appended to `flash_attn_bwd_d{head_dim}` for the entry point.
@@ -50,11 +51,19 @@ struct BwdBuild {
     label: &'static str,
 }
 
-const BWD_BUILDS: [BwdBuild; 4] = [
+const BWD_BUILDS: [BwdBuild; 5] = [
     BwdBuild { id: 2, suffix: "", warps: 4, keys: BC, blocks_per_sm: 2, label: "2 blocks/SM" },
     BwdBuild { id: 3, suffix: "_3", warps: 4, keys: BC, blocks_per_sm: 3, label: "3 blocks/SM" },
     BwdBuild { id: 1, suffix: "_8w", warps: 8, keys: 2 * BC, blocks_per_sm: 1, label: "1 block/SM of 8 warps" },
     BwdBuild { id: 4, suffix: "_2mt", warps: 4, keys: 2 * BC, blocks_per_sm: 2, label: "2 blocks/SM of 32-key warps" },
+    BwdBuild {
+        id: 5,
+        suffix: "_8w2mt",
+        warps: 8,
+        keys: 4 * BC,
+        blocks_per_sm: 1,
+        label: "1 block/SM of 8 32-key warps",
+    },
 ];
 
 /// The build numbered `id`; callers only pass ids from `bwd_builds`.
@@ -165,10 +174,12 @@ const FWD_DEFAULT_BUILD: u32 = 4;
 /// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
 /// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
 /// 4 (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared memory feeds two
-/// mma.sync, about 40% fewer shared-memory reads per mma.sync than the others).
+/// mma.sync, about 40% fewer shared-memory reads per mma.sync than the others) and 5 (8 such warps,
+/// 256 keys per block, one per SM: the same shared-memory reads, and half the 128-key builds' dQ
+/// atomics per mma.sync).
 pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
     match head_dim {
-        64 => &[2, 3, 1, 4],
+        64 => &[2, 3, 1, 4, 5],
         128 => &[2, 1],
         _ => &[2],
     }
@@ -237,7 +248,7 @@ pub fn fwd_default(head_dim: usize) -> u32 {
     fwd_pinned(head_dim).unwrap_or(FWD_DEFAULT_BUILD)
 }
 
-/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3, 1 or 4) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
+/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3, 1, 4 or 5) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
 /// pins, if it names one that fits the device.
 pub fn bwd_pinned(gpu: &Gpu, head_dim: usize) -> Option<u32> {
     static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
