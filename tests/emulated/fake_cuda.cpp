@@ -22,7 +22,8 @@
 //     "stream order" below).
 // It reports two compute capability 9.0 devices with an H100's shared memory, so the engine
 // takes the Hopper paths (the 3-blocks-per-SM FlashAttention builds are allowed). Everything runs
-// synchronously on the calling thread; streams and events only keep time.
+// synchronously on the calling thread; streams and events only keep time and the order the
+// stream-order check follows.
 
 #include "cuda_bf16.h"
 
