@@ -11,7 +11,7 @@ use half::bf16;
 use kiln::backend::cpu::Cpu;
 use kiln::backend::cuda::device::Gpu;
 use kiln::backend::cuda::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
-use kiln::backend::{AdamW, AttnShape, Backend, RopeShape};
+use kiln::backend::{AdamW, AttnShape, Backend, Gemm, RopeShape};
 
 /// Without a GPU: every other test here, on the CPU stand-in for CUDA (tests/emulated/fake_cuda.cpp).
 #[test]
@@ -21,6 +21,31 @@ fn on_the_emulated_gpu() {
 
 fn gpu() -> Option<Gpu> {
     or_skip(Gpu::open(0))
+}
+
+/// The emulated cuBLASLt's alignment rule, checked: cuBLASLt's heuristic picks its algorithm for
+/// 256-byte aligned operands unless told otherwise, so an operand 16 bytes into an allocation is
+/// refused there, where the same GEMM from the allocation's start runs. (kiln's operands are
+/// always whole allocations.) Emulator only: on a GPU the outcome depends on the algorithm.
+#[test]
+fn the_emulator_refuses_a_gemm_operand_less_aligned_than_cublaslt_assumed() {
+    use cudarc::driver::DevicePtr;
+    if !common::emulated_gpu::emulated() {
+        eprintln!("skipped: checks the emulated GPU's cuBLASLt");
+        return;
+    }
+    let g = gpu().expect("the emulated GPU");
+    let blas = kiln::backend::cuda::gemm::Blas::new(&g).unwrap();
+    let n = 64;
+    let (a, b) = (up_bf16(&g, &vec![1.0; n * n + 8]), up_bf16(&g, &vec![1.0; n * n]));
+    let mut out = g.stream.alloc_zeros::<f32>(n * n).unwrap();
+    blas.matmul(&g, &mut out, &a, &b, Gemm::linear(n, n, n)).unwrap();
+    let start = a.device_ptr(&g.stream).0;
+    // SAFETY: n·n values from 16 bytes into `a`, which outlives the view; leaked, so never freed.
+    let shifted = unsafe { g.stream.upgrade_device_ptr::<bf16>(start + 16, n * n) };
+    let refused = blas.matmul(&g, &mut out, &shifted, &b, Gemm::linear(n, n, n));
+    shifted.leak();
+    assert!(refused.is_err(), "a GEMM operand 16 bytes into its allocation was accepted");
 }
 
 /// The emulator's stream-order check, checked (tests/emulated/fake_cuda.cpp runs all work at once,
