@@ -43,17 +43,21 @@ fwd2_new = [2 * (2 * qb + 2) for qb in reversed(range(n // 2)) for _b in range(B
 report("forward (2 blocks/SM of 128 queries)", fwd2_old, fwd2_new, 2 * SMS)
 
 group = HEADS // KV_HEADS
-bwd_old = [(n - kb) * group for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n)]
-bwd_new = [(n - kb) * group for kb in range(n) for _b in range(BATCH) for _h in range(KV_HEADS)]
-report("backward (2 blocks/SM)", bwd_old, bwd_new, 2 * SMS)
-report("backward (3 blocks/SM)", bwd_old, bwd_new, 3 * SMS)
 
-# The 8-warp backward: 128-key blocks (each query tile costs twice a 64-key block's), one per SM.
-bwd8_old = [(n - 2 * kb) * group * 2 for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n // 2)]
-bwd8_new = [(n - 2 * kb) * group * 2 for kb in range(n // 2) for _b in range(BATCH) for _h in range(KV_HEADS)]
-report("backward (1 block/SM of 8 warps)", bwd8_old, bwd8_new, SMS)
 
-# The 8-warp backward with two m-tiles per warp: 256-key blocks, one per SM.
-bwd256_old = [(n - 4 * kb) * group * 4 for _b in range(BATCH) for _h in range(KV_HEADS) for kb in range(n // 4)]
-bwd256_new = [(n - 4 * kb) * group * 4 for kb in range(n // 4) for _b in range(BATCH) for _h in range(KV_HEADS)]
-report("backward (1 block/SM of 8 warps x 32 keys)", bwd256_old, bwd256_new, SMS)
+def backward(tiles):
+    """Blocks of `tiles` 64-key tiles: block kb visits the query tiles from its first key on, each
+    costing `tiles` times a 64-key block's; in launch order, tile index fastest then heaviest first."""
+    cost = [(n - tiles * kb) * group * tiles for kb in range(n // tiles)]
+    old = [c for _b in range(BATCH) for _h in range(KV_HEADS) for c in cost]
+    new = [c for c in cost for _b in range(BATCH) for _h in range(KV_HEADS)]
+    return old, new
+
+
+report("backward (2 blocks/SM)", *backward(1), 2 * SMS)
+report("backward (3 blocks/SM)", *backward(1), 3 * SMS)
+# 128-key blocks: 8 warps, one per SM, or 4 warps of two m-tiles, two per SM.
+report("backward (1 block/SM of 8 warps)", *backward(2), SMS)
+report("backward (2 blocks/SM of 32-key warps)", *backward(2), 2 * SMS)
+# 256-key blocks: 8 warps of two m-tiles, one per SM.
+report("backward (1 block/SM of 8 32-key warps)", *backward(4), SMS)

@@ -23,6 +23,15 @@ fn gpu() -> Option<Gpu> {
     or_skip(Gpu::open(0))
 }
 
+/// The emulated GPU, for a test of the stand-in's own checks (`what`); None, with a note, elsewhere.
+fn emulated_gpu(what: &str) -> Option<Gpu> {
+    if !common::emulated_gpu::emulated() {
+        eprintln!("skipped: checks the emulated GPU's {what}");
+        return None;
+    }
+    Some(gpu().expect("the emulated GPU"))
+}
+
 /// The emulated cuBLASLt's alignment rule, checked: cuBLASLt's heuristic picks its algorithm for
 /// 256-byte aligned operands unless told otherwise, so an operand 16 bytes into an allocation is
 /// refused there, where the same GEMM from the allocation's start runs. (kiln's operands are
@@ -30,11 +39,7 @@ fn gpu() -> Option<Gpu> {
 #[test]
 fn the_emulator_refuses_a_gemm_operand_less_aligned_than_cublaslt_assumed() {
     use cudarc::driver::DevicePtr;
-    if !common::emulated_gpu::emulated() {
-        eprintln!("skipped: checks the emulated GPU's cuBLASLt");
-        return;
-    }
-    let g = gpu().expect("the emulated GPU");
+    let Some(g) = emulated_gpu("cuBLASLt") else { return };
     let blas = kiln::backend::cuda::gemm::Blas::new(&g).unwrap();
     let n = 64;
     let (a, b) = (up_bf16(&g, &vec![1.0; n * n + 8]), up_bf16(&g, &vec![1.0; n * n]));
@@ -52,15 +57,11 @@ fn the_emulator_refuses_a_gemm_operand_less_aligned_than_cublaslt_assumed() {
 /// in order, so it checks each access against CUDA's ordering rules instead): a second stream that
 /// reads what the first wrote, or a first stream that overwrites what the second read, with no event
 /// between them, is refused (AdamW's writes through its chunk table too), and the same work is
-/// accepted once the streams wait for each other. On a
-/// GPU such a race is no error, only sometimes wrong numbers, so this runs on the emulator alone.
+/// accepted once the streams wait for each other. On a GPU such a race is no error, only sometimes
+/// wrong numbers, so this runs on the emulator alone.
 #[test]
 fn the_emulator_refuses_work_on_two_streams_that_nothing_orders() {
-    if !common::emulated_gpu::emulated() {
-        eprintln!("skipped: checks the emulated GPU's stream-order check");
-        return;
-    }
-    let g = gpu().expect("the emulated GPU");
+    let Some(g) = emulated_gpu("stream-order check") else { return };
     let other = g.ctx.new_stream().unwrap();
     let mut buf = g.stream.alloc_zeros::<f32>(256).unwrap();
     let race = other.clone_dtoh(&buf).expect_err("a read on another stream, after a write it did not wait for");

@@ -86,10 +86,10 @@ pub fn compile(kernel: &Kernel, arch: &'static str, include: &Path) -> Result<St
     Ok(ptx.to_src())
 }
 
-/// Bytes of machine code for `kernel` on `sm` (e.g. "sm_90"): NVRTC compiles, then assembles the
-/// PTX as the driver does when it loads it, so inline PTX the assembler rejects (an `mma.sync`,
-/// `ldmatrix` or `cp.async` typo) fails here, with no GPU. The loader itself keeps handing the
-/// driver PTX (`compile`), which any later device can compile forward.
+/// Size in bytes of the machine code for `kernel` on `sm` (e.g. "sm_90"): NVRTC compiles, then
+/// assembles the PTX as the driver does when it loads it, so inline PTX the assembler rejects (an
+/// `mma.sync`, `ldmatrix` or `cp.async` typo) fails here, with no GPU. The loader itself keeps
+/// handing the driver PTX (`compile`), which any later device can compile forward.
 pub fn assemble(kernel: &Kernel, sm: &str, include: &Path) -> Result<usize> {
     use cudarc::nvrtc::{result, sys};
     require("assembling CUDA kernels", &[CudaLib::Nvrtc])?;
@@ -98,16 +98,13 @@ pub fn assemble(kernel: &Kernel, sm: &str, include: &Path) -> Result<usize> {
     let mut opts = vec![format!("--gpu-architecture={sm}"), format!("--include-path={}", include.display())];
     opts.extend(OPTIONS.iter().map(|o| o.to_string()));
     let prog = result::create_program(&src, Some(&name))?;
-    // SAFETY: `prog` is live from create_program until destroy_program below, and the CUBIN buffer
-    // is sized by NVRTC's own report.
+    // SAFETY: `prog` is live from create_program until destroy_program below; the size query only
+    // writes an integer.
     unsafe {
         let out = match result::compile_program(prog, &opts) {
             Ok(()) => {
                 let mut size = 0usize;
-                sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
-                let mut cubin = vec![0 as std::ffi::c_char; size];
-                sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr()).result()?;
-                Ok(size)
+                sys::nvrtcGetCUBINSize(prog, &mut size).result().map(|_| size).map_err(anyhow::Error::from)
             }
             Err(_) => {
                 let log = result::get_program_log(prog).unwrap_or_default();
