@@ -161,6 +161,11 @@ fn rope_forward_and_inverse() {
         let mut gx = up_bf16(&g, &x);
         rope::apply(&g, &mut gx, &up_f32(&g, &cos), &up_f32(&g, &sin), s, inverse).unwrap();
         assert_close(&down_bf16(&g, &gx), &want, 1e-2, &format!("rope bf16 inverse={inverse}"));
+        // From f32 into bf16 (what the attention backward does to dQ), leaving the input as it was.
+        let (gx, mut gout, gcos, gsin) = (up_f32(&g, &x), poison_bf16(&g, x.len()), up_f32(&g, &cos), up_f32(&g, &sin));
+        rope::from_f32(&g, &mut gout, &gx, rope::Tables { cos: &gcos, sin: &gsin }, s, inverse).unwrap();
+        assert_close(&down_bf16(&g, &gout), &want, 1e-2, &format!("rope f32 -> bf16 inverse={inverse}"));
+        assert_eq!(down_f32(&g, &gx), x, "rope f32 -> bf16 changed its input");
     }
 }
 
@@ -280,12 +285,28 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     for blocks in flash_attn::bwd_builds_fitting(g, s.head_dim) {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
-        flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks).unwrap();
+        flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks, None)
+            .unwrap();
         let tag = format!("{tag} (backward, {})", flash_attn::bwd_label(blocks));
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("{tag} dq"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk"));
         assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv"));
     }
+    // With RoPE to undo, dQ comes out rotated back by the conversion its accumulator goes through:
+    // against the CPU's dQ rotated by the inverse angles (positions from q_pos0), dK and dV as above.
+    let (cos, sin) = kiln::model::rope::tables(s.head_dim, s.q_pos0 + s.q_len, 10000.0);
+    let mut dq_unrotated = dq.clone();
+    cpu.rope(&mut dq_unrotated, &cos, &sin, s.q_rope(), true).unwrap();
+    let (gcos, gsin) = (up_f32(g, &cos), up_f32(g, &sin));
+    let tables = rope::Tables { cos: &gcos, sin: &gsin };
+    let blocks = flash_attn::bwd_default(g, s.head_dim);
+    let (mut gdq, mut gdk, mut gdv) =
+        (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
+    flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks, Some(tables))
+        .unwrap();
+    assert_close(&down_bf16(g, &gdq), &dq_unrotated, 1e-2, &format!("{tag} dq rotated back"));
+    assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk (dQ rotated back)"));
+    assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv (dQ rotated back)"));
 }
 
 #[test]
@@ -348,7 +369,7 @@ fn autotune_case(g: &Gpu, head_dim: usize) {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         let mut bwd =
-            |b: u32| flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b);
+            |b: u32| flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b, None);
         tuner.backward(g, s, &mut bwd).unwrap();
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("tuned backward dq, {tag}"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("tuned backward dk, {tag}"));

@@ -245,6 +245,47 @@ fn attention_backward_matches_finite_differences() {
     }
 }
 
+/// `rotary_attention_backward` (what the model's backward calls): the gradients of the unrotated
+/// q and k of `attention(rope(q), rope(k), v)`, positions as `AttnShape::q_rope`/`kv_rope` place
+/// them (a KV-cache shape's queries start at q_pos0).
+#[test]
+fn rotary_attention_backward_matches_finite_differences() {
+    let mut r = rng(17);
+    for s in attn_shapes() {
+        let (cos, sin) = kiln::model::rope::tables(s.head_dim, (s.q_pos0 + s.q_len).max(s.kv_stride), 10000.0);
+        let q = randv(&mut r, s.q_elems(), 1.5);
+        let k = randv(&mut r, s.kv_elems(), 1.5);
+        let v = randv(&mut r, s.kv_elems(), 1.0);
+        let proj = randv(&mut r, s.q_elems(), 1.0);
+        let rotated = |q: &[f32], k: &[f32]| {
+            let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
+            Cpu.rope(&mut qr, &cos, &sin, s.q_rope(), false).unwrap();
+            Cpu.rope(&mut kr, &cos, &sin, s.kv_rope(), false).unwrap();
+            (qr, kr)
+        };
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| {
+            let (qr, kr) = rotated(q, k);
+            let (mut o, mut l) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+            Cpu.attention_forward(&mut o, &mut l, &qr, &kr, &v.to_vec(), s).unwrap();
+            project(&o, &proj)
+        };
+        let (qr, kr) = rotated(&q, &k);
+        let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+        Cpu.attention_forward(&mut out, &mut lse, &qr, &kr, &v, s).unwrap();
+        let (mut dq, mut dk, mut dv) =
+            (vec![f32::NAN; s.q_elems()], vec![f32::NAN; s.kv_elems()], vec![f32::NAN; s.kv_elems()]);
+        Cpu.rotary_attention_backward(&mut dq, &mut dk, &mut dv, &proj, &out, &lse, &qr, &kr, &v, s, &cos, &sin)
+            .unwrap();
+        check_grad(&format!("rotary attention dq {s:?}"), &mut q.clone(), &dq, 50, H, TOL, |x| loss(x, &k, &v));
+        let valid = if s.kv_stride == s.kv_len { s.kv_elems() } else { s.kv_len * s.n_kv_head * s.head_dim };
+        check_grad(&format!("rotary attention dk {s:?}"), &mut k[..valid].to_vec(), &dk[..valid], 50, H, TOL, |x| {
+            let mut kk = k.clone();
+            kk[..valid].copy_from_slice(x);
+            loss(&q, &kk, &v)
+        });
+    }
+}
+
 #[test]
 fn swiglu_forward_and_backward() {
     let mut r = rng(8);

@@ -79,6 +79,26 @@ impl AttnShape {
     pub fn lse_elems(&self) -> usize {
         self.batch * self.n_head * self.q_len
     }
+    /// Where q's rows sit for `rope`: row `b · q_len + t` at position `q_pos0 + t`.
+    pub fn q_rope(&self) -> RopeShape {
+        RopeShape {
+            rows: self.batch * self.q_len,
+            seq: self.q_len,
+            pos0: self.q_pos0,
+            n_head: self.n_head,
+            head_dim: self.head_dim,
+        }
+    }
+    /// Where k's rows sit for `rope`: row `b · kv_stride + t` at position `t`.
+    pub fn kv_rope(&self) -> RopeShape {
+        RopeShape {
+            rows: self.batch * self.kv_stride,
+            seq: self.kv_stride,
+            pos0: 0,
+            n_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 /// Rotary embedding layout: `x` is `[batch * seq, n_head, head_dim]`, row `r` sits at position
@@ -271,6 +291,31 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Buf,
         shape: AttnShape,
     ) -> Result<()>;
+
+    /// The backward of attention over rotated q and k (`rope`, then `attention_forward`), taken back
+    /// through the rotation: `dq` and `dk` come out as the gradients of the unrotated q and k, `dv`
+    /// as `attention_backward`'s. The default is `attention_backward` and then the inverse `rope` on
+    /// each; CUDA folds dQ's rotation into the f32 → bf16 conversion its backward ends with.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+    ) -> Result<()> {
+        self.attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape)?;
+        self.rope(dq, cos, sin, shape.q_rope(), true)?;
+        self.rope(dk, cos, sin, shape.kv_rope(), true)
+    }
 
     /// `out = silu(gate) * up` over the first `n` values (a workspace sized for a whole prefill chunk
     /// decodes one row at a time: only that row is computed).

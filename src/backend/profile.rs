@@ -178,6 +178,27 @@ impl<B: Backend> Backend for Profiled<B> {
             b.attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape)
         })
     }
+    fn rotary_attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+    ) -> Result<()> {
+        // One timing: the backend may fuse the inverse rotation into the backward's own passes
+        // (it is the inner backend's method that runs, not the default's separate calls).
+        self.timed("attention backward", 2.5 * attention_flops(&shape), |b| {
+            b.rotary_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape, cos, sin)
+        })
+    }
     fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize) -> Result<()> {
         self.timed("swiglu", 0.0, |b| b.swiglu_forward(out, gate, up, n))
     }

@@ -81,7 +81,8 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     for &build in &bwd_builds {
         let secs = timed(&mut || {
             flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, fwd_used)?;
-            flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, build)
+            // Attention alone, as SDPA's figure is: no RoPE to undo.
+            flash_attn::backward(&gpu, &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s, build, None)
         });
         match secs {
             Ok(secs) => pairs.push((build, secs)),

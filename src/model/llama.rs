@@ -433,10 +433,11 @@ impl<B: Backend> Llama<B> {
             n_kv_head: cfg.n_kv_head,
             head_dim: cfg.head_dim(),
         };
-        b.attention_backward(&mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape)?;
-        let rope_q = RopeShape { rows, seq: ws.seq, pos0: 0, n_head: cfg.n_head, head_dim: cfg.head_dim() };
-        b.rope(&mut g.dq, &self.rope_cos, &self.rope_sin, rope_q, true)?;
-        b.rope(&mut g.dk, &self.rope_cos, &self.rope_sin, RopeShape { n_head: cfg.n_kv_head, ..rope_q }, true)?;
+        // dQ and dK come back through the inverse rotation, as gradients of the unrotated q and k.
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        b.rotary_attention_backward(
+            &mut g.dq, &mut g.dk, &mut g.dv, &g.d_att, &a.att, &a.lse, &a.q, &a.k, &a.v, shape, cos, sin,
+        )?;
         b.matmul(&mut g.d_ln, &g.dq, &w.q_proj, Gemm::linear_dx(rows, d, qd))?;
         b.matmul(&mut g.d_ln, &g.dk, &w.k_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;
         b.matmul(&mut g.d_ln, &g.dv, &w.v_proj, Gemm::linear_dx(rows, d, kvd).accumulating())?;

@@ -119,6 +119,16 @@ static void rope(const int hd) {
     expect_below("rope bf16 forward", rel_max_err(from_bf16(xb), want), 1e-2);
     emulated_launch(grid_for(pairs), {256, 1, 1}, [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, seq, pos0, nh, hd, 1); });
     expect_below("rope bf16 inverse(forward(x)) = x", rel_max_err(from_bf16(xb), widen(x0)), 2e-2);
+    // From f32 into bf16 (the attention backward's dQ): the f32 rotation rounded once, so within
+    // bf16's unit roundoff (2^-8) of the exact rotation. NaN-poisoned, so a skipped pair fails.
+    const B16 nan = __float2bfloat16_rn(NAN);
+    std::vector<B16> ob(x0.size(), nan);
+    emulated_launch(grid_for(pairs), {256, 1, 1}, [&] { rope_f32_to_bf16(ob.data(), x0.data(), c.data(), s.data(), rows, seq, pos0, nh, hd, 0); });
+    expect_below("rope f32 -> bf16 forward (one rounding)", rel_max_err(from_bf16(ob), want), 4e-3);
+    std::vector<float> fwd(want.begin(), want.end());
+    ob.assign(x0.size(), nan);
+    emulated_launch(grid_for(pairs), {256, 1, 1}, [&] { rope_f32_to_bf16(ob.data(), fwd.data(), c.data(), s.data(), rows, seq, pos0, nh, hd, 1); });
+    expect_below("rope f32 -> bf16 inverse(forward(x)) = x", rel_max_err(from_bf16(ob), widen(x0)), 4e-3);
 }
 
 static void swiglu() {

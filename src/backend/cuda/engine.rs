@@ -112,6 +112,33 @@ impl Cuda {
     fn ids(&self, ids: &[u32]) -> Result<cudarc::driver::CudaSlice<u32>> {
         Ok(self.gpu.stream.clone_htod(ids)?)
     }
+
+    /// The attention backward through the tuner's build; with `unrotate`, dQ comes out rotated
+    /// back (see `flash_attn::backward`).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: AttnShape,
+        unrotate: Option<rope::Tables<'_>>,
+    ) -> Result<()> {
+        let (dq, dk, dv) = (dq.bf16_mut("attention dq")?, dk.bf16_mut("attention dk")?, dv.bf16_mut("attention dv")?);
+        let (dout, out, lse) = (dout.bf16("attention dout")?, out.bf16("attention out")?, lse.f32("attention lse")?);
+        let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
+        let gpu = &self.gpu;
+        // Every build overwrites dQ, dK and dV, so timing the builds in place is harmless.
+        self.attn.backward(gpu, shape, &mut |build| {
+            flash_attn::backward(gpu, dq, dk, dv, dout, out, lse, q, k, v, shape, build, unrotate)
+        })
+    }
 }
 
 impl Backend for Cuda {
@@ -367,14 +394,29 @@ impl Backend for Cuda {
         v: &CudaBuf,
         shape: AttnShape,
     ) -> Result<()> {
-        let (dq, dk, dv) = (dq.bf16_mut("attention dq")?, dk.bf16_mut("attention dk")?, dv.bf16_mut("attention dv")?);
-        let (dout, out, lse) = (dout.bf16("attention dout")?, out.bf16("attention out")?, lse.f32("attention lse")?);
-        let (q, k, v) = (q.bf16("attention q")?, k.bf16("attention k")?, v.bf16("attention v")?);
-        let gpu = &self.gpu;
-        // Every build overwrites dQ, dK and dV, so timing the builds in place is harmless.
-        self.attn.backward(gpu, shape, &mut |build| {
-            flash_attn::backward(gpu, dq, dk, dv, dout, out, lse, q, k, v, shape, build)
-        })
+        self.flash_backward(dq, dk, dv, dout, out, lse, q, k, v, shape, None)
+    }
+
+    fn rotary_attention_backward(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        shape: AttnShape,
+        cos: &CudaBuf,
+        sin: &CudaBuf,
+    ) -> Result<()> {
+        // dQ is rotated back as its f32 accumulator is rounded (no pass of its own); dK, an eighth
+        // of dQ's size under TinyLlama's grouping, by the in-place kernel.
+        let tables = rope::Tables { cos: cos.f32("rope cos table")?, sin: sin.f32("rope sin table")? };
+        self.flash_backward(dq, dk, dv, dout, out, lse, q, k, v, shape, Some(tables))?;
+        self.rope(dk, cos, sin, shape.kv_rope(), true)
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) -> Result<()> {

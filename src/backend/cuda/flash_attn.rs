@@ -27,6 +27,7 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 use super::cast;
+use super::rope;
 use crate::backend::AttnShape;
 use anyhow::{bail, Context};
 use half::bf16;
@@ -322,7 +323,9 @@ pub fn forward(
 }
 
 /// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through build `blocks`
-/// (one of `bwd_builds(head_dim)`).
+/// (one of `bwd_builds(head_dim)`). With `unrotate`, q was rotated (RoPE) and dQ comes out rotated
+/// back, the gradient of the unrotated q: the rotation rides on the f32 → bf16 conversion dQ's
+/// accumulator needs anyway, so it costs no pass of its own (and rounds once, not twice).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -337,6 +340,7 @@ pub fn backward(
     v: &CudaSlice<bf16>,
     s: AttnShape,
     blocks: u32,
+    unrotate: Option<rope::Tables<'_>>,
 ) -> Result<()> {
     let d =
         check(&s, &[dq.len(), dout.len(), out.len(), q.len()], &[dk.len(), dv.len(), k.len(), v.len()], &[lse.len()])?;
@@ -402,5 +406,8 @@ pub fn backward(
             .push_shape(&shape_args)
             .launch(cfg)
     }?;
-    cast::to_bf16(gpu, dq, &dq_acc)
+    match unrotate {
+        None => cast::to_bf16(gpu, dq, &dq_acc),
+        Some(t) => rope::from_f32(gpu, dq, &dq_acc, t, s.q_rope(), true),
+    }
 }
