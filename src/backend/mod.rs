@@ -112,6 +112,17 @@ pub struct RopeShape {
     pub head_dim: usize,
 }
 
+impl RopeShape {
+    /// Values of `x` the rotation reads and writes.
+    pub fn values(&self) -> usize {
+        self.rows * self.n_head * self.head_dim
+    }
+    /// Entries each of `cos` and `sin` must have: `head_dim / 2` for every position reached.
+    pub fn angles(&self) -> usize {
+        (self.pos0 + self.seq.min(self.rows)) * (self.head_dim / 2)
+    }
+}
+
 /// What a buffer holds, so that a mixed-precision backend can pick its storage. The CPU backend
 /// keeps everything in f32 and ignores it; the CUDA backend stores activations in bf16 and the
 /// rest in f32.

@@ -356,12 +356,7 @@ impl Backend for Cuda {
     }
 
     fn rope(&self, x: &mut CudaBuf, cos: &CudaBuf, sin: &CudaBuf, shape: RopeShape, inverse: bool) -> Result<()> {
-        let positions = shape.pos0 + shape.seq.min(shape.rows);
-        let half = shape.head_dim / 2;
-        fits(
-            "rope",
-            &[(x, shape.rows * shape.n_head * shape.head_dim), (cos, positions * half), (sin, positions * half)],
-        )?;
+        fits("rope", &[(x, shape.values()), (cos, shape.angles()), (sin, shape.angles())])?;
         let (c, s) = (cos.f32("rope cos table")?, sin.f32("rope sin table")?);
         rope::apply(&self.gpu, x.bf16_mut("rope")?, c, s, shape, inverse)
     }

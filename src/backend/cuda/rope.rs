@@ -50,15 +50,10 @@ pub fn from_f32(
     inverse: bool,
 ) -> Result<()> {
     let a = RopeArgs::new(&s, inverse, bf16::PER_THREAD)?;
-    let (n, positions) = (s.rows * s.n_head * s.head_dim, s.pos0 + s.seq.min(s.rows));
-    let angles = positions * (s.head_dim / 2);
+    let (n, angles) = (s.values(), s.angles());
     if x.len() < n || out.len() < n || t.cos.len() < angles || t.sin.len() < angles {
         bail!(
-            "rope: {} rows of {} heads of {} at positions below {positions} need {n} values and {angles} angles; \
-             got {} in, {} out, {} cos, {} sin",
-            s.rows,
-            s.n_head,
-            s.head_dim,
+            "rope: {s:?} needs {n} values and {angles} angles; got {} in, {} out, {} cos, {} sin",
             x.len(),
             out.len(),
             t.cos.len(),
