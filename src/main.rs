@@ -39,13 +39,13 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
         temperature: f32,
         /// Keep the K most likely tokens (0 = off)
         #[arg(long, default_value_t = 40)]
         top_k: usize,
         /// Keep the smallest set of tokens with this much probability (1 = off)
-        #[arg(long, default_value_t = 0.95)]
+        #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -64,9 +64,9 @@ enum Command {
         /// A system message to open the conversation with
         #[arg(long)]
         system: Option<String>,
-        #[arg(long, default_value_t = 0.7)]
+        #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
         temperature: f32,
-        #[arg(long, default_value_t = 0.9)]
+        #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
         top_p: f32,
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,

@@ -71,6 +71,23 @@ impl Tokenizer {
         }
         Ok(())
     }
+
+    /// For training: the model's vocabulary must be this tokenizer's, give or take padding to a
+    /// multiple of 1024 (32000 may become 32064 or 32768, never 512 tokens in a 32000-row table:
+    /// that is the wrong tokenizer, and data prepared with it would replace the right one's).
+    pub fn check_vocab_for_training(&self, model_vocab: usize, model_source: &str) -> Result<()> {
+        self.check_vocab(model_vocab, model_source)?;
+        let n = self.vocab_size();
+        let padded = n.div_ceil(1024) * 1024;
+        if model_vocab > padded {
+            bail!(
+                "{}: tokenizer has {n} tokens but {model_source} has vocab_size {model_vocab} (vocab mismatch: \
+                 the wrong tokenizer for this model?)",
+                self.source
+            );
+        }
+        Ok(())
+    }
 }
 
 fn one_line(s: &str) -> String {

@@ -105,6 +105,58 @@ fn viewers_get_events_and_steer_the_run_over_the_socket() {
 }
 
 #[test]
+fn several_viewers_see_every_event_and_any_of_them_steers() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = setup(t.path());
+    let run = t.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = run.join("kiln.sock");
+    wait_for(&sock);
+    let viewers: Vec<(BufReader<UnixStream>, UnixStream)> = (0..3)
+        .map(|_| {
+            let s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            (BufReader::new(s.try_clone().unwrap()), s)
+        })
+        .collect();
+    let mut viewers = viewers;
+    for (r, _) in &mut viewers {
+        read_until(r, |e| matches!(e, Event::Step(_)));
+    }
+    // Each viewer in turn steers; every viewer sees the result.
+    writeln!(viewers[0].1, "pause").unwrap();
+    for (r, _) in &mut viewers {
+        read_until(r, |e| matches!(e, Event::Paused { paused: true, .. }));
+    }
+    writeln!(viewers[1].1, "checkpoint").unwrap();
+    let mut saved = Vec::new();
+    for (r, _) in &mut viewers {
+        let Event::Checkpoint { step, .. } = read_until(r, |e| matches!(e, Event::Checkpoint { .. })) else {
+            unreachable!()
+        };
+        saved.push(step);
+    }
+    assert!(saved.iter().all(|s| *s == saved[0]), "viewers saw different checkpoints: {saved:?}");
+    // One viewer leaving does not disturb the others.
+    drop(viewers.remove(0));
+    writeln!(viewers[1].1, "pause off").unwrap();
+    for (r, _) in &mut viewers {
+        read_until(r, |e| matches!(e, Event::Paused { paused: false, .. }));
+    }
+    writeln!(viewers[0].1, "stop").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // The run's end closes every viewer's stream.
+    for (r, _) in &mut viewers {
+        let mut rest = String::new();
+        assert!(std::io::Read::read_to_string(r, &mut rest).is_ok(), "a viewer's stream stayed open");
+    }
+}
+
+#[test]
 fn detach_runs_in_the_background_and_can_be_attached() {
     let t = tempfile::tempdir().unwrap();
     let cfg = setup(t.path());

@@ -37,11 +37,13 @@ fn per_item_loglikelihoods_and_choices_match_the_reference() {
         std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(got.len(), reference.len());
     let mut correct = std::collections::HashMap::<String, (usize, usize)>::new();
+    let mut worst = (0.0f64, 0.0f64);
     for (g, r) in got.iter().zip(&reference) {
         assert_eq!((&g["task"], &g["index"]), (&r["task"], &r["index"]));
         let gl: Vec<f64> = g["loglikelihoods"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let rl: Vec<f64> = r["loglikelihoods"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         for (a, b) in gl.iter().zip(&rl) {
+            worst = (worst.0.max((a - b).abs()), worst.1.max((a - b).abs() / b.abs().max(1.0)));
             assert!((a - b).abs() < 2e-3 * b.abs().max(1.0), "{} {}: {a} vs {b}", r["task"], r["index"]);
         }
         // Identical predictions except where the reference itself is within rounding of a tie.
@@ -57,6 +59,7 @@ fn per_item_loglikelihoods_and_choices_match_the_reference() {
         e.0 += (g["acc_choice"] == g["gold"]) as usize;
         e.1 += 1;
     }
+    eprintln!("worst log-likelihood difference: {:.2e} nats, {:.2e} relative", worst.0, worst.1);
     // The summary agrees with the per-item predictions.
     for (task, (c, n)) in correct {
         let acc = report["tasks"][&task]["acc"].as_f64().unwrap();

@@ -185,9 +185,11 @@ fn a_failing_rank_stops_the_step_with_a_clear_error() {
     let full = random_weights(&cfg, 0).unwrap();
     let mut f = Fsdp::new(&cfg, &full, None, cpu_group(4), 1, 16, Keep::All).unwrap();
     f.fault = Some((2, 1));
-    let t = std::time::Instant::now();
-    let e = f.step(&[batch(&cfg, 4, 16)], 1, 1.0 / 64.0, 1.0, hp()).unwrap_err().to_string();
-    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    // Released by the failing rank, not by the collective timeout (600 s) a hang would end at.
+    let b = batch(&cfg, 4, 16);
+    let e = common::within(std::time::Duration::from_secs(120), "the step with a failing rank", move || {
+        f.step(&[b], 1, 1.0 / 64.0, 1.0, hp()).unwrap_err().to_string()
+    });
     assert_eq!(e, "rank 2 failed: injected fault at step 1");
 }
 
@@ -385,18 +387,8 @@ impl Comm for Hangs {
 #[test]
 fn a_rank_that_stops_responding_is_reported_after_the_collective_timeout_instead_of_hanging() {
     let cfg = tiny();
-    let full = random_weights(&cfg, 0).unwrap();
-    let comms: Vec<Arc<LocalComm>> = local_group(2).into_iter().map(Arc::new).collect();
     let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    let group = comms
-        .iter()
-        .enumerate()
-        .map(|(r, c)| {
-            let comm = Hangs { comm: c.clone(), hang: r == 1, released: released.clone() };
-            Member { backend: Cpu::new(), comm: Box::new(comm) as Box<dyn DeviceComm<Cpu>> }
-        })
-        .collect();
-    let mut f = Fsdp::new(&cfg, &full, None, group, 1, 16, Keep::All).unwrap();
+    let (mut f, comms) = hanging_pair(&released);
     f.stall_timeout = Some(std::time::Duration::from_millis(300));
     // Instead of exiting the process, the test records the report and releases both ranks.
     let seen = Arc::new(Mutex::new(None::<String>));
@@ -425,4 +417,69 @@ fn a_rank_that_stops_responding_is_reported_after_the_collective_timeout_instead
             && why.contains("parallel.collective_timeout_s"),
         "{why}"
     );
+}
+
+/// Two ranks, rank 1's first all-gather held until `released` is set; and their communicators.
+fn hanging_pair(released: &Arc<(Mutex<bool>, std::sync::Condvar)>) -> (Fsdp<Cpu>, Vec<Arc<LocalComm>>) {
+    let cfg = tiny();
+    let full = random_weights(&cfg, 0).unwrap();
+    let comms: Vec<Arc<LocalComm>> = local_group(2).into_iter().map(Arc::new).collect();
+    let group = comms
+        .iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let comm = Hangs { comm: c.clone(), hang: r == 1, released: released.clone() };
+            Member { backend: Cpu::new(), comm: Box::new(comm) as Box<dyn DeviceComm<Cpu>> }
+        })
+        .collect();
+    (Fsdp::new(&cfg, &full, None, group, 1, 16, Keep::All).unwrap(), comms)
+}
+
+#[test]
+fn collective_timeout_zero_waits_for_a_slow_rank() {
+    let cfg = tiny();
+    let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (mut f, _) = hanging_pair(&released);
+    f.stall_timeout = kiln::train::fsdp::stall_timeout(0);
+    assert_eq!(f.stall_timeout, None, "0 is no limit");
+    assert_eq!(kiln::train::fsdp::stall_timeout(600), Some(std::time::Duration::from_secs(600)));
+    let told = Arc::new(Mutex::new(None::<String>));
+    let record = told.clone();
+    f.on_stuck = Arc::new(move |why: &str| *record.lock().unwrap() = Some(why.to_string()));
+    // The slow rank comes back after 1.5 s: without a limit the step just takes that long.
+    let release = released.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+    });
+    let b = batch(&cfg, 2, 16);
+    let step = common::within(std::time::Duration::from_secs(120), "the step with a slow rank", move || {
+        f.step(&[b], 1, 1.0 / 32.0, 1.0, hp()).map(|(loss, _)| loss).map_err(|e| e.to_string())
+    });
+    assert!(step.unwrap().is_finite());
+    assert_eq!(*told.lock().unwrap(), None, "reported a slow rank as stuck with no limit set");
+}
+
+/// With the default `on_stuck`, a process whose ranks stay stuck past the limit prints why and
+/// exits with status 2 (the ranks cannot be released, so the process ends). Run in a child
+/// process of this test binary, which plays the stuck run.
+#[test]
+fn a_stuck_step_exits_the_process_with_status_2() {
+    const CHILD: &str = "KILN_TEST_STUCK_CHILD";
+    if std::env::var(CHILD).is_ok_and(|v| v == "1") {
+        let cfg = tiny();
+        let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (mut f, _) = hanging_pair(&released);
+        f.stall_timeout = Some(std::time::Duration::from_millis(300));
+        let _ = f.step(&[batch(&cfg, 2, 16)], 1, 1.0 / 32.0, 1.0, hp());
+        unreachable!("the step returned: the process should have exited");
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.args(["--exact", "a_stuck_step_exits_the_process_with_status_2", "--nocapture"]).env(CHILD, "1");
+    let o = common::output_within(&mut child, std::time::Duration::from_secs(120), "the stuck child");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("error: 2 of 2 rank(s) on this node still inside the training step after 0.3 s"), "{err}");
+    assert!(err.contains("parallel.collective_timeout_s") && !err.contains("panicked"), "{err}");
 }

@@ -11,13 +11,13 @@ use std::process::Command;
 
 #[test]
 fn the_gpu_check_script_runs_every_stage_on_the_emulated_gpu() {
-    // SAFETY: only tries to dlopen the driver library.
-    if unsafe { cudarc::driver::sys::is_culib_present() } {
-        eprintln!("skipped: a CUDA driver is present; run scripts/gpu-check.sh itself");
+    let this = "the_gpu_check_script_runs_every_stage_on_the_emulated_gpu";
+    if common::real_gpu_present() {
+        common::skipped(this, "a GPU is present: run scripts/gpu-check.sh itself");
         return;
     }
     if !common::emulated_gpu::gxx_present() {
-        eprintln!("skipped: no g++ to build tests/emulated/fake_cuda.cpp");
+        common::skipped(this, "no g++ to build tests/emulated/fake_cuda.cpp (KILN_REQUIRE_GXX=1 fails instead)");
         return;
     }
     let libs = common::emulated_gpu::build_fake_cuda();
@@ -25,7 +25,8 @@ fn the_gpu_check_script_runs_every_stage_on_the_emulated_gpu() {
     let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
     let tmp = tempfile::tempdir().unwrap();
     let summary = tmp.path().join("summary.txt");
-    let out = Command::new("bash")
+    let mut script = Command::new("bash");
+    script
         .arg(root.join("scripts/gpu-check.sh"))
         .env("KILN_GPU_CHECK_SMOKE", "1")
         .env("KILN_GPU_SUMMARY", &summary)
@@ -36,8 +37,12 @@ fn the_gpu_check_script_runs_every_stage_on_the_emulated_gpu() {
         .env("KILN_GEMM_CEILING_N", "256")
         // No PyTorch here: the baseline's stage must say it was skipped, not fail.
         .env("TORCH_VENV", tmp.path().join("no-venv"))
-        .output()
-        .unwrap();
+        // The stage limits are sized for a GPU; on a loaded 2-core machine the emulator is slower
+        // by far, so they get slack here (the script's budget logic still runs), and the whole
+        // script is bounded below instead.
+        .env("KILN_GPU_STAGE_SLACK", "30")
+        .env("KILN_GPU_BUDGET_S", "100000");
+    let out = common::output_within(&mut script, std::time::Duration::from_secs(2400), "scripts/gpu-check.sh (smoke)");
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let table = std::fs::read_to_string(&summary).unwrap_or_default();
     assert!(out.status.success(), "gpu-check.sh failed ({}):\n{log}", out.status);

@@ -57,55 +57,58 @@ fn hp(step: u64) -> AdamW {
 
 const SCALE: f32 = 1.0 / (ROWS * SEQ * ACCUM) as f32;
 
-/// Per-step losses and the final weights, on one device.
-fn single<B: Backend>(b: B, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> (Vec<f64>, Vec<Vec<f32>>) {
+/// Per-step losses and gradient norms (before clipping), and the final weights. AdamW is blind to
+/// a constant gradient scale and clipping renormalises it, so only the norms would show a
+/// reduce-scatter that averages where it must sum, or a wrong sum of squares over the shards.
+struct Trained {
+    losses: Vec<f64>,
+    norms: Vec<f64>,
+    weights: Vec<Vec<f32>>,
+}
+
+/// The run on one device.
+fn single<B: Backend>(b: B, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> Trained {
     let mut model = Llama::from_host(cfg.clone(), b, init).unwrap();
     let mut ws = Workspace::keeping(&model, ROWS, SEQ, Keep::All).unwrap();
     let mut grads = model.zeros_like_weights().unwrap();
     let mut opt = AdamWState::new(&model).unwrap();
-    let mut losses = Vec::new();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in 1..=STEPS {
         let bs = batches(cfg, step);
         let p = StepParams { scale: SCALE, max_norm: 1.0, hp: hp(step) };
-        let (loss, _) = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
+        let (loss, norm) = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
         losses.push(loss * SCALE as f64);
+        norms.push(norm);
     }
-    let w = model.weights.iter().into_iter().map(|t| model.backend.download(t).unwrap()).collect();
-    (losses, w)
+    let weights = model.weights.iter().into_iter().map(|t| model.backend.download(t).unwrap()).collect();
+    Trained { losses, norms, weights }
 }
 
 /// The same, sharded over `group`.
-fn sharded<B: Backend>(
-    group: Vec<Member<B>>,
-    cfg: &LlamaConfig,
-    init: &Weights<Vec<f32>>,
-) -> (Vec<f64>, Vec<Vec<f32>>) {
+fn sharded<B: Backend>(group: Vec<Member<B>>, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> Trained {
     let world = group.len();
     let mut f = Fsdp::new(cfg, init, None, group, ROWS / world, SEQ, Keep::All).unwrap();
-    let mut losses = Vec::new();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in 1..=STEPS {
-        let (loss, _) = f.step(&batches(cfg, step), step, SCALE, 1.0, hp(step)).unwrap();
+        let (loss, norm) = f.step(&batches(cfg, step), step, SCALE, 1.0, hp(step)).unwrap();
         losses.push(loss * SCALE as f64);
+        norms.push(norm);
     }
-    (losses, f.consolidate().unwrap().iter().into_iter().cloned().collect())
+    Trained { losses, norms, weights: f.consolidate().unwrap().iter().into_iter().cloned().collect() }
 }
 
-/// Losses within `loss_tol` (relative) step by step; every tensor's change from the start within
-/// `delta_tol` (relative error norm of the update: the part training moved, not the initial values
-/// both runs share).
-fn compare(
-    one: (Vec<f64>, Vec<Vec<f32>>),
-    many: (Vec<f64>, Vec<Vec<f32>>),
-    init: &Weights<Vec<f32>>,
-    loss_tol: f64,
-    delta_tol: f64,
-) {
-    for (s, (a, b)) in one.0.iter().zip(&many.0).enumerate() {
-        eprintln!("step {}: one device {a:.6}, sharded {b:.6}", s + 1);
-        assert!(b.is_finite() && (a - b).abs() <= loss_tol * a.abs(), "step {}: {a} vs {b}", s + 1);
+/// Losses and gradient norms within `tol` (relative) step by step; every tensor's change from the
+/// start within `delta_tol` (relative error norm of the update: the part training moved, not the
+/// initial values both runs share).
+fn compare(one: Trained, many: Trained, init: &Weights<Vec<f32>>, tol: f64, delta_tol: f64) {
+    let steps = one.losses.iter().zip(&many.losses).zip(one.norms.iter().zip(&many.norms));
+    for (s, ((a, b), (na, nb))) in steps.enumerate() {
+        eprintln!("step {}: loss one device {a:.6}, sharded {b:.6}; grad norm {na:.6}, {nb:.6}", s + 1);
+        assert!(b.is_finite() && (a - b).abs() <= tol * a.abs(), "step {}: loss {a} vs {b}", s + 1);
+        assert!(nb.is_finite() && (na - nb).abs() <= tol * na.abs(), "step {}: grad norm {na} vs {nb}", s + 1);
     }
     let mut worst = 0.0f64;
-    for ((w1, wn), w0) in one.1.iter().zip(&many.1).zip(init.iter()) {
+    for ((w1, wn), w0) in one.weights.iter().zip(&many.weights).zip(init.iter()) {
         let d1: Vec<f32> = w1.iter().zip(w0).map(|(a, b)| a - b).collect();
         let dn: Vec<f32> = wn.iter().zip(w0).map(|(a, b)| a - b).collect();
         worst = worst.max(rel_err(&dn, &d1));
@@ -380,8 +383,9 @@ fn collectives_that_finish_only_when_waited_on_train_exactly_like_synchronous_on
             outstanding.push(o);
         }
         let late = sharded(group, &cfg, &init);
-        assert_eq!(late.0, sync.0, "tied {tied}: losses");
-        assert!(late.1 == sync.1, "tied {tied}: weights");
+        assert_eq!(late.losses, sync.losses, "tied {tied}: losses");
+        assert_eq!(late.norms, sync.norms, "tied {tied}: gradient norms");
+        assert!(late.weights == sync.weights, "tied {tied}: weights");
         assert!(outstanding.iter().all(|o| o.count() == 0), "a started collective was never waited on");
     }
 }

@@ -4,7 +4,11 @@
 //! pip wheels nvidia-cuda-nvrtc==13.0.88 and nvidia-cuda-runtime==13.0.96 (.ci/run installs them);
 //! without them the compile part is skipped with a note, unless KILN_REQUIRE_NVRTC=1.
 
-use kiln::backend::cuda::kernels::{assemble, cache_path, compile, compile_cached, entry_points, include_dir, ALL};
+mod common;
+
+use kiln::backend::cuda::kernels::{
+    assemble, cache_path_in, compile, compile_cached_in, entry_points, include_dir, ALL,
+};
 use kiln::backend::cuda::libs::{require, CudaLib};
 
 #[test]
@@ -41,7 +45,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     let include = match ready {
         Ok(d) => d,
         Err(e) if !required => {
-            eprintln!("skipped: {e:#}");
+            common::skipped(
+                "every_kernel_compiles_for_sm80_and_sm90",
+                &format!("{e:#} (KILN_REQUIRE_NVRTC=1 fails instead)"),
+            );
             return;
         }
         Err(e) => panic!("KILN_REQUIRE_NVRTC=1 but {e:#}"),
@@ -79,23 +86,26 @@ fn threads_share_the_ptx_cache_safely() {
     let required = std::env::var("KILN_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
     if let Err(e) = require("the kernel cache check", &[CudaLib::Nvrtc]).and_then(|_| include_dir()) {
         assert!(!required, "KILN_REQUIRE_NVRTC=1 but {e:#}");
-        eprintln!("skipped: {e:#}");
+        common::skipped("threads_share_the_ptx_cache_safely", &format!("{e:#} (KILN_REQUIRE_NVRTC=1 fails instead)"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // SAFETY: no other test of this binary reads the variable or the kernel cache.
-    unsafe { std::env::set_var("KILN_KERNEL_CACHE", dir.path()) };
     let k = ALL.iter().find(|k| k.name == "rmsnorm").unwrap();
     let ptx: Vec<String> = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..4).map(|_| s.spawn(|| compile_cached(k, "compute_90").unwrap())).collect();
+        let threads: Vec<_> =
+            (0..4).map(|_| s.spawn(|| compile_cached_in(dir.path(), k, "compute_90").unwrap())).collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     assert!(ptx.iter().all(|p| p == &ptx[0] && p.contains(".entry rmsnorm_fwd_bf16(")));
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
-    let path = cache_path(k, "compute_90");
+    let path = cache_path_in(dir.path(), k, "compute_90");
     assert_eq!(files, vec![path.clone()], "one cache file and nothing else");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), ptx[0]);
     std::fs::write(&path, "").unwrap();
-    assert_eq!(compile_cached(k, "compute_90").unwrap(), ptx[0], "an empty cache file is compiled afresh");
+    assert_eq!(
+        compile_cached_in(dir.path(), k, "compute_90").unwrap(),
+        ptx[0],
+        "an empty cache file is compiled afresh"
+    );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), ptx[0], "and replaced");
 }

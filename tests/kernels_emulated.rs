@@ -13,7 +13,7 @@ use std::process::Command;
 /// lives as long as it does); None when there is no g++ (and it is not required).
 fn build(program: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     if !common::emulated_gpu::gxx_present() {
-        eprintln!("skipped: no g++ to build tests/emulated/{program}");
+        common::skipped(program, "no g++ to build it (KILN_REQUIRE_GXX=1 fails instead)");
         return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

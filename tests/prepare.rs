@@ -3,7 +3,6 @@
 
 use kiln::data::dataset::Dataset;
 use kiln::data::prepare::{prepare, PrepareArgs, DEFAULT_SHARD_TOKENS};
-use kiln::data::readers::for_each_document;
 use kiln::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -43,36 +42,32 @@ fn decode_docs(ds: &Dataset, tok: &Tokenizer) -> Vec<String> {
     docs
 }
 
+/// tests/fixtures/data (from tests/fixtures/make_data_fixtures.py): small inputs in every format
+/// and expected.json, the documents as the script wrote them, not as kiln's readers read them.
+fn data_fixtures() -> (PathBuf, serde_json::Value) {
+    let dir = root().join("tests/fixtures/data");
+    let expected = std::fs::read_to_string(dir.join("expected.json")).unwrap();
+    (dir, serde_json::from_str(&expected).unwrap())
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
 #[test]
 fn every_format_round_trips() {
     let t = tempfile::tempdir().unwrap();
-    let jsonl = t.path().join("a.jsonl");
-    std::fs::write(
-        &jsonl,
-        "{\"text\": \"Hello world\"}\n{\"text\": \"Ünïcödé and\\ttabs\\nnewlines 🙂\", \"meta\": 1}\n",
-    )
-    .unwrap();
-    let txt = t.path().join("b.txt");
-    std::fs::write(&txt, "fn main() {\n    println!(\"hi\");\n}\n").unwrap();
-    let inputs = vec![
-        jsonl,
-        txt,
-        root().join("assets/corpus/slimpajama_like/validation"),
-        root().join("assets/corpus/starcoder_like/rust"),
-    ];
-    let mut originals = Vec::new();
-    for f in kiln::data::readers::collect_inputs(&inputs).unwrap() {
-        for_each_document(&f, None, |d| {
-            originals.push(d);
-            Ok(())
-        })
-        .unwrap();
-    }
+    let (dir, expected) = data_fixtures();
+    // Named in a fixed order that is not sorted order: inputs are read in the order given.
+    let inputs: Vec<PathBuf> = strings(&expected["files"]).iter().map(|f| dir.join(f)).collect();
+    let originals = strings(&expected["documents"]);
+    let per_file: Vec<u64> = serde_json::from_value(expected["documents_per_file"].clone()).unwrap();
     let out = t.path().join("out");
-    // Small shards so the stream crosses shard boundaries.
-    let s = prepare(&args(&out, inputs, 0.0, 50_000)).unwrap();
+    // Small shards so the stream crosses shard boundaries (about 2,400 tokens in all).
+    let s = prepare(&args(&out, inputs, 0.0, 64)).unwrap();
     assert!(s.index.train.shards.len() > 3);
     assert_eq!(s.index.train.documents as usize, originals.len());
+    assert_eq!(s.index.inputs.iter().map(|i| i.documents).collect::<Vec<_>>(), per_file);
     let tok = Tokenizer::from_file(&tok_path()).unwrap();
     let ds = Dataset::open(&out, None, 32000).unwrap();
     let decoded = decode_docs(&ds, &tok);
@@ -80,6 +75,23 @@ fn every_format_round_trips() {
     for (i, (d, o)) in decoded.iter().zip(&originals).enumerate() {
         assert_eq!(d, o, "document {i}");
     }
+}
+
+#[test]
+fn jsonl_zst_and_parquet_honour_the_text_field() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, expected) = data_fixtures();
+    let over = &expected["text_field"];
+    let inputs: Vec<PathBuf> = strings(&over["files"]).iter().map(|f| dir.join(f)).collect();
+    let originals = strings(&over["documents"]);
+    let out = t.path().join("out");
+    let mut a = args(&out, inputs, 0.0, DEFAULT_SHARD_TOKENS);
+    // Each file also holds the default field ("text", "content"), with other text.
+    a.text_field = Some(over["field"].as_str().unwrap().to_string());
+    prepare(&a).unwrap();
+    let tok = Tokenizer::from_file(&tok_path()).unwrap();
+    let decoded = decode_docs(&Dataset::open(&out, None, 32000).unwrap(), &tok);
+    assert_eq!(decoded, originals);
 }
 
 #[test]

@@ -25,7 +25,7 @@ impl Tmux {
     fn new(name: &str, dir: &Path) -> Option<Tmux> {
         if Command::new("tmux").arg("-V").output().is_err() {
             assert!(std::env::var("KILN_REQUIRE_TMUX").as_deref() != Ok("1"), "tmux is not installed");
-            eprintln!("skipping: tmux is not installed");
+            common::skipped(name, "tmux is not installed (KILN_REQUIRE_TMUX=1 fails instead)");
             return None;
         }
         Some(Tmux { socket: format!("kiln-test-{name}-{}", std::process::id()), dir: dir.to_path_buf() })

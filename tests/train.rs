@@ -227,9 +227,17 @@ fn resume_is_bit_identical_to_an_uninterrupted_run_and_the_loss_falls() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     fails(&kiln(&["plot", a.to_str().unwrap(), "--out", "x.jpg"]), "must end in .png or .svg");
     fails(&kiln(&["plot", t.path().to_str().unwrap()]), "metrics.jsonl");
-    // Every step record carries the documented fields.
-    for key in ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "data_wait_ms", "mfu"] {
-        assert!(ra[0].get(key).is_some(), "{key}");
+    // Every step record carries the documented fields as finite, non-negative numbers (serde_json
+    // writes a NaN as null, which `.get(key).is_some()` would have accepted), and those that
+    // measure training are positive.
+    for r in &ra {
+        for key in ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "data_wait_ms", "mfu"] {
+            let x = r[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {r}"));
+            assert!(x.is_finite() && x >= 0.0, "{key} = {x} in {r}");
+        }
+        for key in ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key} is zero in {r}");
+        }
     }
 }
 
@@ -240,41 +248,77 @@ fn kill_9_never_leaves_latest_on_a_broken_checkpoint() {
     let cfg = small_config(t.path(), &data, "");
     let run = t.path().join("run");
     let sets = ["--set", "checkpoint.every_steps=1", "--set", "train.max_steps=1000", "--set", "eval.every_steps=0"];
-    let mut args = vec!["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"];
-    args.extend(sets);
-    // Kill points are measured from the moment the run first has a checkpoint, so they land in the
-    // middle of training and checkpointing on fast and slow machines alike.
-    for (i, delay_ms) in [0u64, 150, 400, 700].iter().enumerate() {
-        let mut child = if i == 0 {
-            Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(&args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        } else {
-            Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(["train", "--resume", run.to_str().unwrap(), "--headless"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        };
+    let mut first = vec!["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"];
+    first.extend(sets);
+    first.extend(["--steps", "1"]);
+    ok(&kiln(&first));
+    let resume = ["train", "--resume", run.to_str().unwrap(), "--headless"];
+    let held = run.join(".kiln-test-held");
+    let ckpts = run.join("checkpoints");
+    // Each round kills the process inside a checkpoint write, at a stage the write itself reports
+    // (the hook in checkpoint::save): the staging directory made, the weights written, the
+    // optimizer state written, trainer.json with its checksums written, renamed into place, and
+    // `latest` moved.
+    let stages = ["staging", "weights", "optimizer", "state", "renamed", "latest"];
+    for (round, stage) in stages.iter().enumerate() {
+        let before = kiln::train::checkpoint::latest(&run).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(resume)
+            .env("KILN_TEST_HOLD_CHECKPOINT", stage)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while kiln::train::checkpoint::latest(&run).ok().flatten().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        while std::fs::read_to_string(&held).ok().as_deref() != Some(stage) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: kiln exited ({status}) before reaching the {stage} stage of a checkpoint");
+            }
+            assert!(std::time::Instant::now() < deadline, "round {round}: never reached the {stage} stage");
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
-        child.kill().unwrap(); // SIGKILL
+        child.kill().unwrap(); // SIGKILL, mid-write
         child.wait().unwrap();
-        if let Some(latest) = kiln::train::checkpoint::latest(&run).unwrap() {
-            // Whatever `latest` names is whole: it loads as a model and as training state.
+        std::fs::remove_file(&held).unwrap();
+        // This round's staging directory (earlier rounds' stay until a write completes).
+        let mine = format!("-{}", child.id());
+        let staging: Vec<String> = std::fs::read_dir(&ckpts)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(".tmp-") && n.ends_with(&mine))
+            .collect();
+        let latest = kiln::train::checkpoint::latest(&run).unwrap();
+        if round < 4 {
+            // Killed before the rename: the write is left half done in its staging directory, and
+            // `latest` still names the checkpoint before it.
+            assert_eq!(staging.len(), 1, "round {round} ({stage}): no interrupted write in {staging:?}");
+            assert_eq!(latest, before, "round {round} ({stage}): latest moved");
+        } else if *stage == "renamed" {
+            // Renamed but `latest` not yet moved: the new checkpoint is whole, and `latest` still
+            // names the one before it (the next save at that step replaces the leftover).
+            assert!(staging.is_empty(), "round {round} ({stage}): {staging:?}");
+            assert_eq!(latest, before, "round {round} ({stage}): latest moved");
+            let newest = ckpts.join(kiln::train::checkpoint::whole_checkpoints(&run).unwrap().pop().unwrap());
+            assert_ne!(Some(&newest), before.as_ref(), "round {round} ({stage}): no renamed checkpoint");
+            kiln::train::checkpoint::verify_files(&newest).unwrap();
+        } else {
+            assert!(staging.is_empty(), "round {round} ({stage}): {staging:?}");
+            assert_ne!(latest, before, "round {round} ({stage}): latest did not move");
+        }
+        if let Some(latest) = latest {
+            // Whatever `latest` names is whole: it verifies, loads as a model and as training state.
+            kiln::train::checkpoint::verify_files(&latest).unwrap();
             kiln::io::load_model_dir(&latest, kiln::backend::cpu::Cpu::new()).unwrap();
             kiln::train::checkpoint::read_state(&latest).unwrap();
         }
     }
-    // And the run resumes.
+    // And the run resumes, clearing what the killed writes left.
     ok(&kiln(&["train", "--resume", run.to_str().unwrap(), "--headless", "--steps", "1"]));
+    let left = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-"))
+        .count();
+    assert_eq!(left, 0, "staging directories of killed writes are left");
 }
 
 #[test]
@@ -372,37 +416,82 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::SeqCst)
 }
 
+/// Builds tests/shims/full_disk.c (a write shim that makes a directory a small full disk) into
+/// `dir`; None where there is no compiler (a failure where KILN_REQUIRE_GXX=1).
+fn full_disk_shim(dir: &Path) -> Option<PathBuf> {
+    if !common::emulated_gpu::gxx_present() {
+        return None;
+    }
+    let lib = dir.join("libfulldisk.so");
+    let src = root().join("tests/shims/full_disk.c");
+    let o = Command::new("g++")
+        .args(["-x", "c", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "building the full-disk shim: {}", String::from_utf8_lossy(&o.stderr));
+    Some(lib)
+}
+
+/// The run fails at the step-10 checkpoint with one line, and `latest` still names step 5's.
+fn assert_full_disk_failure(o: &Output, run: &Path) {
+    let msg = fails(o, "checkpoint not written (the previous one is intact)");
+    assert!(msg.contains("step-00000010"), "{msg}");
+    let latest = kiln::train::checkpoint::latest(run).unwrap().unwrap();
+    assert!(latest.ends_with("step-00000005"), "{}", latest.display());
+    kiln::train::checkpoint::verify_files(&latest).unwrap();
+}
+
 #[test]
 fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
     let t = tempfile::tempdir().unwrap();
     let data = prepared_text(t.path());
     let cfg = small_config(t.path(), &data, "");
+    let train = |run: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+            .args(["--set", "eval.every_steps=0"])
+            .env("RAYON_NUM_THREADS", "2");
+        c
+    };
+    // 40 MiB holds one checkpoint of this model (about 27 MB: weights, two moments, tokenizer) but
+    // not two. First through the write shim, which needs no privileges, so this runs everywhere.
+    let shim_dir = t.path().join("shim");
+    std::fs::create_dir(&shim_dir).unwrap();
+    match full_disk_shim(&shim_dir) {
+        Some(lib) => {
+            // The shim matches the paths the kernel reports for open files: canonical ones.
+            std::fs::create_dir(shim_dir.join("disk")).unwrap();
+            let disk = shim_dir.join("disk").canonicalize().unwrap();
+            let run = disk.join("run");
+            let o = train(&run)
+                .env("LD_PRELOAD", &lib)
+                .env("KILN_FULL_DISK_DIR", &disk)
+                .env("KILN_FULL_DISK_BYTES", (40u64 << 20).to_string())
+                .output()
+                .unwrap();
+            assert_full_disk_failure(&o, &run);
+        }
+        None => common::skipped("disk full (write shim)", "no C compiler (KILN_REQUIRE_GXX=1 fails instead)"),
+    }
+    // Then on a real small filesystem, where this machine lets the test mount one.
     let mnt = t.path().join("small-disk");
     std::fs::create_dir(&mnt).unwrap();
-    // A 40 MiB tmpfs holds one checkpoint of this model (about 27 MB: weights, two moments,
-    // tokenizer) but not two.
     let mounted =
         Command::new("mount").args(["-t", "tmpfs", "-o", "size=40M", "tmpfs", mnt.to_str().unwrap()]).status();
     if !matches!(mounted, Ok(s) if s.success()) {
-        eprintln!("skipping: cannot mount a small tmpfs here (needs root)");
+        eprintln!("no tmpfs can be mounted here (needs root): the write shim above stood in for it");
         return;
     }
     let run = mnt.join("run");
-    let o = kiln(&[
-        "train",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--headless",
-        "--set",
-        "eval.every_steps=0",
-    ]);
-    let latest = kiln::train::checkpoint::latest(&run);
+    let o = train(&run).output().unwrap();
+    let result = std::panic::catch_unwind(|| assert_full_disk_failure(&o, &run));
     let _ = Command::new("umount").arg(&mnt).status();
-    let msg = fails(&o, "checkpoint not written (the previous one is intact)");
-    assert!(msg.contains("step-00000010"), "{msg}");
-    let latest = latest.unwrap().unwrap();
-    assert!(latest.ends_with("step-00000005"));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }
 
 fn wait_for_steps(run: &Path, n: usize) {
@@ -514,4 +603,26 @@ fn a_live_run_refuses_a_second_process_and_a_closed_stdout_does_not_stop_it() {
     signal(&child, "-INT");
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
+}
+
+#[test]
+fn a_full_stdout_and_stderr_do_not_stop_training() {
+    let t = tempfile::tempdir().unwrap();
+    let data = prepared_text(t.path());
+    let cfg = small_config(t.path(), &data, "");
+    let run = t.path().join("run");
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .args(["--set", "train.max_steps=6", "--set", "eval.every_steps=0", "--set", "sample.every_steps=3"])
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(full())
+        .stderr(full())
+        .status()
+        .unwrap();
+    // Every write to the terminal failed with ENOSPC; training, metrics and checkpoints did not.
+    assert!(status.success(), "{status}");
+    assert_eq!(step_records(&run).len(), 6);
+    let latest = kiln::train::checkpoint::latest(&run).unwrap().unwrap();
+    assert!(latest.ends_with("step-00000006"), "{}", latest.display());
 }

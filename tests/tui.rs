@@ -203,3 +203,61 @@ fn chat_keeps_a_pause_it_did_not_take_and_can_train_meanwhile() {
     assert!(app.on_chat_key(ChatKey::Tab).is_empty());
     assert!(app.open_chat().is_empty(), "/train is remembered");
 }
+
+#[test]
+fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let mut app = app_with_history();
+    // Without a run directory there is nothing to plot from: said in the event log.
+    app.on_action(action_for('x').unwrap());
+    assert!(app.export_requested, "x asks the terminal loop to export");
+    app.export();
+    assert_eq!(app.log.back().unwrap(), "export: no run directory known");
+    // With one: the history the dashboard shows is the run's metrics.jsonl.
+    let history: String = (1..=120).map(|s| serde_json::to_string(&step(s)).unwrap() + "\n").collect();
+    std::fs::write(t.path().join("metrics.jsonl"), history).unwrap();
+    app.run_dir = Some(t.path().to_path_buf());
+    app.on_action(action_for('+').unwrap()); // the last 200 steps, then the last 50
+    app.on_action(action_for('+').unwrap());
+    app.on_action(action_for('x').unwrap());
+    app.export();
+    assert!(!app.export_requested);
+    let png = t.path().join("plot-step-00000120.png");
+    assert_eq!(app.log.back().unwrap(), &format!("exported {}", png.display()));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{} bytes", bytes.len());
+    // A metrics file it cannot plot is a line in the log, not a crash of the dashboard.
+    std::fs::write(t.path().join("metrics.jsonl"), "not json\n").unwrap();
+    app.on_action(action_for('x').unwrap());
+    app.export();
+    assert!(app.log.back().unwrap().starts_with("export failed: "), "{:?}", app.log.back());
+}
+
+#[test]
+fn an_attached_viewer_replays_the_history_then_goes_live_without_repeats() {
+    let t = tempfile::tempdir().unwrap();
+    let mut history = String::new();
+    for s in 1..=60 {
+        history += &(serde_json::to_string(&step(s)).unwrap() + "\n");
+        if s == 50 {
+            let eval = Event::Eval { step: 50, tokens: 50 * 2048, loss: 3.5, per_source: vec![] };
+            history += &(serde_json::to_string(&eval).unwrap() + "\n");
+            history += "{\"kind\": \"step\", \"step\": \n"; // a line cut short by a crash
+        }
+    }
+    std::fs::write(t.path().join("metrics.jsonl"), history).unwrap();
+    let mut app = App::new("attached".into(), 400, themes(ColorMode::None), true);
+    assert_eq!(app.replay_history(t.path()), 61, "60 steps and one eval; the damaged line skipped");
+    assert_eq!((app.points.len(), app.evals.len()), (60, 1));
+    assert_eq!(app.last.as_ref().unwrap().step, 60);
+    // The socket's live events overlap what was replayed (written to metrics.jsonl just before the
+    // viewer connected): each step is drawn once.
+    for s in 58..=63 {
+        app.on_event(&step(s));
+    }
+    let steps: Vec<u64> = app.points.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=63).collect::<Vec<_>>());
+    // A run with no history yet replays nothing.
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(App::new("new".into(), 400, themes(ColorMode::None), true).replay_history(empty.path()), 0);
+}

@@ -103,7 +103,7 @@ pub fn stream_reply<B: Backend>(
     stop_requested: &dyn Fn() -> bool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Reply> {
-    let mut cache = KvCache::new(model, prompt.len() + p.max_tokens)?;
+    let mut cache = KvCache::new(model, prompt.len().saturating_add(p.max_tokens))?;
     if prompt.len() >= cache.capacity() {
         anyhow::bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), model.cfg.max_seq_len);
     }

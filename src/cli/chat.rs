@@ -7,7 +7,7 @@ use crate::chat::prompt::ChatFormat;
 use crate::chat::reply::{stream_reply, ReplyParams};
 use crate::chat::{ChatTemplate, Message};
 use crate::io::load_model_dir;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
@@ -39,7 +39,14 @@ fn run_on<B: Backend>(model_dir: &Path, args: ChatArgs, backend: B) -> Result<()
         crate::note!("chatting with {} through {how}; /clear starts over, Ctrl-D ends", dir.display());
     }
     let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
-    let max_tokens = args.max_tokens.clamp(1, md.model.cfg.max_seq_len - 1);
+    let context = md.model.cfg.max_seq_len;
+    if args.max_tokens >= context {
+        bail!(
+            "--max-tokens {} leaves no room for the conversation in the model's context of {context} tokens",
+            args.max_tokens
+        );
+    }
+    let max_tokens = args.max_tokens.max(1);
     let stdin = std::io::stdin();
     let mut turn = 0u64;
     loop {
@@ -61,8 +68,12 @@ fn run_on<B: Backend>(model_dir: &Path, args: ChatArgs, backend: B) -> Result<()
         }
         messages.push(Message::new("user", line));
         let prompt = format.prompt(&messages, md.model.cfg.max_seq_len - max_tokens)?;
-        let params =
-            ReplyParams { temperature: args.temperature, top_p: args.top_p, max_tokens, seed: args.seed + turn };
+        let params = ReplyParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            max_tokens,
+            seed: args.seed.wrapping_add(turn),
+        };
         turn += 1;
         let mut out = std::io::stdout();
         let reply =

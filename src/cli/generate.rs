@@ -42,7 +42,7 @@ pub fn run_on<B: Backend>(model_dir: &Path, args: GenerateArgs<'_>, backend: B) 
     let md = load_model_dir(&crate::train::checkpoint::resolve_model_dir(model_dir)?, backend)?;
     let (model, tok) = (&md.model, md.tokenizer()?);
     let prompt = tok.encode(args.prompt, Some(md.bos))?;
-    let mut cache = KvCache::new(model, prompt.len() + args.max_new_tokens)?;
+    let mut cache = KvCache::new(model, prompt.len().saturating_add(args.max_new_tokens))?;
     if prompt.len() >= cache.capacity() {
         anyhow::bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), model.cfg.max_seq_len);
     }

@@ -42,13 +42,19 @@ fn read(run: &Path, from_step: u64) -> Result<Series> {
     Ok(s)
 }
 
+/// The axis range of the finite values, padded 5%. Values near f64's limits are clamped first:
+/// `1e308 - -1e308` is infinite, and plotters loops forever laying ticks on an infinite axis.
 fn range(v: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (lo, hi) =
-        v.filter(|x| x.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    const LIMIT: f64 = f64::MAX / 4.0;
+    let (lo, hi) = v
+        .filter(|x| x.is_finite())
+        .map(|x| x.clamp(-LIMIT, LIMIT))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     if !lo.is_finite() {
         return 0.0..1.0;
     }
-    let pad = ((hi - lo) * 0.05).max(1e-9);
+    // At least a few ULPs of the larger end, so a flat series far from zero still has a width.
+    let pad = ((hi - lo) * 0.05).max(lo.abs().max(hi.abs()) * 1e-9).max(1e-9);
     (lo - pad)..(hi + pad)
 }
 
@@ -115,7 +121,12 @@ pub fn plot(run: &Path, out: &Path, from_step: u64) -> Result<()> {
     }
     let out = &crate::io::atomic::replace_target(out)?;
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext != "png" && ext != "svg" {
+        bail!("{}: the output must end in .png or .svg", out.display());
+    }
     let tmp = out.with_file_name(format!(".kiln-plot-{}.{ext}", std::process::id()));
+    // Checked first too: plotters reports a file it cannot create as a nested debug dump.
+    std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write", out.display()))?;
     let title = format!("{}", run.display());
     let res = match ext.as_str() {
         "png" => draw(BitMapBackend::new(&tmp, (1200, 900)).into_drawing_area(), &s, &title),

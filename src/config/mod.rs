@@ -224,24 +224,51 @@ impl Default for SampleSection {
 
 /// Applies one `section.key=value` override to a parsed TOML document. The value is parsed as a
 /// TOML value; a bare word that is not valid TOML is taken as a string (`--set model.init=runs/a`).
+/// One `--set` sets one key: a value that is more than one TOML value (`1e-3\nx=1`) or a whole
+/// section (`optim={lr=1}`, which would reset the section's other keys) is refused.
 pub fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, value) =
         assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
-    let path: Vec<&str> = key.trim().split('.').collect();
+    let path: Vec<&str> = key.trim().split('.').map(str::trim).collect();
     if path.iter().any(|p| p.is_empty()) {
         bail!("--set {assignment:?}: bad key {key:?}");
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-        Ok(mut t) => t.remove("v").expect("parsed a table with key v"),
+        Ok(mut t) => {
+            let v = t.remove("v").expect("parsed a table with key v");
+            if !t.is_empty() {
+                bail!("--set {assignment:?}: the value must be one TOML value (one --set sets one key)");
+            }
+            v
+        }
+        Err(_) if value.contains(['\n', '\r']) => {
+            bail!("--set {assignment:?}: the value must be one TOML value on one line")
+        }
         Err(_) => toml::Value::String(value.to_string()),
     };
     let mut table = doc;
     for part in &path[..path.len() - 1] {
         let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().with_context(|| format!("--set {key}: {part} is not a section"))?;
+        table = entry.as_table_mut().with_context(|| format!("--set {assignment:?}: {part} is not a section"))?;
     }
-    table.insert(path[path.len() - 1].to_string(), value);
+    let last = path[path.len() - 1];
+    if value.is_table() || table.get(last).is_some_and(toml::Value::is_table) {
+        bail!("--set {assignment:?}: {key} is a section; set one key at a time (--set {key}.KEY=VALUE)");
+    }
+    table.insert(last.to_string(), value);
     Ok(())
+}
+
+/// The `--set` whose key a deserialization error at `path` (e.g. `optim.lr`) is about, if any:
+/// the value came from the command line, so the error must not blame the file.
+fn set_behind<'a>(sets: &'a [String], path: &str) -> Option<&'a String> {
+    sets.iter().rev().find(|s| {
+        s.split_once('=').is_some_and(|(k, _)| {
+            let k: Vec<&str> = k.trim().split('.').map(str::trim).collect();
+            let k = k.join(".");
+            path == k || path.starts_with(&format!("{k}.")) || path.starts_with(&format!("{k}["))
+        })
+    })
 }
 
 impl RunConfig {
@@ -258,13 +285,23 @@ impl RunConfig {
         let cfg: RunConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let msg = one_line(e.inner().message());
-            if path == "." {
+            if let Some(set) = set_behind(sets, &path) {
+                anyhow::anyhow!("--set {set:?}: {path}: {msg}")
+            } else if path == "." {
                 anyhow::anyhow!("{source}: {msg}")
             } else {
                 anyhow::anyhow!("{source}: {path}: {msg}")
             }
         })?;
-        cfg.validate().with_context(|| source.to_string())?;
+        cfg.validate().map_err(|e| {
+            // "train.max_steps must be positive" is about a --set when one set that key.
+            let msg = format!("{e:#}");
+            let key = msg.split([' ', ':']).next().unwrap_or("");
+            match set_behind(sets, key) {
+                Some(set) => anyhow::anyhow!("--set {set:?}: {msg}"),
+                None => anyhow::anyhow!("{source}: {msg}"),
+            }
+        })?;
         Ok(cfg)
     }
 
@@ -275,6 +312,18 @@ impl RunConfig {
 
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
+    }
+
+    /// Settings that are allowed but probably not meant, one line each, for the run to print.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let (warmup, steps) = (self.optim.warmup_steps, self.train.max_steps);
+        if warmup > steps {
+            w.push(format!(
+                "optim.warmup_steps {warmup} exceeds train.max_steps {steps}: the learning rate never reaches optim.lr"
+            ));
+        }
+        w
     }
 
     fn validate(&self) -> Result<()> {
@@ -345,7 +394,10 @@ impl RunConfig {
                 self.parallel.world_size
             );
         }
-        for t in &self.eval.tasks {
+        for (i, t) in self.eval.tasks.iter().enumerate() {
+            if self.eval.tasks[..i].contains(t) {
+                bail!("eval.tasks: {t:?} is listed twice");
+            }
             if !crate::eval::tasks::TASKS.contains(&t.as_str()) {
                 bail!("eval.tasks: unknown task {t:?} (known: {})", crate::eval::tasks::TASKS.join(", "));
             }
@@ -443,7 +495,11 @@ max_steps = 10
     #[test]
     fn unknown_keys_and_wrong_types_are_named() {
         let e = RunConfig::parse(BASE, "t.toml", &["train.micro_bach=3".into()]).unwrap_err().to_string();
-        assert!(e.contains("t.toml") && e.contains("micro_bach"), "{e}");
+        // The key came from the command line: the error names the --set, not the file.
+        assert!(e.starts_with("--set \"train.micro_bach=3\"") && e.contains("micro_bach"), "{e}");
+        assert!(!e.contains("t.toml"), "{e}");
+        let e = RunConfig::parse("[train]\nmicro_bach = 3\n", "t.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("t.toml") && e.contains("micro_bach"), "{e}");
         let e = RunConfig::parse(BASE, "t.toml", &["train.micro_batch=\"two\"".into()]).unwrap_err().to_string();
         assert!(e.contains("train.micro_batch"), "{e}");
         let e = RunConfig::parse(BASE, "t.toml", &["optim.lr=-1".into()]).unwrap_err();

@@ -203,22 +203,16 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     let (bos, eos) = (piece("<s>")?, piece("</s>")?);
     let files = collect_inputs(&args.inputs)?;
     let (fp, inputs, input_bytes) = fingerprint(&files, &tok_sha, args)?;
+    remove_stale_staging(&args.out);
     if let Some(index) = up_to_date(&args.out, &fp) {
         return Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: true });
     }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create output directory", args.out.display()))?;
-    check_previous_is_ours(&args.out)?;
+    check_previous_is_ours(&args.out, &tok_sha)?;
     // Shards are written into a staging directory inside the output and moved into place only once
     // every input has been read: a bad input or a full disk leaves an earlier dataset as it was.
-    // A killed run's staging directory holds only partial shards nobody can use.
-    for e in std::fs::read_dir(&args.out).with_context(|| format!("{}: cannot read", args.out.display()))? {
-        let p = e?.path();
-        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".staging-")) {
-            let _ = std::fs::remove_dir_all(&p);
-        }
-    }
     let staging = args.out.join(format!(".staging-{}", std::process::id()));
     std::fs::create_dir(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
     let result = write_shards(args, &tok, bos, eos, &files, inputs, &fp, &tok_sha, &staging)
@@ -226,6 +220,23 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareSummary> {
     let _ = std::fs::remove_dir_all(&staging);
     let index = result?;
     Ok(PrepareSummary { index, input_bytes, secs: t0.elapsed().as_secs_f64(), skipped: false })
+}
+
+/// Removes the staging directories of prepares that were killed: they hold only partial shards
+/// nobody can use. One whose process still runs (another prepare of the same output) is left alone.
+fn remove_stale_staging(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for p in entries.flatten().map(|e| e.path()) {
+        let Some(pid) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(".staging-")) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
 }
 
 /// Tokenizes every input into shards in `dir` and returns their index (not yet written).
@@ -323,7 +334,7 @@ fn publish(staging: &Path, out: &Path, index: PreparedIndex) -> Result<PreparedI
 
 /// An `index.json` already in the output directory must be kiln's, or it is the user's file and
 /// preparing there would delete it.
-fn check_previous_is_ours(dir: &Path) -> Result<()> {
+fn check_previous_is_ours(dir: &Path, tok_sha: &str) -> Result<()> {
     // Shard-named files are replaced or removed when the new dataset is published: each must be a
     // kiln shard (its magic), or it is someone else's file.
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
@@ -347,6 +358,19 @@ fn check_previous_is_ours(dir: &Path) -> Result<()> {
         .is_some_and(|v| v.get("format").and_then(|f| f.as_str()).is_some_and(|f| f.starts_with("kiln")));
     if !ours {
         bail!("{}: exists and is not a kiln dataset index; prepare into another --out", index.display());
+    }
+    // Another tokenizer's dataset may be another run's data: re-preparing would change that run's
+    // tokens under it. Inputs that changed are re-prepared; a tokenizer that changed is refused.
+    if let Ok(previous) = read_index(dir) {
+        if previous.tokenizer.sha256 != tok_sha {
+            bail!(
+                "{}: prepared with another tokenizer ({} tokens, sha256 {}…); kiln does not replace it: \
+                 prepare into another directory, or delete this one",
+                dir.display(),
+                previous.tokenizer.vocab_size,
+                &previous.tokenizer.sha256[..previous.tokenizer.sha256.len().min(12)]
+            );
+        }
     }
     Ok(())
 }

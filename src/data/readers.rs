@@ -41,35 +41,87 @@ impl Format {
 
 /// Expands files and directories (recursively, sorted) into the input files kiln can read.
 pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+    // Each file once, however it is reached (named twice, through a symlink alias, or inside a
+    // directory also named): by canonical path. Directories likewise, which also ends a symlink loop.
+    let mut files = Inputs::default();
     for p in inputs {
-        if p.is_dir() {
-            let mut found = Vec::new();
-            walk(p, &mut found)?;
-            found.sort();
-            if found.is_empty() {
+        let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!("{}: input does not exist", p.display()),
+            _ => anyhow::anyhow!("{}: cannot read input ({e})", p.display()),
+        })?;
+        if meta.is_dir() {
+            let before = files.list.len();
+            walk(p, &mut files)?;
+            files.list[before..].sort();
+            if files.list.len() == before && !files.seen_any_under(p) {
                 bail!("{}: no .jsonl, .jsonl.zst, .parquet or .txt files in this directory", p.display());
             }
-            out.extend(found);
-        } else if p.is_file() {
+        } else if meta.is_file() {
             if Format::of(p).is_none() {
                 bail!("{}: unsupported input (expected .jsonl, .jsonl.zst, .parquet or .txt)", p.display());
             }
-            out.push(p.clone());
+            files.add(p)?;
         } else {
-            bail!("{}: input does not exist", p.display());
+            bail!("{}: not a regular file or directory ({})", p.display(), special_kind(&meta));
         }
     }
-    Ok(out)
+    Ok(files.list)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Input files in order, each once by canonical path, and the directories already walked.
+#[derive(Default)]
+struct Inputs {
+    list: Vec<PathBuf>,
+    files: std::collections::HashSet<PathBuf>,
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+impl Inputs {
+    fn canonical(p: &Path) -> Result<PathBuf> {
+        p.canonicalize().with_context(|| format!("{}: cannot resolve", p.display()))
+    }
+
+    fn add(&mut self, p: &Path) -> Result<()> {
+        if self.files.insert(Self::canonical(p)?) {
+            self.list.push(p.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// True when a file under `dir` was already taken (so the directory is not empty, only repeated).
+    fn seen_any_under(&self, dir: &Path) -> bool {
+        Self::canonical(dir).is_ok_and(|d| self.files.iter().any(|f| f.starts_with(&d)))
+    }
+}
+
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+fn walk(dir: &Path, out: &mut Inputs) -> Result<()> {
+    if !out.dirs.insert(Inputs::canonical(dir)?) {
+        return Ok(()); // walked already: a repeated input, or a symlink back up the tree
+    }
+    let mut entries = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read directory", dir.display()))? {
-        let p = entry?.path();
+        entries.push(entry.with_context(|| format!("{}: cannot read directory", dir.display()))?.path());
+    }
+    entries.sort();
+    for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if Format::of(&p).is_some() {
-            out.push(p);
+        } else if p.is_file() && Format::of(&p).is_some() {
+            out.add(&p)?;
         }
     }
     Ok(())

@@ -203,7 +203,7 @@ impl Comm for LocalComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     /// Runs `f(rank, comm)` on one thread per rank and returns each rank's result.
     fn on_ranks<T: Send>(n: usize, f: impl Fn(&LocalComm) -> T + Sync) -> Vec<T> {
@@ -262,17 +262,25 @@ mod tests {
 
     #[test]
     fn a_failing_rank_releases_the_others_with_an_error() {
-        let t = Instant::now();
-        let got = on_ranks(4, |c| {
-            if c.rank() == 2 {
-                std::thread::sleep(Duration::from_millis(50));
-                c.abort("out of memory");
-                return Err("aborted".to_string());
-            }
-            let mut b = vec![1.0; 4];
-            c.all_reduce(&mut b).map_err(|e| e.to_string())
+        // Released by the abort, not by a timeout: bounded generously (a loaded machine is slow,
+        // a hang is forever), on a thread so that a hang fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(on_ranks(4, |c| {
+                if c.rank() == 2 {
+                    std::thread::sleep(Duration::from_millis(50));
+                    c.abort("out of memory");
+                    return Err("aborted".to_string());
+                }
+                let mut b = vec![1.0; 4];
+                c.all_reduce(&mut b).map_err(|e| e.to_string())
+            }));
         });
-        assert!(t.elapsed() < Duration::from_secs(5));
+        let got = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(got) => got,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the other ranks were not released (hung)"),
+            Err(e) => panic!("the ranks' thread failed: {e}"),
+        };
         for (r, g) in got.iter().enumerate() {
             if r != 2 {
                 assert_eq!(g.as_ref().unwrap_err(), "rank 2 failed: out of memory");

@@ -133,10 +133,16 @@ fn join(node: &Node, fingerprint: u64, timeout: Duration) -> Result<Vec<u8>> {
     let target = format!("{}:{}", node.master_addr, node.master_port);
     let deadline = Instant::now() + timeout;
     // Node 0 may start later than this one: keep trying until the deadline.
+    let mut said = false;
     let mut s = loop {
         let addrs: Vec<_> = target.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
         if let Some(s) = addrs.iter().find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok()) {
             break s;
+        }
+        if !said {
+            // Once, so a node that waits says so (and a launch that never starts node 0 is visible).
+            crate::note!("rendezvous: node 0 at {target} is not up yet; waiting up to {} s", timeout.as_secs());
+            said = true;
         }
         if Instant::now() > deadline {
             bail!("rendezvous: node 0 at {target} did not answer within {} s", timeout.as_secs());

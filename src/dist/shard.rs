@@ -45,10 +45,17 @@ mod tests {
             let joined: Vec<f32> = shards.concat();
             assert_eq!(&joined[..full.len()], &full[..]);
             assert!(joined[full.len()..].iter().all(|&x| x == 0.0));
-            // 2 → n resharding through the consolidated vector
-            let l2 = ShardLayout::new(full.len(), 2);
-            let consolidated: Vec<f32> = (0..2).flat_map(|r| l2.take(&full, r)).take(full.len()).collect();
-            assert_eq!(consolidated, full);
+            // n → m resharding through the consolidated vector: world n's shards, joined and
+            // stripped of their padding, give world m's shards exactly.
+            let consolidated: Vec<f32> = joined[..full.len()].to_vec();
+            for m in 1..=5 {
+                let lm = ShardLayout::new(full.len(), m);
+                for r in 0..m {
+                    assert_eq!(lm.take(&consolidated, r), lm.take(&full, r), "{n} -> {m}, rank {r}");
+                }
+                let back: Vec<f32> = (0..m).flat_map(|r| lm.take(&consolidated, r)).take(full.len()).collect();
+                assert_eq!(back, full, "{n} -> {m}");
+            }
         }
     }
 }

@@ -131,7 +131,14 @@ pub fn task_list(spec: &str) -> Result<Vec<String>> {
     if spec.trim() == "all" {
         return Ok(TASKS.iter().map(|s| s.to_string()).collect());
     }
-    let tasks: Vec<String> = spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let mut tasks: Vec<String> = Vec::new();
+    for t in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        // Each task once, in the order first named: a repeat would score it twice and count it
+        // twice in the average.
+        if !tasks.iter().any(|k| k == t) {
+            tasks.push(t.to_string());
+        }
+    }
     for t in &tasks {
         if !TASKS.contains(&t.as_str()) {
             bail!("unknown task {t:?} (known: {})", TASKS.join(", "));
@@ -146,6 +153,11 @@ pub fn task_list(spec: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_named_twice_is_scored_once() {
+        assert_eq!(task_list("hellaswag, piqa,hellaswag,piqa").unwrap(), vec!["hellaswag", "piqa"]);
+    }
 
     #[test]
     fn prompts_follow_lm_evaluation_harness() {

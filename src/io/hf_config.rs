@@ -59,7 +59,7 @@ pub fn parse_hf_config(text: &str) -> Result<HfConfig> {
         norm_eps: opt_f64(o, "rms_norm_eps")?.unwrap_or(1e-6),
         tie_embeddings: o.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
     };
-    model.validate()?;
+    model.validate().map_err(|e| anyhow::anyhow!("{}", in_hf_names(&e.to_string())))?;
     let bos_token_id = opt_usize(o, "bos_token_id")?.map(|x| x as u32);
     let eos_token_ids =
         token_ids(o.get("eos_token_id")).context("eos_token_id must be an integer or a list of integers")?;
@@ -69,6 +69,35 @@ pub fn parse_hf_config(text: &str) -> Result<HfConfig> {
     }
     let dtype = o.get("dtype").or_else(|| o.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
     Ok(HfConfig { model, bos_token_id, eos_token_ids, dtype })
+}
+
+/// A model-shape error in config.json's own field names (`hidden_size`, not kiln's `d_model`).
+fn in_hf_names(message: &str) -> String {
+    const HF: [(&str, &str); 7] = [
+        ("n_layer", "num_hidden_layers"),
+        ("d_model", "hidden_size"),
+        ("n_head", "num_attention_heads"),
+        ("n_kv_head", "num_key_value_heads"),
+        ("d_ff", "intermediate_size"),
+        ("max_seq_len", "max_position_embeddings"),
+        ("norm_eps", "rms_norm_eps"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(HF.iter().find(|(k, _)| *k == word).map_or(word.as_str(), |(_, hf)| hf));
+        word.clear();
+    };
+    for c in message.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// `(rope_theta, rope scaling type if any)` from either the 4.x or the 5.x layout.
@@ -139,6 +168,14 @@ pub fn read_generation_eos(path: &Path) -> Result<Option<Vec<u32>>> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn shape_errors_use_config_json_names() {
+        assert_eq!(
+            in_hf_names("d_model (65) must be divisible by n_head (4); n_kv_head, d_ff_x"),
+            "hidden_size (65) must be divisible by num_attention_heads (4); num_key_value_heads, d_ff_x"
+        );
+    }
+
     const V4: &str = r#"{"model_type":"llama","hidden_size":2048,"intermediate_size":5632,"num_hidden_layers":22,
         "num_attention_heads":32,"num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":2048,
         "rms_norm_eps":1e-05,"rope_theta":10000.0,"rope_scaling":null,"tie_word_embeddings":false,
@@ -167,7 +204,8 @@ mod tests {
         let bad = V4.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0}");
         assert!(parse_hf_config(&bad).unwrap_err().to_string().contains("llama3"));
         let bad = V4.replace("\"num_key_value_heads\":4", "\"num_key_value_heads\":5");
-        assert!(format!("{:#}", parse_hf_config(&bad).unwrap_err()).contains("n_kv_head"));
+        let e = format!("{:#}", parse_hf_config(&bad).unwrap_err());
+        assert!(e.contains("num_key_value_heads") && !e.contains("n_kv_head"), "{e}");
         let bad = V4.replace("\"hidden_size\":2048", "\"hidden_size\":\"big\"");
         assert!(parse_hf_config(&bad).unwrap_err().to_string().contains("hidden_size"));
     }

@@ -1,6 +1,7 @@
 //! Reading (and later writing) Hugging Face model directories.
 
 pub mod atomic;
+pub mod checksums;
 pub mod console;
 pub mod hf_config;
 pub mod model_dir;

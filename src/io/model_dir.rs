@@ -42,6 +42,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>>
     if !cfg_path.exists() {
         bail!("{}: missing (a Hugging Face model directory needs config.json)", cfg_path.display());
     }
+    super::checksums::verify_if_checkpoint(dir)?;
     let config = read_hf_config(&cfg_path)?;
     let files = weight_files(dir)?;
     let cfg = config.model.clone();

@@ -19,6 +19,14 @@ pub struct TensorFiles {
 
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // mmap's own errors for these ("No such device") do not say what is wrong.
+    let meta = file.metadata().with_context(|| format!("{}: cannot stat", path.display()))?;
+    if meta.is_dir() {
+        anyhow::bail!("{}: is a directory, not a safetensors file", path.display());
+    }
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a regular file (a safetensors file is read by mapping it)", path.display());
+    }
     // SAFETY: the mapping is read-only; a checkpoint being rewritten under us is the same hazard
     // every mmap-based loader (transformers included) accepts.
     unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))

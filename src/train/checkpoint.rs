@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 /// The consolidated AdamW moments of checkpoints written before per-rank files (still read).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const TRAINER_FILE: &str = "trainer.json";
+use crate::io::checksums::{checksum_files, CHECKSUMS_KEY};
+pub use crate::io::checksums::{verify_files, TRAINER_FILE};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -60,11 +61,15 @@ pub fn save(run: &Path, snap: &Snapshot<'_>, keep_last: usize) -> Result<PathBuf
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        hold_for_test(run, "staging");
         write_model_dir(&tmp, snap.cfg, snap.weights, snap.bos, snap.eos, snap.tokenizer_files)?;
+        hold_for_test(run, "weights");
         optim_state::write(&tmp, &optim_state::unit_lens(snap.cfg), snap.optimizer)?;
+        hold_for_test(run, "optimizer");
         let mut state = serde_json::to_value(snap.state)?;
         state[CHECKSUMS_KEY] = serde_json::to_value(checksum_files(&tmp)?)?;
         write_json(&tmp.join(TRAINER_FILE), &state)?;
+        hold_for_test(run, "state");
         fsync_dir(&tmp)?;
         Ok(())
     })();
@@ -80,10 +85,24 @@ pub fn save(run: &Path, snap: &Snapshot<'_>, keep_last: usize) -> Result<PathBuf
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("{}: cannot replace", final_dir.display()))?;
     }
     std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot move into place", final_dir.display()))?;
+    hold_for_test(run, "renamed");
     fsync_dir(&dir)?;
     write_file(&dir.join("latest"), format!("{name}\n").as_bytes())?;
+    hold_for_test(run, "latest");
     retain(&dir, keep_last, &name)?;
     Ok(final_dir)
+}
+
+/// The crash test's hook (tests/train.rs): with `KILN_TEST_HOLD_CHECKPOINT=STAGE`, writing a
+/// checkpoint stops at that stage, says so in `RUN/.kiln-test-held`, and waits to be killed, so
+/// the test kills it mid-write at a point the checkpoint's own progress defines, not a timer.
+fn hold_for_test(run: &Path, stage: &str) {
+    if std::env::var("KILN_TEST_HOLD_CHECKPOINT").is_ok_and(|s| s == stage) {
+        let _ = std::fs::write(run.join(".kiln-test-held"), stage);
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
 }
 
 /// Deletes all but the newest `keep` checkpoints, never `protect`, and stale temporary dirs.
@@ -135,7 +154,7 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Names of the run's whole checkpoints, oldest first (see `whole_checkpoints_in`).
-fn whole_checkpoints(run: &Path) -> Result<Vec<String>> {
+pub fn whole_checkpoints(run: &Path) -> Result<Vec<String>> {
     let dir = checkpoints_dir(run);
     if !dir.exists() {
         return Ok(Vec::new());
@@ -177,69 +196,6 @@ pub fn read_state(ckpt: &Path) -> Result<TrainerState> {
     let p = ckpt.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))
-}
-
-/// The key in trainer.json under which a checkpoint lists the sha256 of every other file in it.
-const CHECKSUMS_KEY: &str = "sha256";
-
-/// sha256 of each file under `dir` (relative path → hex), streamed: a bit flipped in a tensor is
-/// otherwise invisible, since safetensors has no checksum of its own.
-/// Files are hashed in parallel (the `sha2` crate: 1.76 GB/s on one core of the development VM).
-fn checksum_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
-    use rayon::prelude::*;
-    files_in(dir)?.into_par_iter().map(|(rel, path)| Ok((rel, sha256_file(&path)?))).collect()
-}
-
-/// Every file under `dir` but trainer.json: (path relative to `dir`, path).
-fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).with_context(|| format!("{}: cannot list", d.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().to_string();
-            if rel != TRAINER_FILE {
-                files.push((rel, path));
-            }
-        }
-    }
-    Ok(files)
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    std::io::copy(&mut f, &mut hasher).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Checks every file a checkpoint's trainer.json lists against its sha256 (checkpoints written
-/// before the list existed have nothing to check).
-pub fn verify_files(ckpt: &Path) -> Result<()> {
-    let p = ckpt.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))?;
-    let Some(list) = v.get(CHECKSUMS_KEY) else { return Ok(()) };
-    let list = list.as_object().with_context(|| format!("{}: malformed {CHECKSUMS_KEY} list", p.display()))?;
-    // Files the list does not name (one a user added, say) are not checked, and not refused.
-    use rayon::prelude::*;
-    let list: Vec<_> = list.iter().collect();
-    list.into_par_iter().try_for_each(|(rel, want)| {
-        let file = ckpt.join(rel);
-        if !file.is_file() {
-            bail!("{}: missing (the checkpoint lists it)", file.display());
-        }
-        if want.as_str() != Some(sha256_file(&file)?.as_str()) {
-            bail!("{}: corrupt (its sha256 differs from the one recorded in {TRAINER_FILE})", file.display());
-        }
-        Ok(())
-    })
 }
 
 /// AdamW first and second moments `(m, v)` on the host.

@@ -137,6 +137,9 @@ pub fn locate(args: &TrainArgs) -> Result<Located> {
         }
     };
     check_placement(&cfg)?;
+    for w in cfg.warnings() {
+        crate::note!("warning: {w}");
+    }
     Ok(Located { cfg, run_dir, resuming })
 }
 
@@ -155,20 +158,48 @@ pub fn build_on<B: Backend + Clone>(
     open_group: impl FnOnce(&RunConfig) -> Result<Vec<Member<B>>>,
 ) -> Result<Trainer<B>> {
     let Located { mut cfg, run_dir, resuming } = located;
-    if !resuming && !node.leads() {
+    if resuming {
+        return build_run(args, cfg, run_dir, true, backend, peak_flops, node, open_group);
+    }
+    if !node.leads() {
         bail!("node {}: a node other than 0 only joins a run node 0 has made", node.rank);
     }
-    if !resuming {
-        absolutize(&mut cfg);
-        if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
-            bail!(
-                "{}: run directory already holds a run (use `kiln train --resume {0}` or another --run-dir)",
-                run_dir.display()
-            );
-        }
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
+    absolutize(&mut cfg);
+    if checkpoint::latest(&run_dir).ok().flatten().is_some() || run_dir.join("config.toml").exists() {
+        bail!(
+            "{}: run directory already holds a run (use `kiln train --resume {0}` or another --run-dir)",
+            run_dir.display()
+        );
     }
+    let existed = run_dir.exists();
+    let ours = ["config.toml", "metrics.jsonl", crate::io::run_lock::LOCK_FILE, super::socket::SOCKET];
+    let ours: Vec<&str> = ours.into_iter().filter(|f| !run_dir.join(f).exists()).collect();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
+    let built = build_run(args, cfg, run_dir.clone(), false, backend, peak_flops, node, open_group);
+    if built.is_err() {
+        // A run that never started leaves nothing behind, so the corrected command is not refused
+        // as "already holds a run". Only what this process wrote goes; anything else stays.
+        for f in ours {
+            let _ = std::fs::remove_file(run_dir.join(f));
+        }
+        if !existed {
+            let _ = std::fs::remove_dir(&run_dir); // only if empty
+        }
+    }
+    built
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_run<B: Backend + Clone>(
+    args: &TrainArgs,
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    resuming: bool,
+    backend: B,
+    peak_flops: f64,
+    node: NodeRole,
+    open_group: impl FnOnce(&RunConfig) -> Result<Vec<Member<B>>>,
+) -> Result<Trainer<B>> {
     // Before anything in the run directory is written: one process per run (see `run_lock`).
     let run_lock = if node.leads() { Some(lock_run_dir(&run_dir)?) } else { None };
     if !resuming {
@@ -186,6 +217,7 @@ pub fn build_on<B: Backend + Clone>(
     // A run killed before its first checkpoint resumes from its start: same config, same seed.
     let ckpt = if resuming { checkpoint::latest(&run_dir)? } else { None };
     if resuming && ckpt.is_none() && node.leads() {
+        check_no_history_lost(&run_dir, args.resume.is_some())?;
         truncate_metrics(&run_dir, 0)?;
         if args.verbose {
             crate::note!("{}: no checkpoint yet, starting the run from step 0", run_dir.display());
@@ -201,7 +233,9 @@ pub fn build_on<B: Backend + Clone>(
         }
     };
     let (placed, moments, state) = if let Some(ckpt) = ckpt {
-        checkpoint::verify_files(&ckpt)?;
+        // Loading verifies the model's files; the optimizer state's are verified here.
+        crate::io::checksums::require_checksums(&ckpt)?;
+        crate::io::checksums::verify_files_where(&ckpt, crate::io::checksums::is_optimizer_state)?;
         let placed = load(&ckpt)?;
         // The run's model (config.toml, with any --set) is the checkpoint's: a checkpoint of
         // another shape, or a --set that would change the model, is a mistake to report, not a
@@ -257,7 +291,7 @@ pub fn build_on<B: Backend + Clone>(
     };
     let (model, host_weights) = placed;
     check_host_memory(&cfg, &model.cfg)?;
-    tokenizer.check_vocab(model.cfg.vocab_size, "the model")?;
+    tokenizer.check_vocab_for_training(model.cfg.vocab_size, "the model")?;
     if cfg.data.seq_len > model.cfg.max_seq_len {
         bail!("data.seq_len {} exceeds the model's max_seq_len {}", cfg.data.seq_len, model.cfg.max_seq_len);
     }
@@ -331,6 +365,40 @@ fn place<B: Backend>(host: Llama<Cpu>, backend: B, node: NodeRole) -> Result<Pla
         }
     })?;
     Ok((Llama::new(cfg, backend, eval)?, Some(weights)))
+}
+
+/// A resume that finds no checkpoint would start over from step 0 and drop the run's history.
+/// That is refused when the history says a checkpoint was written (the checkpoints were moved
+/// or deleted), and on an explicit `--resume` when any step was recorded; only the demo's
+/// one command quietly starts over a run that never reached its first checkpoint.
+fn check_no_history_lost(run: &Path, explicit: bool) -> Result<()> {
+    let p = run.join("metrics.jsonl");
+    let Ok(bytes) = std::fs::read(&p) else { return Ok(()) };
+    let (mut steps, mut saved) = (None, None);
+    for v in String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let step = v.get("step").and_then(|s| s.as_u64());
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("step") => steps = steps.max(step),
+            Some("checkpoint") => saved = saved.max(step),
+            _ => {}
+        }
+    }
+    if let Some(at) = saved {
+        bail!(
+            "{}: holds no checkpoint, but {} records one at step {at} (moved or deleted?); nothing was changed",
+            checkpoint::checkpoints_dir(run).display(),
+            p.display()
+        );
+    }
+    if let (Some(last), true) = (steps, explicit) {
+        bail!(
+            "{}: no checkpoint yet, but {} records steps up to {last}; resuming would start over and drop them \
+             (delete metrics.jsonl to start the run over)",
+            run.display(),
+            p.display()
+        );
+    }
+    Ok(())
 }
 
 /// On resume, drops metric records past the checkpoint so replayed steps are not duplicated.

@@ -25,7 +25,7 @@ impl Server {
     /// Listens on `run_dir/kiln.sock`; commands from viewers go to `commands`.
     pub fn start(run_dir: &Path, commands: Sender<Command>) -> Result<Server> {
         let path = run_dir.join(SOCKET);
-        let _ = std::fs::remove_file(&path); // a stale socket from a killed run
+        remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path).with_context(|| format!("{}: cannot listen", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("{}: cannot restrict permissions", path.display()))?;
@@ -68,6 +68,27 @@ impl Server {
     }
 }
 
+/// Removes the socket a killed run left behind (the run lock means no live process serves it).
+/// Anything else at that path is the user's, and is named rather than deleted.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !meta.file_type().is_socket() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else if meta.file_type().is_symlink() {
+            "a symbolic link"
+        } else {
+            "a file"
+        };
+        anyhow::bail!(
+            "{}: is {what}, not the run's socket; move it away (kiln deletes only a stale socket)",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("{}: cannot remove the stale socket", path.display()))
+}
+
 impl Server {
     /// Removes the socket file: the run is over for viewers. Also done on drop.
     pub fn close(&self) {
@@ -94,6 +115,12 @@ impl Drop for CloseOnDrop {
 /// A viewer's connection: events in, commands out.
 pub fn connect(run_dir: &Path) -> Result<(UnixStream, PathBuf)> {
     let path = run_dir.join(SOCKET);
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            anyhow::bail!("{}: not a socket, so no kiln run is listening there", path.display());
+        }
+    }
     let s = UnixStream::connect(&path).with_context(|| {
         format!("{}: no running job to attach to (is `kiln train` running for this run?)", path.display())
     })?;

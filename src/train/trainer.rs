@@ -137,8 +137,7 @@ impl<B: Backend> Trainer<B> {
             let full = p.host_weights.take().context("FSDP starts from host weights (run::build_on loads them)")?;
             let rows = c.train.micro_batch / world;
             let mut f = Fsdp::new(&p.model.cfg, &full, p.moments.as_deref(), p.group, rows, c.data.seq_len, keep)?;
-            let limit = c.parallel.collective_timeout_s;
-            f.stall_timeout = (limit > 0).then(|| std::time::Duration::from_secs(limit));
+            f.stall_timeout = super::fsdp::stall_timeout(c.parallel.collective_timeout_s);
             master_host = p.node.leads().then_some(full);
             (None, None, Some(f))
         } else {

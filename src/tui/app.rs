@@ -192,6 +192,19 @@ impl App {
 }
 
 impl App {
+    /// Replays the run's history from `RUN_DIR/metrics.jsonl` (what an attaching viewer missed);
+    /// lines that do not parse are skipped, as the trainer's own resume does. Returns the number
+    /// of records replayed. Events that then arrive live again are ignored by step.
+    pub fn replay_history(&mut self, run_dir: &std::path::Path) -> usize {
+        let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else { return 0 };
+        let mut n = 0;
+        for e in text.lines().filter_map(|l| serde_json::from_str::<Event>(l).ok()) {
+            self.on_event(&e);
+            n += 1;
+        }
+        n
+    }
+
     /// Renders the current window of the run to `RUN_DIR/plot-step-N.png` and notes where.
     pub fn export(&mut self) {
         self.export_requested = false;

@@ -18,11 +18,7 @@ pub fn attach(run_dir: &Path) -> Result<()> {
     let mut app = App::new(title, cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
     app.run_dir = Some(run_dir.to_path_buf());
     app.leave_on_hangup = true;
-    if let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) {
-        for e in text.lines().filter_map(|l| serde_json::from_str::<Event>(l).ok()) {
-            app.on_event(&e);
-        }
-    }
+    app.replay_history(run_dir);
     let (ev_tx, ev_rx) = std::sync::mpsc::channel();
     let reader = stream.try_clone()?;
     std::thread::spawn(move || {

@@ -18,9 +18,15 @@ use std::time::{Duration, Instant};
 
 /// True when the locale promises UTF-8 (braille charts); otherwise the charts use ASCII dots.
 pub fn utf8_locale() -> bool {
+    utf8_locale_from(|k| std::env::var(k).ok())
+}
+
+/// `utf8_locale` over any variable lookup: the first of LC_ALL, LC_CTYPE, LANG that is set and not
+/// empty decides, as POSIX orders them.
+pub fn utf8_locale_from(var: impl Fn(&str) -> Option<String>) -> bool {
     ["LC_ALL", "LC_CTYPE", "LANG"]
         .iter()
-        .filter_map(|k| std::env::var(k).ok())
+        .filter_map(|k| var(k))
         .find(|v| !v.is_empty())
         .is_some_and(|v| v.to_ascii_lowercase().replace('-', "").contains("utf8"))
 }
@@ -189,4 +195,24 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
     }
     restore();
     Ok(app.detached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_locale_decides_braille_or_ascii_charts() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            utf8_locale_from(move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+        };
+        assert!(!env(&[]));
+        assert!(env(&[("LANG", "en_US.UTF-8")]));
+        assert!(env(&[("LANG", "C.utf8")]));
+        assert!(!env(&[("LANG", "C")]));
+        // LC_ALL overrides LC_CTYPE, which overrides LANG; an empty one is as if unset.
+        assert!(!env(&[("LC_ALL", "C"), ("LANG", "en_US.UTF-8")]));
+        assert!(env(&[("LC_CTYPE", "en_US.UTF-8"), ("LANG", "C")]));
+        assert!(env(&[("LC_ALL", ""), ("LC_CTYPE", "de_DE.utf-8"), ("LANG", "C")]));
+    }
 }

@@ -46,15 +46,21 @@ pub enum ColorMode {
 }
 
 impl ColorMode {
-    /// From the environment: `NO_COLOR` (any value) disables colour; `COLORTERM=truecolor|24bit`
-    /// enables 24-bit colour; a `TERM` ending in `256color` gets the xterm 256-colour palette;
-    /// anything else the 16 base colours.
+    /// From the environment: `NO_COLOR` (any value but empty, as no-color.org says) disables
+    /// colour; `COLORTERM=truecolor|24bit` enables 24-bit colour; a `TERM` ending in `256color`
+    /// gets the xterm 256-colour palette; anything else the 16 base colours.
     pub fn detect() -> ColorMode {
-        if std::env::var_os("NO_COLOR").is_some() {
+        Self::from_env(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    /// `detect` over any variable lookup (tests pass their own instead of changing the process's
+    /// environment under other threads).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> ColorMode {
+        if var("NO_COLOR").is_some_and(|v| !v.is_empty()) {
             ColorMode::None
-        } else if matches!(std::env::var("COLORTERM").as_deref(), Ok("truecolor") | Ok("24bit")) {
+        } else if matches!(var("COLORTERM").as_deref(), Some("truecolor") | Some("24bit")) {
             ColorMode::TrueColor
-        } else if std::env::var("TERM").is_ok_and(|t| t.contains("256color")) {
+        } else if var("TERM").is_some_and(|t| t.contains("256color")) {
             ColorMode::Ansi256
         } else {
             ColorMode::Ansi16
@@ -161,5 +167,21 @@ mod tests {
         assert_eq!(themes(ColorMode::Ansi256)[2].warn, Color::Indexed(196)); // pure red in the cube
         assert_eq!(ansi256((0x6c, 0x6c, 0x6c)), Color::Indexed(242)); // a grey takes the grey ramp
         assert_eq!(ansi256((0x5f, 0xaf, 0xff)), Color::Indexed(75));
+    }
+
+    #[test]
+    fn colour_mode_follows_no_color_colorterm_and_term() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            ColorMode::from_env(move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+        };
+        assert_eq!(env(&[]), ColorMode::Ansi16);
+        assert_eq!(env(&[("TERM", "xterm-256color")]), ColorMode::Ansi256);
+        assert_eq!(env(&[("TERM", "xterm-256color"), ("COLORTERM", "truecolor")]), ColorMode::TrueColor);
+        assert_eq!(env(&[("COLORTERM", "24bit")]), ColorMode::TrueColor);
+        assert_eq!(env(&[("COLORTERM", "yes")]), ColorMode::Ansi16);
+        // NO_COLOR wins over everything, whatever its value, but an empty one means unset.
+        assert_eq!(env(&[("NO_COLOR", "1"), ("COLORTERM", "truecolor")]), ColorMode::None);
+        assert_eq!(env(&[("NO_COLOR", "0"), ("TERM", "xterm-256color")]), ColorMode::None);
+        assert_eq!(env(&[("NO_COLOR", ""), ("TERM", "xterm-256color")]), ColorMode::Ansi256);
     }
 }

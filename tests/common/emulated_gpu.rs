@@ -52,20 +52,23 @@ pub fn rerun_on_the_emulator(this_test: &str) {
     if emulated() {
         return;
     }
-    // SAFETY: only tries to dlopen the driver library.
-    if unsafe { cudarc::driver::sys::is_culib_present() } {
-        eprintln!("skipped: a CUDA driver is present, so the tests ran on the real GPU");
+    if super::real_gpu_present() {
+        // Not a skip: with KILN_REQUIRE_GPU=1 (scripts/gpu-check.sh) the tests ran on the card.
+        eprintln!("not emulated: a GPU is present, so the tests ran on it");
         return;
     }
     if !gxx_present() {
-        eprintln!("skipped: no g++ to build tests/emulated/fake_cuda.cpp");
+        super::skipped(this_test, "no g++ to build tests/emulated/fake_cuda.cpp (KILN_REQUIRE_GXX=1 fails instead)");
         return;
     }
     let libs = build_fake_cuda();
     let ptx_cache = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = std::time::Instant::now();
-    let out = Command::new(std::env::current_exe().unwrap())
+    // A deadlock in the emulator (every CUDA thread a fiber) would otherwise hang CI.
+    let limit = std::env::var("KILN_EMULATOR_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(1800);
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
         .args(["--skip", this_test])
         .env("LD_LIBRARY_PATH", &libs)
         .env(CHILD, "1")
@@ -75,9 +78,9 @@ pub fn rerun_on_the_emulator(this_test: &str) {
         .env("KILN_GEMM_CEILING_N", "256")
         .env("KILN_CUDA_INCLUDE", root.join("tests/emulated/include"))
         // Fake PTX must never reach the cache a real GPU run reads.
-        .env("KILN_KERNEL_CACHE", ptx_cache.path())
-        .output()
-        .unwrap();
+        .env("KILN_KERNEL_CACHE", ptx_cache.path());
+    let what = format!("{this_test} (the GPU tests on the emulated GPU; KILN_EMULATOR_TIMEOUT_S={limit})");
+    let out = super::output_within(&mut child, std::time::Duration::from_secs(limit), &what);
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{report}\n(on the emulated GPU in {:.1} s)", started.elapsed().as_secs_f64());
     assert!(out.status.success(), "the GPU tests failed on the emulated GPU (see above): {}", out.status);

@@ -52,6 +52,16 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// The bound for a bf16 output computed in f32 from the same inputs the reference sees: one
+/// rounding to bf16's 8 significant bits is at most 2^-9 relative per element, so the error norm
+/// is at most 2^-9; twice that leaves room for f32 rounding differences before it and nothing
+/// for a wrong element (a wrong sign or index is an error of order 1).
+pub const BF16_OUT: f64 = 1.0 / 256.0;
+
+/// The bound for an f32 output of the same inputs on both sides: only the order of f32 sums
+/// differs (about 1e-7 per operation, grown by the length of the sums).
+pub const F32_OUT: f64 = 1e-5;
+
 /// Prints the error, then asserts it is below `tol`.
 pub fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
     let e = rel_err(got, want);

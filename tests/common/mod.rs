@@ -17,6 +17,86 @@ pub fn randv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
 }
 
+/// A test that cannot run on this machine says why: on stderr, and as a line in the file
+/// `$KILN_SKIP_LOG` names, where .ci/run collects them and fails on any. Each skip has a
+/// `KILN_REQUIRE_*` that turns it into a failure instead; CI sets them all, so this log stays
+/// empty there unless a requirement is missing from .ci/run.
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("skipped: {why}");
+    if let Ok(log) = std::env::var("KILN_SKIP_LOG") {
+        use std::io::Write;
+        let line = format!("{test}: {why}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+/// Runs `cmd` to completion and returns its output, or fails the test (killing the command and
+/// everything it started) once it has run `limit`: a deadlock fails CI with what was printed so
+/// far instead of hanging it. The limit is a bound for hangs, far above any normal run.
+pub fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration, what: &str) -> std::process::Output {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > limit {
+            // The whole process group: a script's children too.
+            let _ = std::process::Command::new("kill").args(["-9", &format!("-{}", child.id())]).status();
+            let _ = child.wait();
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!(
+                "{what}: still running after {} s, killed (a hang?)\n{}{}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    std::process::Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// `f()`, or a failure naming `what` if it has not returned within `limit`: for tests of code that
+/// must not hang (a failing rank releasing the others), where the old check was a tight
+/// wall-clock bound that a loaded machine can miss. The limit sits far below the timeouts a hang
+/// would otherwise end at (collective_timeout_s, 600 s) and far above a normal run.
+pub fn within<T: Send + 'static>(limit: std::time::Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("{what}: did not finish within {} s (hung?)", limit.as_secs()),
+    }
+}
+
+/// A real GPU: the driver loads and reports a device. A `libcuda.so` alone is not one (a
+/// container's driver stub, or a machine whose card is gone), and must not stop the emulated runs.
+pub fn real_gpu_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    driver && cudarc::driver::result::init().is_ok() && cudarc::driver::result::device::get_count().is_ok_and(|n| n > 0)
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
 }
@@ -122,7 +202,13 @@ pub fn real_model_dir() -> Option<PathBuf> {
         "{} is missing: run scripts/fetch-smollm2.sh",
         dir.display()
     );
-    eprintln!("skipping: {} not present (run scripts/fetch-smollm2.sh)", dir.display());
+    skipped(
+        "real model",
+        &format!(
+            "{} not present (run scripts/fetch-smollm2.sh; KILN_REQUIRE_REAL_MODEL=1 fails instead)",
+            dir.display()
+        ),
+    );
     None
 }
 

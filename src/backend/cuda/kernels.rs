@@ -122,12 +122,17 @@ pub fn assemble(kernel: &Kernel, sm: &str, include: &Path) -> Result<usize> {
 /// NVRTC's options and its version (a driver refuses PTX from a newer toolkit than its own, so PTX
 /// from one NVRTC must not be served to a run using another).
 pub fn cache_path(kernel: &Kernel, arch: &'static str) -> PathBuf {
+    cache_path_in(&cache_dir(), kernel, arch)
+}
+
+/// `cache_path` under the cache directory `dir`.
+pub fn cache_path_in(dir: &Path, kernel: &Kernel, arch: &'static str) -> PathBuf {
     use sha2::{Digest, Sha256};
     let key = format!(
         "{:x}",
         Sha256::digest(format!("{arch}\n{}\n{}\n{}", nvrtc_version(), OPTIONS.join(" "), kernel.full_source()))
     );
-    cache_dir().join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]))
+    dir.join(format!("{}-{arch}-{}.ptx", kernel.name, &key[..16]))
 }
 
 /// "major.minor" of the NVRTC that would compile, or "unknown".
@@ -148,7 +153,13 @@ fn nvrtc_version() -> String {
 
 /// `compile`, through the on-disk cache (`cache_dir`).
 pub fn compile_cached(kernel: &Kernel, arch: &'static str) -> Result<String> {
-    let path = cache_path(kernel, arch);
+    compile_cached_in(&cache_dir(), kernel, arch)
+}
+
+/// `compile_cached` with the cache in `dir` (tests give their own, rather than setting the
+/// environment variable under threads that may be reading it).
+pub fn compile_cached_in(dir: &Path, kernel: &Kernel, arch: &'static str) -> Result<String> {
+    let path = cache_path_in(dir, kernel, arch);
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         if !ptx.is_empty() {
             return Ok(ptx);

@@ -42,6 +42,12 @@ pub struct RankMemory {
     pub comm_secs: f64,
 }
 
+/// `parallel.collective_timeout_s` as `Fsdp::stall_timeout`: 0 waits forever (a slow step is never
+/// taken for a dead peer), anything else is the limit in seconds.
+pub fn stall_timeout(collective_timeout_s: u64) -> Option<std::time::Duration> {
+    (collective_timeout_s > 0).then(|| std::time::Duration::from_secs(collective_timeout_s))
+}
+
 pub struct Fsdp<B: Backend> {
     cfg: LlamaConfig,
     world: usize,
