@@ -31,6 +31,15 @@ fn setup(dir: &Path) -> PathBuf {
     p
 }
 
+/// `kiln train CFG --run-dir RUN --headless`, started.
+fn train_headless(cfg: &Path, run: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
@@ -93,11 +102,7 @@ fn viewers_get_events_and_steer_the_run_over_the_socket() {
     let t = tempfile::tempdir().unwrap();
     let cfg = setup(t.path());
     let run = t.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = train_headless(&cfg, &run);
     drive(&run);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(kiln::train::checkpoint::latest(&run).unwrap().is_some());
@@ -109,11 +114,7 @@ fn several_viewers_see_every_event_and_any_of_them_steers() {
     let t = tempfile::tempdir().unwrap();
     let cfg = setup(t.path());
     let run = t.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = train_headless(&cfg, &run);
     let sock = run.join("kiln.sock");
     wait_for(&sock);
     let viewers: Vec<(BufReader<UnixStream>, UnixStream)> = (0..3)

@@ -48,18 +48,29 @@ fn s(p: &Path) -> &str {
 /// Two steps of a four-step run, with a checkpoint at each: the smallest run that has a history
 /// and more to do.
 fn trained_run(dir: &Path) -> PathBuf {
-    let data = common::prepared_corpus(dir);
-    let cfg = dir.join("run.toml");
-    let body = format!(
-        "[model]\nn_layer = 1\nd_model = 32\nn_head = 2\nd_ff = 64\nvocab_size = 32000\nmax_seq_len = 64\n\
-         tie_embeddings = true\n{}[train]\nmicro_batch = 1\nmax_steps = 4\nlog_every = 1\n\
-         [optim]\nwarmup_steps = 1\n[checkpoint]\nevery_steps = 1\nkeep_last = 2\n",
-        common::corpus_sections(&data, 32)
+    let cfg = config_on_corpus(
+        dir,
+        &format!(
+            "{SMALL_MODEL}tie_embeddings = true\n[train]\nmicro_batch = 1\nmax_steps = 4\nlog_every = 1\n\
+             [optim]\nwarmup_steps = 1\n[checkpoint]\nevery_steps = 1\nkeep_last = 2\n"
+        ),
     );
-    std::fs::write(&cfg, body).unwrap();
     let run = dir.join("run");
     ok(&kiln(&["train", s(&cfg), "--run-dir", s(&run), "--headless", "--steps", "2"]));
     run
+}
+
+/// A model small enough that a step takes milliseconds, with the Llama-2 vocabulary.
+const SMALL_MODEL: &str =
+    "[model]\nn_layer = 1\nd_model = 32\nn_head = 2\nd_ff = 64\nvocab_size = 32000\nmax_seq_len = 64\n";
+
+/// `dir/run.toml`: `head` (the model and train sections), then the bundled corpus prepared into
+/// `dir/data`, sequences of 32 tokens.
+fn config_on_corpus(dir: &Path, head: &str) -> PathBuf {
+    let data = common::prepared_corpus(dir);
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, format!("{head}{}", common::corpus_sections(&data, 32))).unwrap();
+    cfg
 }
 
 fn resume(run: &Path) -> Output {
@@ -259,16 +270,7 @@ fn a_tokenizer_that_does_not_fit_the_model_touches_no_data() {
 #[test]
 fn a_run_that_fails_at_start_up_leaves_nothing_behind() {
     let t = tempfile::tempdir().unwrap();
-    let data = common::prepared_corpus(t.path());
-    let cfg = t.path().join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[model]\npreset = \"tiny\"\n[train]\nmicro_batch = 1\nmax_steps = 2\n{}",
-            common::corpus_sections(&data, 32)
-        ),
-    )
-    .unwrap();
+    let cfg = config_on_corpus(t.path(), "[model]\npreset = \"tiny\"\n[train]\nmicro_batch = 1\nmax_steps = 2\n");
     let run = t.path().join("run");
     let bad = [
         ("tokenizer.path=\"/nonexistent/tokenizer.json\"", "/nonexistent/tokenizer.json: cannot read tokenizer"),
@@ -367,17 +369,10 @@ fn model_directory_mistakes_are_said_in_the_users_terms() {
 #[test]
 fn warmup_longer_than_the_run_is_warned_about() {
     let t = tempfile::tempdir().unwrap();
-    let data = common::prepared_corpus(t.path());
-    let cfg = t.path().join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[model]\nn_layer = 1\nd_model = 32\nn_head = 2\nd_ff = 64\nvocab_size = 32000\nmax_seq_len = 64\n\
-             {}[train]\nmicro_batch = 1\nmax_steps = 2\n[optim]\nwarmup_steps = 50\n",
-            common::corpus_sections(&data, 32)
-        ),
-    )
-    .unwrap();
+    let cfg = config_on_corpus(
+        t.path(),
+        &format!("{SMALL_MODEL}[train]\nmicro_batch = 1\nmax_steps = 2\n[optim]\nwarmup_steps = 50\n"),
+    );
     let o = kiln(&["train", s(&cfg), "--run-dir", s(&t.path().join("run")), "--headless"]);
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -58,8 +58,13 @@ keep_last = 5
     p
 }
 
-fn losses(run: &Path) -> Vec<f64> {
-    common::metrics(run, "step").iter().map(|v| v["loss"].as_f64().unwrap()).collect()
+/// Each step's loss and gradient norm (before clipping), in that order: the norm is what shows a
+/// gradient scaled wrongly (AdamW is blind to a constant scale, and clipping renormalises it).
+fn losses_and_norms(run: &Path) -> Vec<f64> {
+    common::metrics(run, "step")
+        .iter()
+        .flat_map(|v| [v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()])
+        .collect()
 }
 
 fn weights(ckpt: &Path) -> Vec<Vec<f32>> {
@@ -70,7 +75,8 @@ fn weights(ckpt: &Path) -> Vec<Vec<f32>> {
 fn assert_close(a: &[f64], b: &[f64], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(((x - y) / y).abs() < 1e-5, "{what}: step {}: {x} vs {y}", i + 1);
+        let (step, which) = (i / 2 + 1, ["loss", "grad norm"][i % 2]);
+        assert!(((x - y) / y).abs() < 1e-5, "{what}: step {step} {which}: {x} vs {y}");
     }
 }
 
@@ -93,11 +99,11 @@ fn world_sizes_1_to_4_train_to_the_same_losses_and_reshard_on_resume() {
         dir
     };
     let base = run("w1", 1);
-    let base_losses = losses(&base);
+    let base_losses = losses_and_norms(&base);
     let base_weights = weights(&base.join("checkpoints/step-00000020"));
     for world in [2, 3, 4] {
         let dir = run(&format!("w{world}"), world);
-        assert_close(&losses(&dir), &base_losses, &format!("world {world}"));
+        assert_close(&losses_and_norms(&dir), &base_losses, &format!("world {world}"));
         // Per-rank metrics flow into metrics.jsonl.
         let first: Value =
             serde_json::from_str(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().next().unwrap())
@@ -120,7 +126,7 @@ fn world_sizes_1_to_4_train_to_the_same_losses_and_reshard_on_resume() {
         let set = format!("parallel.world_size={to}");
         ok(kiln(&["train", "--resume", dir.to_str().unwrap(), "--set", &set]));
         assert_rank_files(&dir.join("checkpoints/step-00000020"), to);
-        assert_close(&losses(&dir), &base_losses, &format!("resume {from} -> {to}"));
+        assert_close(&losses_and_norms(&dir), &base_losses, &format!("resume {from} -> {to}"));
         assert_weights_close(
             &weights(&dir.join("checkpoints/step-00000020")),
             &base_weights,

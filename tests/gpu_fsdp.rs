@@ -130,8 +130,11 @@ fn fsdp_on_cpu_ranks_matches_one_cpu() {
         let init = random_weights(&cfg, 3).unwrap();
         let one = single(Cpu::new(), &cfg, &init);
         let many = sharded(kiln::dist::local::cpu_group(2), &cfg, &init);
-        // f32 throughout: only the order of a few sums differs.
-        compare(one, many, &init, 1e-5, 1e-3);
+        // f32 throughout: only the order of a few sums differs, which moves losses and gradient
+        // norms by about 1e-6. Updates move more: AdamW divides by sqrt(v), so an element whose
+        // gradient is near zero turns that sum-order noise into a difference of order lr in its
+        // update (measured: 2.9e-4 untied, 2.8e-5 tied; the inputs are fixed, so these repeat).
+        compare(one, many, &init, 1e-5, 5e-4);
     }
 }
 

@@ -69,7 +69,9 @@ pub fn rerun_on_the_emulator(this_test: &str) {
     let limit = std::env::var("KILN_EMULATOR_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(1800);
     let mut child = Command::new(std::env::current_exe().unwrap());
     child
-        .args(["--skip", this_test])
+        // Its output is shown only if this test fails (or runs with --nocapture): then every
+        // figure the tests print (errors against the CPU, step losses) is there to read.
+        .args(["--skip", this_test, "--nocapture"])
         .env("LD_LIBRARY_PATH", &libs)
         .env(CHILD, "1")
         // The child must find the emulated device: a skip there would pass by testing nothing.

@@ -154,13 +154,19 @@ static void run(Shape s, unsigned seed) {
                   s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "",
                   bwd_build);
     std::printf("%s\n", name);
-    expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 1e-2);
+    // Bounds from the arithmetic, relative to the largest reference value. The output is an f32
+    // sum of products with P rounded to bf16, then rounded to bf16 itself: two roundings of at most
+    // 2^-9 each, so 5e-3 (measured over every case: 3.3e-3). The logsumexp is f32 throughout: 1e-5
+    // (measured 9e-7). The backward rounds P and dS to bf16 before its products and dK, dV once
+    // more on the way out, and dQ sums rounded dS products over every key block: 1e-2 (measured:
+    // dQ 4.8e-3, dK 6.3e-3, dV 4.5e-3). A wrong index or a missed tile is an error of order 1.
+    expect_below("  out (bf16)", rel_max_err(rows_of(out), r_out), 5e-3);
     double lse_err = 0;
     for (size_t i = 0; i < le; ++i) lse_err = std::fmax(lse_err, std::isnan(lse[i]) ? INFINITY : std::fabs(lse[i] - r_lse[i]));
-    expect_below("  logsumexp (f32, absolute)", lse_err, 1e-4);
-    expect_below("  dq (f32 accumulator)", rel_max_err(widen(dq_acc), r_dq), 2e-2);
-    expect_below("  dk (bf16)", rel_max_err(dk_valid, r_dk), 2e-2);
-    expect_below("  dv (bf16)", rel_max_err(dv_valid, r_dv), 2e-2);
+    expect_below("  logsumexp (f32, absolute)", lse_err, 1e-5);
+    expect_below("  dq (f32 accumulator)", rel_max_err(widen(dq_acc), r_dq), 1e-2);
+    expect_below("  dk (bf16)", rel_max_err(dk_valid, r_dk), 1e-2);
+    expect_below("  dv (bf16)", rel_max_err(dv_valid, r_dv), 1e-2);
     // Shared-memory bank conflicts: ldmatrix takes 4 wavefronts per x4 when its rows' banks never
     // collide (the padded row strides are what make it so); each one beyond is bandwidth lost.
     expect_below("  ldmatrix bank conflicts, forward (wavefronts/x4 - 4)", fwd_wavefronts - 4, 1e-9);
