@@ -42,12 +42,19 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<ModelDir<B>>
     if !cfg_path.exists() {
         bail!("{}: missing (a Hugging Face model directory needs config.json)", cfg_path.display());
     }
-    super::checksums::verify_if_checkpoint(dir)?;
     let config = read_hf_config(&cfg_path)?;
     let files = weight_files(dir)?;
     let cfg = config.model.clone();
-    let weights = Weights::try_build(&cfg, |spec| backend.upload_as(&files.load_f32(spec)?, Role::Param))?;
-    let model = Llama::new(cfg, backend, weights)?;
+    // A kiln checkpoint's files are hashed on another thread while the weights load (the hash
+    // reads what the load reads, from the page cache): the check costs little more than the load.
+    // A model from a file that fails it is dropped, never returned.
+    let (verified, weights) = std::thread::scope(|s| {
+        let verify = s.spawn(|| super::checksums::verify_if_checkpoint(dir));
+        let weights = Weights::try_build(&cfg, |spec| backend.upload_as(&files.load_f32(spec)?, Role::Param));
+        (verify.join().unwrap_or_else(|_| Err(anyhow::anyhow!("{}: checksum thread panicked", dir.display()))), weights)
+    });
+    verified?;
+    let model = Llama::new(cfg, backend, weights?)?;
 
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {

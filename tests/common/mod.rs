@@ -57,8 +57,11 @@ pub fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration
             break status;
         }
         if t0.elapsed() > limit {
-            // The whole process group: a script's children too.
-            let _ = std::process::Command::new("kill").args(["-9", &format!("-{}", child.id())]).status();
+            // The whole process group (a script's children too; `--` so that the negative id is
+            // not read as an option), and the child itself whatever happens to that.
+            let group = format!("-{}", child.id());
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = child.kill();
             let _ = child.wait();
             let (out, err) = (out.join().unwrap(), err.join().unwrap());
             panic!(
