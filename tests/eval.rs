@@ -101,3 +101,51 @@ fn malformed_task_files_name_file_and_line() {
     let o = kiln(&["eval", "--model", model.to_str().unwrap(), "--tasks", "arc_easy,mmlu"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown task \"mmlu\""));
 }
+
+/// A context longer than the model's window is cut as lm-evaluation-harness cuts it: the input is
+/// `(context + continuation)[-(max_len + 1):][:-1]`, so the window holds max_len + 1 tokens of
+/// which the last is only a target. The reference here is that rule spelled out, scored by the
+/// full forward (`kiln score`'s path) rather than the scorer's KV cache.
+#[test]
+fn an_overlong_context_is_truncated_as_lm_evaluation_harness_does() {
+    use kiln::backend::cpu::Cpu;
+    use kiln::eval::score::Scorer;
+    use kiln::eval::tasks::{Item, Request};
+    let model_dir = root().join("tests/fixtures/models/llama2_vocab_tied_bf16");
+    let md = kiln::io::load_model_dir(&model_dir, Cpu::new()).unwrap();
+    let tok = md.tokenizer().unwrap();
+    let max_len = md.model.cfg.max_seq_len;
+    let words = ["river", "stone", "lamp", "orchard", "violet", "harbor", "copper", "meadow"];
+    let context: String = (0..700).map(|i| words[i * 7 % words.len()]).collect::<Vec<_>>().join(" ");
+    let continuations = [" and the quiet evening light", " which"];
+    let item = Item {
+        requests: continuations
+            .iter()
+            .map(|c| Request { context: context.clone(), continuation: c.to_string() })
+            .collect(),
+        gold: 0,
+        choice_chars: None,
+    };
+    let got = Scorer::new(&md.model, tok, md.bos).unwrap().score(&item).unwrap().loglik;
+    for (c, got) in continuations.iter().zip(got) {
+        let ctx = tok.encode(&context, None).unwrap();
+        let whole = tok.encode(&format!("{context}{c}"), None).unwrap();
+        let cont = &whole[ctx.len()..];
+        let all: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+        assert!(all.len() > max_len + 1, "the context must overflow the window ({} tokens)", all.len());
+        let window = all[all.len() - (max_len + 1)..].to_vec();
+        let scores =
+            kiln::cli::score::run_on(&model_dir, kiln::cli::score::ScoreInput::Ids(window), Cpu::new()).unwrap();
+        let want: f64 = scores.logprobs[scores.logprobs.len() - cont.len()..].iter().map(|&x| x as f64).sum();
+        // Two f32 paths (KV cache and full forward) over the same window: rounding only.
+        assert!((got - want).abs() < 1e-4, "{c:?}: scorer {got} vs the lm-eval window {want}");
+        // And the test can tell the windows apart: one token shorter, as kiln once cut it, moves
+        // the sum by far more than that.
+        let short = all[all.len() - max_len..].to_vec();
+        let scores =
+            kiln::cli::score::run_on(&model_dir, kiln::cli::score::ScoreInput::Ids(short), Cpu::new()).unwrap();
+        let off_by_one: f64 = scores.logprobs[scores.logprobs.len() - cont.len()..].iter().map(|&x| x as f64).sum();
+        eprintln!("{c:?}: {got:.6} (lm-eval window {want:.6}; one token shorter {off_by_one:.6})");
+        assert!((off_by_one - want).abs() > 1e-3, "{c:?}: the windows score alike ({off_by_one} vs {want})");
+    }
+}

@@ -387,7 +387,10 @@ fn bad_inputs_give_one_line_errors() {
     ]);
     fails(&o, "parallel.device = \"cuda\"");
     assert!(!dir.exists(), "a refused run leaves no directory");
-    fails(&run(&cfg, &["--set", "parallel.device=\"tpu\""]), "unknown device");
+    fails(
+        &run(&cfg, &["--set", "parallel.device=\"tpu\""]),
+        "parallel.device: unknown variant `tpu`, expected `cpu` or `cuda`",
+    );
     // Multi-node launches need NCCL; a torchrun-style launch of CPU ranks is refused clearly.
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", cfg.to_str().unwrap(), "--run-dir", t.path().join("mn").to_str().unwrap()])

@@ -32,15 +32,25 @@ pub fn run_on<B: Backend>(model_dir: &Path, input: ScoreInput<'_>, backend: B) -
         ScoreInput::Ids(ids) => ids,
     };
     let model = &md.model;
-    if ids.len() > model.cfg.max_seq_len {
-        bail!("{} tokens exceed the model's max_position_embeddings of {}", ids.len(), model.cfg.max_seq_len);
+    // The last token is only a target, never an input: a model of context N scores N + 1 tokens
+    // (as lm-evaluation-harness feeds it).
+    if ids.len() > model.cfg.max_seq_len + 1 {
+        bail!(
+            "{} tokens exceed what the model's max_position_embeddings of {} can score ({})",
+            ids.len(),
+            model.cfg.max_seq_len,
+            model.cfg.max_seq_len + 1
+        );
     }
     model.check_ids(&ids)?;
-    let n = ids.len();
-    let targets: Vec<i32> = (0..n).map(|i| if i + 1 < n { ids[i + 1] as i32 } else { -1 }).collect();
+    if ids.len() < 2 {
+        return Ok(Scores { ids, logprobs: Vec::new(), sum: 0.0 }); // one token predicts nothing
+    }
+    let n = ids.len() - 1;
+    let targets: Vec<i32> = ids[1..].iter().map(|&t| t as i32).collect();
     let mut ws = Workspace::for_inference(model, 1, n)?;
-    let losses = model.forward(&mut ws, &ids, &targets, None)?;
-    let logprobs: Vec<f32> = losses[..n - 1].iter().map(|&l| -l).collect();
+    let losses = model.forward(&mut ws, &ids[..n], &targets, None)?;
+    let logprobs: Vec<f32> = losses.iter().map(|&l| -l).collect();
     let sum = logprobs.iter().map(|&x| x as f64).sum();
     Ok(Scores { ids, logprobs, sum })
 }

@@ -28,14 +28,24 @@ pub struct RunConfig {
     pub sample: SampleSection,
 }
 
+impl ModelSection {
+    /// The shape fields this section sets: every field but `preset` and `init`, read off the
+    /// struct's own serialization so that a field added later cannot be forgotten here.
+    pub fn shape_fields_set(&self) -> Vec<String> {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let fields = v.as_object().into_iter().flatten();
+        fields.filter(|(k, v)| !v.is_null() && *k != "preset" && *k != "init").map(|(k, _)| k.clone()).collect()
+    }
+}
+
 /// `preset = "..."` and/or explicit fields (fields override the preset); `init` is "random" or a
 /// path to a Hugging Face model directory, kiln checkpoint or run directory.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub preset: Option<String>,
-    #[serde(default = "random")]
-    pub init: String,
+    #[serde(default)]
+    pub init: ModelInit,
     pub n_layer: Option<usize>,
     pub d_model: Option<usize>,
     pub n_head: Option<usize>,
@@ -49,8 +59,51 @@ pub struct ModelSection {
     pub tie_embeddings: Option<bool>,
 }
 
-fn random() -> String {
-    "random".into()
+/// Where a new run's weights come from: `"random"` (HF-style initialisation from `train.seed`) or
+/// the path of a Hugging Face model directory, kiln checkpoint or run directory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ModelInit {
+    #[default]
+    Random,
+    Path(PathBuf),
+}
+
+impl From<String> for ModelInit {
+    fn from(s: String) -> Self {
+        if s == "random" {
+            ModelInit::Random
+        } else {
+            ModelInit::Path(s.into())
+        }
+    }
+}
+
+impl From<ModelInit> for String {
+    fn from(i: ModelInit) -> String {
+        match i {
+            ModelInit::Random => "random".into(),
+            ModelInit::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// What a run trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -167,7 +220,7 @@ impl Default for CheckpointSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ParallelSection {
-    pub device: String,
+    pub device: Device,
     pub world_size: usize,
     /// Seconds the ranks of a sharded run may spend inside one training step before the run ends
     /// with an error (a rank on another node died or hung, which no local rank sees); 0 = wait
@@ -181,7 +234,7 @@ pub const DEFAULT_COLLECTIVE_TIMEOUT_S: u64 = 600;
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { device: "cpu".into(), world_size: 1, collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S }
+        ParallelSection { device: Device::Cpu, world_size: 1, collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S }
     }
 }
 
@@ -384,9 +437,6 @@ impl RunConfig {
         if !(sm.top_p > 0.0 && sm.top_p <= 1.0) {
             bail!("sample.top_p must be in (0, 1]");
         }
-        if !["cpu", "cuda"].contains(&self.parallel.device.as_str()) {
-            bail!("parallel.device {:?}: unknown device (\"cpu\" or \"cuda\")", self.parallel.device);
-        }
         if !self.train.micro_batch.is_multiple_of(self.parallel.world_size) {
             bail!(
                 "train.micro_batch ({}) must be a multiple of parallel.world_size ({}): each rank takes an equal slice",
@@ -405,6 +455,7 @@ impl RunConfig {
         if self.checkpoint.keep_last == 0 {
             bail!("checkpoint.keep_last must be at least 1");
         }
+        self.model_config()?; // an unknown preset or a shape field with nothing to apply it to
         Ok(())
     }
 
@@ -412,16 +463,21 @@ impl RunConfig {
     /// then comes from `model.init`).
     pub fn model_config(&self) -> Result<Option<LlamaConfig>> {
         let m = &self.model;
-        let any_field = m.n_layer.is_some()
-            || m.d_model.is_some()
-            || m.n_head.is_some()
-            || m.n_kv_head.is_some()
-            || m.d_ff.is_some()
-            || m.vocab_size.is_some();
-        let mut c = match (&m.preset, any_field) {
+        let set = m.shape_fields_set();
+        let mut c = match (&m.preset, set.first()) {
             (Some(p), _) => LlamaConfig::preset(p).context("model.preset")?,
-            (None, false) => return Ok(None),
-            (None, true) => LlamaConfig {
+            (None, None) => return Ok(None),
+            // A field alone (say `--set model.max_seq_len=4096` on a run whose model comes from
+            // model.init or a checkpoint) would otherwise change nothing, silently.
+            (None, Some(first))
+                if m.n_layer.is_none() || m.d_model.is_none() || m.n_head.is_none() || m.d_ff.is_none() =>
+            {
+                bail!(
+                    "model.{first}: set without model.preset or the whole shape (model.n_layer, d_model, n_head, \
+                     d_ff); a model loaded from model.init or a checkpoint keeps its own shape, so remove it"
+                )
+            }
+            (None, Some(_)) => LlamaConfig {
                 n_layer: m.n_layer.context("model.n_layer is required without a preset")?,
                 d_model: m.d_model.context("model.d_model is required without a preset")?,
                 n_head: m.n_head.context("model.n_head is required without a preset")?,
@@ -489,7 +545,28 @@ max_steps = 10
         assert_eq!(c.optim.lr, 1e-3);
         assert_eq!(c.model_config().unwrap().unwrap().n_layer, 3);
         assert_eq!(c.data.sources[0].name, "x");
-        assert_eq!(c.model.init, "runs/a");
+        assert_eq!(c.model.init, ModelInit::Path("runs/a".into()));
+    }
+
+    #[test]
+    fn a_model_field_with_nothing_to_apply_it_to_is_refused_not_dropped() {
+        // The model comes from model.init: its shape is the checkpoint's.
+        let init = &BASE.replace("preset = \"tiny\"", "init = \"runs/a\"");
+        assert!(RunConfig::parse(init, "t.toml", &[]).unwrap().model_config().unwrap().is_none());
+        for set in [
+            "model.max_seq_len=4096",
+            "model.head_dim=64",
+            "model.rope_theta=5e5",
+            "model.norm_eps=1e-6",
+            "model.tie_embeddings=true",
+        ] {
+            let e = RunConfig::parse(init, "t.toml", &[set.to_string()]).unwrap_err().to_string();
+            let key = set.split('=').next().unwrap();
+            assert!(e.starts_with(&format!("--set {set:?}: {key}: set without model.preset")), "{e}");
+        }
+        // With a preset or the whole shape, a field is applied (and a loaded model is checked against it).
+        let c = RunConfig::parse(BASE, "t.toml", &["model.max_seq_len=4096".into()]).unwrap();
+        assert_eq!(c.model_config().unwrap().unwrap().max_seq_len, 4096);
     }
 
     #[test]

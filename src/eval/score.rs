@@ -3,7 +3,8 @@
 //!
 //! Tokenization follows lm-evaluation-harness for Llama models: no BOS; `whole = encode(context +
 //! continuation)`, `context = encode(context)`, continuation tokens = `whole[len(context):]`; the
-//! model input is `context + continuation` (left-truncated to the model's context length).
+//! model input is `(context + continuation)[-(max_len + 1):][:-1]`, as lm-evaluation-harness
+//! truncates: up to max_len tokens of input, the last continuation token only a target.
 
 use super::tasks::Item;
 use crate::backend::Backend;
@@ -66,14 +67,16 @@ impl<'a, B: Backend> Scorer<'a, B> {
             if cont.is_empty() {
                 bail!("continuation {:?} encodes to no tokens after its context", r.continuation);
             }
-            if cont.len() >= max_len {
+            if cont.len() > max_len {
                 bail!("a continuation of {} tokens does not fit the model's context of {max_len}", cont.len());
             }
             if ctx.is_empty() {
                 ctx.push(self.bos);
             }
-            if ctx.len() + cont.len() > max_len {
-                ctx.drain(..ctx.len() + cont.len() - max_len);
+            // lm-evaluation-harness's window: `(context + continuation)[-(max_len + 1):][:-1]` is the
+            // input, so up to max_len + 1 tokens take part (the last is only a target).
+            if ctx.len() + cont.len() > max_len + 1 {
+                ctx.drain(..ctx.len() + cont.len() - (max_len + 1));
             }
             requests.push((ctx, cont));
         }

@@ -76,8 +76,8 @@ pub fn train_across_nodes(args: TrainArgs, node: Node) -> Result<RunEnd> {
     let plan: Plan =
         serde_json::from_slice(&body).context("rendezvous: node 0 sent no run plan; is it the same kiln?")?;
     let cfg = RunConfig::parse(&plan.config, "node 0's run config", &[])?;
-    if cfg.parallel.device != "cuda" {
-        bail!("node 0's run trains on {:?}: only CUDA runs span nodes", cfg.parallel.device);
+    if cfg.parallel.device != crate::config::Device::Cuda {
+        bail!("node 0's run trains on {}: only CUDA runs span nodes", cfg.parallel.device);
     }
     let (gpu, peak) = open_gpu(&cfg)?;
     let located = Located { cfg, run_dir: plan.run_dir, resuming: true };

@@ -11,7 +11,7 @@ use crate::backend::cuda::device::datasheet_bf16_flops;
 use crate::backend::cuda::Cuda;
 use crate::backend::{Backend, Role};
 use crate::chat::service::{ChatService, ChatStopper, Sink};
-use crate::config::{RunConfig, DEFAULT_TOKENIZER};
+use crate::config::{Device, ModelInit, RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
 use crate::data::loader::Source;
 use crate::data::prepare::{prepare, sha256_hex, PrepareArgs, DEFAULT_SHARD_TOKENS};
@@ -91,8 +91,8 @@ fn absolutize(cfg: &mut RunConfig) {
             p.inputs = p.inputs.iter().map(|i| absolute(i)).collect();
         }
     }
-    if cfg.model.init != "random" {
-        cfg.model.init = absolute(Path::new(&cfg.model.init)).display().to_string();
+    if let ModelInit::Path(p) = &mut cfg.model.init {
+        *p = absolute(p);
     }
 }
 
@@ -262,7 +262,16 @@ fn build_run<B: Backend + Clone>(
         }
         (placed, Some(moments), state)
     } else {
-        let placed = if cfg.model.init == "random" {
+        let placed = if let ModelInit::Path(init) = &cfg.model.init {
+            let dir = checkpoint::resolve_model_dir(init)?;
+            let placed = load(&dir).context("model.init")?;
+            if let Some(mc) = cfg.model_config()? {
+                if !mc.same_model(&placed.0.cfg) {
+                    bail!("model.init {}: its shape differs from the configured model", dir.display());
+                }
+            }
+            placed
+        } else {
             let mc = cfg.model_config()?.context("model: give a preset or the model fields (or model.init = PATH)")?;
             check_host_memory(&cfg, &mc)?;
             let w = random_weights(&mc, cfg.train.seed)?;
@@ -271,15 +280,6 @@ fn build_run<B: Backend + Clone>(
             } else {
                 (Llama::from_host(mc, backend.clone(), &w)?, None)
             }
-        } else {
-            let dir = checkpoint::resolve_model_dir(Path::new(&cfg.model.init))?;
-            let placed = load(&dir).context("model.init")?;
-            if let Some(mc) = cfg.model_config()? {
-                if !mc.same_model(&placed.0.cfg) {
-                    bail!("model.init {}: its shape differs from the configured model", dir.display());
-                }
-            }
-            placed
         };
         let state = TrainerState {
             step: 0,
@@ -324,7 +324,7 @@ fn build_run<B: Backend + Clone>(
 /// would abort, or be killed by the OOM killer minutes later). The estimate is a floor: f32
 /// weights, gradients and both AdamW moments, plus the activations of a micro-batch and its logits.
 fn check_host_memory(cfg: &RunConfig, mc: &LlamaConfig) -> Result<()> {
-    if cfg.parallel.device != "cpu" {
+    if cfg.parallel.device != Device::Cpu {
         return Ok(());
     }
     let Some(total) = crate::backend::cpu::host_memory_bytes() else { return Ok(()) };
@@ -464,16 +464,16 @@ pub fn train(args: TrainArgs) -> Result<RunEnd> {
     }
     let located = locate(&args)?;
     let world = located.cfg.parallel.world_size;
-    match located.cfg.parallel.device.as_str() {
+    match located.cfg.parallel.device {
         // The GPUs are opened (libraries, kernels, NCCL) before a new run's directory is made, so
         // a machine without CUDA, or with too few GPUs, leaves nothing behind. GPU 0 also holds
         // the full model that evaluates, samples and checkpoints.
-        "cuda" => {
+        Device::Cuda => {
             let (gpu, peak) = open_gpu(&located.cfg)?;
             let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
             drive(build_on(&args, located, gpu, peak, NodeRole::SINGLE, |_| Ok(group))?, &args)
         }
-        _ => {
+        Device::Cpu => {
             let group = if world > 1 { crate::dist::local::cpu_group(world) } else { Vec::new() };
             let trainer = build_on(&args, located, Cpu::new(), measured_peak_flops(), NodeRole::SINGLE, |_| Ok(group))?;
             drive(trainer, &args)
@@ -625,8 +625,8 @@ fn route(raw: Receiver<Command>, chat: ChatStopper) -> Result<Receiver<Command>>
 fn check_placement(cfg: &RunConfig) -> Result<()> {
     use crate::backend::cuda::libs::{require, CudaLib};
     let node = crate::dist::launch::Node::from_env()?;
-    match cfg.parallel.device.as_str() {
-        "cuda" => {
+    match cfg.parallel.device {
+        Device::Cuda => {
             node.local_ranks(cfg.parallel.world_size)?;
             require("parallel.device = \"cuda\"", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
             if cfg.parallel.world_size > 1 || node.nnodes > 1 {
@@ -634,7 +634,7 @@ fn check_placement(cfg: &RunConfig) -> Result<()> {
             }
             Ok(())
         }
-        _ if node.nnodes > 1 => bail!(
+        Device::Cpu if node.nnodes > 1 => bail!(
             "NNODES={}: multi-node runs go over NCCL and need parallel.device = \"cuda\" (CPU ranks share one process)",
             node.nnodes
         ),
