@@ -429,7 +429,7 @@ fn json_of(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// The commands README says run on a GPU, through the real binary: `kiln train` with
+/// The commands docs/cuda.md says run on a GPU, through the real binary: `kiln train` with
 /// `parallel.device = "cuda"` (checkpoint, then resume to the end), and `score`, `generate`, `eval`
 /// and `chat` with `--device cuda` on its checkpoint, each against the same command on the CPU.
 #[test]
