@@ -292,7 +292,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train { steps: Some(0), .. } => anyhow::bail!("--steps must be at least 1"),
         Command::Train { config, run_dir, sets, headless: _, steps, resume, detach: true } => {
-            detach_train(config, run_dir, sets, steps, resume)?;
+            let args =
+                kiln::train::run::TrainArgs { config, run_dir, sets, steps, resume, verbose: true, dashboard: false };
+            kiln::train::run::detach(&args)?;
         }
         Command::Attach { run_dir } => kiln::tui::attach::attach(&run_dir)?,
         Command::Plot { run_dir, out } => {
@@ -412,79 +414,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-/// Re-runs this `kiln train` in the background, headless, detached from the terminal.
-fn detach_train(
-    config: Option<PathBuf>,
-    run_dir: Option<PathBuf>,
-    sets: Vec<String>,
-    steps: Option<u64>,
-    resume: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::os::unix::process::CommandExt;
-    let run = match &resume {
-        Some(r) => r.clone(),
-        None => run_dir.unwrap_or_else(|| kiln::train::run::default_run_dir(config.as_deref())),
-    };
-    std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create run directory", run.display()))?;
-    let log_path = run.join("train.log");
-    // Appended to: a resumed run keeps its earlier log (and a live run's is not cut off).
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("{}: cannot open", log_path.display()))?;
-    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let started = std::time::SystemTime::now();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("train").arg("--headless");
-    match &resume {
-        Some(r) => {
-            cmd.arg("--resume").arg(r);
-        }
-        None => {
-            cmd.args(config.iter()).arg("--run-dir").arg(&run);
-        }
-    }
-    for s in &sets {
-        cmd.arg("--set").arg(s);
-    }
-    if let Some(n) = steps {
-        cmd.arg("--steps").arg(n.to_string());
-    }
-    // Its own process group: closing this terminal does not signal it (and it ignores SIGHUP).
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the background run")?;
-    // A run that cannot start (a bad config, a corrupt shard, a run already in use) fails within
-    // moments: wait for it to open its socket or end, so that failure is this command's.
-    let socket = run.join(kiln::train::socket::SOCKET);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            let log_text = std::fs::read(&log_path).unwrap_or_default();
-            let tail = String::from_utf8_lossy(log_text.get(log_start as usize..).unwrap_or_default());
-            let why = tail.lines().rev().find_map(|l| l.strip_prefix("error: ")).unwrap_or("see its log");
-            if !status.success() {
-                anyhow::bail!("the background run failed at once: {why} (log {})", log_path.display());
-            }
-            break;
-        }
-        let listening = std::fs::metadata(&socket).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
-        if listening {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    kiln::out!("training in the background (pid {}), log {}", child.id(), log_path.display())?;
-    kiln::out!("attach:  kiln attach {}", run.display())?;
     Ok(())
 }
 

@@ -1,16 +1,10 @@
-//! `kiln train`: set up a run directory (new or resumed), prepare data on first use, build the
-//! trainer, and drive it with headless output.
+//! Building the trainer: a new run's directory (removed again if the build fails), the model from a
+//! checkpoint, `model.init` or random weights, the tokenizer and the data (prepared on first use).
 
-use super::checkpoint::{self, TrainerState};
-use super::events::{Command, Event};
-use super::signals;
-use super::socket::{CloseOnDrop, Server};
-use super::trainer::{NodeRole, RunEnd, Trainer, TrainerParts};
-use crate::backend::cpu::{measured_peak_flops, Cpu};
-use crate::backend::cuda::device::datasheet_bf16_flops;
-use crate::backend::cuda::Cuda;
+use super::locate::{absolutize, Located};
+use super::TrainArgs;
+use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Role};
-use crate::chat::service::{ChatService, ChatStopper, Sink};
 use crate::config::{Device, ModelInit, RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
 use crate::data::loader::Source;
@@ -22,28 +16,11 @@ use crate::io::run_lock::lock_run_dir;
 use crate::model::init::random_weights;
 use crate::model::{Llama, LlamaConfig, Weights};
 use crate::tokenizer::{Tokenizer, LLAMA2_TOKENIZER_JSON};
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::trainer::{NodeRole, Trainer, TrainerParts};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-
-pub const DEMO_CONFIG: &str = "configs/demo.toml";
-
-pub struct TrainArgs {
-    pub config: Option<PathBuf>,
-    pub run_dir: Option<PathBuf>,
-    pub sets: Vec<String>,
-    pub steps: Option<u64>,
-    pub resume: Option<PathBuf>,
-    /// Print progress lines (otherwise silent apart from errors).
-    pub verbose: bool,
-    /// Show the terminal dashboard instead of headless lines.
-    pub dashboard: bool,
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
 
 /// The tokenizer bytes: the configured file, or the bundled Llama-2 one for the default path when
 /// kiln runs outside its source tree.
@@ -82,70 +59,8 @@ fn open_sources(cfg: &RunConfig, tok_path: &Path, tok_sha: &str, vocab: usize, v
     Ok(out)
 }
 
-/// Makes config paths absolute so a run directory resumes from anywhere.
-fn absolutize(cfg: &mut RunConfig) {
-    cfg.tokenizer.path = absolute(&cfg.tokenizer.path);
-    for s in &mut cfg.data.sources {
-        s.path = absolute(&s.path);
-        if let Some(p) = &mut s.prepare {
-            p.inputs = p.inputs.iter().map(|i| absolute(i)).collect();
-        }
-    }
-    if let ModelInit::Path(p) = &mut cfg.model.init {
-        *p = absolute(p);
-    }
-}
-
-/// Builds the trainer for a new run or a resumed one.
-/// A run's configuration and directory, found before anything is written or any device opened.
-pub struct Located {
-    pub cfg: RunConfig,
-    pub run_dir: PathBuf,
-    pub resuming: bool,
-}
-
-/// Finds the run: `--resume DIR`, the demo's own run directory, or a new run from CONFIG.
-pub fn locate(args: &TrainArgs) -> Result<Located> {
-    // The demo (no CONFIG) picks up where it left off, so its one command can be run again.
-    let demo_dir = PathBuf::from("runs/demo");
-    let resume = match (&args.resume, &args.config, &args.run_dir) {
-        (None, None, None) if demo_dir.join("config.toml").exists() => {
-            if args.verbose {
-                crate::note!("resuming the demo run in {} (delete it to start over)", demo_dir.display());
-            }
-            Some(demo_dir)
-        }
-        (r, _, _) => r.clone(),
-    };
-    let resuming = resume.is_some();
-    let (cfg, run_dir) = match &resume {
-        Some(run) => {
-            let p = run.join("config.toml");
-            if !p.exists() {
-                bail!("{}: not a kiln run directory (no config.toml)", run.display());
-            }
-            (RunConfig::load(&p, &args.sets)?, run.clone())
-        }
-        None => {
-            let path = args.config.clone().unwrap_or_else(|| PathBuf::from(DEMO_CONFIG));
-            if args.config.is_none() && !path.exists() {
-                bail!("{DEMO_CONFIG}: not found (run from the kiln checkout, or give a CONFIG)");
-            }
-            let cfg = RunConfig::load(&path, &args.sets)?;
-            let run = args.run_dir.clone().unwrap_or_else(|| default_run_dir(args.config.as_deref()));
-            (cfg, run)
-        }
-    };
-    check_placement(&cfg)?;
-    for w in cfg.warnings() {
-        crate::note!("warning: {w}");
-    }
-    Ok(Located { cfg, run_dir, resuming })
-}
-
-/// Builds the trainer on `backend`: creates a new run's directory, loads or initialises the model,
-/// opens the data. `peak_flops` is what MFU is reported against.
-/// Builds the trainer on `backend` as `node` of the run. When `parallel.world_size > 1`,
+/// Builds the trainer on `backend` as `node` of the run: creates a new run's directory, loads or
+/// initialises the model, opens the data; `peak_flops` is what MFU is reported against. When `parallel.world_size > 1`,
 /// `open_group` gives this process's FSDP ranks; it is called once the model and data are ready
 /// (on node 0 of a multi-node run, that is when the other nodes are let in). A node other than 0
 /// writes nothing: it follows a run node 0 has made.
@@ -172,7 +87,7 @@ pub fn build_on<B: Backend + Clone>(
         );
     }
     let existed = run_dir.exists();
-    let ours = ["config.toml", "metrics.jsonl", crate::io::run_lock::LOCK_FILE, super::socket::SOCKET];
+    let ours = ["config.toml", "metrics.jsonl", crate::io::run_lock::LOCK_FILE, crate::train::socket::SOCKET];
     let ours: Vec<&str> = ours.into_iter().filter(|f| !run_dir.join(f).exists()).collect();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
     let built = build_run(args, cfg, run_dir.clone(), false, backend, peak_flops, node, open_group);
@@ -248,7 +163,7 @@ fn build_run<B: Backend + Clone>(
                 );
             }
         }
-        let moments = super::optim_state::open(&ckpt, &placed.0.cfg)?;
+        let moments = crate::train::optim_state::open(&ckpt, &placed.0.cfg)?;
         let state = checkpoint::read_state(&ckpt)?;
         if ckpt.file_name() != Some(std::ffi::OsStr::new(&checkpoint::checkpoint_name(state.step))) {
             bail!(
@@ -421,230 +336,4 @@ fn truncate_metrics(run: &Path, step: u64) -> Result<()> {
         out.push('\n');
     }
     write_file(&p, out.as_bytes())
-}
-
-/// One headless line per event worth printing.
-pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
-    match e {
-        Event::Step(m) if m.step % cfg.train.log_every == 0 || m.step == 1 => {
-            let wait = 100.0 * m.data_wait_ms / m.step_ms.max(1e-9);
-            let left = cfg.train.max_steps.saturating_sub(m.step) as f64 * m.step_ms / 1e3;
-            Some(format!(
-                "step {:>6}/{} | loss {:.4} | lr {:.2e} | gnorm {:.3} | {:.0} tok/s | {:.0} ms/step | data wait {:.1}% | mfu {:.1}% | eta {}",
-                m.step,
-                cfg.train.max_steps,
-                m.loss,
-                m.lr,
-                m.grad_norm,
-                m.tokens_per_s,
-                m.step_ms,
-                wait,
-                100.0 * m.mfu,
-                crate::cli::eta(left)
-            ))
-        }
-        Event::Eval { step, loss, .. } => Some(format!("eval   {step:>6} | val loss {loss:.4}")),
-        Event::EvalTasks { step, results, average, .. } => {
-            let per: Vec<String> = results.iter().map(|r| format!("{} {:.1}", r.task, 100.0 * r.headline())).collect();
-            Some(format!("tasks  {step:>6} | avg {:.1} | {}", 100.0 * average, per.join(" | ")))
-        }
-        Event::Sample { step, prompt, text } => Some(format!("sample {step:>6} | {prompt}{}", text.replace('\n', " "))),
-        Event::Checkpoint { step, path } => Some(format!("ckpt   {step:>6} | {path}")),
-        Event::Paused { step, paused } => Some(format!("{}  {step:>6}", if *paused { "paused " } else { "resumed" })),
-        Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),
-        _ => None,
-    }
-}
-
-pub fn train(args: TrainArgs) -> Result<RunEnd> {
-    signals::install();
-    let node = crate::dist::launch::Node::from_env()?;
-    if node.nnodes > 1 {
-        return super::nodes::train_across_nodes(args, node);
-    }
-    let located = locate(&args)?;
-    let world = located.cfg.parallel.world_size;
-    match located.cfg.parallel.device {
-        // The GPUs are opened (libraries, kernels, NCCL) before a new run's directory is made, so
-        // a machine without CUDA, or with too few GPUs, leaves nothing behind. GPU 0 also holds
-        // the full model that evaluates, samples and checkpoints.
-        Device::Cuda => {
-            let (gpu, peak) = open_gpu(&located.cfg)?;
-            let group = if world > 1 { crate::dist::nccl::cuda_group(world)? } else { Vec::new() };
-            drive(build_on(&args, located, gpu, peak, NodeRole::SINGLE, |_| Ok(group))?, &args)
-        }
-        Device::Cpu => {
-            let group = if world > 1 { crate::dist::local::cpu_group(world) } else { Vec::new() };
-            let trainer = build_on(&args, located, Cpu::new(), measured_peak_flops(), NodeRole::SINGLE, |_| Ok(group))?;
-            drive(trainer, &args)
-        }
-    }
-}
-
-/// MFU's denominator on a GPU kiln has no datasheet figure for: an H100 SXM's dense bf16 peak.
-const DEFAULT_GPU_PEAK_FLOPS: f64 = 989.4e12;
-
-/// GPU 0 for a CUDA run (on one node or as one of several) and the bf16 peak MFU is counted
-/// against. A model whose head_dim no attention kernel takes is refused here, before the run
-/// directory is made, rather than at its first step.
-pub(super) fn open_gpu(cfg: &RunConfig) -> Result<(Cuda, f64)> {
-    let gpu = Cuda::open(0)?;
-    if let Some(model) = cfg.model_config()? {
-        crate::backend::cuda::flash_attn::check_head_dim(&model)?;
-    }
-    let peak = datasheet_bf16_flops(&gpu.gpu().name).unwrap_or(DEFAULT_GPU_PEAK_FLOPS);
-    Ok((gpu, peak))
-}
-
-/// Runs a built trainer to `--steps` or `train.max_steps`, headless or with the dashboard.
-pub(super) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Result<RunEnd> {
-    let until = match args.steps {
-        Some(n) => trainer.state.step.saturating_add(n),
-        None => trainer.cfg.train.max_steps,
-    };
-    if trainer.state.step >= until.min(trainer.cfg.train.max_steps) {
-        crate::note!(
-            "{}: nothing to do, the run is at step {} of {} (delete it to start over, or raise train.max_steps)",
-            trainer.run_dir().display(),
-            trainer.state.step,
-            trainer.cfg.train.max_steps
-        );
-        return Ok(RunEnd::Done);
-    }
-    // Commands reach the engine from the dashboard and from viewers attached over the socket.
-    let (cmd_tx, raw_rx) = channel();
-    let server = Arc::new(Server::start(trainer.run_dir(), cmd_tx.clone())?);
-    let _close_socket = CloseOnDrop(server.clone());
-    // Chat replies stream to every viewer from their own thread, whatever the engine is doing.
-    let (ui_tx, ui_rx) = channel::<Event>();
-    let ui_tx = args.dashboard.then_some(ui_tx);
-    let viewers = server.clone();
-    let sink: Sink = Arc::new(move |e: &Event| {
-        viewers.broadcast(e);
-        if let Some(tx) = &ui_tx {
-            let _ = tx.send(e.clone());
-        }
-    });
-    let chat = ChatService::start(trainer.chat_format()?, sink.clone())?;
-    let cmd_rx = route(raw_rx, chat.stopper())?;
-    trainer.attach_chat(chat);
-    if args.dashboard {
-        return train_with_dashboard(trainer, until, sink, ui_rx, cmd_tx, cmd_rx);
-    }
-    if args.verbose {
-        let c = &trainer.model.cfg;
-        crate::note!(
-            "kiln train: {} | {:.1}M params | {} | run dir {} | step {} → {} | attach: kiln attach {}",
-            trainer.model.backend.name(),
-            c.n_params() as f64 / 1e6,
-            format_args!(
-                "seq {} × micro-batch {} × accum {} × world {}",
-                trainer.cfg.data.seq_len,
-                trainer.cfg.train.micro_batch,
-                trainer.cfg.train.grad_accum,
-                trainer.cfg.parallel.world_size
-            ),
-            trainer.run_dir().display(),
-            trainer.state.step,
-            until.min(trainer.cfg.train.max_steps),
-            trainer.run_dir().display()
-        );
-    }
-    let cfg = trainer.cfg.clone();
-    let verbose = args.verbose;
-    let mut print = |e: &Event| {
-        sink(e);
-        if verbose {
-            if let Some(line) = headless_line(e, &cfg) {
-                crate::progress!("{line}");
-            }
-        }
-    };
-    trainer.run_with_commands(until, Some(&cmd_rx), &mut print)
-}
-
-/// The engine on its own thread, the dashboard on this one; they share only the event and
-/// command channels.
-fn train_with_dashboard<B: Backend>(
-    mut trainer: Trainer<B>,
-    until: u64,
-    sink: Sink,
-    ev_rx: Receiver<Event>,
-    cmd_tx: Sender<Command>,
-    cmd_rx: Receiver<Command>,
-) -> Result<RunEnd> {
-    use crate::tui::{app::App, term, theme};
-    let title = format!(
-        "{} · {:.1}M params · {}",
-        trainer.run_dir().display(),
-        trainer.model.cfg.n_params() as f64 / 1e6,
-        trainer.model.backend.name()
-    );
-    let run_dir = trainer.run_dir().to_path_buf();
-    let mut app =
-        App::new(title, trainer.cfg.train.max_steps, theme::themes(theme::ColorMode::detect()), term::utf8_locale());
-    app.run_dir = Some(run_dir.clone());
-    let engine = std::thread::Builder::new().name("kiln-engine".into()).spawn(move || {
-        let mut send = |e: &Event| sink(e);
-        trainer.run_with_commands(until, Some(&cmd_rx), &mut send)
-    })?;
-    let ui = term::run(app, ev_rx, cmd_tx);
-    if let Ok(true) = ui {
-        crate::note!(
-            "detached: training goes on in process {}; attach again with `kiln attach {}`",
-            std::process::id(),
-            run_dir.display()
-        );
-    }
-    let end = engine.join().map_err(|_| anyhow::anyhow!("the training engine panicked"))??;
-    ui?;
-    Ok(end)
-}
-
-/// Passes viewer commands on to the engine, except stop requests for chat replies, which go
-/// straight to the chat worker (the engine only reads commands between steps).
-fn route(raw: Receiver<Command>, chat: ChatStopper) -> Result<Receiver<Command>> {
-    let (tx, rx) = channel();
-    std::thread::Builder::new().name("kiln-commands".into()).spawn(move || {
-        for c in raw {
-            match c {
-                Command::ChatStop(id) => chat.stop(id),
-                other => {
-                    if tx.send(other).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })?;
-    Ok(rx)
-}
-
-/// Where the ranks run: checked before anything is written, so a wrong device or launch leaves no
-/// half-made run directory behind.
-fn check_placement(cfg: &RunConfig) -> Result<()> {
-    use crate::backend::cuda::libs::{require, CudaLib};
-    let node = crate::dist::launch::Node::from_env()?;
-    match cfg.parallel.device {
-        Device::Cuda => {
-            node.local_ranks(cfg.parallel.world_size)?;
-            require("parallel.device = \"cuda\"", &[CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt])?;
-            if cfg.parallel.world_size > 1 || node.nnodes > 1 {
-                require("FSDP on GPUs", &[CudaLib::Nccl])?;
-            }
-            Ok(())
-        }
-        Device::Cpu if node.nnodes > 1 => bail!(
-            "NNODES={}: multi-node runs go over NCCL and need parallel.device = \"cuda\" (CPU ranks share one process)",
-            node.nnodes
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// The run directory a new run from `config` (or the demo) would use.
-pub fn default_run_dir(config: Option<&Path>) -> PathBuf {
-    let path = config.unwrap_or(Path::new(DEMO_CONFIG));
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
-    PathBuf::from("runs").join(stem)
 }
