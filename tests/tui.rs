@@ -204,6 +204,15 @@ fn chat_keeps_a_pause_it_did_not_take_and_can_train_meanwhile() {
     assert!(app.open_chat().is_empty(), "/train is remembered");
 }
 
+/// Waits for the export thread's line (`App::poll_export`, as the dashboard's loop does).
+fn finish_export(app: &mut App) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !app.poll_export() {
+        assert!(std::time::Instant::now() < deadline, "the export never finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
     let t = tempfile::tempdir().unwrap();
@@ -222,6 +231,8 @@ fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
     app.on_action(action_for('x').unwrap());
     app.export();
     assert!(!app.export_requested);
+    // The plot renders on its own thread: the dashboard's loop goes on meanwhile.
+    finish_export(&mut app);
     let png = t.path().join("plot-step-00000120.png");
     assert_eq!(app.log.back().unwrap(), &format!("exported {}", png.display()));
     let bytes = std::fs::read(&png).unwrap();
@@ -230,6 +241,7 @@ fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
     std::fs::write(t.path().join("metrics.jsonl"), "not json\n").unwrap();
     app.on_action(action_for('x').unwrap());
     app.export();
+    finish_export(&mut app);
     assert!(app.log.back().unwrap().starts_with("export failed: "), "{:?}", app.log.back());
 }
 

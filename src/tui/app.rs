@@ -52,6 +52,8 @@ pub struct App {
     pub run_dir: Option<std::path::PathBuf>,
     /// `x` was pressed; the terminal loop renders the plot.
     pub export_requested: bool,
+    /// The export running on its own thread, whose result line arrives here (`poll_export`).
+    export_job: Option<std::sync::mpsc::Receiver<String>>,
     /// The chat pane (`g` or Tab).
     pub chat: ChatPane,
     /// An attached viewer leaves when its terminal goes away (the engine's own dashboard stays,
@@ -82,6 +84,7 @@ impl App {
             detached: false,
             run_dir: None,
             export_requested: false,
+            export_job: None,
             chat: ChatPane::default(),
             leave_on_hangup: false,
         }
@@ -205,9 +208,14 @@ impl App {
         n
     }
 
-    /// Renders the current window of the run to `RUN_DIR/plot-step-N.png` and notes where.
+    /// Renders the current window of the run to `RUN_DIR/plot-step-N.png` on its own thread (a
+    /// long run's plot takes a moment the dashboard must not freeze for); `poll_export` notes where.
     pub fn export(&mut self) {
         self.export_requested = false;
+        if self.export_job.is_some() {
+            self.note("export: the previous one is still running".into());
+            return;
+        }
         let Some(dir) = self.run_dir.clone() else {
             self.note("export: no run directory known".into());
             return;
@@ -215,9 +223,30 @@ impl App {
         let from = self.visible().first().map_or(0, |p| p.step);
         let step = self.points.last().map_or(0, |p| p.step);
         let out = dir.join(format!("plot-step-{step:08}.png"));
-        match crate::cli::plot::plot(&dir, &out, from) {
-            Ok(()) => self.note(format!("exported {}", out.display())),
-            Err(e) => self.note(format!("export failed: {e:#}")),
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = std::thread::Builder::new().name("kiln-export".into()).spawn(move || {
+            let line = match crate::cli::plot::plot(&dir, &out, from) {
+                Ok(()) => format!("exported {}", out.display()),
+                Err(e) => format!("export failed: {e:#}"),
+            };
+            let _ = tx.send(line);
+        });
+        match job {
+            Ok(_) => self.export_job = Some(rx),
+            Err(e) => self.note(format!("export failed: cannot start its thread ({e})")),
         }
+    }
+
+    /// Notes the running export's result once it has one; true when the event log changed.
+    pub fn poll_export(&mut self) -> bool {
+        let Some(job) = &self.export_job else { return false };
+        let line = match job.try_recv() {
+            Ok(line) => line,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => "export failed: its thread ended early".into(),
+        };
+        self.export_job = None;
+        self.note(line);
+        true
     }
 }

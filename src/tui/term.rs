@@ -152,6 +152,7 @@ pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> 
         if app.export_requested {
             app.export();
         }
+        events_changed |= app.poll_export();
         let since = last_draw.elapsed();
         if drawing && (input_changed || (events_changed && since >= EVENT_REDRAW) || since >= IDLE_REDRAW) {
             if terminal.draw(|f| render(f, &app)).is_err() {
