@@ -48,6 +48,25 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// Connects to the run's socket once it exists. The file appears when the engine binds it, a
+/// moment before it listens, so a refused connection in that moment is tried again.
+fn connect(sock: &Path) -> UnixStream {
+    wait_for(sock);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{}: {e}", sock.display()),
+        }
+    }
+}
+
 /// Reads events until `pred` holds for one.
 fn read_until(r: &mut impl BufRead, mut pred: impl FnMut(&Event) -> bool) -> Event {
     let mut line = String::new();
@@ -63,13 +82,12 @@ fn read_until(r: &mut impl BufRead, mut pred: impl FnMut(&Event) -> bool) -> Eve
 
 fn drive(run: &Path) {
     let sock = run.join("kiln.sock");
-    wait_for(&sock);
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
-    let s = UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let s = connect(&sock);
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut w = s;
     read_until(&mut r, |e| matches!(e, Event::Step(_)));
+    // Restricted just after it is bound: by the first event, certainly.
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
     writeln!(w, "pause").unwrap();
     read_until(&mut r, |e| matches!(e, Event::Paused { paused: true, .. }));
     writeln!(w, "checkpoint").unwrap();
@@ -116,11 +134,9 @@ fn several_viewers_see_every_event_and_any_of_them_steers() {
     let run = t.path().join("run");
     let mut child = train_headless(&cfg, &run);
     let sock = run.join("kiln.sock");
-    wait_for(&sock);
     let viewers: Vec<(BufReader<UnixStream>, UnixStream)> = (0..3)
         .map(|_| {
-            let s = UnixStream::connect(&sock).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let s = connect(&sock);
             (BufReader::new(s.try_clone().unwrap()), s)
         })
         .collect();
@@ -190,9 +206,7 @@ fn sigterm_ends_a_paused_run_with_a_checkpoint() {
         .spawn()
         .unwrap();
     let sock = run.join("kiln.sock");
-    wait_for(&sock);
-    let s = UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let s = connect(&sock);
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut w = s;
     read_until(&mut r, |e| matches!(e, Event::Step(_)));
