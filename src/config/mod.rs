@@ -1,6 +1,13 @@
 //! The TOML run configuration: schema, defaults, `--set section.key=value` overrides and
 //! validation. Every error names the file and the offending key.
 
+mod model;
+mod overrides;
+
+pub use model::{ModelInit, ModelSection};
+pub use overrides::apply_set;
+use overrides::set_behind;
+
 use crate::model::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,66 +33,6 @@ pub struct RunConfig {
     pub eval: EvalSection,
     #[serde(default)]
     pub sample: SampleSection,
-}
-
-impl ModelSection {
-    /// The shape fields this section sets: every field but `preset` and `init`, read off the
-    /// struct's own serialization so that a field added later cannot be forgotten here.
-    pub fn shape_fields_set(&self) -> Vec<String> {
-        let v = serde_json::to_value(self).unwrap_or_default();
-        let fields = v.as_object().into_iter().flatten();
-        fields.filter(|(k, v)| !v.is_null() && *k != "preset" && *k != "init").map(|(k, _)| k.clone()).collect()
-    }
-}
-
-/// `preset = "..."` and/or explicit fields (fields override the preset); `init` is "random" or a
-/// path to a Hugging Face model directory, kiln checkpoint or run directory.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    pub preset: Option<String>,
-    #[serde(default)]
-    pub init: ModelInit,
-    pub n_layer: Option<usize>,
-    pub d_model: Option<usize>,
-    pub n_head: Option<usize>,
-    pub n_kv_head: Option<usize>,
-    pub head_dim: Option<usize>,
-    pub d_ff: Option<usize>,
-    pub vocab_size: Option<usize>,
-    pub max_seq_len: Option<usize>,
-    pub rope_theta: Option<f64>,
-    pub norm_eps: Option<f64>,
-    pub tie_embeddings: Option<bool>,
-}
-
-/// Where a new run's weights come from: `"random"` (HF-style initialisation from `train.seed`) or
-/// the path of a Hugging Face model directory, kiln checkpoint or run directory.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum ModelInit {
-    #[default]
-    Random,
-    Path(PathBuf),
-}
-
-impl From<String> for ModelInit {
-    fn from(s: String) -> Self {
-        if s == "random" {
-            ModelInit::Random
-        } else {
-            ModelInit::Path(s.into())
-        }
-    }
-}
-
-impl From<ModelInit> for String {
-    fn from(i: ModelInit) -> String {
-        match i {
-            ModelInit::Random => "random".into(),
-            ModelInit::Path(p) => p.display().to_string(),
-        }
-    }
 }
 
 /// What a run trains on.
@@ -275,55 +222,6 @@ impl Default for SampleSection {
     }
 }
 
-/// Applies one `section.key=value` override to a parsed TOML document. The value is parsed as a
-/// TOML value; a bare word that is not valid TOML is taken as a string (`--set model.init=runs/a`).
-/// One `--set` sets one key: a value that is more than one TOML value (`1e-3\nx=1`) or a whole
-/// section (`optim={lr=1}`, which would reset the section's other keys) is refused.
-pub fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (key, value) =
-        assignment.split_once('=').with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
-    let path: Vec<&str> = key.trim().split('.').map(str::trim).collect();
-    if path.iter().any(|p| p.is_empty()) {
-        bail!("--set {assignment:?}: bad key {key:?}");
-    }
-    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-        Ok(mut t) => {
-            let v = t.remove("v").expect("parsed a table with key v");
-            if !t.is_empty() {
-                bail!("--set {assignment:?}: the value must be one TOML value (one --set sets one key)");
-            }
-            v
-        }
-        Err(_) if value.contains(['\n', '\r']) => {
-            bail!("--set {assignment:?}: the value must be one TOML value on one line")
-        }
-        Err(_) => toml::Value::String(value.to_string()),
-    };
-    let mut table = doc;
-    for part in &path[..path.len() - 1] {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().with_context(|| format!("--set {assignment:?}: {part} is not a section"))?;
-    }
-    let last = path[path.len() - 1];
-    if value.is_table() || table.get(last).is_some_and(toml::Value::is_table) {
-        bail!("--set {assignment:?}: {key} is a section; set one key at a time (--set {key}.KEY=VALUE)");
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
-
-/// The `--set` whose key a deserialization error at `path` (e.g. `optim.lr`) is about, if any:
-/// the value came from the command line, so the error must not blame the file.
-fn set_behind<'a>(sets: &'a [String], path: &str) -> Option<&'a String> {
-    sets.iter().rev().find(|s| {
-        s.split_once('=').is_some_and(|(k, _)| {
-            let k: Vec<&str> = k.trim().split('.').map(str::trim).collect();
-            let k = k.join(".");
-            path == k || path.starts_with(&format!("{k}.")) || path.starts_with(&format!("{k}["))
-        })
-    })
-}
-
 impl RunConfig {
     /// Parses TOML text (from `source`, named in errors), applying `--set` overrides first.
     pub fn parse(text: &str, source: &str, sets: &[String]) -> Result<RunConfig> {
@@ -462,44 +360,7 @@ impl RunConfig {
     /// The model shape from `preset` plus explicit fields; `None` when neither is given (the shape
     /// then comes from `model.init`).
     pub fn model_config(&self) -> Result<Option<LlamaConfig>> {
-        let m = &self.model;
-        let set = m.shape_fields_set();
-        let mut c = match (&m.preset, set.first()) {
-            (Some(p), _) => LlamaConfig::preset(p).context("model.preset")?,
-            (None, None) => return Ok(None),
-            // A field alone (say `--set model.max_seq_len=4096` on a run whose model comes from
-            // model.init or a checkpoint) would otherwise change nothing, silently.
-            (None, Some(first))
-                if m.n_layer.is_none() || m.d_model.is_none() || m.n_head.is_none() || m.d_ff.is_none() =>
-            {
-                bail!(
-                    "model.{first}: set without model.preset or the whole shape (model.n_layer, d_model, n_head, \
-                     d_ff); a model loaded from model.init or a checkpoint keeps its own shape, so remove it"
-                )
-            }
-            (None, Some(_)) => LlamaConfig {
-                n_layer: m.n_layer.context("model.n_layer is required without a preset")?,
-                d_model: m.d_model.context("model.d_model is required without a preset")?,
-                n_head: m.n_head.context("model.n_head is required without a preset")?,
-                n_kv_head: m.n_kv_head.or(m.n_head).unwrap_or(1),
-                head_dim: None,
-                d_ff: m.d_ff.context("model.d_ff is required without a preset")?,
-                vocab_size: m.vocab_size.unwrap_or(32000),
-                max_seq_len: m.max_seq_len.unwrap_or(2048),
-                rope_theta: 10000.0,
-                norm_eps: 1e-5,
-                tie_embeddings: false,
-            },
-        };
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = m.$f { c.$f = v; } )* };
-        }
-        over!(n_layer, d_model, n_head, n_kv_head, d_ff, vocab_size, max_seq_len, rope_theta, norm_eps, tie_embeddings);
-        if m.head_dim.is_some() {
-            c.head_dim = m.head_dim;
-        }
-        c.validate().context("model")?;
-        Ok(Some(c))
+        self.model.shape()
     }
 }
 

@@ -51,8 +51,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         })?;
         if meta.is_dir() {
             let before = files.list.len();
-            walk(p, &mut files)?;
-            files.list[before..].sort();
+            walk(p, &mut files)?; // in sorted path order: each directory's entries are sorted
             if files.list.len() == before && !files.seen_any_under(p) {
                 bail!("{}: no .jsonl, .jsonl.zst, .parquet or .txt files in this directory", p.display());
             }

@@ -1,6 +1,6 @@
 //! A checkpoint's own integrity check: trainer.json lists the sha256 of every other file in the
 //! directory, and whatever loads the checkpoint (resume, `score`, `generate`, `eval`, `chat`,
-//! `model.init`) checks the files against it first. safetensors has no checksum of its own, so a
+//! `model.init`) checks the files it reads against it. safetensors has no checksum of its own, so a
 //! flipped bit in a tensor would otherwise load without complaint.
 
 use anyhow::{bail, Context, Result};
@@ -56,15 +56,35 @@ pub fn verify_files(ckpt: &Path) -> Result<()> {
 }
 
 /// Checks the listed files whose relative path `pick` accepts (the model's files for a loader
-/// that reads only those; the optimizer state's for a resume that has loaded the model).
+/// that reads only those).
 pub fn verify_files_where(ckpt: &Path, pick: impl Fn(&str) -> bool + Sync) -> Result<()> {
+    match listed(ckpt)?.1 {
+        Some(list) => hash_listed(ckpt, &list, pick),
+        None => Ok(()),
+    }
+}
+
+/// trainer.json's path and its checksum list, if it has one.
+fn listed(ckpt: &Path) -> Result<(PathBuf, Option<serde_json::Map<String, serde_json::Value>>)> {
     let p = ckpt.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let v: serde_json::Value =
+    let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))?;
-    let Some(list) = v.get(CHECKSUMS_KEY) else { return Ok(()) };
-    let list = list.as_object().with_context(|| format!("{}: malformed {CHECKSUMS_KEY} list", p.display()))?;
-    // Files the list does not name (one a user added, say) are not checked, and not refused.
+    let list = match v.get_mut(CHECKSUMS_KEY).map(serde_json::Value::take) {
+        None => None,
+        Some(serde_json::Value::Object(list)) => Some(list),
+        Some(_) => bail!("{}: malformed {CHECKSUMS_KEY} list", p.display()),
+    };
+    Ok((p, list))
+}
+
+/// Hashes the listed files `pick` accepts, in parallel, against the list. Files the list does not
+/// name (one a user added, say) are not checked, and not refused.
+fn hash_listed(
+    ckpt: &Path,
+    list: &serde_json::Map<String, serde_json::Value>,
+    pick: impl Fn(&str) -> bool + Sync,
+) -> Result<()> {
     use rayon::prelude::*;
     let list: Vec<_> = list.iter().filter(|(rel, _)| pick(rel)).collect();
     list.into_par_iter().try_for_each(|(rel, want)| {
@@ -95,18 +115,16 @@ pub fn is_optimizer_state(rel: &str) -> bool {
     rel.starts_with("optimizer")
 }
 
-/// For resuming: the checkpoint must carry its checksum list. One without it (hand-made, or
-/// edited) cannot be told from a damaged one, so it is refused rather than trusted.
-pub fn require_checksums(ckpt: &Path) -> Result<()> {
-    let p = ckpt.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed trainer state ({e})", p.display()))?;
-    if v.get(CHECKSUMS_KEY).is_none() {
+/// For resuming: the checkpoint must carry its checksum list (one without it, hand-made or
+/// edited, cannot be told from a damaged one, so it is refused rather than trusted), and the
+/// optimizer state is checked against it. The model's files are checked as they load.
+pub fn verify_for_resume(ckpt: &Path) -> Result<()> {
+    let (p, list) = listed(ckpt)?;
+    let Some(list) = list else {
         bail!(
             "{}: has no {CHECKSUMS_KEY} list of the checkpoint's files, so it cannot be verified; not resuming from it",
             p.display()
         );
-    }
-    Ok(())
+    };
+    hash_listed(ckpt, &list, is_optimizer_state)
 }

@@ -149,8 +149,7 @@ fn build_run<B: Backend + Clone>(
     };
     let (placed, moments, state) = if let Some(ckpt) = ckpt {
         // Loading verifies the model's files; the optimizer state's are verified here.
-        crate::io::checksums::require_checksums(&ckpt)?;
-        crate::io::checksums::verify_files_where(&ckpt, crate::io::checksums::is_optimizer_state)?;
+        crate::io::checksums::verify_for_resume(&ckpt)?;
         let placed = load(&ckpt)?;
         // The run's model (config.toml, with any --set) is the checkpoint's: a checkpoint of
         // another shape, or a --set that would change the model, is a mistake to report, not a
