@@ -2,7 +2,8 @@
 //! Every error is one line naming the file and the problem; the exit code is 2.
 
 use clap::{Parser, Subcommand};
-use kiln::cli::{bench, eval, generate, parse_ids, score};
+use kiln::cli::bench_command::BenchCommand;
+use kiln::cli::{check_sampling, eval, generate, parse_ids, positive, score};
 use kiln::model::sampling::SamplingParams;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -167,87 +168,7 @@ enum Command {
     },
     /// Measure throughput: CPU GEMM, training, decoding; subcommands: GPU attention, a training step, the dashboard
     #[command(args_conflicts_with_subcommands = true)]
-    Bench {
-        #[command(subcommand)]
-        what: Option<BenchWhat>,
-        #[arg(long, default_value = "small")]
-        preset: String,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        #[arg(long, default_value_t = 64)]
-        decode_tokens: usize,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// FlashAttention-2 forward + backward TFLOP/s on GPU 0 (compare: bench/torch_baseline.py)
-    Attention {
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 2048)]
-        seq: usize,
-        #[arg(long, default_value_t = 128)]
-        head_dim: usize,
-        /// Query heads (KV heads: an eighth)
-        #[arg(long)]
-        heads: Option<usize>,
-        #[arg(long, default_value_t = 20)]
-        iters: usize,
-    },
-    /// A full training step's tokens/s, MFU and peak memory (default: TinyLlama-1.1B on GPU 0)
-    Train {
-        /// cpu or cuda
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        #[arg(long, default_value = "tinyllama-1.1b")]
-        preset: String,
-        /// Micro-batch (sequences per step)
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 2048)]
-        seq: usize,
-        /// Timed steps
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Untimed steps first
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        /// Recompute each block's activations in the backward
-        #[arg(long)]
-        recompute: bool,
-        /// Then time every op kind over two more steps (ops synchronised: where the time goes)
-        #[arg(long)]
-        profile: bool,
-        /// Also time the sharded engine (FSDP) over N ranks (GPUs 0..N, or CPU ranks) on the same
-        /// micro-batch, split between them; 1 measures what sharding costs on one device
-        #[arg(long, value_name = "N")]
-        fsdp: Option<usize>,
-    },
-    /// Training throughput with the dashboard open against headless, and an idle dashboard's CPU
-    Dashboard {
-        #[arg(long, default_value = "configs/demo.toml")]
-        config: PathBuf,
-        /// Steps per run
-        #[arg(long, default_value_t = 60)]
-        steps: u64,
-        /// Headless/dashboard pairs, interleaved
-        #[arg(long, default_value_t = 3)]
-        pairs: usize,
-        /// Steps left out of each run's median
-        #[arg(long, default_value_t = 10)]
-        warmup: u64,
-        /// Seconds a paused dashboard is watched (0 skips it)
-        #[arg(long, default_value_t = 20)]
-        idle_secs: u64,
-        /// Terminal size as COLSxROWS
-        #[arg(long, default_value = "160x48")]
-        size: String,
-    },
+    Bench(BenchCommand),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -357,62 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 kiln::out!("{line}")?;
             }
         }
-        Command::Bench { what: Some(BenchWhat::Attention { batch, seq, head_dim, heads, iters }), .. } => {
-            // d_model 2048 as in TinyLlama unless told otherwise.
-            let heads = heads.unwrap_or((2048 / head_dim.max(1)).max(1));
-            let args = kiln::cli::bench_attention::AttentionBenchArgs { batch, seq, head_dim, heads, iters };
-            for (k, v) in kiln::cli::bench_attention::run(&args)? {
-                kiln::out!("{k:<24} {v}")?;
-            }
-        }
-        Command::Bench {
-            what: Some(BenchWhat::Train { device, preset, batch, seq, steps, warmup, recompute, profile, fsdp }),
-            ..
-        } => {
-            let args = kiln::cli::bench_train::TrainBenchArgs {
-                device,
-                preset,
-                batch: positive("--batch", batch)?,
-                seq: positive("--seq", seq)?,
-                steps: positive("--steps", steps)?,
-                warmup,
-                recompute,
-                profile,
-                fsdp,
-            };
-            for (k, v) in kiln::cli::bench_train::run(&args)? {
-                kiln::out!("{k:<28} {v}")?;
-            }
-        }
-        Command::Bench {
-            what: Some(BenchWhat::Dashboard { config, steps, pairs, warmup, idle_secs, size }), ..
-        } => {
-            let (cols, rows) = size
-                .split_once('x')
-                .and_then(|(c, r)| Some((c.parse().ok()?, r.parse().ok()?)))
-                .ok_or_else(|| anyhow::anyhow!("--size {size}: expected COLSxROWS, e.g. 160x48"))?;
-            let args = kiln::cli::bench_dashboard::DashboardBenchArgs {
-                config,
-                steps: steps.max(warmup + 1),
-                pairs: positive("--pairs", pairs)?,
-                warmup,
-                idle_secs,
-                cols,
-                rows,
-            };
-            for (k, v) in kiln::cli::bench_dashboard::run(&args)? {
-                kiln::out!("{k:<24} {v}")?;
-            }
-        }
-        Command::Bench { what: None, preset, batch, seq, steps, decode_tokens } => {
-            let (batch, seq, steps) =
-                (positive("--batch", batch)?, positive("--seq", seq)?, positive("--steps", steps)?);
-            let decode_tokens = positive("--decode-tokens", decode_tokens)?;
-            let report = bench::run(&bench::BenchArgs { preset, batch, seq, steps, decode_tokens })?;
-            for (k, v) in report.lines {
-                kiln::out!("{k:<24} {v}")?;
-            }
-        }
+        Command::Bench(b) => b.run()?,
     }
     Ok(())
 }
@@ -445,22 +311,4 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// A count that must be at least 1 (a benchmark of nothing is a mistake, not a request).
-fn positive(flag: &str, n: usize) -> anyhow::Result<usize> {
-    if n == 0 {
-        anyhow::bail!("{flag} must be at least 1");
-    }
-    Ok(n)
-}
-
-fn check_sampling(temperature: f32, top_p: f32) -> anyhow::Result<()> {
-    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-        anyhow::bail!("--top-p must be in (0, 1]");
-    }
-    if temperature < 0.0 || !temperature.is_finite() {
-        anyhow::bail!("--temperature must be a non-negative number");
-    }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_command;
 pub mod bench_dashboard;
 pub mod bench_train;
 pub mod chat;
@@ -95,4 +96,23 @@ macro_rules! on_device {
             }
         }
     };
+}
+
+/// A count that must be at least 1 (a benchmark of nothing is a mistake, not a request).
+pub fn positive(flag: &str, n: usize) -> anyhow::Result<usize> {
+    if n == 0 {
+        anyhow::bail!("{flag} must be at least 1");
+    }
+    Ok(n)
+}
+
+/// Sampling flags a model can use: `top_p` in (0, 1], a finite temperature of at least 0.
+pub fn check_sampling(temperature: f32, top_p: f32) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        anyhow::bail!("--top-p must be in (0, 1]");
+    }
+    if temperature < 0.0 || !temperature.is_finite() {
+        anyhow::bail!("--temperature must be a non-negative number");
+    }
+    Ok(())
 }

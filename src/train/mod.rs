@@ -2,6 +2,8 @@
 //! headless output (and later the dashboard) consume.
 
 pub mod checkpoint;
+pub mod engine;
+pub mod evaluation;
 pub mod events;
 pub mod fsdp;
 pub mod nodes;
@@ -11,4 +13,5 @@ pub mod run;
 pub mod schedule;
 pub mod signals;
 pub mod socket;
+pub mod step_loop;
 pub mod trainer;

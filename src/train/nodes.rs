@@ -3,7 +3,7 @@
 //! model and data are ready it lets the other nodes in over the rendezvous, handing them its
 //! resolved config, the run directory and the NCCL id. They build the same model (from the same
 //! checkpoint, or the same seed), write nothing, and follow node 0 at every step boundary
-//! (`Trainer::run_across_nodes`). The run directory and the data must be on a filesystem every
+//! (`step_loop.rs`). The run directory and the data must be on a filesystem every
 //! node sees, as they are for a torchrun job.
 
 use super::run::{build_on, drive, locate, open_gpu, Located, TrainArgs};
