@@ -18,8 +18,9 @@ use std::borrow::Cow;
 pub enum Engine<B: Backend> {
     /// The model's own weights are trained; its gradients and AdamW moments sit beside them.
     Single { grads: Weights<B::Buf>, opt: AdamWState<B> },
-    /// The ranks hold the f32 masters, moments and gradients as shards.
-    Sharded(Sharded<B>),
+    /// The ranks hold the f32 masters, moments and gradients as shards. (Boxed: the engine is
+    /// built once, and the sharded state is the larger.)
+    Sharded(Box<Sharded<B>>),
 }
 
 pub struct Sharded<B: Backend> {
@@ -71,7 +72,7 @@ impl<B: Backend> Engine<B> {
         fsdp.stall_timeout = stall_timeout(cfg.parallel.collective_timeout_s);
         // Until the first step the f32 masters are the weights a checkpoint writes.
         let master = start.node.leads().then_some(full);
-        Ok(Engine::Sharded(Sharded { fsdp, stale: false, master }))
+        Ok(Engine::Sharded(Box::new(Sharded { fsdp, stale: false, master })))
     }
 
     /// What the model's workspace must keep: a sharded engine's model only runs forward passes.
@@ -125,8 +126,10 @@ impl<B: Backend> Engine<B> {
     pub fn master_weights<'a>(&'a self, model: &Llama<B>) -> Result<Cow<'a, Weights<Vec<f32>>>> {
         match self {
             Engine::Single { .. } => Ok(Cow::Owned(download(model, &model.weights)?)),
-            Engine::Sharded(Sharded { master: Some(w), .. }) => Ok(Cow::Borrowed(w)),
-            Engine::Sharded(_) => bail!("FSDP: the weights were not consolidated since the last step"),
+            Engine::Sharded(s) => match &s.master {
+                Some(w) => Ok(Cow::Borrowed(w)),
+                None => bail!("FSDP: the weights were not consolidated since the last step"),
+            },
         }
     }
 
