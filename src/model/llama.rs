@@ -8,6 +8,7 @@
 
 use super::config::LlamaConfig;
 use super::rope;
+use super::units::{self, Resident, ResidentTraining};
 use super::weights::{LayerWeights, Weights};
 use crate::backend::{AttnShape, Backend, Gemm, Role, RopeShape};
 use anyhow::{bail, Result};
@@ -277,32 +278,17 @@ impl<B: Backend> Llama<B> {
         targets: &[i32],
         grad_scale: Option<f32>,
     ) -> Result<Vec<f32>> {
-        let w = &self.weights;
-        self.forward_begin(ws, ids, targets)?;
-        self.embed_forward(&w.embed, ws)?;
-        for (l, lw) in w.layers.iter().enumerate() {
-            self.layer_forward(l, lw, ws)?;
-        }
-        self.head_forward(&w.final_norm, w.head(), ws, targets, grad_scale)
+        units::forward(self, ws, &mut Resident(&self.weights), ids, targets, grad_scale)
     }
 
     /// Backward of the last `forward` (which must have been called with `grad_scale`): adds the
     /// parameter gradients into `grads`.
     pub fn backward(&self, ws: &mut Workspace<B>, grads: &mut Weights<B::Buf>) -> Result<()> {
-        let w = &self.weights;
-        let (g_norm, g_head) = match &mut grads.lm_head {
-            Some(h) => (&mut grads.final_norm, h),
-            None => (&mut grads.final_norm, &mut grads.embed),
-        };
-        self.head_backward(&w.final_norm, w.head(), ws, g_norm, g_head)?;
-        for l in (0..self.cfg.n_layer).rev() {
-            self.layer_backward(l, &w.layers[l], &mut grads.layers[l], ws)?;
-        }
-        self.embed_backward(&mut grads.embed, ws)
+        units::backward(self, ws, &mut ResidentTraining { weights: &self.weights, grads })
     }
 
-    // ---- Stages. `forward`/`backward` run them over resident weights; the FSDP engine runs the
-    // same stages, gathering each unit's parameters just before its stage and freeing them after.
+    // ---- Stages, one per unit and direction. `units::forward` / `units::backward` walk them, over
+    // resident weights here and over units gathered just in time on an FSDP rank.
 
     /// Validates a batch and remembers its ids for the embedding backward.
     pub fn forward_begin(&self, ws: &mut Workspace<B>, ids: &[u32], targets: &[i32]) -> Result<()> {

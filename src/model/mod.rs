@@ -7,6 +7,7 @@ pub mod init;
 pub mod llama;
 pub mod rope;
 pub mod sampling;
+pub mod units;
 pub mod weights;
 
 pub use config::LlamaConfig;

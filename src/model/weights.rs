@@ -19,6 +19,21 @@ pub struct LayerWeights<T> {
     pub down_proj: T,
 }
 
+impl<T> LayerWeights<T> {
+    /// The nine tensors of a block in canonical order (`tensor_specs`).
+    pub fn from_parts(parts: Vec<T>) -> Self {
+        let [attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj] =
+            <[T; 9]>::try_from(parts).unwrap_or_else(|p| panic!("a block has nine tensors, not {}", p.len()));
+        LayerWeights { attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj }
+    }
+
+    /// The nine tensors in canonical order.
+    pub fn parts(&self) -> [&T; 9] {
+        let l = self;
+        [&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.mlp_norm, &l.gate_proj, &l.up_proj, &l.down_proj]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Weights<T> {
     pub embed: T,

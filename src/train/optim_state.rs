@@ -11,6 +11,7 @@ use super::checkpoint::{HostMoments, OPTIMIZER_FILE};
 use crate::dist::shard::ShardLayout;
 use crate::io::safetensors::TensorFiles;
 use crate::io::save::{write_json, write_safetensors};
+pub use crate::model::units::unit_ranges;
 use crate::model::{LlamaConfig, TensorSpec, Weights};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -19,17 +20,6 @@ use std::path::{Path, PathBuf};
 
 pub const OPTIMIZER_DIR: &str = "optimizer";
 const LAYOUT_FILE: &str = "layout.json";
-
-/// Which canonical tensors (indices into `Weights::iter`) form each FSDP unit: the embedding,
-/// each transformer block, then the final norm with the head.
-pub fn unit_ranges(cfg: &LlamaConfig) -> Vec<Range<usize>> {
-    let total = 1 + 9 * cfg.n_layer + 1 + usize::from(!cfg.tie_embeddings);
-    let mut r: Vec<Range<usize>> = Vec::with_capacity(cfg.n_layer + 2);
-    r.push(0..1);
-    r.extend((0..cfg.n_layer).map(|l| 1 + 9 * l..1 + 9 * (l + 1)));
-    r.push(1 + 9 * cfg.n_layer..total);
-    r
-}
 
 /// Each unit of `w` flattened: tensors of the unit back to back, in canonical order (the form
 /// FSDP shards and the optimizer files store).

@@ -13,11 +13,12 @@
 //!
 //! `rank` is one rank's share of a step; `threads` runs every rank at once and handles failures.
 
-use super::optim_state::{flat_units, unit_ranges, MomentSource, OwnedRankMoments};
+use super::optim_state::{flat_units, MomentSource, OwnedRankMoments};
 use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
 use crate::dist::shard::ShardLayout;
 use crate::dist::Member;
+use crate::model::units::unit_ranges;
 use crate::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
 use anyhow::{bail, Result};
 use std::ops::Range;
@@ -27,7 +28,7 @@ use std::time::Duration;
 mod rank;
 mod threads;
 
-use rank::{rank_step, GatherPlan, Rank};
+use rank::{rank_step, GatherPlan, Rank, Shards, UnitLayout};
 use threads::{exit_stuck, on_every_rank};
 
 /// Per-rank memory: what persists (shards of the master weights, moments and gradient) and the
@@ -120,10 +121,8 @@ impl<B: Backend> Fsdp<B> {
             }
             let persistent_bytes = before.and_then(|x| b.memory().map(|m| m.live_bytes - x));
             let persistent = 4 * layouts.iter().map(|l| l.shard).sum::<usize>();
-            ranks.push(Rank {
+            let shards = Shards {
                 comm,
-                model,
-                ws,
                 master,
                 m,
                 v,
@@ -134,7 +133,8 @@ impl<B: Backend> Fsdp<B> {
                 peak: persistent,
                 persistent_bytes,
                 comm_secs: 0.0,
-            });
+            };
+            ranks.push(Rank { model, ws, shards });
         }
         Ok(Fsdp {
             cfg: cfg.clone(),
@@ -172,18 +172,18 @@ impl<B: Backend> Fsdp<B> {
     /// it after every step).
     pub fn memory(&mut self) -> Result<Vec<RankMemory>> {
         let shards = 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>();
-        let own = |r: &Rank<B>| match (r.b().memory(), r.persistent_bytes) {
+        let own = |r: &Rank<B>| match (r.b().memory(), r.shards.persistent_bytes) {
             (Some(m), Some(p)) => RankMemory {
-                rank: r.comm.rank(),
+                rank: r.shards.comm.rank(),
                 persistent_bytes: p,
                 peak_bytes: m.peak_bytes,
-                comm_secs: r.comm_secs,
+                comm_secs: r.shards.comm_secs,
             },
             _ => RankMemory {
-                rank: r.comm.rank(),
+                rank: r.shards.comm.rank(),
                 persistent_bytes: shards,
-                peak_bytes: 4 * r.peak,
-                comm_secs: r.comm_secs,
+                peak_bytes: 4 * r.shards.peak,
+                comm_secs: r.shards.comm_secs,
             },
         };
         if self.all_local() {
@@ -201,7 +201,7 @@ impl<B: Backend> Fsdp<B> {
                 m.peak_bytes as f32,
                 m.comm_secs as f32,
             ]);
-            rank.comm.all_reduce(&mut t)?;
+            rank.shards.comm.all_reduce(&mut t)?;
             Ok(t)
         })?;
         let t = &table[0];
@@ -231,14 +231,15 @@ impl<B: Backend> Fsdp<B> {
             ref on_stuck,
         } = *self;
         let results = on_every_rank(ranks, release_grace, stall_timeout, &**on_stuck, |rank, i| {
-            rank.comm_secs = 0.0;
+            rank.shards.comm_secs = 0.0;
             if fault == Some((i, step)) {
                 bail!("injected fault at step {step}");
             }
             let mut plan = GatherPlan::for_step(cfg, batches.len());
-            let res = rank_step(rank, &mut plan, world, batches, cfg, ranges, sizes, layouts, scale, clip, hp);
+            let units = UnitLayout { cfg, sizes, ranges, layouts };
+            let res = rank_step(rank, &mut plan, world, batches, &units, scale, clip, hp);
             if res.is_err() {
-                rank.abandon_in_flight(plan);
+                rank.shards.abandon_in_flight(plan);
             }
             res
         })?;
@@ -255,7 +256,7 @@ impl<B: Backend> Fsdp<B> {
     pub fn agree(&mut self, local: &[f32]) -> Result<Vec<f32>> {
         let out = self.each_rank(|rank, i| {
             let mut buf = if i == 0 { local.to_vec() } else { vec![0.0; local.len()] };
-            rank.comm.all_reduce(&mut buf)?;
+            rank.shards.comm.all_reduce(&mut buf)?;
             Ok(buf)
         })?;
         Ok(out.into_iter().next().expect("at least one rank"))
@@ -264,7 +265,7 @@ impl<B: Backend> Fsdp<B> {
     /// The full parameters (the checkpoint, eval and sampling view). With ranks on other nodes this
     /// is a collective: every node must call it at the same point.
     pub fn consolidate(&mut self) -> Result<Weights<Vec<f32>>> {
-        let units = self.gather_units(|r| &r.master)?;
+        let units = self.gather_units(|r| &r.shards.master)?;
         let mut tensors = Vec::new();
         for (flat, range) in units.iter().zip(&self.ranges) {
             let mut o = 0;
@@ -280,7 +281,7 @@ impl<B: Backend> Fsdp<B> {
     /// Every rank's shard of the AdamW moments (of the whole world), as the checkpoint stores them.
     /// A collective, like `consolidate`.
     pub fn rank_moments(&mut self) -> Result<Vec<OwnedRankMoments>> {
-        let (m, v) = (self.gather_units(|r| &r.m)?, self.gather_units(|r| &r.v)?);
+        let (m, v) = (self.gather_units(|r| &r.shards.m)?, self.gather_units(|r| &r.shards.v)?);
         let shard = |units: &[Vec<f32>], r: usize| -> Vec<Vec<f32>> {
             units.iter().zip(&self.layouts).map(|(u, l)| u[r * l.shard..(r + 1) * l.shard].to_vec()).collect()
         };
@@ -292,7 +293,7 @@ impl<B: Backend> Fsdp<B> {
         if self.all_local() {
             // Every shard is here: read them in rank order.
             let mut ranks: Vec<&Rank<B>> = self.ranks.iter().collect();
-            ranks.sort_by_key(|r| r.comm.rank());
+            ranks.sort_by_key(|r| r.shards.comm.rank());
             return (0..self.layouts.len())
                 .map(|u| {
                     let mut flat = Vec::with_capacity(self.layouts[u].padded());
@@ -311,8 +312,8 @@ impl<B: Backend> Fsdp<B> {
             for (u, l) in layouts.iter().enumerate() {
                 let b = rank.b();
                 let mut full = b.scratch_as(l.padded(), Role::Accum)?;
-                let t = rank.comm.start_all_gather(b, &pick(rank)[u], &mut full)?;
-                rank.comm.wait(b, t)?;
+                let t = rank.shards.comm.start_all_gather(b, &pick(rank)[u], &mut full)?;
+                rank.shards.comm.wait(b, t)?;
                 if i == 0 {
                     units.push(b.download(&full)?);
                 }

@@ -1,21 +1,29 @@
 //! One FSDP rank: its shards, the gathers it keeps one unit ahead, the reduce-scatters it starts
-//! after each unit's backward, and `rank_step`, its whole share of an optimizer step.
+//! after each unit's backward, and `rank_step`, its whole share of an optimizer step. The step
+//! runs the model's own walk (`model::units`) over `Gathered`, the source that gathers each unit
+//! just before its stage.
 
 use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
 use crate::dist::shard::ShardLayout;
 use crate::dist::{DeviceComm, Ticket};
+use crate::model::units::{self, Grads, Params};
 use crate::model::{LayerWeights, Llama, LlamaConfig, Workspace};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 use std::time::Instant;
 
 pub(super) struct Rank<B: Backend> {
-    pub(super) comm: Box<dyn DeviceComm<B>>,
     /// Holds the rank's backend and RoPE tables; its own weights are placeholders, because every
     /// stage takes the gathered unit as an argument.
     pub(super) model: Llama<B>,
     pub(super) ws: Workspace<B>,
+    pub(super) shards: Shards<B>,
+}
+
+/// A rank's part of the world: its communicator and its shard of every unit.
+pub(super) struct Shards<B: Backend> {
+    pub(super) comm: Box<dyn DeviceComm<B>>,
     /// This rank's shard of each unit: master weights (`Role::Param`), moments and gradient.
     pub(super) master: Vec<B::Buf>,
     pub(super) m: Vec<B::Buf>,
@@ -35,6 +43,12 @@ pub(super) struct Rank<B: Backend> {
 }
 
 impl<B: Backend> Rank<B> {
+    pub(super) fn b(&self) -> &B {
+        &self.model.backend
+    }
+}
+
+impl<B: Backend> Shards<B> {
     fn note_alloc(&mut self, n: usize) {
         self.live += n;
         self.peak = self.peak.max(self.live);
@@ -42,13 +56,9 @@ impl<B: Backend> Rank<B> {
     fn note_free(&mut self, n: usize) {
         self.live -= n;
     }
-    pub(super) fn b(&self) -> &B {
-        &self.model.backend
-    }
 
     /// Starts gathering unit `u`'s full parameters (padded), in the precision the ops read.
-    fn start_gather(&mut self, u: usize, layout: ShardLayout) -> Result<InFlight<B::Buf>> {
-        let b = &self.model.backend;
+    fn start_gather(&mut self, b: &B, u: usize, layout: ShardLayout) -> Result<InFlight<B::Buf>> {
         // The gather writes every value (shards are padded to equal lengths).
         let mut buf = b.scratch_as(layout.padded(), Role::Activation)?;
         let ticket = self.comm.start_all_gather(b, &self.master[u], &mut buf)?;
@@ -58,11 +68,11 @@ impl<B: Backend> Rank<B> {
 
     /// The plan's next unit, gathered. The unit after it starts travelling first, so on a GPU its
     /// gather overlaps the compute about to be queued on this one.
-    fn next_unit(&mut self, plan: &mut GatherPlan<B::Buf>, layouts: &[ShardLayout]) -> Result<B::Buf> {
-        let want = *plan.order.get(plan.next).ok_or_else(|| anyhow::anyhow!("FSDP: gather plan exhausted"))?;
+    fn next_unit(&mut self, b: &B, plan: &mut GatherPlan<B::Buf>, layouts: &[ShardLayout]) -> Result<B::Buf> {
+        let want = *plan.order.get(plan.next).ok_or_else(|| anyhow!("FSDP: gather plan exhausted"))?;
         let cur = match plan.ahead.take() {
             Some(f) => f,
-            None => self.start_gather(want, layouts[want])?,
+            None => self.start_gather(b, want, layouts[want])?,
         };
         if cur.unit != want {
             let unit = cur.unit;
@@ -71,60 +81,48 @@ impl<B: Backend> Rank<B> {
         }
         // Waited on first, so an error below drops a buffer nothing writes any more. (The wait
         // only orders the compute stream; the next gather still overlaps this unit's compute.)
-        if let Err(e) = self.comm.wait(&self.model.backend, cur.ticket) {
+        if let Err(e) = self.comm.wait(b, cur.ticket) {
             abandon(cur.buf);
             return Err(e);
         }
         plan.next += 1;
         if let Some(&u) = plan.order.get(plan.next) {
-            plan.ahead = Some(self.start_gather(u, layouts[u])?);
+            plan.ahead = Some(self.start_gather(b, u, layouts[u])?);
         }
         Ok(cur.buf)
     }
 
     /// Splits a gathered block unit into its tensors. The split copies, so for a moment the unit is
     /// held twice; the accounting says so, then the flat buffer is dropped.
-    fn unpack_layer(&mut self, flat: B::Buf, len: usize, sizes: &[usize]) -> Result<LayerWeights<B::Buf>> {
+    fn unpack_layer(&mut self, b: &B, flat: B::Buf, len: usize, sizes: &[usize]) -> Result<LayerWeights<B::Buf>> {
         self.note_alloc(len);
         let mut parts = Vec::with_capacity(sizes.len());
         let mut o = 0;
         for &n in sizes {
-            let mut t = self.b().scratch_as(n, Role::Activation)?;
-            self.b().copy(&mut t, 0, &flat, o, n)?;
+            let mut t = b.scratch_as(n, Role::Activation)?;
+            b.copy(&mut t, 0, &flat, o, n)?;
             parts.push(t);
             o += n;
         }
         drop(flat);
         self.note_free(len);
-        Ok(layer_from(parts))
-    }
-
-    /// Copies `parts` back to back into one zero-padded buffer of `padded` values.
-    fn flatten(&self, parts: &[&B::Buf], padded: usize) -> Result<B::Buf> {
-        let mut flat = self.b().zeros_as(padded, Role::Accum)?;
-        let mut o = 0;
-        for p in parts {
-            let n = self.b().len(p);
-            self.b().copy(&mut flat, o, p, 0, n)?;
-            o += n;
-        }
-        Ok(flat)
+        Ok(LayerWeights::from_parts(parts))
     }
 
     /// Hands a unit's full (padded) gradient to its owners, or accumulates it until the last
     /// micro-step. The reduce-scatter runs while the next unit's backward computes; its input is
     /// freed once the one after it starts (or at the end of the step).
-    fn push_grad(&mut self, u: usize, mut full: B::Buf, layout: ShardLayout, last: bool) -> Result<()> {
+    fn push_grad(&mut self, b: &B, u: usize, mut full: B::Buf, layout: ShardLayout, last: bool) -> Result<()> {
         if let Some(acc) = self.acc[u].take() {
-            self.b().add_assign(&mut full, &acc)?;
+            b.add_assign(&mut full, &acc)?;
             self.note_free(layout.len);
         }
         if !last {
             self.acc[u] = Some(full);
             return Ok(());
         }
-        self.finish_scatter()?;
-        let ticket = self.comm.start_reduce_scatter(&self.model.backend, &full, &mut self.grad[u])?;
+        self.finish_scatter(b)?;
+        let ticket = self.comm.start_reduce_scatter(b, &full, &mut self.grad[u])?;
         self.scatter = Some((ticket, full, layout.len));
         Ok(())
     }
@@ -143,9 +141,9 @@ impl<B: Backend> Rank<B> {
     }
 
     /// Waits for the reduce-scatter in flight, then lets its input go.
-    fn finish_scatter(&mut self) -> Result<()> {
+    fn finish_scatter(&mut self, b: &B) -> Result<()> {
         if let Some((ticket, input, len)) = self.scatter.take() {
-            if let Err(e) = self.comm.wait(&self.model.backend, ticket) {
+            if let Err(e) = self.comm.wait(b, ticket) {
                 abandon(input);
                 return Err(e);
             }
@@ -154,6 +152,18 @@ impl<B: Backend> Rank<B> {
         }
         Ok(())
     }
+}
+
+/// Copies `parts` back to back into one zero-padded buffer of `padded` values.
+fn flatten<B: Backend>(b: &B, parts: &[&B::Buf], padded: usize) -> Result<B::Buf> {
+    let mut flat = b.zeros_as(padded, Role::Accum)?;
+    let mut o = 0;
+    for p in parts {
+        let n = b.len(p);
+        b.copy(&mut flat, o, p, 0, n)?;
+        o += n;
+    }
+    Ok(flat)
 }
 
 /// Lets go of a buffer a collective may still be writing (an error path: its ticket will never be
@@ -178,20 +188,10 @@ pub(super) struct GatherPlan<Buf> {
 }
 
 impl<Buf> GatherPlan<Buf> {
-    /// Per micro-step: the embedding, the blocks, the head (and the embedding again when the head
-    /// is tied to it), then the blocks in reverse for the backward.
+    /// `micro_steps` times the order the model's walk reads its units in (`units::read_order`).
     pub(super) fn for_step(cfg: &LlamaConfig, micro_steps: usize) -> Self {
-        let (n, head) = (cfg.n_layer, cfg.n_layer + 1);
-        let mut order = Vec::with_capacity(micro_steps * (2 * n + 3));
-        for _ in 0..micro_steps {
-            order.push(0);
-            order.extend(1..=n);
-            order.push(head);
-            if cfg.tie_embeddings {
-                order.push(0);
-            }
-            order.extend((1..=n).rev());
-        }
+        let once = units::read_order(cfg);
+        let order = (0..micro_steps).flat_map(|_| once.iter().copied()).collect();
         GatherPlan { order, next: 0, ahead: None }
     }
 }
@@ -207,156 +207,207 @@ fn timed<B: Backend, T>(b: &B, secs: &mut f64, f: impl FnOnce() -> Result<T>) ->
     Ok(out)
 }
 
-fn layer_from<T>(mut t: Vec<T>) -> LayerWeights<T> {
-    let mut it = t.drain(..);
-    let mut next = || it.next().expect("nine tensors per layer");
-    LayerWeights {
-        attn_norm: next(),
-        q_proj: next(),
-        k_proj: next(),
-        v_proj: next(),
-        o_proj: next(),
-        mlp_norm: next(),
-        gate_proj: next(),
-        up_proj: next(),
-        down_proj: next(),
+/// The unit layout of the model every rank shares.
+pub(super) struct UnitLayout<'a> {
+    pub(super) cfg: &'a LlamaConfig,
+    /// Tensor sizes in canonical order, and each unit's range of them.
+    pub(super) sizes: &'a [usize],
+    pub(super) ranges: &'a [Range<usize>],
+    pub(super) layouts: &'a [ShardLayout],
+}
+
+/// One micro-step of a rank as the model's walk sees it: each unit gathered just before its stage
+/// and freed after, each unit's gradient handed to its owners (or accumulated) right after its
+/// backward.
+struct Gathered<'a, B: Backend> {
+    b: &'a B,
+    shards: &'a mut Shards<B>,
+    plan: &'a mut GatherPlan<B::Buf>,
+    u: &'a UnitLayout<'a>,
+    /// The last micro-step: gradients go to their owners instead of accumulating.
+    last: bool,
+    /// The head's final norm and output matrix, from its forward until its backward.
+    head: Option<(B::Buf, B::Buf)>,
+    /// Tied: the output matrix's gradient, which is the start of the embedding's.
+    embed_grad: Option<B::Buf>,
+}
+
+impl<B: Backend> Gathered<'_, B> {
+    fn next_unit(&mut self) -> Result<B::Buf> {
+        self.shards.next_unit(self.b, self.plan, self.u.layouts)
+    }
+
+    /// Block `l`'s parameters, gathered and split into its tensors.
+    fn gather_block(&mut self, l: usize) -> Result<LayerWeights<B::Buf>> {
+        let flat = self.next_unit()?;
+        let sizes = &self.u.sizes[self.u.ranges[1 + l].clone()];
+        self.shards.unpack_layer(self.b, flat, self.u.layouts[1 + l].len, sizes)
+    }
+
+    fn push_grad(&mut self, unit: usize, g: B::Buf) -> Result<()> {
+        self.shards.push_grad(self.b, unit, g, self.u.layouts[unit], self.last)
     }
 }
 
-fn layer_parts<T>(l: &LayerWeights<T>) -> [&T; 9] {
-    [&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.mlp_norm, &l.gate_proj, &l.up_proj, &l.down_proj]
+impl<B: Backend> Params<B> for Gathered<'_, B> {
+    fn embed<T>(&mut self, f: impl FnOnce(&B::Buf) -> Result<T>) -> Result<T> {
+        // One tensor: the padded gathered buffer is used as is.
+        let e = self.next_unit()?;
+        let out = f(&e);
+        drop(e);
+        self.shards.note_free(self.u.layouts[0].len);
+        out
+    }
+
+    fn block<T>(&mut self, l: usize, f: impl FnOnce(&LayerWeights<B::Buf>) -> Result<T>) -> Result<T> {
+        let lw = self.gather_block(l)?;
+        let out = f(&lw);
+        drop(lw);
+        self.shards.note_free(self.u.layouts[1 + l].len);
+        out
+    }
+
+    fn head<T>(&mut self, f: impl FnOnce(&B::Buf, &B::Buf) -> Result<T>) -> Result<T> {
+        let (cfg, b) = (self.u.cfg, self.b);
+        let (d, vocab, tied) = (cfg.d_model, cfg.vocab_size, cfg.tie_embeddings);
+        let head_len = self.u.layouts[cfg.n_layer + 1].len;
+        // The unit is the final norm, then (untied) the output matrix: both are copied out.
+        let flat = self.next_unit()?;
+        let mut norm = b.scratch_as(d, Role::Activation)?;
+        b.copy(&mut norm, 0, &flat, 0, d)?;
+        let untied = match tied {
+            true => None,
+            false => {
+                let mut h = b.scratch_as(vocab * d, Role::Activation)?;
+                b.copy(&mut h, 0, &flat, d, vocab * d)?;
+                Some(h)
+            }
+        };
+        // For a moment the head was held twice.
+        self.shards.note_alloc(if tied { d } else { head_len });
+        drop(flat);
+        self.shards.note_free(head_len);
+        // A tied head's output matrix is the embedding, gathered again.
+        let head = match untied {
+            Some(h) => h,
+            None => self.next_unit()?,
+        };
+        let out = f(&norm, &head);
+        self.head = Some((norm, head));
+        out
+    }
 }
 
+impl<B: Backend> Grads<B> for Gathered<'_, B> {
+    fn head_grad(&mut self, f: impl FnOnce(&B::Buf, &B::Buf, &mut B::Buf, &mut B::Buf) -> Result<()>) -> Result<()> {
+        let (cfg, b) = (self.u.cfg, self.b);
+        let (d, vocab, tied) = (cfg.d_model, cfg.vocab_size, cfg.tie_embeddings);
+        let hu = cfg.n_layer + 1;
+        let (head_len, embed_len) = (self.u.layouts[hu].len, self.u.layouts[0].len);
+        let (norm, head) = self.head.take().ok_or_else(|| anyhow!("FSDP: the head's backward before its forward"))?;
+        let mut g_norm = b.zeros_as(d, Role::Accum)?;
+        // Tied, the output matrix's gradient is the start of the embedding's: sized as that padded unit.
+        let mut g_head = b.zeros_as(if tied { self.u.layouts[0].padded() } else { vocab * d }, Role::Accum)?;
+        self.shards.note_alloc(d + vocab * d);
+        f(&norm, &head, &mut g_norm, &mut g_head)?;
+        drop((norm, head));
+        self.shards.note_free(if tied { d + embed_len } else { head_len });
+        let padded = self.u.layouts[hu].padded();
+        if tied {
+            // The padded copy takes over g_norm's accounting.
+            let g = flatten(b, &[&g_norm], padded)?;
+            drop(g_norm);
+            self.embed_grad = Some(g_head);
+            return self.push_grad(hu, g);
+        }
+        // The unit's gradient is assembled in one buffer: for a moment the head's is held twice.
+        self.shards.note_alloc(head_len);
+        let g = flatten(b, &[&g_norm, &g_head], padded)?;
+        drop((g_norm, g_head));
+        self.shards.note_free(head_len);
+        self.push_grad(hu, g)
+    }
+
+    fn block_grad(
+        &mut self,
+        l: usize,
+        f: impl FnOnce(&LayerWeights<B::Buf>, &mut LayerWeights<B::Buf>) -> Result<()>,
+    ) -> Result<()> {
+        let (b, w) = (self.b, self.u.layouts[1 + l].len);
+        let lw = self.gather_block(l)?;
+        let sizes = &self.u.sizes[self.u.ranges[1 + l].clone()];
+        let mut gw =
+            LayerWeights::from_parts(sizes.iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?);
+        self.shards.note_alloc(w);
+        f(&lw, &mut gw)?;
+        drop(lw);
+        self.shards.note_free(w);
+        // Flattening the gradient copies it; the per-tensor copy goes right after.
+        self.shards.note_alloc(w);
+        let g = flatten(b, &gw.parts(), self.u.layouts[1 + l].padded())?;
+        drop(gw);
+        self.shards.note_free(w);
+        self.push_grad(1 + l, g)
+    }
+
+    fn embed_grad(&mut self, f: impl FnOnce(&mut B::Buf) -> Result<()>) -> Result<()> {
+        let mut g = match self.embed_grad.take() {
+            Some(g) => g,
+            None => {
+                self.shards.note_alloc(self.u.layouts[0].len);
+                self.b.zeros_as(self.u.layouts[0].padded(), Role::Accum)?
+            }
+        };
+        f(&mut g)?;
+        self.push_grad(0, g)
+    }
+}
+
+/// This rank's share of one optimizer step: the model's forward and backward over its slice of
+/// each micro-batch, the gradients reduce-scattered to their owners, then clipping and AdamW on
+/// its own shards. Returns the world's summed token loss and gradient norm.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rank_step<B: Backend>(
     rank: &mut Rank<B>,
     plan: &mut GatherPlan<B::Buf>,
     world: usize,
     batches: &[Batch],
-    cfg: &LlamaConfig,
-    ranges: &[Range<usize>],
-    sizes: &[usize],
-    layouts: &[ShardLayout],
+    u: &UnitLayout<'_>,
     scale: f32,
     clip: f64,
     hp: AdamW,
 ) -> Result<(f64, f64)> {
-    let (n_layer, d, vocab) = (cfg.n_layer, cfg.d_model, cfg.vocab_size);
-    if rank.grad.len() != layouts.len() {
+    let Rank { model, ws, shards } = rank;
+    if shards.grad.len() != u.layouts.len() {
         bail!("FSDP: an earlier step failed with a reduce-scatter in flight, so this engine cannot step again");
     }
-    let r = rank.comm.rank();
-    let head_unit = n_layer + 1;
-    let (embed_len, head_len) = (layouts[0].len, layouts[head_unit].len);
+    let r = shards.comm.rank();
     let mut loss_sum = 0.0f64;
     for (k, batch) in batches.iter().enumerate() {
-        let last = k + 1 == batches.len();
         let rows = batch.ids.len() / world;
         let (ids, targets) = (&batch.ids[r * rows..(r + 1) * rows], &batch.targets[r * rows..(r + 1) * rows]);
-        rank.model.forward_begin(&mut rank.ws, ids, targets)?;
-        // The embedding unit is one tensor: its padded gathered buffer is used as is.
-        let e = rank.next_unit(plan, layouts)?;
-        rank.model.embed_forward(&e, &mut rank.ws)?;
-        drop(e);
-        rank.note_free(embed_len);
-        for l in 0..n_layer {
-            let flat = rank.next_unit(plan, layouts)?;
-            let lw = rank.unpack_layer(flat, layouts[1 + l].len, &sizes[ranges[1 + l].clone()])?;
-            rank.model.layer_forward(l, &lw, &mut rank.ws)?;
-            drop(lw);
-            rank.note_free(layouts[1 + l].len);
-        }
-        // The head unit is the final norm, then (untied) the output matrix. A tied head is the
-        // embedding: that unit is gathered again.
-        let head_flat = rank.next_unit(plan, layouts)?;
-        let (final_norm, untied_head) = {
-            let b = &rank.model.backend;
-            let mut n = b.scratch_as(d, Role::Activation)?;
-            b.copy(&mut n, 0, &head_flat, 0, d)?;
-            let h = if cfg.tie_embeddings {
-                None
-            } else {
-                let mut h = b.scratch_as(vocab * d, Role::Activation)?;
-                b.copy(&mut h, 0, &head_flat, d, vocab * d)?;
-                Some(h)
-            };
-            (n, h)
-        };
-        // Copied out, the gathered unit goes; for a moment the head was held twice.
-        rank.note_alloc(if cfg.tie_embeddings { d } else { head_len });
-        drop(head_flat);
-        rank.note_free(head_len);
-        let head = match untied_head {
-            Some(h) => h,
-            None => rank.next_unit(plan, layouts)?,
-        };
-        let losses = rank.model.head_forward(&final_norm, &head, &mut rank.ws, targets, Some(scale))?;
+        let last = k + 1 == batches.len();
+        let b = &model.backend;
+        let mut src = Gathered { b, shards: &mut *shards, plan: &mut *plan, u, last, head: None, embed_grad: None };
+        let losses = units::forward(model, ws, &mut src, ids, targets, Some(scale))?;
         loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
-
-        let b = &rank.model.backend;
-        let mut g_norm = b.zeros_as(d, Role::Accum)?;
-        // Tied, the head's gradient is the start of the embedding's: sized as that padded unit.
-        let g_head_len = if cfg.tie_embeddings { layouts[0].padded() } else { vocab * d };
-        let mut g_head = b.zeros_as(g_head_len, Role::Accum)?;
-        rank.note_alloc(d + vocab * d);
-        rank.model.head_backward(&final_norm, &head, &mut rank.ws, &mut g_norm, &mut g_head)?;
-        drop((head, final_norm));
-        rank.note_free(if cfg.tie_embeddings { d + embed_len } else { head_len });
-        let g_embed = if cfg.tie_embeddings {
-            // The padded copy takes over g_norm's accounting.
-            let g = rank.flatten(&[&g_norm], layouts[head_unit].padded())?;
-            drop(g_norm);
-            rank.push_grad(head_unit, g, layouts[head_unit], last)?;
-            g_head
-        } else {
-            // The unit's gradient is assembled in one buffer: for a moment the head's is held twice.
-            rank.note_alloc(head_len);
-            let g = rank.flatten(&[&g_norm, &g_head], layouts[head_unit].padded())?;
-            drop((g_norm, g_head));
-            rank.note_free(head_len);
-            rank.push_grad(head_unit, g, layouts[head_unit], last)?;
-            rank.note_alloc(embed_len);
-            rank.model.backend.zeros_as(layouts[0].padded(), Role::Accum)?
-        };
-        for l in (0..n_layer).rev() {
-            let w = layouts[1 + l].len;
-            let flat = rank.next_unit(plan, layouts)?;
-            let lw = rank.unpack_layer(flat, w, &sizes[ranges[1 + l].clone()])?;
-            let b = &rank.model.backend;
-            let parts =
-                sizes[ranges[1 + l].clone()].iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?;
-            let mut gw = layer_from(parts);
-            rank.note_alloc(w);
-            rank.model.layer_backward(l, &lw, &mut gw, &mut rank.ws)?;
-            drop(lw);
-            rank.note_free(w);
-            // Flattening the gradient copies it; the per-tensor copy goes right after.
-            rank.note_alloc(w);
-            let g = rank.flatten(&layer_parts(&gw), layouts[1 + l].padded())?;
-            drop(gw);
-            rank.note_free(w);
-            rank.push_grad(1 + l, g, layouts[1 + l], last)?;
-        }
-        let mut g_embed = g_embed;
-        rank.model.embed_backward(&mut g_embed, &mut rank.ws)?;
-        rank.push_grad(0, g_embed, layouts[0], last)?;
+        units::backward(model, ws, &mut src)?;
     }
-
-    rank.finish_scatter()?;
-    rank.comm_secs += rank.comm.take_busy_secs()?;
+    let b = &model.backend;
+    shards.finish_scatter(b)?;
+    shards.comm_secs += shards.comm.take_busy_secs()?;
 
     // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
-    let b = &rank.model.backend;
-    let local_sq = b.sum_squares_all(&rank.grad.iter().collect::<Vec<_>>())?;
+    let local_sq = b.sum_squares_all(&shards.grad.iter().collect::<Vec<_>>())?;
     let mut stats = [loss_sum as f32, local_sq as f32];
-    let comm = &rank.comm;
-    timed(b, &mut rank.comm_secs, || comm.all_reduce(&mut stats))?;
+    let comm = &shards.comm;
+    timed(b, &mut shards.comm_secs, || comm.all_reduce(&mut stats))?;
     let norm = (stats[1] as f64).sqrt();
     let hp = AdamW { grad_scale: crate::train::optimizer::clip_coefficient(norm, clip), ..hp };
-    let mut params: Vec<&mut B::Buf> = rank.master.iter_mut().collect();
-    let mut m: Vec<&mut B::Buf> = rank.m.iter_mut().collect();
-    let mut v: Vec<&mut B::Buf> = rank.v.iter_mut().collect();
-    let grads: Vec<&B::Buf> = rank.grad.iter().collect();
+    let mut params: Vec<&mut B::Buf> = shards.master.iter_mut().collect();
+    let mut m: Vec<&mut B::Buf> = shards.m.iter_mut().collect();
+    let mut v: Vec<&mut B::Buf> = shards.v.iter_mut().collect();
+    let grads: Vec<&B::Buf> = shards.grad.iter().collect();
     b.adamw_step_all(&mut params, &grads, &mut m, &mut v, hp)?;
     Ok((stats[0] as f64, norm))
 }

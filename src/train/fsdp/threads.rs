@@ -43,7 +43,7 @@ pub(super) fn on_every_rank<B: Backend, T: Send>(
     let started = Instant::now();
     let f = &f;
     let n = ranks.len();
-    let global: Vec<usize> = ranks.iter().map(|r| r.comm.rank()).collect();
+    let global: Vec<usize> = ranks.iter().map(|r| r.shards.comm.rank()).collect();
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
     let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
     std::thread::scope(|s| {
@@ -62,7 +62,7 @@ pub(super) fn on_every_rank<B: Backend, T: Send>(
                     }
                 };
                 if let Err(e) = &out {
-                    rank.comm.abort(&format!("{e:#}"));
+                    rank.shards.comm.abort(&format!("{e:#}"));
                 }
                 let _ = tx.send((i, out));
             });
