@@ -5,9 +5,9 @@ Under the causal mask a forward block of query tile qb visits qb + 1 key tiles, 
 of key tile kb visits (n - kb) query tiles of each of its group's heads, so block durations differ
 up to n-fold. The GPU hands blocks to free slots in launch order; this replays that greedy dispatch
 for TinyLlama's attention (batch 8, seq 2048, 32 heads / 4 KV heads, 64-row tiles) on an H100/H200
-(132 SMs; 4 or 5 forward blocks of 64 queries or 2 of 128, and 2 or 3 backward blocks, resident
-per SM by ptxas' register counts, or one 8-warp backward block of 128 or 256 keys) and prints each
-order's finishing time against the ideal (total work / slots). kernels/flash_attn.cu launches
+(132 SMs; 4 forward blocks of 64 queries or 2 of 128, and 2 backward blocks of 64 or 128 keys,
+resident per SM by ptxas' register counts and shared memory) and prints each order's finishing time
+against the ideal (total work / slots). kernels/flash_attn.cu launches
 heaviest first; the old grids put the tile index in the fastest dimension.
 
     python3 bench/attention_schedule.py
@@ -34,7 +34,6 @@ n = SEQ // TILE
 fwd_old = [qb + 1 for _b in range(BATCH) for _h in range(HEADS) for qb in range(n)]
 fwd_new = [qb + 1 for qb in reversed(range(n)) for _b in range(BATCH) for _h in range(HEADS)]
 report("forward (4 blocks/SM)", fwd_old, fwd_new, 4 * SMS)
-report("forward (5 blocks/SM)", fwd_old, fwd_new, 5 * SMS)
 
 # The two-m-tile forward: 128-query blocks, two per SM; block qb visits 2·qb + 2 key tiles with
 # twice a 64-query block's rows.
@@ -55,9 +54,5 @@ def backward(tiles):
 
 
 report("backward (2 blocks/SM)", *backward(1), 2 * SMS)
-report("backward (3 blocks/SM)", *backward(1), 3 * SMS)
-# 128-key blocks: 8 warps, one per SM, or 4 warps of two m-tiles, two per SM.
-report("backward (1 block/SM of 8 warps)", *backward(2), SMS)
-report("backward (2 blocks/SM of 32-key warps)", *backward(2), 2 * SMS)
-# 256-key blocks: 8 warps of two m-tiles, one per SM.
-report("backward (1 block/SM of 8 32-key warps)", *backward(4), SMS)
+# The two-m-tile backward: 128-key blocks, two per SM.
+report("backward (2 blocks/SM of 128 keys)", *backward(2), 2 * SMS)

@@ -8,16 +8,19 @@
 // rows, in the head_dim 64 build with two m-tiles per warp) and streams 64-key tiles of
 // K/V through shared memory; scores, the online softmax and the output stay in registers (the
 // score accumulators are reused directly as the A operand of P·V, FA2's trick).
-// Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys and 8 warps in the
-// builds for one block per SM, or 4 warps × 32 keys in the head_dim 64 build with two m-tiles
-// per warp, 256 keys in the one with 8 such warps) and walks every query tile of every query head of its
-// group, so dK and dV are summed in registers and written once (no repeated K/V, no atomics); dQ
-// is accumulated in f32 with atomics and cast at the end.
+// Backward: a block owns 64 keys of one KV head (4 warps × 16 keys; 128 keys, 4 warps × 32, in
+// the head_dim 64 build with two m-tiles per warp) and walks every query tile of every query head
+// of its group, so dK and dV are summed in registers and written once (no repeated K/V, no
+// atomics); dQ is accumulated in f32 with atomics and cast at the end.
 // Both stream their tiles with cp.async into a second buffer while the current one is computed on
-// (the 4-warp backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a
-// second would halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
+// (the backward at head_dim 128 keeps one buffer, refilled during its dQ phase, since a second
+// would halve its blocks per SM), and both order their grids heaviest-first: under the causal mask the
 // last query blocks (forward) and the first key blocks (backward) carry the most work, so launching
 // them first across every head and batch leaves only light blocks for the tail of the kernel.
+// Head_dim 64 (TinyLlama's) has a second build of each pass, with two m-tiles per warp, for one
+// stated reason (docs/cuda.md): the plain builds read about 0.5 ldmatrix per mma.sync, more than
+// an SM's shared memory delivers in the tensor cores' time on Hopper, and two m-tiles per warp cut
+// that to 0.25 (forward) and 0.30 (backward). The engine times both builds on the card.
 #include "common.cuh"
 
 namespace {
@@ -352,25 +355,19 @@ __device__ void fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const b
     }
 }
 
-// NW: warps per block, each owning 16 keys, so a block owns KB = 16·NW keys. With NW = 8 (128
-// keys, FA2's own block for head_dim 64) every Q/dO tile brought into shared memory serves twice
-// the keys, and dQ gets half as many atomic additions per FLOP; the dQ phase then splits the
-// tile's 64 queries × D between the warps as 4 query m-tiles × NW/4 column groups.
-// LEAN (the 3-block build, held to 168 registers): the softmax pass has one copy, with the mask
-// predicated, since a second copy costs registers that build does not have.
-// MT: 16-key m-tiles per warp. With MT = 2 a warp owns 32 keys, so every Q/dO fragment it reads
-// from shared memory feeds two mma.sync instead of one (the backward's five GEMMs read their B
-// operands from shared memory, which bounds it before the tensor cores do); the queries then go
-// in sub-tiles of 16 so that Pᵀ and dPᵀ for both m-tiles fit beside the accumulators.
-template <int D, int NW = 4, bool LEAN = false, int MT = 1>
+// Four warps per block. MT: 16-key m-tiles per warp, so a block owns KB = 64·MT keys. With MT = 2
+// a warp owns 32 keys, so every Q/dO fragment it reads from shared memory feeds two mma.sync
+// instead of one (the backward's five GEMMs read their B operands from shared memory, which bounds
+// it before the tensor cores do); the queries then go in sub-tiles of 16 so that Pᵀ and dPᵀ for
+// both m-tiles fit beside the accumulators.
+template <int D, int MT = 1>
 __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta,
                     const bf16* q, const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0,
                     int n_head, int n_kv_head, float scale) {
-    // Query tiles in flight: two at head_dim 32 and 64; one at 128 with 4 warps, where a second
-    // would cost a block per SM (the one buffer is refilled during the dQ phase, which no longer
-    // reads it); two again at 128 with 8 warps, whose one block per SM has the room.
-    constexpr int STAGES = D <= 64 || NW == 8 ? 2 : 1;
-    constexpr int KB = 16 * NW * MT;  // keys per block
+    // Query tiles in flight: two at head_dim 32 and 64; one at 128, where a second would cost a
+    // block per SM (the one buffer is refilled during the dQ phase, which no longer reads it).
+    constexpr int STAGES = D <= 64 ? 2 : 1;
+    constexpr int KB = 64 * MT;  // keys per block
     constexpr int KS = D + 8, SS = BR + 8, TILE = BR * KS;
     DYNAMIC_SHARED(unsigned char, smem);
     bf16* Ks = reinterpret_cast<bf16*>(smem);
@@ -426,9 +423,9 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
     // re-read from shared memory per tile; at 128 that would be 64 registers the kernel does not have.
     constexpr bool HOIST = D <= 64;
     // dSᵀ goes to shared memory as the bf16 pairs packed for dK's mma, one 4-byte store per pair
-    // (15 fewer instructions per trip at head_dim 64), except where ptxas did worse with it: in
-    // the 3-block build it spilled, and at head_dim 128 it cost 4 to 11 instructions per trip.
-    constexpr bool PACKED_DS = !LEAN && D <= 64;
+    // (15 fewer instructions per trip at head_dim 64), except at head_dim 128, where ptxas did
+    // worse with it (4 to 11 instructions more per trip).
+    constexpr bool PACKED_DS = D <= 64;
     constexpr int QH = D == 128 ? 2 : MT == 2 ? 4 : 1, QB = BR / QH;
     auto kv_frags = [&](unsigned ka[4], unsigned va[4], int mt, int kk) {
         const int c = kk * 16 + 2 * tq, lo = klo[mt], hi = khi[mt];
@@ -531,7 +528,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             const bool edge = wk0 + 16 * MT - 1 > q_pos0 + i0 + q0 || wk0 + 16 * MT > kv_len;
             // Pᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − delta), in one pass. The two calls below inline into two
             // copies, so tiles off the diagonal issue none of the mask's compares (if-converted
-            // into the one pass they would; as a pass of its own the mask made the 3-block build spill).
+            // into the one pass they would).
             auto probs = [&](bool masked) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -550,9 +547,7 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                         }
                     }
             };
-            if (LEAN) {
-                probs(edge);
-            } else if (edge) {
+            if (edge) {
                 probs(true);
             } else {
                 probs(false);
@@ -624,12 +619,10 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
             cp_async_commit();
         }
         // dQ += dS·K over the block's keys, accumulated in f32 in global memory. Unless the tile is
-        // split 2 × 2 (below), this warp takes 16 queries × DW columns: 4 query m-tiles × NW/4
-        // column groups. (The two paths write their additions and dS loads separately: sharing
-        // one helper cost the two-m-tile build 36 instructions per trip in ptxas's schedule.)
-        constexpr int DW = D / (NW / 4);
-        const int qw = NW == 4 ? warp : warp & 3, c0 = NW == 4 ? 0 : (warp >> 2) * DW;
-        const int qlo = qw * 16 + g, qhi = qlo + 8;
+        // split 2 × 2 (head_dim 64, below), this warp takes 16 queries × every column. (The two
+        // paths write their additions and dS loads separately: sharing one helper cost the
+        // two-m-tile build 36 instructions per trip in ptxas's schedule.)
+        const int qlo = warp * 16 + g, qhi = qlo + 8;
         auto dq_add = [&](int nt, const float acc[4]) {
             const int col = nt * 8 + 2 * tq;
             if (i0 + qlo < q_len)
@@ -639,13 +632,11 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
                 red_add2(dq_acc + ((long)b * q_len + i0 + qhi) * qs + (long)h * D + col, acc[2] * scale,
                          acc[3] * scale);
         };
-        if constexpr (MT == 2 || (D == 64 && NW == 4 && !LEAN)) {
-            // At head_dim 64 with 4 warps the warps split the tile as 2 query halves × 2 column
-            // halves: each takes 32 queries (two m-tiles) × 32 columns over the block's keys, keys
-            // outermost, so each dS and K fragment it reads feeds two mma.sync (16 ldmatrix per
-            // 64 keys, not 20; the 3-block build has no registers for the accumulators). With 8
-            // warps (two m-tiles each) the columns go in quarters of 16 instead.
-            constexpr int CW = D / (NW / 2);  // columns per warp
+        if constexpr (D == 64) {
+            // At head_dim 64 the warps split the tile as 2 query halves × 2 column halves: each
+            // takes 32 queries (two m-tiles) × 32 columns over the block's keys, keys outermost,
+            // so each dS and K fragment it reads feeds two mma.sync (16 ldmatrix per 64 keys, not 20).
+            constexpr int CW = D / 2;  // columns per warp
             const int qb0 = (warp & 1) * 32, cb = (warp >> 1) * CW;
             float acc[2][CW / 8][4];
 #pragma unroll
@@ -692,11 +683,10 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 #pragma unroll
         for (int kk = 0; kk < KB / 16; ++kk) {
             const int mj = lane >> 3, mi = lane & 7;
-            ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + qw * 16 + (mj & 1) * 8);
+            ldsm_x4_trans(da[kk], dSs + (kk * 16 + (mj >> 1) * 8 + mi) * SS + warp * 16 + (mj & 1) * 8);
         }
 #pragma unroll
-        for (int j = 0; j < DW / 8; j += 2) {  // a fixed trip count, so the loop unrolls
-            const int nt = c0 / 8 + j;
+        for (int nt = 0; nt < D / 8; nt += 2) {
             float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int kk = 0; kk < KB / 16; ++kk) {
@@ -736,13 +726,13 @@ __device__ void bwd(float* dq_acc, bf16* dk, bf16* dv, const bf16* dout, const f
 // D=32 (2 stages) 10,240 + 20,480 + 9,216 + 1,024 = 40,960 bytes;
 // D=64 (2 stages) 18,432 + 36,864 + 9,216 + 1,024 = 65,536 bytes;
 // D=128 (1 stage) 34,816 + 34,816 + 9,216 + 512 = 79,360 bytes;
-// D=64 with 128 keys (8 warps, or 4 of two m-tiles; 2 stages) 36,864 + 36,864 + 18,432 + 1,024 =
-// 93,184 bytes; with 256 keys (8 warps of two m-tiles) 73,728 + 36,864 + 36,864 + 1,024 = 148,480;
-// D=128 with 8 warps (128 keys, 2 stages) 69,632 + 69,632 + 18,432 + 1,024 = 158,720 bytes.
+// D=64 with two m-tiles per warp (128 keys, 2 stages) 36,864 + 36,864 + 18,432 + 1,024 = 93,184 bytes.
 // At D=32 a padded row is 80 bytes: the 8 rows an ldmatrix reads start 20 words apart, which
 // covers all 32 banks once, as the 144- and 272-byte rows of 64 and 128 do.
+// Other builds (more blocks per SM, 8-warp blocks), never measured on a card, were removed;
+// docs/cuda.md says which commit still has them.
 
-// head_dim 32, for small models such as the bundled demo: one build each, with default bounds.
+// head_dim 32, for small models such as the bundled demo.
 extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d32(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {
@@ -756,18 +746,11 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_fwd_d64(bf16* out, 
     float scale) {
     fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
-// The same forward held to 102 registers so that 5 blocks share an SM (96 registers; ptxas spills 16
-// bytes outside the main loop). Which is faster is for a card to say: `kiln bench attention` times
-// both, and the engine takes this one only if it wins there or with KILN_FA_FWD_D64_BLOCKS=5.
-extern "C" __global__ void __launch_bounds__(128, 5) flash_attn_fwd_d64_5(bf16* out, float* lse, const bf16* q,
-    const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
-    float scale) {
-    fwd<64>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
-}
-// The head_dim 64 forward with two m-tiles per warp (128 queries per block): each K/V fragment
-// from shared memory feeds twice the tensor-core work. Which build is fastest is for a card to
-// say: `kiln bench attention` times it, and KILN_FA_FWD_D64_BLOCKS=2 makes the engine use it.
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_fwd_d64_2(bf16* out, float* lse, const bf16* q,
+// The head_dim 64 forward with two m-tiles per warp (128 queries per block, 254 registers, 2 blocks
+// per SM): each K/V fragment read from shared memory feeds two mma.sync, so a trip reads 0.25
+// ldmatrix per mma.sync where the build above reads 0.5, and issues 4.70 instructions per mma.sync
+// against 5.33 (scripts/kernel-sass.sh). FA2's own kernels give each warp 32 or more rows.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_fwd_d64_2mt(bf16* out, float* lse, const bf16* q,
     const bf16* k, const bf16* v, int q_len, int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head,
     float scale) {
     fwd<64, 2>(out, lse, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
@@ -809,61 +792,19 @@ extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d64(float* dq_a
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<64>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
 }
-// The same backward held to 168 registers so that 3 blocks share an SM instead of 2 (ptxas: no spill
-// on sm_90). Three blocks' shared memory (3 × 64 KiB) fits an H100/H200 SM but not an A100's. Which
-// is faster is for a card to say (a third block hides more latency, but the causal tail grows):
-// `kiln bench attention` times both, and KILN_FA_BWD_D64_BLOCKS=3 makes the engine use this one.
-extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_bwd_d64_3(float* dq_acc, bf16* dk, bf16* dv,
-    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
-    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<64, 4, true>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
-                     scale);
-}
-// The head_dim 64 backward with two 16-key m-tiles per warp: 4 warps, 128 keys per block, 2 blocks
-// per SM where their shared memory fits (H100/H200). Each Q/dO fragment a warp reads from shared
+// The head_dim 64 backward with two 16-key m-tiles per warp: 128 keys per block, 2 blocks per SM
+// where their shared memory fits (H100/H200, not A100). Each Q/dO fragment a warp reads from shared
 // memory feeds two mma.sync, as does each dS and K fragment of its dQ phase (2 query halves × 2
-// column halves), so a tile costs 96 ldmatrix per 320 mma.sync where the 64-key builds need 80
-// to 84 per 160 (scripts/kernel-sass.sh); ptxas: 255 registers, no spill. `kiln bench attention`
-// times it; KILN_FA_BWD_D64_BLOCKS=4 makes the engine use it.
+// column halves), so a tile costs 96 ldmatrix per 320 mma.sync where the build above needs 80 per
+// 160 (scripts/kernel-sass.sh): 0.30 per mma.sync against 0.50; ptxas: 255 registers, no spill.
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_d64_2mt(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<64, 4, false, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head,
-                         n_kv_head, scale);
-}
-// Both at once: 8 warps of two 16-key m-tiles, 256 keys per block, one block per SM (148,480 bytes of
-// shared memory). Per mma.sync it reads shared memory as the two-m-tile build does, and it issues
-// half the dQ atomics of the 128-key builds, a quarter of the 64-key ones': each query tile's dQ
-// (16 KB of f32 reductions into L2) now covers 256 keys. At the tensor cores' pace the 64-key
-// builds would need some 4-6 TB/s of L2 reductions for dQ, which may be what bounds them on a card.
-// `kiln bench attention` times it; KILN_FA_BWD_D64_BLOCKS=5 makes the engine use it.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d64_8w2mt(float* dq_acc, bf16* dk, bf16* dv,
-    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
-    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<64, 8, false, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head,
-                         n_kv_head, scale);
-}
-// The head_dim 64 backward with 8 warps and 128 keys per block, one block per SM (ptxas, sm_90: 250
-// registers, no spill; 8 warps per SM, as two 4-warp blocks give): each Q/dO tile loaded serves
-// twice the keys and dQ takes half the atomics per FLOP, but a block's barriers now stall every
-// warp on its SM. `kiln bench attention` times it; KILN_FA_BWD_D64_BLOCKS=1 makes the engine use it.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d64_8w(float* dq_acc, bf16* dk, bf16* dv,
-    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
-    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<64, 8>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
+    bwd<64, 2>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
                scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_attn_bwd_d128(float* dq_acc, bf16* dk, bf16* dv,
     const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
     int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
     bwd<128>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head, scale);
-}
-// The head_dim 128 backward with 8 warps and 128 keys per block, one block per SM: besides what the
-// head_dim 64 build gains, the block's 155 KB hold two query stages, which the two 4-warp blocks'
-// 77 KB each do not.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_d128_8w(float* dq_acc, bf16* dk, bf16* dv,
-    const bf16* dout, const float* lse, const float* delta, const bf16* q, const bf16* k, const bf16* v, int q_len,
-    int kv_len, int kv_stride, int q_pos0, int n_head, int n_kv_head, float scale) {
-    bwd<128, 8>(dq_acc, dk, dv, dout, lse, delta, q, k, v, q_len, kv_len, kv_stride, q_pos0, n_head, n_kv_head,
-                scale);
 }

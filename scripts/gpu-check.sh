@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call, on a GPU machine that has no Rust: the binaries are
-# built elsewhere (scripts/gpu-pack.sh, which leaves stripped copies in target/gpu/) and carried
+# built elsewhere (scripts/gpu-pack.sh, which leaves stripped copies in target/gpu/) and copied
 # over with the checkout. Prints a short table last. Exit status: non-zero when any test failed.
 #
 #   scripts/gpu-check.sh            # from the repository root
@@ -39,8 +39,8 @@ fi
 declare -a rows
 status=0
 # Set when a FlashAttention-2 build may be broken on this card: the step benchmarks then run the
-# default builds untimed (KILN_FA_AUTOTUNE=0) rather than let the autotune launch a faulting one,
-# which would end the process and lose the step's figures.
+# default builds untimed (KILN_FA_AUTOTUNE=0) rather than let the autotune launch a faulting
+# alternative, which would end the process and lose the step's figures.
 fa_suspect=
 # Each row also goes to $KILN_GPU_SUMMARY as it is known, so a run cut short keeps what it measured.
 row() {
@@ -49,9 +49,8 @@ row() {
   return 0
 }
 
-# One call on the device machine may run 600 s: the stages share KILN_GPU_BUDGET_S (default 540),
-# each capped at its own limit and at what is left, so a stage that hangs costs the ones after it
-# their time, not the whole call. A stage that would get under 20 s is skipped with a row saying so.
+# The stages share a time budget, KILN_GPU_BUDGET_S (default 540), each capped at its own limit and
+# at what is left, so a stage that hangs costs the ones after it their time, not the whole run. A stage that would get under 20 s is skipped with a row saying so.
 # KILN_GPU_STAGE_SLACK multiplies every stage's own limit (the smoke test on a slow CPU sets it).
 BUDGET=${KILN_GPU_BUDGET_S:-540}
 stage_time() {
@@ -63,7 +62,7 @@ stage_time() {
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "$card"
 row "card" "${card:-unknown (no nvidia-smi)}"
-# Binaries: target/gpu/ from scripts/gpu-pack.sh (stripped, what gets carried), else target/release.
+# Binaries: target/gpu/ from scripts/gpu-pack.sh (stripped, what gets copied), else target/release.
 BIN=${KILN_BIN_DIR:-target/gpu}
 [ -x "$BIN/kiln" ] || BIN=target/release
 KILN=$BIN/kiln
@@ -102,9 +101,7 @@ for hd in 64 128; do
     fwd1=$(echo "$out" | grep -m1 '^ *forward'); bwd1=$(echo "$out" | grep -m1 '^ *backward')
     echo "$out" | grep -q FAILED && fa_suspect="a build failed in kiln bench attention"
     echo "$out"; row "kiln flash-attn hd$hd" "$(echo "$out" | grep '^flash-attn fwd+bwd' | grep -o '[0-9]* TFLOP/s') fwd+bwd ($(echo "$fwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$fwd1" | grep -o 'forward ([^)]*)'), $(echo "$bwd1" | grep -o '[0-9]* TFLOP/s') $(echo "$bwd1" | grep -o 'backward ([^)]*)'))"
-    # head_dim 64: each kernel's other builds (forward 4, 5 or 2 blocks per SM, the last with 128
-    # queries per block, KILN_FA_FWD_D64_BLOCKS picks; backward 2, 3 or 1 block of 8 warps with 128
-    # keys, or 4: 2 blocks of 32-key warps, or 5: one block of 8 such warps, KILN_FA_BWD_D64_BLOCKS).
+    # head_dim 64: each pass's other build (1 or 2 m-tiles per warp, whichever the headline did not run).
     for pass in forward backward; do
       while read -r alt; do
         [ -n "$alt" ] && row "  hd$hd $(echo "$alt" | grep -o "$pass ([^)]*)")" "$(echo "$alt" | grep -o '[0-9]* TFLOP/s' || echo FAILED)"
@@ -183,7 +180,7 @@ if [ -n "$san" ] && [ -n "$gpu_bin" ]; then
     elif timeout "$t" "$san" --tool $tool --error-exitcode 3 "$gpu_bin" flash_attention --test-threads=1 2>&1 | tee "$LIBS/san-$tool.log" | tail -25; then
       row "sanitizer $tool (attention)" "clean"
     elif grep -q -e 'Device not supported' -e 'error 999' "$LIBS/san-$tool.log"; then
-      # gVisor machines refuse the sanitizer (device/KINDS.md); only Firecracker ones run it.
+      # gVisor machines refuse the sanitizer; Firecracker ones run it.
       row "sanitizer $tool (attention)" "unsupported on this machine's runtime"
     else
       row "sanitizer $tool (attention)" "FAILED or cut short (see the log above)"; status=1
@@ -194,8 +191,8 @@ else
 fi
 
 # Last, and only with time to spare: Nsight Compute's view of the FlashAttention-2 kernels (tensor
-# and shared-memory throughput, occupancy, what warps stall on), so a session without a GPU can tune
-# them from this log. `--clock-control none` as the device library ran it; the figures are for reading,
+# and shared-memory throughput, occupancy, what warps stall on), so later tuning without a GPU can
+# start from this log. `--clock-control none` leaves the card at its own clocks; the figures are for reading,
 # not for the table's TFLOP/s. With --iters 1 the bench launches the forward 4 times alone, then
 # forward and backward in turn: skipping 4 profiles one of each, in the builds the engine uses.
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
@@ -204,7 +201,7 @@ if [ -n "$ncu" ]; then
     echo "== ncu: flash-attn kernels at head_dim $hd"
     if ! t=$(stage_time 90); then
       row "ncu flash-attn hd$hd" "skipped (time budget spent)"
-    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_[235]|_8w|_2mt|_8w2mt)?$' \
+    elif timeout "$t" "$ncu" --clock-control none --kernel-name regex:'flash_attn_(fwd|bwd)_d(64|128)(_2mt)?$' \
         --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

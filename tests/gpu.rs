@@ -10,6 +10,7 @@ use common::gpu::{assert_close, bf, or_skip, randn, BF16_OUT, F32_OUT};
 use half::bf16;
 use kiln::backend::cpu::Cpu;
 use kiln::backend::cuda::device::Gpu;
+use kiln::backend::cuda::flash_attn::Build;
 use kiln::backend::cuda::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
 use kiln::backend::{AdamW, AttnShape, Backend, Gemm, RopeShape};
 
@@ -278,29 +279,25 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
 
     let (gq, gk, gv) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v));
     let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-    let fwd_default = flash_attn::fwd_default(s.head_dim);
-    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, fwd_default).unwrap();
+    flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, Build::Plain).unwrap();
     let tag = format!("flash-attn hd{} q{} kv{} heads {}/{}", s.head_dim, s.q_len, s.kv_len, s.n_head, s.n_kv_head);
     assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("{tag} out"));
     assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("{tag} lse"));
-    if s.head_dim == 64 {
-        // The forward's other builds, which `kiln bench attention` also times.
-        for other in flash_attn::FWD_D64_BUILDS.into_iter().filter(|&b| b != fwd_default) {
-            let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-            flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
-            assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({other} blocks/SM)"));
-            assert_close(&down_f32(g, &l2), &lse, 1e-3, &format!("{tag} lse ({other} blocks/SM)"));
-        }
+    // The forward's other build, where the head_dim has one, which `kiln bench attention` also times.
+    for &other in flash_attn::builds(s.head_dim).iter().filter(|&&b| b != Build::Plain) {
+        let (mut o2, mut l2) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
+        flash_attn::forward(g, &mut o2, &mut l2, &gq, &gk, &gv, s, other).unwrap();
+        assert_close(&down_bf16(g, &o2), &out, 1e-2, &format!("{tag} out ({})", other.label()));
+        assert_close(&down_f32(g, &l2), &lse, 1e-3, &format!("{tag} lse ({})", other.label()));
     }
     // The backward starts from the CPU's output so only the backward's own error is measured.
     let (gout, gdo) = (up_bf16(g, &out), up_bf16(g, &dout));
-    // Every build of the backward at this head_dim (`bwd_builds`) that fits the device.
-    for blocks in flash_attn::bwd_builds_fitting(g, s.head_dim) {
+    // Every build of the backward at this head_dim that the device runs (`bwd_builds`).
+    for build in flash_attn::bwd_builds(g, s.head_dim) {
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
-        flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks, None)
-            .unwrap();
-        let tag = format!("{tag} (backward, {})", flash_attn::bwd_label(blocks));
+        flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, build, None).unwrap();
+        let tag = format!("{tag} (backward, {})", build.label());
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("{tag} dq"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk"));
         assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv"));
@@ -312,11 +309,24 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     cpu.rope(&mut dq_unrotated, &cos, &sin, s.q_rope(), true).unwrap();
     let (gcos, gsin) = (up_f32(g, &cos), up_f32(g, &sin));
     let tables = rope::Tables { cos: &gcos, sin: &gsin };
-    let blocks = flash_attn::bwd_default(g, s.head_dim);
     let (mut gdq, mut gdk, mut gdv) =
         (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
-    flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &gout, &gl, &gq, &gk, &gv, s, blocks, Some(tables))
-        .unwrap();
+    flash_attn::backward(
+        g,
+        &mut gdq,
+        &mut gdk,
+        &mut gdv,
+        &gdo,
+        &gout,
+        &gl,
+        &gq,
+        &gk,
+        &gv,
+        s,
+        Build::Plain,
+        Some(tables),
+    )
+    .unwrap();
     assert_close(&down_bf16(g, &gdq), &dq_unrotated, 1e-2, &format!("{tag} dq rotated back"));
     assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("{tag} dk (dQ rotated back)"));
     assert_close(&down_bf16(g, &gdv), &dv, 1e-2, &format!("{tag} dv (dQ rotated back)"));
@@ -345,9 +355,10 @@ fn flash_attention_forward_and_backward() {
     }
 }
 
-/// The engine's attention autotune (`attn_tune.rs`): the first pass of a shape times every head_dim
-/// 64 build, keeps one, and leaves the outputs the kept build computes; the next pass of that shape
-/// runs the kept build untimed. (A tuner with no size threshold, so a small shape is timed.)
+/// The engine's attention autotune (`attn_tune.rs`): the first pass of a shape times both head_dim
+/// 64 builds, keeps one, and leaves the outputs the kept build computes; the next pass of that shape
+/// runs the kept build untimed; head_dim 128, with one build per pass, times nothing. (A tuner with
+/// no size threshold, so a small shape is timed.)
 #[test]
 fn attention_autotune_times_every_build_and_keeps_the_results_right() {
     let Some(g) = gpu() else { return };
@@ -375,14 +386,14 @@ fn autotune_case(g: &Gpu, head_dim: usize) {
     for round in 0..2 {
         let tag = format!("hd{head_dim}, round {round}");
         let (mut go, mut gl) = (poison_bf16(g, s.q_elems()), poison_f32(g, s.lse_elems()));
-        let mut fwd = |b: u32| flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, b);
+        let mut fwd = |b: Build| flash_attn::forward(g, &mut go, &mut gl, &gq, &gk, &gv, s, b);
         tuner.forward(g, s, &mut fwd).unwrap();
         assert_close(&down_bf16(g, &go), &out, 1e-2, &format!("tuned forward out, {tag}"));
         assert_close(&down_f32(g, &gl), &lse, 1e-3, &format!("tuned forward lse, {tag}"));
         let (mut gdq, mut gdk, mut gdv) =
             (poison_bf16(g, s.q_elems()), poison_bf16(g, s.kv_elems()), poison_bf16(g, s.kv_elems()));
         let mut bwd =
-            |b: u32| flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b, None);
+            |b: Build| flash_attn::backward(g, &mut gdq, &mut gdk, &mut gdv, &gdo, &go, &gl, &gq, &gk, &gv, s, b, None);
         tuner.backward(g, s, &mut bwd).unwrap();
         assert_close(&down_bf16(g, &gdq), &dq, 1e-2, &format!("tuned backward dq, {tag}"));
         assert_close(&down_bf16(g, &gdk), &dk, 1e-2, &format!("tuned backward dk, {tag}"));
@@ -391,8 +402,8 @@ fn autotune_case(g: &Gpu, head_dim: usize) {
     // A record per pass with several builds (the second round ran the kept builds untimed), each
     // listing every build that fits the device.
     let tuned = tuner.tuning();
-    let fwd_builds = flash_attn::fwd_builds(head_dim);
-    let bwd_builds = flash_attn::bwd_builds_fitting(g, head_dim);
+    let fwd_builds = flash_attn::builds(head_dim);
+    let bwd_builds = flash_attn::bwd_builds(g, head_dim);
     let mut want = Vec::new();
     if fwd_builds.len() > 1 {
         want.push((Pass::Forward, fwd_builds.to_vec()));

@@ -112,7 +112,7 @@ fn batch(cfg: &LlamaConfig, rows: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
 fn whole_model_loss_and_every_gradient_match_the_cpu_backend() {
     let Some(c) = cuda() else { return };
     // Attention autotune on for every pass, however small: the first forward and backward time
-    // every head_dim 64 build inside the model, and the gradients below come from the kept ones.
+    // both head_dim 64 builds inside the model, and the gradients below come from the kept ones.
     let c = c.with_attention_tuner(kiln::backend::cuda::attn_tune::AttnTuner::new(true, 0.0));
     let cfg = small_config();
     let host = shared_weights(&cfg);
@@ -314,7 +314,7 @@ fn kv_cache_decoding_on_the_gpu_matches_the_full_forward() {
 
 /// The benchmarks scripts/gpu-check.sh runs for the figures, on shapes small enough for any
 /// device: `kiln bench train` (with `--profile` and `--fsdp`, as there, on the demo's preset) and
-/// `kiln bench attention` (every head_dim 64 build). Every row must be there with finite figures,
+/// `kiln bench attention` (both head_dim 64 builds). Every row must be there with finite figures,
 /// so the host code of the one run that matters on a card has run before it.
 #[test]
 fn the_gpu_benchmarks_run_and_report_every_row() {
@@ -370,12 +370,9 @@ fn the_gpu_benchmarks_run_and_report_every_row() {
     // The attention rows: a TFLOP/s figure for every build of each pass.
     let attention: Vec<_> = lines.iter().filter(|(_, v)| v.contains("TFLOP/s")).collect();
     assert!(attention.len() >= 3, "{attention:#?}");
-    for build in kiln::backend::cuda::flash_attn::FWD_D64_BUILDS {
-        assert!(row(&format!("forward ({build} blocks/SM)")).contains("TFLOP/s"));
-    }
-    for &build in kiln::backend::cuda::flash_attn::bwd_builds(64) {
-        let label = kiln::backend::cuda::flash_attn::bwd_label(build);
-        assert!(row(&format!("backward ({label})")).contains("TFLOP/s"));
+    for build in kiln::backend::cuda::flash_attn::builds(64) {
+        assert!(row(&format!("forward ({})", build.label())).contains("TFLOP/s"));
+        assert!(row(&format!("backward ({})", build.label())).contains("TFLOP/s"));
     }
 }
 

@@ -3,7 +3,7 @@
 //! so the two figures in scripts/gpu-check.sh's table compare directly.
 
 use crate::backend::cuda::device::Gpu;
-use crate::backend::cuda::flash_attn;
+use crate::backend::cuda::flash_attn::{self, Build};
 use crate::backend::AttnShape;
 use anyhow::Result;
 use half::bf16;
@@ -61,18 +61,17 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         gpu.synchronize()?;
         Ok(t.elapsed().as_secs_f64() / iters as f64)
     };
-    // Every build of each pass (see `flash_attn::fwd_builds`, `bwd_builds`), as the engine's
-    // autotune (`attn_tune.rs`) times them: the forward alone, then each backward after the
-    // fastest forward. A pinned build is timed alone.
+    // Every build of each pass (see `flash_attn::builds`), as the engine's autotune
+    // (`attn_tune.rs`) times them: the forward alone, then each backward after the fastest forward.
     let d = s.head_dim;
-    let (fwd_builds, bwd_builds) = (flash_attn::fwd_candidates(d), flash_attn::bwd_candidates(&gpu, d));
+    let (fwd_builds, bwd_builds) = (flash_attn::builds(d), flash_attn::bwd_builds(&gpu, d));
     // A build that fails is reported in its own row and left out, so one bad build does not cost
     // the other figures of the run.
     let (mut fwd, mut failed) = (Vec::new(), Vec::new());
-    for &build in &fwd_builds {
+    for &build in fwd_builds {
         match timed(&mut || flash_attn::forward(&gpu, &mut out, &mut lse, &q, &k, &v, s, build)) {
             Ok(secs) => fwd.push((build, secs)),
-            Err(e) => failed.push((format!("forward ({})", flash_attn::fwd_label(build)), e)),
+            Err(e) => failed.push((format!("forward ({})", build.label()), e)),
         }
     }
     let (fwd_used, fwd_secs) = fastest(&fwd, "forward", &failed)?;
@@ -86,7 +85,7 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         });
         match secs {
             Ok(secs) => pairs.push((build, secs)),
-            Err(e) => failed.push((format!("backward ({})", flash_attn::bwd_label(build)), e)),
+            Err(e) => failed.push((format!("backward ({})", build.label()), e)),
         }
     }
     let (bwd_used, secs) = fastest(&pairs, "backward", &failed)?;
@@ -104,11 +103,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
         ),
         ("flash-attn fwd+bwd".into(), rate(3.5 * fwd_flops, secs)),
     ];
-    // The builds the headline ran first (the fastest, or the pinned ones), then the others.
-    let several_bwd = flash_attn::bwd_builds(d).len() > 1;
-    let bwd_label = |b: u32| if several_bwd { flash_attn::bwd_label(b) } else { "delta, dQ cast incl.".into() };
-    let several_fwd = flash_attn::fwd_builds(d).len() > 1;
-    let fwd_label = |b: u32| if several_fwd { flash_attn::fwd_label(b) } else { "the one build".into() };
+    // The builds the headline ran first (the fastest), then the others.
+    let several = flash_attn::builds(d).len() > 1;
+    let bwd_label = |b: Build| if several { b.label() } else { "delta, dQ cast incl." };
+    let fwd_label = |b: Build| if several { b.label() } else { "the one build" };
     rows.push((format!("  forward ({})", fwd_label(fwd_used)), rate(fwd_flops, fwd_secs)));
     rows.push((format!("  backward ({})", bwd_label(bwd_used)), rate(2.5 * fwd_flops, bwd_secs(secs))));
     for &(build, f) in fwd.iter().filter(|(b, _)| *b != fwd_used) {
@@ -117,11 +115,10 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
     for &(build, pair) in pairs.iter().filter(|(b, _)| *b != bwd_used) {
         rows.push((format!("  backward ({})", bwd_label(build)), rate(2.5 * fwd_flops, bwd_secs(pair))));
     }
-    let pinned = flash_attn::fwd_pinned(d).is_some() || flash_attn::bwd_pinned(&gpu, d).is_some();
-    let how = match (several_fwd || several_bwd, pinned) {
-        (false, _) => "one build per pass at this head_dim",
-        (true, false) => "the fastest of each pass, as the engine's autotune keeps",
-        (true, true) => "the fastest timed; a KILN_FA_*_BLOCKS variable pins a pass to one build",
+    let how = if several {
+        "the fastest of each pass, as the engine's autotune keeps"
+    } else {
+        "one build per pass at this head_dim"
     };
     rows.push(("builds in the headline".into(), how.into()));
     for (what, e) in failed {
@@ -131,7 +128,7 @@ pub fn run(a: &AttentionBenchArgs) -> Result<Vec<(String, String)>> {
 }
 
 /// The fastest build timed, or an error naming why each failed.
-fn fastest(times: &[(u32, f64)], pass: &str, failed: &[(String, anyhow::Error)]) -> Result<(u32, f64)> {
+fn fastest(times: &[(Build, f64)], pass: &str, failed: &[(String, anyhow::Error)]) -> Result<(Build, f64)> {
     times.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).ok_or_else(|| {
         let why: Vec<String> = failed.iter().map(|(what, e)| format!("{what}: {e:#}")).collect();
         anyhow::anyhow!("no {pass} build of the attention ran ({})", why.join("; "))

@@ -87,26 +87,21 @@ fn tuning_line(tuned: &[crate::backend::cuda::gemm::Tuned]) -> String {
     )
 }
 
-/// The attention builds timing chose, pass by pass: `forward: 2 blocks/SM (4 blocks/SM 1.02 ms,
-/// ...)`, each build with its time per call.
+/// The attention builds timing chose, pass by pass: `forward q2048: 2 m-tiles per warp (1 m-tile
+/// per warp 1.020 ms, ...)`, each build with its time per call.
 fn attention_tuning_line(tuned: &[crate::backend::cuda::attn_tune::AttnTuned]) -> String {
     use crate::backend::cuda::attn_tune::Pass;
-    use crate::backend::cuda::flash_attn::{bwd_label, fwd_label};
+    use crate::backend::cuda::flash_attn::Build;
     if tuned.is_empty() {
-        return "not timed (KILN_FA_AUTOTUNE=0, pinned builds, one build per pass at this head_dim, or passes under 4 GFLOP)".into();
+        return "not timed (KILN_FA_AUTOTUNE=0, one build per pass at this head_dim, or passes under 4 GFLOP)".into();
     }
-    let label = |pass: Pass, b: u32| match pass {
-        Pass::Forward => fwd_label(b),
-        Pass::Backward => bwd_label(b),
-    };
     let parts: Vec<String> = tuned
         .iter()
         .map(|t| {
-            let times: Vec<String> =
-                t.times_ms.iter().map(|&(b, ms)| format!("{} {ms:.3} ms", label(t.pass, b))).collect();
+            let times: Vec<String> = t.times_ms.iter().map(|&(b, ms)| format!("{} {ms:.3} ms", b.label())).collect();
             let pass = if t.pass == Pass::Forward { "forward" } else { "backward" };
-            let default = if t.chosen == t.default { ", the default" } else { "" };
-            format!("{pass} q{}: {}{default} ({})", t.shape.q_len, label(t.pass, t.chosen), times.join(", "))
+            let default = if t.chosen == Build::Plain { ", the default" } else { "" };
+            format!("{pass} q{}: {}{default} ({})", t.shape.q_len, t.chosen.label(), times.join(", "))
         })
         .collect();
     parts.join("; ")

@@ -21,9 +21,9 @@
 //     after it by an event or a host synchronization, as on a GPU, where streams run at once (see
 //     "stream order" below).
 // It reports two compute capability 9.0 devices with an H100's shared memory, so the engine
-// takes the Hopper paths (the 3-blocks-per-SM FlashAttention builds are allowed). Everything runs
-// synchronously on the calling thread; streams and events only keep time and the order the
-// stream-order check follows.
+// takes the Hopper paths (the two-m-tile FlashAttention backward, two 91 KB blocks per SM, runs).
+// Everything runs synchronously on the calling thread; streams and events only keep time and the
+// order the stream-order check follows.
 
 #include "cuda_bf16.h"
 

@@ -25,14 +25,13 @@ static double f(B16 x) { return (double)__bfloat162float(x); }
 // src/backend/cuda/flash_attn.rs, same formulas): the kernels must stay inside it.
 static size_t fwd_shared_bytes(int d) { return (size_t)2 * 2 * 64 * (d + 8) * 2; }
 static size_t bwd_shared_bytes(int d, size_t keys) {
-    const size_t ks = d + 8, stages = d <= 64 || keys == 128 ? 2 : 1;
+    const size_t ks = d + 8, stages = d <= 64 ? 2 : 1;
     return 2 * (2 * keys * ks + stages * 2 * 64 * ks + keys * (64 + 8)) + 4 * stages * 2 * 64;
 }
 
-static int fwd_m_tiles = 1;
-static int bwd_warps = 4;  // 8: the head_dim 64 and 128 backward builds with 128 keys per block
-static bool bwd_lean = false;         // the head_dim 64 backward's 3-block build (one softmax copy, mask predicated)
-static bool bwd_two_m_tiles = false;  // the head_dim 64 backward with 32 keys per warp (128 per block)
+// The head_dim 64 builds with two m-tiles per warp: 128 queries (forward) or keys (backward) per block.
+static bool fwd_two_m_tiles = false;
+static bool bwd_two_m_tiles = false;
 
 static void run(Shape s, unsigned seed) {
     std::mt19937 rng(seed);
@@ -55,10 +54,9 @@ static void run(Shape s, unsigned seed) {
                 }
     for (auto& x : out) x = __float2bfloat16_rn(NAN);
     const float scale = 1.0f / std::sqrt((float)s.d);
-    // The head_dim 64 forward's two-m-tile build (128 queries per block) when fwd_m_tiles is 2.
-    const bool two = s.d == 64 && fwd_m_tiles == 2;
+    const bool two = s.d == 64 && fwd_two_m_tiles;
     auto fwd = [&] {
-        auto entry = two ? flash_attn_fwd_d64_2
+        auto entry = two ? flash_attn_fwd_d64_2mt
                          : s.d == 32 ? flash_attn_fwd_d32 : s.d == 64 ? flash_attn_fwd_d64 : flash_attn_fwd_d128;
         entry(out.data(), lse.data(), q.data(), k.data(), v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0,
               s.n_head, s.n_kv_head, scale);
@@ -119,22 +117,17 @@ static void run(Shape s, unsigned seed) {
                     [&] { flash_attn_bwd_delta(delta.data(), dout.data(), out.data(), rows, s.q_len, s.n_head, s.d); });
     for (auto& x : dk) x.bits = 0;
     for (auto& x : dv) x.bits = 0;
-    const bool wide = s.d != 32 && bwd_warps == 8;
     const bool mt2 = s.d == 64 && bwd_two_m_tiles;
     auto bwd = [&] {
-        auto entry = mt2 && wide ? flash_attn_bwd_d64_8w2mt
-                     : mt2       ? flash_attn_bwd_d64_2mt
-                     : wide      ? (s.d == 64 ? flash_attn_bwd_d64_8w : flash_attn_bwd_d128_8w)
-                     : s.d == 32 ? flash_attn_bwd_d32
-                     : s.d == 64 ? (bwd_lean ? flash_attn_bwd_d64_3 : flash_attn_bwd_d64)
-                                 : flash_attn_bwd_d128;
+        auto entry = mt2 ? flash_attn_bwd_d64_2mt
+                         : s.d == 32 ? flash_attn_bwd_d32 : s.d == 64 ? flash_attn_bwd_d64 : flash_attn_bwd_d128;
         entry(dq_acc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(),
               v.data(), s.q_len, s.kv_len, s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, scale);
     };
-    const unsigned keys = wide && mt2 ? 256 : wide || mt2 ? 128 : 64;
+    const unsigned keys = mt2 ? 128 : 64;
     emulated_ldsm_count = emulated_ldsm_wavefronts = 0;
     emulated_launch({(unsigned)s.n_kv_head, (unsigned)s.batch, (unsigned)((s.kv_len + keys - 1) / keys)},
-                    {wide ? 256u : 128u, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
+                    {128, 1, 1}, bwd, bwd_shared_bytes(s.d, keys));
     const double bwd_wavefronts = (double)emulated_ldsm_wavefronts / emulated_ldsm_count;
 
     auto rows_of = [](const std::vector<B16>& x) {
@@ -145,11 +138,7 @@ static void run(Shape s, unsigned seed) {
     // dK/dV rows past kv_len are not gradients of anything: they must stay zero.
     std::vector<double> dk_valid = rows_of(dk), dv_valid = rows_of(dv);
     char name[160];
-    const char* bwd_build = wide && mt2                  ? " (backward with 8 warps of 2 m-tiles)"
-                            : wide                       ? " (backward with 8 warps)"
-                            : mt2                        ? " (backward with 2 m-tiles per warp)"
-                            : bwd_lean && s.d == 64      ? " (backward held to 3 blocks per SM)"
-                                                         : "";
+    const char* bwd_build = mt2 ? " (backward with 2 m-tiles per warp)" : "";
     std::snprintf(name, sizeof name, "b%d q%d kv%d/%d pos0 %d heads %d/%d d%d%s%s", s.batch, s.q_len, s.kv_len,
                   s.kv_stride, s.q_pos0, s.n_head, s.n_kv_head, s.d, two ? " (forward with 2 m-tiles per warp)" : "",
                   bwd_build);
@@ -184,61 +173,26 @@ int main() {
     run({1, 130, 130, 130, 0, 4, 2, 128}, 9);   // head_dim 128's one-stage backward over several heads
     run({2, 150, 150, 150, 0, 4, 2, 32}, 12);   // head_dim 32 (the demo's), ragged, groups of 2
     run({1, 3, 90, 96, 87, 4, 4, 32}, 13);      // head_dim 32 decoding at the end of a cache
-    // The alternate builds over head_dim 64 shapes from above (ragged tiles and a longer cache,
-    // batch 2, decoding, the end of a long cache) and one with whole and partial 128-row blocks
-    // over several tiles.
+    // The head_dim 64 builds with two m-tiles per warp (128 queries or keys per block), both passes
+    // in each run, over head_dim 64 shapes from above (ragged tiles and a longer cache, batch 2,
+    // decoding, the end of a long cache) and one with whole and partial 128-row blocks over several
+    // tiles. The backward takes its queries in sub-tiles of 16.
     const std::pair<Shape, unsigned> d64[] = {{{1, 250, 260, 264, 10, 2, 1, 64}, 6},
                                               {{2, 100, 100, 100, 0, 4, 2, 64}, 1},
                                               {{1, 1, 64, 128, 63, 2, 2, 64}, 3},
                                               {{1, 5, 200, 256, 195, 4, 2, 64}, 5},
                                               {{1, 300, 300, 300, 0, 4, 1, 64}, 15}};
-    // The head_dim 64 forward built with two m-tiles per warp (128 queries per block).
-    fwd_m_tiles = 2;
-    std::printf("forward with 2 m-tiles per warp:\n");
+    fwd_two_m_tiles = bwd_two_m_tiles = true;
+    std::printf("forward and backward with 2 m-tiles per warp:\n");
     for (const auto& [shape, seed] : d64) run(shape, seed);
-    fwd_m_tiles = 1;
-    // The backward with 8 warps and 128 keys per block: partial key blocks, decoding, several key
-    // blocks each visiting several query tiles and heads, at head_dim 64 and 128.
-    bwd_warps = 8;
-    std::printf("backward with 8 warps (128 keys per block):\n");
-    for (const auto& [shape, seed] : d64) run(shape, seed);
-    run({1, 200, 200, 200, 0, 2, 2, 128}, 7);
-    run({1, 70, 150, 160, 80, 4, 1, 128}, 2);
-    run({1, 300, 300, 300, 0, 4, 2, 128}, 18);
-    bwd_warps = 4;
-    // The backward with two 16-key m-tiles per warp (128 keys per block, queries in sub-tiles of 16).
-    bwd_two_m_tiles = true;
-    std::printf("backward with 2 m-tiles per warp:\n");
-    for (const auto& [shape, seed] : d64) run(shape, seed);
-    // And with 8 such warps (256 keys per block: partial and whole key blocks).
-    bwd_warps = 8;
-    std::printf("backward with 8 warps of 2 m-tiles:\n");
-    for (const auto& [shape, seed] : d64) run(shape, seed);
-    run({1, 512, 520, 520, 0, 4, 2, 64}, 21);
-    bwd_warps = 4;
-    bwd_two_m_tiles = false;
-    // The 3-block backward, whose softmax pass is one copy with the mask predicated.
-    bwd_lean = true;
-    std::printf("backward held to 3 blocks per SM:\n");
-    for (const auto& [shape, seed] : d64) run(shape, seed);
-    bwd_lean = false;
+    fwd_two_m_tiles = bwd_two_m_tiles = false;
     // Again with copies landing as soon as they are issued (a buffer refilled too early shows here).
     emulated_cp_async_eager = true;
     std::printf("cp.async landing at issue:\n");
     run({1, 192, 192, 192, 0, 4, 1, 64}, 10);
     run({1, 130, 130, 130, 0, 4, 2, 128}, 11);
     run({1, 192, 192, 192, 0, 4, 1, 32}, 14);
-    fwd_m_tiles = 2;
+    fwd_two_m_tiles = bwd_two_m_tiles = true;
     run({1, 300, 300, 300, 0, 4, 1, 64}, 16);
-    fwd_m_tiles = 1;
-    bwd_two_m_tiles = true;
-    run({1, 300, 300, 300, 0, 4, 1, 64}, 20);
-    bwd_warps = 8;
-    run({1, 300, 300, 300, 0, 4, 1, 64}, 22);
-    bwd_warps = 4;
-    bwd_two_m_tiles = false;
-    bwd_warps = 8;
-    run({1, 300, 300, 300, 0, 4, 1, 64}, 17);
-    run({1, 300, 300, 300, 0, 4, 2, 128}, 19);
     return emulated_failures ? 1 : 0;
 }

@@ -1,17 +1,17 @@
 //! Which build of the FlashAttention-2 kernels the engine runs, chosen by timing on the card, as
 //! `gemm.rs` chooses cuBLASLt's algorithms.
 //!
-//! At head_dim 64 and 128 a pass comes in builds that trade occupancy, registers and block shape
-//! differently (`flash_attn::fwd_builds`, `bwd_builds`), and which is fastest depends on the card
-//! and the shape. So the first forward and the first backward of each new shape run every build on the
-//! real operands and keep the fastest, then run it once more so that the outputs are its own. Every
-//! build computes the same attention (each is checked against the CPU backend in tests/gpu.rs), so
-//! only speed changes. `KILN_FA_FWD_D64_BLOCKS`, `KILN_FA_BWD_D64_BLOCKS` and
-//! `KILN_FA_BWD_D128_BLOCKS` pin a build instead, and
-//! `KILN_FA_AUTOTUNE=0` runs the defaults untimed, for comparison.
+//! At head_dim 64 each pass has two builds (`flash_attn::Build`): the default, and one with two
+//! m-tiles per warp that reads shared memory 40–50% less often per `mma.sync` but runs half as
+//! many blocks per SM. Which is faster depends on the card and the shape, and no card has said yet, so the
+//! first forward and the first backward of each new shape run both on the real operands and keep
+//! the faster, then run it once more so that the outputs are its own. Both compute the same
+//! attention (each is checked against the CPU backend in tests/gpu.rs), so only speed changes.
+//! `KILN_FA_AUTOTUNE=0` runs the defaults untimed. Once a card has ranked the builds, the loser
+//! goes, and this module with it.
 
 use super::device::Gpu;
-use super::flash_attn;
+use super::flash_attn::{self, Build};
 use crate::backend::AttnShape;
 use anyhow::{anyhow, Result};
 use std::collections::HashMap;
@@ -35,11 +35,9 @@ pub enum Pass {
 pub struct AttnTuned {
     pub pass: Pass,
     pub shape: AttnShape,
-    /// Each build timed, by its blocks per SM, with milliseconds per call.
-    pub times_ms: Vec<(u32, f32)>,
-    pub chosen: u32,
-    /// The build that runs untimed (`fwd_default` / `bwd_default`).
-    pub default: u32,
+    /// Each build timed, with milliseconds per call.
+    pub times_ms: Vec<(Build, f32)>,
+    pub chosen: Build,
 }
 
 /// The same shape, as a map key (AttnShape itself carries no Hash).
@@ -57,7 +55,7 @@ fn forward_flops(s: &AttnShape) -> f64 {
 pub struct AttnTuner {
     enabled: bool,
     min_flops: f64,
-    chosen: Mutex<HashMap<Key, u32>>,
+    chosen: Mutex<HashMap<Key, Build>>,
     tuned: Mutex<Vec<AttnTuned>>,
 }
 
@@ -78,48 +76,37 @@ impl AttnTuner {
     }
 
     /// The forward through the build timing chose for `s` (see the module comment).
-    pub fn forward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
-        let d = s.head_dim;
-        self.run(gpu, Pass::Forward, s, &|| flash_attn::fwd_candidates(d), flash_attn::fwd_default(d), run)
+    pub fn forward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(Build) -> Result<()>) -> Result<()> {
+        self.run(gpu, Pass::Forward, s, flash_attn::builds(s.head_dim), run)
     }
 
-    /// The backward through the build timing chose for `s`, among those that fit the device.
-    pub fn backward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(u32) -> Result<()>) -> Result<()> {
-        let d = s.head_dim;
-        self.run(gpu, Pass::Backward, s, &|| flash_attn::bwd_candidates(gpu, d), flash_attn::bwd_default(gpu, d), run)
+    /// The backward through the build timing chose for `s`, among those worth running on the device.
+    pub fn backward(&self, gpu: &Gpu, s: AttnShape, run: &mut dyn FnMut(Build) -> Result<()>) -> Result<()> {
+        self.run(gpu, Pass::Backward, s, &flash_attn::bwd_builds(gpu, s.head_dim), run)
     }
 
-    /// `candidates` lists the builds to time (only the pinned one, when a variable pins it); it is
-    /// called only the first time a shape is seen, so the step's later passes cost one map lookup.
-    /// `default` (the pinned build, if any) runs where nothing is timed.
+    /// Runs the default build where nothing is timed (tuning off, a small pass, one build), the
+    /// build kept for a shape seen before, or else times `builds` and keeps the fastest.
     fn run(
         &self,
         gpu: &Gpu,
         pass: Pass,
         s: AttnShape,
-        candidates: &dyn Fn() -> Vec<u32>,
-        default: u32,
-        run: &mut dyn FnMut(u32) -> Result<()>,
+        builds: &[Build],
+        run: &mut dyn FnMut(Build) -> Result<()>,
     ) -> Result<()> {
-        if !self.enabled || forward_flops(&s) < self.min_flops {
-            return run(default);
+        if !self.enabled || builds.len() < 2 || forward_flops(&s) < self.min_flops {
+            return run(Build::Plain);
         }
         let k = key(pass, &s);
         let known = self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.get(&k).copied();
         if let Some(b) = known {
             return run(b);
         }
-        let builds = candidates();
-        if builds.len() < 2 {
-            // One build (pinned, or this head_dim has no alternatives): nothing to time, now or later.
-            let only = builds.first().copied().unwrap_or(default);
-            self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.insert(k, only);
-            return run(only);
-        }
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (gpu.ctx.new_event(timing)?, gpu.ctx.new_event(timing)?);
         let mut times_ms = Vec::with_capacity(builds.len());
-        for &b in &builds {
+        for &b in builds {
             let mut time = || -> Result<f32> {
                 run(b)?;
                 start.record(&gpu.stream)?;
@@ -132,10 +119,10 @@ impl AttnTuner {
             // A build that cannot launch here is passed over, as long as one can.
             times_ms.push((b, time().unwrap_or(f32::INFINITY)));
         }
-        let (chosen, best) = times_ms.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1)).unwrap_or((default, 0.0));
+        let (chosen, best) = times_ms.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1)).unwrap_or((Build::Plain, 0.0));
         if !best.is_finite() {
             // No build ran: the default's own error is the one to report.
-            return run(default);
+            return run(Build::Plain);
         }
         self.chosen.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.insert(k, chosen);
         self.tuned.lock().map_err(|_| anyhow!("attention tuning poisoned"))?.push(AttnTuned {
@@ -143,7 +130,6 @@ impl AttnTuner {
             shape: s,
             times_ms,
             chosen,
-            default,
         });
         // The outputs now hold the last build's results; the chosen build writes its own.
         run(chosen)

@@ -7,7 +7,7 @@
 
 use crate::backend::Role;
 use anyhow::{bail, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream, DriverError};
 use half::bf16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,6 +43,43 @@ pub enum Data {
     Bf16(CudaSlice<bf16>),
     F32(CudaSlice<f32>),
     Param { master: CudaSlice<f32>, compute: CudaSlice<bf16> },
+}
+
+/// The storage `role` gets (see the module comment), its slices made by `half` (bf16) and
+/// `single` (f32).
+fn by_role<E>(
+    role: Role,
+    half: impl Fn() -> Result<CudaSlice<bf16>, E>,
+    single: impl Fn() -> Result<CudaSlice<f32>, E>,
+) -> Result<Data, E> {
+    Ok(match role {
+        Role::Activation => Data::Bf16(half()?),
+        Role::Stats | Role::Accum => Data::F32(single()?),
+        Role::Param => Data::Param { master: single()?, compute: half()? },
+    })
+}
+
+impl Data {
+    /// `len` zeros in the storage `role` gets.
+    pub fn zeros(s: &Arc<CudaStream>, len: usize, role: Role) -> Result<Data, DriverError> {
+        by_role(role, || s.alloc_zeros(len), || s.alloc_zeros(len))
+    }
+
+    /// `len` values in the storage `role` gets, left as the allocator hands them over.
+    ///
+    /// # Safety
+    /// Device memory, not Rust values, so nothing is undefined in Rust's sense; but the caller
+    /// must write every element before reading one, or it reads garbage.
+    pub unsafe fn unset(s: &Arc<CudaStream>, len: usize, role: Role) -> Result<Data, DriverError> {
+        // SAFETY: passed on to the caller (above).
+        by_role(role, || unsafe { s.alloc(len) }, || unsafe { s.alloc(len) })
+    }
+
+    /// `values` in the storage `role` gets (rounded to bf16 where it is bf16).
+    pub fn upload(s: &Arc<CudaStream>, values: &[f32], role: Role) -> Result<Data, DriverError> {
+        let rounded = || s.clone_htod(&values.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>());
+        by_role(role, rounded, || s.clone_htod(values))
+    }
 }
 
 pub struct CudaBuf {

@@ -15,7 +15,6 @@ use super::libs::{require, CudaLib};
 use super::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
 use crate::backend::{AdamW, AttnShape, Backend, Gemm, MemoryUse, Role, RopeShape};
 use anyhow::{bail, Result};
-use half::bf16;
 use std::sync::Arc;
 
 /// Each buffer holds at least the given number of values.
@@ -44,10 +43,6 @@ pub struct CudaMemory {
     /// Bytes in use on the device by every allocator (cuBLASLt's workspace, caching pools, other processes).
     pub device_used: usize,
     pub device_total: usize,
-}
-
-fn to_bf16(data: &[f32]) -> Vec<bf16> {
-    data.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 impl Cuda {
@@ -157,45 +152,18 @@ impl Backend for Cuda {
     }
 
     fn zeros_as(&self, len: usize, role: Role) -> Result<CudaBuf> {
-        let s = &self.gpu.stream;
-        let data = (|| -> Result<Data, cudarc::driver::DriverError> {
-            Ok(match role {
-                Role::Activation => Data::Bf16(s.alloc_zeros(len)?),
-                Role::Stats | Role::Accum => Data::F32(s.alloc_zeros(len)?),
-                Role::Param => Data::Param { master: s.alloc_zeros(len)?, compute: s.alloc_zeros(len)? },
-            })
-        })()
-        .map_err(|e| self.alloc_error(e, len, role))?;
+        let data = Data::zeros(&self.gpu.stream, len, role).map_err(|e| self.alloc_error(e, len, role))?;
         Ok(self.wrap(data))
     }
 
     fn scratch_as(&self, len: usize, role: Role) -> Result<CudaBuf> {
-        let s = &self.gpu.stream;
-        // SAFETY: device memory, not Rust values; the caller writes every element before reading
-        // (the trait's contract), so no garbage is ever read.
-        let data = (|| -> Result<Data, cudarc::driver::DriverError> {
-            Ok(unsafe {
-                match role {
-                    Role::Activation => Data::Bf16(s.alloc(len)?),
-                    Role::Stats | Role::Accum => Data::F32(s.alloc(len)?),
-                    Role::Param => Data::Param { master: s.alloc(len)?, compute: s.alloc(len)? },
-                }
-            })
-        })()
-        .map_err(|e| self.alloc_error(e, len, role))?;
+        // SAFETY: the caller writes every element before reading (the trait's contract).
+        let data = unsafe { Data::unset(&self.gpu.stream, len, role) }.map_err(|e| self.alloc_error(e, len, role))?;
         Ok(self.wrap(data))
     }
 
     fn upload_as(&self, data: &[f32], role: Role) -> Result<CudaBuf> {
-        let s = &self.gpu.stream;
-        let d = (|| -> Result<Data, cudarc::driver::DriverError> {
-            Ok(match role {
-                Role::Activation => Data::Bf16(s.clone_htod(&to_bf16(data))?),
-                Role::Stats | Role::Accum => Data::F32(s.clone_htod(data)?),
-                Role::Param => Data::Param { master: s.clone_htod(data)?, compute: s.clone_htod(&to_bf16(data))? },
-            })
-        })()
-        .map_err(|e| self.alloc_error(e, data.len(), role))?;
+        let d = Data::upload(&self.gpu.stream, data, role).map_err(|e| self.alloc_error(e, data.len(), role))?;
         Ok(self.wrap(d))
     }
 

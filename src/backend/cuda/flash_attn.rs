@@ -2,7 +2,7 @@
 
 use super::device::Gpu;
 use super::kernels::Kernel;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 pub const KERNEL: Kernel = Kernel {
@@ -11,82 +11,91 @@ pub const KERNEL: Kernel = Kernel {
     entries: &[
         "flash_attn_fwd_d32",
         "flash_attn_fwd_d64",
-        "flash_attn_fwd_d64_2",
-        "flash_attn_fwd_d64_5",
+        "flash_attn_fwd_d64_2mt",
         "flash_attn_fwd_d128",
         "flash_attn_bwd_delta",
         "flash_attn_bwd_d32",
         "flash_attn_bwd_d64",
-        "flash_attn_bwd_d64_3",
         "flash_attn_bwd_d64_2mt",
-        "flash_attn_bwd_d64_8w2mt",
-        "flash_attn_bwd_d64_8w",
         "flash_attn_bwd_d128",
-        "flash_attn_bwd_d128_8w",
     ],
 };
 
 use super::cast;
 use super::rope;
 use crate::backend::AttnShape;
-use anyhow::{bail, Context};
 use half::bf16;
 
 const BR: usize = 64;
 const BC: usize = 64;
+
+/// A build of a FlashAttention-2 pass. Every head_dim has the plain build; head_dim 64 also has
+/// one with two 16-row m-tiles per warp, for the reason `kernels/flash_attn.cu` states (it reads
+/// shared memory 40–50% less often per `mma.sync`), which the engine times against the plain one
+/// on the card (`attn_tune`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// One m-tile per warp: 64 queries (forward) or 64 keys (backward) per block. The default.
+    Plain,
+    /// Two m-tiles per warp: 128 queries or keys per block (entry points `_2mt`).
+    TwoMTiles,
+}
+
+impl Build {
+    /// How `kiln bench attention`, `kiln bench train` and the tests name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Build::Plain => "1 m-tile per warp",
+            Build::TwoMTiles => "2 m-tiles per warp",
+        }
+    }
+
+    /// Query rows (forward) or keys (backward) per block.
+    fn rows(self) -> usize {
+        match self {
+            Build::Plain => BR,
+            Build::TwoMTiles => 2 * BR,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Build::Plain => "",
+            Build::TwoMTiles => "_2mt",
+        }
+    }
+}
+
+/// The builds of either pass at `head_dim`, the default first.
+pub fn builds(head_dim: usize) -> &'static [Build] {
+    if head_dim == 64 {
+        &[Build::Plain, Build::TwoMTiles]
+    } else {
+        &[Build::Plain]
+    }
+}
 
 /// Dynamic shared memory of the forward kernel: two stages of a K and a V tile (rows padded by 8).
 fn fwd_shared_bytes(head_dim: usize) -> usize {
     2 * 2 * BC * (head_dim + 8) * 2
 }
 
-/// One build of the backward kernel, as the launcher, the autotune and the reports know it. Builds
-/// are numbered by the blocks per SM they are compiled for, except the two-m-tile builds (4, 5).
-struct BwdBuild {
-    id: u32,
-    /// Appended to `flash_attn_bwd_d{head_dim}` for the entry point.
-    suffix: &'static str,
-    warps: u32,
-    keys: usize,
-    blocks_per_sm: u32,
-    label: &'static str,
-}
-
-const BWD_BUILDS: [BwdBuild; 5] = [
-    BwdBuild { id: 2, suffix: "", warps: 4, keys: BC, blocks_per_sm: 2, label: "2 blocks/SM" },
-    BwdBuild { id: 3, suffix: "_3", warps: 4, keys: BC, blocks_per_sm: 3, label: "3 blocks/SM" },
-    BwdBuild { id: 1, suffix: "_8w", warps: 8, keys: 2 * BC, blocks_per_sm: 1, label: "1 block/SM of 8 warps" },
-    BwdBuild { id: 4, suffix: "_2mt", warps: 4, keys: 2 * BC, blocks_per_sm: 2, label: "2 blocks/SM of 32-key warps" },
-    BwdBuild {
-        id: 5,
-        suffix: "_8w2mt",
-        warps: 8,
-        keys: 4 * BC,
-        blocks_per_sm: 1,
-        label: "1 block/SM of 8 32-key warps",
-    },
-];
-
-/// The build numbered `id`; callers only pass ids from `bwd_builds`.
-fn bwd_build(id: u32) -> Result<&'static BwdBuild> {
-    BWD_BUILDS.iter().find(|b| b.id == id).with_context(|| format!("attention: no backward build {id}"))
-}
-
-/// Query tiles the backward keeps in flight (mirrors `STAGES` in the source): one only in the
-/// 4-warp head_dim 128 builds.
-fn bwd_stages(head_dim: usize, b: &BwdBuild) -> usize {
-    if head_dim <= 64 || b.warps == 8 {
-        2
-    } else {
-        1
-    }
-}
-
 /// Dynamic shared memory of a backward build (mirrors the layout in the source): K and V tiles of
-/// the block's keys, a Q and a dO tile per stage, dSᵀ, and lse and delta rows per stage.
-fn bwd_shared_bytes(head_dim: usize, b: &BwdBuild) -> usize {
-    let (ks, keys, stages) = (head_dim + 8, b.keys, bwd_stages(head_dim, b));
+/// the block's keys, a Q and a dO tile per stage (two stages, one at head_dim 128), dSᵀ, and lse
+/// and delta rows per stage.
+fn bwd_shared_bytes(head_dim: usize, build: Build) -> usize {
+    let (ks, keys, stages) = (head_dim + 8, build.rows(), if head_dim <= 64 { 2 } else { 1 });
     2 * (2 * keys * ks + stages * 2 * BR * ks + keys * (BR + 8)) + 4 * stages * 2 * BR
+}
+
+/// The backward builds at `head_dim` worth running on this device: the two-m-tile build only
+/// where two of its blocks' shared memory (91 KB each) fit one SM, as on H100/H200 but not A100;
+/// with one block per SM it would leave half the SM's warps idle.
+pub fn bwd_builds(gpu: &Gpu, head_dim: usize) -> Vec<Build> {
+    let fits = |b: Build| {
+        b == Build::Plain || 2 * (bwd_shared_bytes(head_dim, b) + gpu.shared_reserved_per_block) <= gpu.shared_per_sm
+    };
+    builds(head_dim).iter().copied().filter(|&b| fits(b)).collect()
 }
 
 /// The kernels index without bounds checks, so every shape and buffer length is checked here.
@@ -107,6 +116,14 @@ fn check(s: &AttnShape, q_bufs: &[usize], kv_bufs: &[usize], lse_bufs: &[usize])
         128 => Ok("d128"),
         d => bail!("attention: head_dim {d} has no CUDA kernel (32, 64 or 128)"),
     }
+}
+
+/// The entry point of `pass` ("fwd" or "bwd") in `build` for head size `d` ("d64"), which must have it.
+fn entry_point(pass: &str, d: &str, head_dim: usize, build: Build) -> Result<String> {
+    if !builds(head_dim).contains(&build) {
+        bail!("attention: head_dim {head_dim} has no {} build", build.label());
+    }
+    Ok(format!("flash_attn_{pass}_{d}{}", build.suffix()))
 }
 
 /// The head sizes the kernels are built for, checked when a CUDA run starts rather than at its
@@ -151,139 +168,8 @@ impl<'a> PushShape<'a> for LaunchArgs<'a> {
     }
 }
 
-/// The builds of the head_dim 64 forward, by the blocks per SM each is compiled for: 4 (the default
-/// entry point, 64 queries per block, 99 registers), 5 (`flash_attn_fwd_d64_5`, held to 102) or 2
-/// (`flash_attn_fwd_d64_2`, 128 queries per block: two m-tiles per warp, so each K/V fragment read
-/// from shared memory feeds twice the tensor-core work). Other head sizes have one build.
-pub const FWD_D64_BUILDS: [u32; 3] = [4, 5, 2];
-
-/// The forward builds at `head_dim` (`attn_tune` times them when there are several).
-pub fn fwd_builds(head_dim: usize) -> &'static [u32] {
-    if head_dim == 64 {
-        &FWD_D64_BUILDS
-    } else {
-        &[FWD_DEFAULT_BUILD]
-    }
-}
-
-/// The head_dim 64 forward build run untimed (64 queries per block, the least work wasted on a
-/// short query), and the name the one build of other head sizes goes by.
-const FWD_DEFAULT_BUILD: u32 = 4;
-
-/// The builds of the backward, by blocks per SM: 2 (4 warps and 64 keys per block: head_dim 64 at
-/// 246 registers, 128 at 255), 3 (head_dim 64 only, held to 168 registers, no spill) and 1 (8 warps
-/// and 128 keys per block, FA2's block: each Q/dO tile serves twice the keys, dQ takes half the
-/// atomics, and at head_dim 128 the one block has room for two query stages); and at head_dim 64
-/// 4 (4 warps of 32 keys, 2 blocks per SM: each Q/dO fragment read from shared memory feeds two
-/// mma.sync, about 40% fewer shared-memory reads per mma.sync than the others) and 5 (8 such warps,
-/// 256 keys per block, one per SM: the same shared-memory reads, and half the 128-key builds' dQ
-/// atomics per mma.sync).
-pub fn bwd_builds(head_dim: usize) -> &'static [u32] {
-    match head_dim {
-        64 => &[2, 3, 1, 4, 5],
-        128 => &[2, 1],
-        _ => &[2],
-    }
-}
-
-/// How `kiln bench attention`, `kiln bench train` and the tests name a forward build.
-pub fn fwd_label(blocks: u32) -> String {
-    format!("{blocks} blocks/SM")
-}
-
-/// How `kiln bench attention`, `kiln bench train` and the tests name a backward build.
-pub fn bwd_label(build: u32) -> String {
-    bwd_build(build).map_or_else(|_| format!("build {build}"), |b| b.label.into())
-}
-
-/// Whether a backward build gets its blocks per SM on this device: that many blocks' shared memory
-/// fits one SM (three 64 KiB blocks fit an H100's 228 KiB, not an A100's 164; two 91 KiB blocks of
-/// the two-m-tile build likewise). The 64-key 2-block builds run everywhere, at whatever occupancy
-/// the device allows.
-pub fn bwd_fits(gpu: &Gpu, head_dim: usize, build: u32) -> bool {
-    let Ok(b) = bwd_build(build) else { return false };
-    let bytes = bwd_shared_bytes(head_dim, b) + gpu.shared_reserved_per_block;
-    (b.keys == BC && b.blocks_per_sm == 2) || b.blocks_per_sm as usize * bytes <= gpu.shared_per_sm
-}
-
-/// The backward builds at `head_dim` that fit this device.
-pub fn bwd_builds_fitting(gpu: &Gpu, head_dim: usize) -> Vec<u32> {
-    bwd_builds(head_dim).iter().copied().filter(|&b| bwd_fits(gpu, head_dim, b)).collect()
-}
-
-/// The forward builds to time at `head_dim`: the pinned one alone, else all of them.
-pub fn fwd_candidates(head_dim: usize) -> Vec<u32> {
-    fwd_pinned(head_dim).map_or_else(|| fwd_builds(head_dim).to_vec(), |b| vec![b])
-}
-
-/// The backward builds to time at `head_dim` on this device: the pinned one alone, else every one
-/// that fits.
-pub fn bwd_candidates(gpu: &Gpu, head_dim: usize) -> Vec<u32> {
-    bwd_pinned(gpu, head_dim).map_or_else(|| bwd_builds_fitting(gpu, head_dim), |b| vec![b])
-}
-
-/// A build named by an environment variable, if it is one of `builds`; any other value is ignored
-/// with a warning (callers read each variable once).
-fn env_build(var: &str, builds: &[u32]) -> Option<u32> {
-    let raw = std::env::var(var).ok()?;
-    let build = raw.trim().parse().ok().filter(|b| builds.contains(b));
-    if build.is_none() {
-        let names: Vec<String> = builds.iter().map(u32::to_string).collect();
-        eprintln!("warning: {var}={raw:?} names no build (one of {}); ignored", names.join(", "));
-    }
-    build
-}
-
-/// The head_dim 64 forward build `KILN_FA_FWD_D64_BLOCKS` (4, 5 or 2) pins, if it names one: the
-/// engine then runs it instead of timing every build (`attn_tune`).
-pub fn fwd_pinned(head_dim: usize) -> Option<u32> {
-    static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    match head_dim {
-        64 => *D64.get_or_init(|| env_build("KILN_FA_FWD_D64_BLOCKS", &FWD_D64_BUILDS)),
-        _ => None,
-    }
-}
-
-/// The forward build run untimed: the pinned one, else 4 blocks per SM at head_dim 64.
-pub fn fwd_default(head_dim: usize) -> u32 {
-    fwd_pinned(head_dim).unwrap_or(FWD_DEFAULT_BUILD)
-}
-
-/// The backward build `KILN_FA_BWD_D64_BLOCKS` (2, 3, 1, 4 or 5) or `KILN_FA_BWD_D128_BLOCKS` (2 or 1)
-/// pins, if it names one that fits the device.
-pub fn bwd_pinned(gpu: &Gpu, head_dim: usize) -> Option<u32> {
-    static D64: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    static D128: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    let want = match head_dim {
-        64 => *D64.get_or_init(|| env_build("KILN_FA_BWD_D64_BLOCKS", bwd_builds(64))),
-        128 => *D128.get_or_init(|| env_build("KILN_FA_BWD_D128_BLOCKS", bwd_builds(128))),
-        _ => None,
-    };
-    want.filter(|&b| bwd_fits(gpu, head_dim, b))
-}
-
-/// The backward build run untimed: the pinned one, else 2 blocks per SM. Under the causal mask
-/// TinyLlama's 1,024 backward blocks leave a longer tail on 3 × 132 slots than on 2 × 132 (1.125×
-/// against 1.016× the ideal, `bench/attention_schedule.py`), so the third block must raise an SM's
-/// throughput by more than a tenth to pay; the 8-warp build has half as many blocks, each twice as
-/// long, on 132 slots (1.031×), as has the two-m-tile build on 264. Only timing on the card can
-/// say, which `attn_tune` does.
-pub fn bwd_default(gpu: &Gpu, head_dim: usize) -> u32 {
-    bwd_pinned(gpu, head_dim).unwrap_or(2)
-}
-
-/// Queries per forward block: 128 for the two-m-tile head_dim 64 build, 64 otherwise.
-fn fwd_queries_per_block(head_dim: usize, d64_blocks: u32) -> usize {
-    if head_dim == 64 && d64_blocks == 2 {
-        2 * BR
-    } else {
-        BR
-    }
-}
-
-/// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, the
-/// head_dim 64 kernel in its build for `d64_blocks` blocks per SM (4, 5 or 2; see `FWD_D64_BUILDS`;
-/// other head sizes have one build and ignore it).
+/// `out` and the per-row logsumexp `lse` (natural log) of causal grouped-query attention, through
+/// `build` (one of `builds(head_dim)`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -293,23 +179,16 @@ pub fn forward(
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
     s: AttnShape,
-    d64_blocks: u32,
+    build: Build,
 ) -> Result<()> {
     let d = check(&s, &[out.len(), q.len()], &[k.len(), v.len()], &[lse.len()])?;
-    if s.head_dim == 64 && !FWD_D64_BUILDS.contains(&d64_blocks) {
-        bail!("attention: no head_dim 64 forward build for {d64_blocks} blocks per SM");
-    }
+    let entry = entry_point("fwd", d, s.head_dim, build)?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
-    let entry = match (d, d64_blocks) {
-        ("d64", 5) => "flash_attn_fwd_d64_5".to_string(),
-        ("d64", 2) => "flash_attn_fwd_d64_2".to_string(),
-        _ => format!("flash_attn_fwd_{d}"),
-    };
     let smem = fwd_shared_bytes(s.head_dim);
     let f = gpu.function_with_shared(&entry, smem)?;
-    let per_block = fwd_queries_per_block(s.head_dim, d64_blocks);
+    let per_block = build.rows();
     let shape_args = ShapeArgs::new(&s);
     // Query blocks in the slowest grid dimension: the kernel runs the last (heaviest) ones first.
     let cfg = LaunchConfig {
@@ -322,8 +201,8 @@ pub fn forward(
     Ok(())
 }
 
-/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through build `blocks`
-/// (one of `bwd_builds(head_dim)`). With `unrotate`, q was rotated (RoPE) and dQ comes out rotated
+/// Overwrites `dq`, `dk`, `dv` with the gradients of the attention above, through `build` (one of
+/// `builds(head_dim)`). With `unrotate`, q was rotated (RoPE) and dQ comes out rotated
 /// back, the gradient of the unrotated q: the rotation rides on the f32 → bf16 conversion dQ's
 /// accumulator needs anyway, so it costs no pass of its own (and rounds once, not twice).
 #[allow(clippy::too_many_arguments)]
@@ -339,16 +218,12 @@ pub fn backward(
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
     s: AttnShape,
-    blocks: u32,
+    build: Build,
     unrotate: Option<rope::Tables<'_>>,
 ) -> Result<()> {
     let d =
         check(&s, &[dq.len(), dout.len(), out.len(), q.len()], &[dk.len(), dv.len(), k.len(), v.len()], &[lse.len()])?;
-    if !bwd_builds(s.head_dim).contains(&blocks) {
-        bail!("attention: head_dim {} has no backward build for {blocks} blocks per SM", s.head_dim);
-    }
-    let build = bwd_build(blocks)?;
-    let entry = format!("flash_attn_bwd_{d}{}", build.suffix);
+    let entry = entry_point("bwd", d, s.head_dim, build)?;
     let st = &gpu.stream;
     if s.batch == 0 || s.q_len == 0 {
         st.memset_zeros(dq)?;
@@ -374,14 +249,14 @@ pub fn backward(
             .launch(cfg)
     }?;
     let mut dq_acc = st.alloc_zeros::<f32>(s.q_elems())?;
-    let keys = build.keys;
+    let keys = build.rows();
     let smem = bwd_shared_bytes(s.head_dim, build);
     let f = gpu.function_with_shared(&entry, smem)?;
     let shape_args = ShapeArgs::new(&s);
     // Key blocks in the slowest grid dimension, so the first (heaviest) ones run first.
     let cfg = LaunchConfig {
         grid_dim: (s.n_kv_head as u32, s.batch as u32, s.kv_len.div_ceil(keys) as u32),
-        block_dim: (32 * build.warps, 1, 1),
+        block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // The kernel writes every dK/dV row below kv_len; a cache's rows past it, and anything past
