@@ -14,6 +14,7 @@ use kiln::dist::{DeviceComm, Member};
 use kiln::model::init::random_weights;
 use kiln::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
 use kiln::train::fsdp::Fsdp;
+use kiln::train::guard::UpdateCheck;
 use kiln::train::optimizer::{device_step, AdamWState, StepParams};
 use rand::{Rng, SeedableRng};
 
@@ -75,7 +76,7 @@ fn single<B: Backend>(b: B, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> Trai
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in 1..=STEPS {
         let bs = batches(cfg, step);
-        let p = StepParams { scale: SCALE, max_norm: 1.0, hp: hp(step) };
+        let p = StepParams { scale: SCALE, max_norm: 1.0, hp: hp(step), check: UpdateCheck::Off };
         let (loss, norm) = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
         losses.push(loss * SCALE as f64);
         norms.push(norm);

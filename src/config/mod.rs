@@ -1,9 +1,11 @@
 //! The TOML run configuration: schema, defaults, `--set section.key=value` overrides and
 //! validation. Every error names the file and the offending key.
 
+mod guard;
 mod model;
 mod overrides;
 
+pub use guard::{GuardAction, GuardSection};
 pub use model::{ModelInit, ModelSection};
 pub use overrides::apply_set;
 use overrides::set_behind;
@@ -33,6 +35,8 @@ pub struct RunConfig {
     pub eval: EvalSection,
     #[serde(default)]
     pub sample: SampleSection,
+    #[serde(default)]
+    pub guard: GuardSection,
 }
 
 /// What a run trains on.
@@ -296,6 +300,7 @@ impl RunConfig {
         if self.train.grad_accum > 1 << 20 {
             bail!("train.grad_accum {} is beyond what kiln supports ({})", self.train.grad_accum, 1 << 20);
         }
+        self.guard.validate()?;
         if self.data.sources.is_empty() {
             bail!("data.sources: at least one source is needed");
         }

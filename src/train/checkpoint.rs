@@ -28,6 +28,9 @@ pub struct TrainerState {
     /// Data position after the last consumed micro-batch.
     pub mix: MixState,
     pub kiln_version: String,
+    /// The step guard's running window and skip counts (absent in checkpoints from before it).
+    #[serde(default)]
+    pub guard: super::guard::GuardState,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

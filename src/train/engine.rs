@@ -99,7 +99,7 @@ impl<B: Backend> Engine<B> {
                 let batches = batches.collect::<Result<Vec<_>>>()?;
                 s.master = None;
                 s.stale = true;
-                s.fsdp.step(&batches, p.hp.step, p.scale, p.max_norm, p.hp)
+                s.fsdp.step_checked(&batches, p.hp.step, p.scale, p.max_norm, p.hp, p.check)
             }
         }
     }

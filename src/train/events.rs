@@ -69,6 +69,20 @@ pub enum Event {
         step: u64,
         message: String,
     },
+    /// The step guard refused a step's update (see `train::guard`).
+    Guard {
+        step: u64,
+        reason: String,
+        /// The step's mean loss and gradient norm (absent when not finite).
+        loss: Option<f64>,
+        grad_norm: Option<f64>,
+        /// Standard deviations above the running mean, for a spike.
+        z: Option<f64>,
+        /// "skip", "pause" or "stop".
+        action: String,
+        /// Steps skipped in a row, this one included.
+        in_a_row: u32,
+    },
     /// The next piece of a chat reply (to viewers only, never to metrics.jsonl).
     ChatToken {
         id: u64,

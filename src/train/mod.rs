@@ -6,6 +6,7 @@ pub mod engine;
 pub mod evaluation;
 pub mod events;
 pub mod fsdp;
+pub mod guard;
 pub mod nodes;
 pub mod optim_state;
 pub mod optimizer;

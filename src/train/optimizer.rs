@@ -1,7 +1,8 @@
 //! AdamW over a whole parameter set, plus global-norm clipping with torch's `clip_grad_norm_`
 //! semantics (norm before clipping is what gets reported).
 
-use crate::backend::{AdamW, Backend};
+use super::guard::{self, UpdateCheck};
+use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
 use crate::model::{Llama, Weights, Workspace};
 use anyhow::Result;
@@ -53,11 +54,14 @@ pub struct StepParams {
     /// Global-norm clipping threshold (0 disables it).
     pub max_norm: f64,
     pub hp: AdamW,
+    /// What the update must stay within to be applied (the step guard).
+    pub check: UpdateCheck,
 }
 
 /// One optimizer step with the whole model on one device: zero the gradients, forward and backward
-/// every micro-batch (the gradients accumulate), clip, AdamW. Returns the summed token loss and the
-/// gradient norm before clipping. The trainer, `kiln bench train` and the GPU tests all step
+/// every micro-batch (the gradients accumulate), clip, AdamW, unless `p.check` refuses the update
+/// (weights and moments then stay as they were). Returns the summed token loss and the gradient
+/// norm before clipping. The trainer, `kiln bench train` and the GPU tests all step
 /// through here.
 pub fn device_step<B: Backend>(
     model: &mut Llama<B>,
@@ -78,10 +82,22 @@ pub fn device_step<B: Backend>(
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
         model.backward(ws, grads)?;
     }
+    if guard::poisoned(p.hp.step, 0) {
+        poison(&model.backend, &mut grads.final_norm)?;
+    }
     let norm = grad_norm(&model.backend, grads)?;
+    if !p.check.accepts(loss_sum, p.scale, norm) {
+        return Ok((loss_sum, norm));
+    }
     let hp = AdamW { grad_scale: clip_coefficient(norm, p.max_norm), ..p.hp };
     opt.step(model, grads, hp)?;
     Ok((loss_sum, norm))
+}
+
+/// Adds NaN to every value of `g` (the guard's test hook, `guard::poisoned`).
+pub fn poison<B: Backend>(b: &B, g: &mut B::Buf) -> Result<()> {
+    let nan = b.upload_as(&vec![f32::NAN; b.len(g)], Role::Accum)?;
+    b.add_assign(g, &nan)
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! happens next. On one node the agreement is the node's own wishes. Commands come from node 0's
 //! viewers only; SIGINT / SIGTERM on any node stops every node after a checkpoint.
 
-use super::events::{Command, Event};
+use super::events::{Command, Event, StepMetrics};
+use super::guard::Trip;
 use super::signals;
 use super::trainer::{RunEnd, Trainer};
 use crate::backend::Backend;
 use crate::chat::service::ChatRequest;
+use crate::config::GuardAction;
 use anyhow::{bail, Result};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
@@ -93,8 +95,14 @@ impl<B: Backend> Trainer<B> {
             if self.state.step >= until {
                 break;
             }
-            if !agreed.paused {
-                self.step_and_schedule(until, on_event)?;
+            if !agreed.paused && self.step_and_schedule(until, on_event)? && self.node.leads() {
+                // Every node saw the same refused step; node 0's pause reaches the others through
+                // the agreement, and only its viewers can resume the run.
+                if commands.is_none() {
+                    bail!("step guard: the run would pause at step {}, but it has no viewer to resume it; stopping, the last checkpoint is kept", self.state.step);
+                }
+                paused = true;
+                self.emit(Event::Paused { step: self.state.step, paused }, on_event)?;
             }
         }
         self.checkpoint_unless_current(on_event)?;
@@ -154,17 +162,22 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// One step, then what the schedule asks for at it: eval, samples, a checkpoint. Every node
-    /// runs the same schedule.
-    fn step_and_schedule(&mut self, until: u64, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+    /// runs the same schedule. Returns whether the step guard asks the run to pause.
+    fn step_and_schedule(&mut self, until: u64, on_event: &mut dyn FnMut(&Event)) -> Result<bool> {
         let (ev, sa, ck) = (self.cfg.eval.every_steps, self.cfg.sample.every_steps, self.cfg.checkpoint.every_steps);
-        let m = self.step()?;
-        if !m.loss.is_finite() {
-            let e = Event::Log { step: m.step, message: format!("loss is {} at step {}: stopping", m.loss, m.step) };
-            self.emit(e, on_event)?;
-            bail!("training diverged: loss {} at step {} (last good checkpoint kept)", m.loss, m.step);
-        }
+        let (m, trip) = self.step()?;
         let step = m.step;
-        self.emit(Event::Step(m), on_event)?;
+        let mut pause = false;
+        match trip {
+            Some(trip) => pause = self.guard_acts(trip, &m, on_event)?,
+            None if !m.loss.is_finite() => {
+                // The guard is off: nothing stopped the update, and the weights are lost.
+                let e = Event::Log { step, message: format!("loss is {} at step {step}: stopping", m.loss) };
+                self.emit(e, on_event)?;
+                bail!("training diverged: loss {} at step {step} (last good checkpoint kept)", m.loss);
+            }
+            None => self.emit(Event::Step(m), on_event)?,
+        }
         if ev > 0 && step % ev == 0 {
             self.eval_and_report(on_event)?;
         }
@@ -175,7 +188,51 @@ impl<B: Backend> Trainer<B> {
         if ck > 0 && step % ck == 0 && step < until {
             self.checkpoint_and_report(on_event)?;
         }
-        Ok(())
+        Ok(pause)
+    }
+
+    /// Records a step the guard refused and does what `[guard]` says: skip (pausing after
+    /// `max_consecutive` skips in a row), pause, or stop. Returns whether to pause.
+    fn guard_acts(&mut self, trip: Trip, m: &StepMetrics, on_event: &mut dyn FnMut(&Event)) -> Result<bool> {
+        let g = &self.cfg.guard;
+        let in_a_row = self.state.guard.consecutive;
+        let action = match g.action {
+            GuardAction::Skip if g.max_consecutive > 0 && in_a_row >= g.max_consecutive => GuardAction::Pause,
+            a => a,
+        };
+        let window = &self.state.guard;
+        let z = match trip {
+            Trip::LossSpike => window.z_of(m.loss, |x| x.0),
+            Trip::NormSpike => window.z_of(m.grad_norm, |x| x.1),
+            Trip::NonFinite => None,
+        };
+        let finite = |v: f64| v.is_finite().then_some(v);
+        let action_name = match action {
+            GuardAction::Skip => "skip",
+            GuardAction::Pause => "pause",
+            GuardAction::Stop => "stop",
+        };
+        let e = Event::Guard {
+            step: m.step,
+            reason: trip.reason().into(),
+            loss: finite(m.loss),
+            grad_norm: finite(m.grad_norm),
+            z,
+            action: action_name.into(),
+            in_a_row,
+        };
+        self.emit(e, on_event)?;
+        match action {
+            GuardAction::Skip => Ok(false),
+            GuardAction::Pause => Ok(true),
+            GuardAction::Stop => bail!(
+                "step guard: {} at step {} (loss {}, gradient norm {}); stopping, the last checkpoint is kept",
+                trip.reason(),
+                m.step,
+                m.loss,
+                m.grad_norm
+            ),
+        }
     }
 
     fn eval_and_report(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {

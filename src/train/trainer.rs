@@ -6,6 +6,7 @@ use super::checkpoint::{self, Snapshot, TrainerState};
 use super::engine::{Engine, EngineStart};
 use super::evaluation::{self, HeldOut};
 use super::events::{Event, StepMetrics};
+use super::guard::{Trip, UpdateCheck};
 use super::optim_state::MomentSource;
 use super::optimizer::StepParams;
 use super::schedule::lr_at;
@@ -155,8 +156,9 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// One optimizer step over `grad_accum` micro-batches.
-    pub fn step(&mut self) -> Result<StepMetrics> {
+    /// One optimizer step over `grad_accum` micro-batches, and whether the step guard refused its
+    /// update (the weights and moments are then as they were; the data counts as consumed).
+    pub fn step(&mut self) -> Result<(StepMetrics, Option<Trip>)> {
         let t0 = Instant::now();
         self.chat_weights = None; // stale after this step; chat snapshots again when asked
         let c = &self.cfg;
@@ -164,6 +166,9 @@ impl<B: Backend> Trainer<B> {
         // The loss is the mean token cross-entropy over the whole global batch.
         let scale = 1.0 / global_tokens as f32;
         let step = self.state.step + 1;
+        // AdamW's bias correction counts the updates applied, not the steps the guard skipped.
+        let update = step - self.state.guard.skipped;
+        let check = self.state.guard.check(&c.guard);
         let o = &c.optim;
         let lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, c.train.max_steps);
         let hp = AdamW {
@@ -172,11 +177,11 @@ impl<B: Backend> Trainer<B> {
             beta2: o.beta2 as f32,
             eps: o.eps as f32,
             weight_decay: o.weight_decay as f32,
-            step,
+            step: update,
             // Set per step from the gradient norm (`optimizer::clip_coefficient`).
             grad_scale: 1.0,
         };
-        let p = StepParams { scale, max_norm: o.grad_clip, hp };
+        let p = StepParams { scale, max_norm: o.grad_clip, hp, check };
         let (loader, mix) = (&mut self.loader, &mut self.state.mix);
         let mut wait = 0.0f64;
         let batches = (0..c.train.grad_accum).map(|_| {
@@ -186,15 +191,23 @@ impl<B: Backend> Trainer<B> {
             Ok(batch)
         });
         let (loss_sum, norm) = self.engine.step(&mut self.model, &mut self.ws, batches, p)?;
+        let loss = loss_sum * scale as f64;
+        // The same test the engine made, on the same values (`UpdateCheck::accepts`).
+        let trip = check.trip(loss, norm);
+        match trip {
+            None if check != UpdateCheck::Off => self.state.guard.applied(&self.cfg.guard, loss, norm),
+            None => {}
+            Some(_) => self.state.guard.skipped(),
+        }
         self.state.step = step;
         self.state.tokens += global_tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
         let tps = global_tokens as f64 / secs;
         let ranks = self.engine.rank_metrics(&self.model, tps)?;
-        Ok(StepMetrics {
+        let metrics = StepMetrics {
             step,
             tokens: self.state.tokens,
-            loss: loss_sum * scale as f64,
+            loss,
             lr,
             grad_norm: norm,
             tokens_per_s: tps,
@@ -206,7 +219,8 @@ impl<B: Backend> Trainer<B> {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             ranks,
-        })
+        };
+        Ok((metrics, trip))
     }
 
     /// Brings the model's weights up to date; under FSDP every node must call it together.

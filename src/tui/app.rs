@@ -129,6 +129,9 @@ impl App {
                 self.note(format!("step {step}: {}", if *paused { "paused" } else { "resumed" }));
             }
             Event::Log { step, message } => self.note(format!("step {step}: {message}")),
+            Event::Guard { step, reason, action, .. } => {
+                self.note(format!("step {step}: guard: {reason}, {action}"));
+            }
             Event::ChatToken { .. } | Event::ChatDone { .. } => self.on_chat_event(e),
         }
     }

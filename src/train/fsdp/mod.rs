@@ -20,6 +20,7 @@ use crate::dist::shard::ShardLayout;
 use crate::dist::Member;
 use crate::model::units::unit_ranges;
 use crate::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
+use crate::train::guard::UpdateCheck;
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::sync::Arc;
@@ -218,6 +219,20 @@ impl<B: Backend> Fsdp<B> {
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
     /// the summed token loss and the gradient norm before clipping.
     pub fn step(&mut self, batches: &[Batch], step: u64, scale: f32, clip: f64, hp: AdamW) -> Result<(f64, f64)> {
+        self.step_checked(batches, step, scale, clip, hp, UpdateCheck::Off)
+    }
+
+    /// `step`, whose update is applied only if `check` accepts the world's loss and gradient norm
+    /// (every rank compares the same all-reduced values, so all of them apply or skip together).
+    pub fn step_checked(
+        &mut self,
+        batches: &[Batch],
+        step: u64,
+        scale: f32,
+        clip: f64,
+        hp: AdamW,
+        check: UpdateCheck,
+    ) -> Result<(f64, f64)> {
         let Fsdp {
             ref cfg,
             world,
@@ -237,7 +252,7 @@ impl<B: Backend> Fsdp<B> {
             }
             let mut plan = GatherPlan::for_step(cfg, batches.len());
             let units = UnitLayout { cfg, sizes, ranges, layouts };
-            let res = rank_step(rank, &mut plan, world, batches, &units, scale, clip, hp);
+            let res = rank_step(rank, &mut plan, world, batches, &units, scale, clip, hp, check);
             if res.is_err() {
                 rank.shards.abandon_in_flight(plan);
             }

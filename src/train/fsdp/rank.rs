@@ -9,6 +9,8 @@ use crate::dist::shard::ShardLayout;
 use crate::dist::{DeviceComm, Ticket};
 use crate::model::units::{self, Grads, Params};
 use crate::model::{LayerWeights, Llama, LlamaConfig, Workspace};
+use crate::train::guard::{self, UpdateCheck};
+use crate::train::optimizer::poison;
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 use std::time::Instant;
@@ -376,6 +378,7 @@ pub(super) fn rank_step<B: Backend>(
     scale: f32,
     clip: f64,
     hp: AdamW,
+    check: UpdateCheck,
 ) -> Result<(f64, f64)> {
     let Rank { model, ws, shards } = rank;
     if shards.grad.len() != u.layouts.len() {
@@ -397,12 +400,18 @@ pub(super) fn rank_step<B: Backend>(
     shards.finish_scatter(b)?;
     shards.comm_secs += shards.comm.take_busy_secs()?;
 
+    if guard::poisoned(hp.step, r) {
+        poison(b, &mut shards.grad[0])?;
+    }
     // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
     let local_sq = b.sum_squares_all(&shards.grad.iter().collect::<Vec<_>>())?;
     let mut stats = [loss_sum as f32, local_sq as f32];
     let comm = &shards.comm;
     timed(b, &mut shards.comm_secs, || comm.all_reduce(&mut stats))?;
     let norm = (stats[1] as f64).sqrt();
+    if !check.accepts(stats[0] as f64, scale, norm) {
+        return Ok((stats[0] as f64, norm));
+    }
     let hp = AdamW { grad_scale: crate::train::optimizer::clip_coefficient(norm, clip), ..hp };
     let mut params: Vec<&mut B::Buf> = shards.master.iter_mut().collect();
     let mut m: Vec<&mut B::Buf> = shards.m.iter_mut().collect();

@@ -200,6 +200,7 @@ fn build_run<B: Backend + Clone>(
             tokens: 0,
             mix: Default::default(),
             kiln_version: env!("CARGO_PKG_VERSION").into(),
+            guard: Default::default(),
         };
         (placed, None, state)
     };

@@ -43,6 +43,14 @@ pub fn headless_line(e: &Event, cfg: &RunConfig) -> Option<String> {
         Event::Checkpoint { step, path } => Some(format!("ckpt   {step:>6} | {path}")),
         Event::Paused { step, paused } => Some(format!("{}  {step:>6}", if *paused { "paused " } else { "resumed" })),
         Event::Log { step, message } => Some(format!("log    {step:>6} | {message}")),
+        Event::Guard { step, reason, loss, grad_norm, action, .. } => {
+            let shown = |v: &Option<f64>| v.map_or("non-finite".to_string(), |v| format!("{v:.4}"));
+            Some(format!(
+                "guard  {step:>6} | {reason}: loss {} | grad norm {} | {action}",
+                shown(loss),
+                shown(grad_norm)
+            ))
+        }
         _ => None,
     }
 }
