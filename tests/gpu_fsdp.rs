@@ -77,7 +77,8 @@ fn single<B: Backend>(b: B, cfg: &LlamaConfig, init: &Weights<Vec<f32>>) -> Trai
     for step in 1..=STEPS {
         let bs = batches(cfg, step);
         let p = StepParams { scale: SCALE, max_norm: 1.0, hp: hp(step), check: UpdateCheck::Off };
-        let (loss, norm) = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
+        let s = device_step(&mut model, &mut ws, &mut grads, &mut opt, bs.iter().map(Ok), p).unwrap();
+        let (loss, norm) = (s.loss_sum, s.norm);
         losses.push(loss * SCALE as f64);
         norms.push(norm);
     }

@@ -198,9 +198,8 @@ fn train_curve<B: Backend>(b: B, cfg: &LlamaConfig, host: &Weights<Vec<f32>>, st
         let lr = 3e-3 * (step as f32 / 20.0).min(1.0);
         let hp = AdamW { lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 1.0 };
         let p = StepParams { scale, max_norm: 1.0, hp, check: UpdateCheck::Off };
-        let (loss_sum, norm) =
-            device_step(&mut model, &mut ws, &mut grads, &mut opt, std::iter::once(Ok(&batch)), p).unwrap();
-        curve.push(((loss_sum * scale as f64) as f32, norm));
+        let s = device_step(&mut model, &mut ws, &mut grads, &mut opt, std::iter::once(Ok(&batch)), p).unwrap();
+        curve.push(((s.loss_sum * scale as f64) as f32, s.norm));
     }
     curve
 }

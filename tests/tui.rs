@@ -26,6 +26,7 @@ fn step(step: u64) -> Event {
         ranks: (0..2)
             .map(|rank| RankMetrics { rank, tokens_per_s: 900.0, state_mb: 35.7, peak_mb: 68.5, comm_ms: 12.5 })
             .collect(),
+        unit_grad_norms: None,
     })
 }
 

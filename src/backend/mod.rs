@@ -221,6 +221,10 @@ pub trait Backend: Send + Sync + 'static {
     fn sum_squares_all(&self, bufs: &[&Self::Buf]) -> Result<f64> {
         bufs.iter().map(|b| self.sum_squares(b)).sum()
     }
+    /// `sum_squares_all` of each group (the per-unit gradient norms: one group per model unit).
+    fn sum_squares_grouped(&self, groups: &[Vec<&Self::Buf>]) -> Result<Vec<f64>> {
+        groups.iter().map(|g| self.sum_squares_all(g)).collect()
+    }
 
     // ---- ops ----
     fn matmul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<()>;

@@ -272,6 +272,7 @@ fn frame_ms(cols: u16, rows: u16, steps: u64) -> Result<f64> {
             mfu: 0.05,
             time: 0.0,
             ranks: vec![RankMetrics { rank: 0, tokens_per_s: 1800.0, state_mb: 36.0, peak_mb: 70.0, comm_ms: 0.0 }],
+            unit_grad_norms: None,
         }));
     }
     let mut term = Terminal::new(TestBackend::new(cols, rows))?;

@@ -149,7 +149,7 @@ impl<B: Backend> Stepper<B> {
         let hp = bench_hp(n);
         let one = std::iter::once(Ok(&self.batch));
         let p = StepParams { scale, max_norm: 1.0, hp, check: UpdateCheck::Off };
-        let (loss_sum, _) = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?;
+        let loss_sum = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?.loss_sum;
         Ok((loss_sum * scale as f64) as f32)
     }
 }

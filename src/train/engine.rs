@@ -5,7 +5,7 @@
 use super::events::RankMetrics;
 use super::fsdp::{stall_timeout, Fsdp};
 use super::optim_state::{self, MomentSource, OwnedRankMoments};
-use super::optimizer::{device_step, AdamWState, StepParams};
+use super::optimizer::{device_step, AdamWState, StepParams, Stepped};
 use super::trainer::NodeRole;
 use crate::backend::{Backend, Role};
 use crate::config::RunConfig;
@@ -84,14 +84,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// One optimizer step over the micro-batches `batches` yields (read as the step goes on one
-    /// device); returns the summed token loss and the gradient norm before clipping.
+    /// device).
     pub fn step(
         &mut self,
         model: &mut Llama<B>,
         ws: &mut Workspace<B>,
         batches: impl Iterator<Item = Result<Batch>>,
         p: StepParams,
-    ) -> Result<(f64, f64)> {
+    ) -> Result<Stepped> {
         match self {
             Engine::Single { grads, opt } => device_step(model, ws, grads, opt, batches, p),
             Engine::Sharded(s) => {

@@ -21,6 +21,10 @@ pub struct StepMetrics {
     pub time: f64,
     /// One entry per rank (one for single-device training).
     pub ranks: Vec<RankMetrics>,
+    /// On logged steps (`train.log_every`): the gradient norm of each unit before clipping, the
+    /// embedding first, then each block, then the final norm with the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_grad_norms: Option<Vec<f64>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 use super::guard::{self, UpdateCheck};
 use crate::backend::{AdamW, Backend, Role};
 use crate::data::loader::Batch;
-use crate::model::{Llama, Weights, Workspace};
+use crate::model::units::unit_ranges;
+use crate::model::{Llama, LlamaConfig, Weights, Workspace};
 use anyhow::Result;
 use std::borrow::Borrow;
 
@@ -31,9 +32,23 @@ impl<B: Backend> AdamWState<B> {
     }
 }
 
-/// Global L2 norm of all gradients.
-pub fn grad_norm<B: Backend>(b: &B, grads: &Weights<B::Buf>) -> Result<f64> {
-    Ok(b.sum_squares_all(&grads.iter())?.sqrt())
+/// Σ grad² of each of the model's units (`units::unit_ranges`): the global norm is the square root
+/// of their sum, and each unit's norm comes with it at no extra pass.
+pub fn unit_sums_of_squares<B: Backend>(b: &B, cfg: &LlamaConfig, grads: &Weights<B::Buf>) -> Result<Vec<f64>> {
+    let tensors = grads.iter();
+    let groups: Vec<Vec<&B::Buf>> = unit_ranges(cfg).into_iter().map(|r| tensors[r].to_vec()).collect();
+    b.sum_squares_grouped(&groups)
+}
+
+/// What one optimizer step reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stepped {
+    /// The summed token loss over the global batch.
+    pub loss_sum: f64,
+    /// The global gradient norm before clipping.
+    pub norm: f64,
+    /// Σ grad² of each unit, in `units::unit_ranges` order (embedding, blocks, head).
+    pub unit_sq: Vec<f64>,
 }
 
 /// What global-norm clipping multiplies every gradient by, as torch's `clip_grad_norm_` does:
@@ -60,8 +75,7 @@ pub struct StepParams {
 
 /// One optimizer step with the whole model on one device: zero the gradients, forward and backward
 /// every micro-batch (the gradients accumulate), clip, AdamW, unless `p.check` refuses the update
-/// (weights and moments then stay as they were). Returns the summed token loss and the gradient
-/// norm before clipping. The trainer, `kiln bench train` and the GPU tests all step
+/// (weights and moments then stay as they were). The trainer, `kiln bench train` and the GPU tests all step
 /// through here.
 pub fn device_step<B: Backend>(
     model: &mut Llama<B>,
@@ -70,7 +84,7 @@ pub fn device_step<B: Backend>(
     opt: &mut AdamWState<B>,
     micro_batches: impl Iterator<Item = Result<impl Borrow<Batch>>>,
     p: StepParams,
-) -> Result<(f64, f64)> {
+) -> Result<Stepped> {
     for g in grads.iter_mut() {
         model.backend.fill_zero(g)?;
     }
@@ -85,13 +99,15 @@ pub fn device_step<B: Backend>(
     if guard::poisoned(p.hp.step, 0) {
         poison(&model.backend, &mut grads.final_norm)?;
     }
-    let norm = grad_norm(&model.backend, grads)?;
+    let unit_sq = unit_sums_of_squares(&model.backend, &model.cfg, grads)?;
+    let norm = unit_sq.iter().sum::<f64>().sqrt();
+    let out = Stepped { loss_sum, norm, unit_sq };
     if !p.check.accepts(loss_sum, p.scale, norm) {
-        return Ok((loss_sum, norm));
+        return Ok(out);
     }
     let hp = AdamW { grad_scale: clip_coefficient(norm, p.max_norm), ..p.hp };
     opt.step(model, grads, hp)?;
-    Ok((loss_sum, norm))
+    Ok(out)
 }
 
 /// Adds NaN to every value of `g` (the guard's test hook, `guard::poisoned`).

@@ -190,8 +190,8 @@ impl<B: Backend> Trainer<B> {
             *mix = batch.state.clone();
             Ok(batch)
         });
-        let (loss_sum, norm) = self.engine.step(&mut self.model, &mut self.ws, batches, p)?;
-        let loss = loss_sum * scale as f64;
+        let stepped = self.engine.step(&mut self.model, &mut self.ws, batches, p)?;
+        let (loss, norm) = (stepped.loss_sum * scale as f64, stepped.norm);
         // The same test the engine made, on the same values (`UpdateCheck::accepts`).
         let trip = check.trip(loss, norm);
         match trip {
@@ -219,6 +219,10 @@ impl<B: Backend> Trainer<B> {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             ranks,
+            // Each unit's norm on logged steps (a line per step stays short on a deep model).
+            unit_grad_norms: step
+                .is_multiple_of(c.train.log_every)
+                .then(|| stepped.unit_sq.iter().map(|x| x.sqrt()).collect()),
         };
         Ok((metrics, trip))
     }

@@ -21,6 +21,7 @@ use crate::dist::Member;
 use crate::model::units::unit_ranges;
 use crate::model::{Keep, Llama, LlamaConfig, Weights, Workspace};
 use crate::train::guard::UpdateCheck;
+use crate::train::optimizer::Stepped;
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::sync::Arc;
@@ -219,7 +220,8 @@ impl<B: Backend> Fsdp<B> {
     /// One optimizer step over `batches` (one per micro-step, each the global micro-batch); returns
     /// the summed token loss and the gradient norm before clipping.
     pub fn step(&mut self, batches: &[Batch], step: u64, scale: f32, clip: f64, hp: AdamW) -> Result<(f64, f64)> {
-        self.step_checked(batches, step, scale, clip, hp, UpdateCheck::Off)
+        let s = self.step_checked(batches, step, scale, clip, hp, UpdateCheck::Off)?;
+        Ok((s.loss_sum, s.norm))
     }
 
     /// `step`, whose update is applied only if `check` accepts the world's loss and gradient norm
@@ -232,7 +234,7 @@ impl<B: Backend> Fsdp<B> {
         clip: f64,
         hp: AdamW,
         check: UpdateCheck,
-    ) -> Result<(f64, f64)> {
+    ) -> Result<Stepped> {
         let Fsdp {
             ref cfg,
             world,
@@ -258,7 +260,8 @@ impl<B: Backend> Fsdp<B> {
             }
             res
         })?;
-        Ok(results[0])
+        // Every rank returns the same all-reduced figures.
+        results.into_iter().next().ok_or_else(|| anyhow::anyhow!("FSDP: no ranks in this process"))
     }
 
     /// `on_every_rank` over this process's ranks.

@@ -10,7 +10,7 @@ use crate::dist::{DeviceComm, Ticket};
 use crate::model::units::{self, Grads, Params};
 use crate::model::{LayerWeights, Llama, LlamaConfig, Workspace};
 use crate::train::guard::{self, UpdateCheck};
-use crate::train::optimizer::poison;
+use crate::train::optimizer::{poison, Stepped};
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 use std::time::Instant;
@@ -379,7 +379,7 @@ pub(super) fn rank_step<B: Backend>(
     clip: f64,
     hp: AdamW,
     check: UpdateCheck,
-) -> Result<(f64, f64)> {
+) -> Result<Stepped> {
     let Rank { model, ws, shards } = rank;
     if shards.grad.len() != u.layouts.len() {
         bail!("FSDP: an earlier step failed with a reduce-scatter in flight, so this engine cannot step again");
@@ -403,14 +403,18 @@ pub(super) fn rank_step<B: Backend>(
     if guard::poisoned(hp.step, r) {
         poison(b, &mut shards.grad[0])?;
     }
-    // Global loss and gradient norm, then clipping and AdamW on this rank's shards.
-    let local_sq = b.sum_squares_all(&shards.grad.iter().collect::<Vec<_>>())?;
-    let mut stats = [loss_sum as f32, local_sq as f32];
+    // Global loss and each unit's Σ grad² (its norm; their sum, the global norm's square), then
+    // clipping and AdamW on this rank's shards.
+    let groups: Vec<Vec<&B::Buf>> = shards.grad.iter().map(|g| vec![g]).collect();
+    let mut stats: Vec<f32> =
+        std::iter::once(loss_sum as f32).chain(b.sum_squares_grouped(&groups)?.into_iter().map(|x| x as f32)).collect();
     let comm = &shards.comm;
     timed(b, &mut shards.comm_secs, || comm.all_reduce(&mut stats))?;
-    let norm = (stats[1] as f64).sqrt();
-    if !check.accepts(stats[0] as f64, scale, norm) {
-        return Ok((stats[0] as f64, norm));
+    let unit_sq: Vec<f64> = stats[1..].iter().map(|&x| x as f64).collect();
+    let norm = unit_sq.iter().sum::<f64>().sqrt();
+    let out = Stepped { loss_sum: stats[0] as f64, norm, unit_sq };
+    if !check.accepts(out.loss_sum, scale, norm) {
+        return Ok(out);
     }
     let hp = AdamW { grad_scale: crate::train::optimizer::clip_coefficient(norm, clip), ..hp };
     let mut params: Vec<&mut B::Buf> = shards.master.iter_mut().collect();
@@ -418,5 +422,5 @@ pub(super) fn rank_step<B: Backend>(
     let mut v: Vec<&mut B::Buf> = shards.v.iter_mut().collect();
     let grads: Vec<&B::Buf> = shards.grad.iter().collect();
     b.adamw_step_all(&mut params, &grads, &mut m, &mut v, hp)?;
-    Ok((stats[0] as f64, norm))
+    Ok(out)
 }

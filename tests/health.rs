@@ -1,6 +1,7 @@
-//! The step guard end to end: a non-finite gradient on one device, or on one FSDP rank of two, is
-//! skipped without touching the weights or the AdamW moments; spikes are judged from a running
-//! window that a resume restores exactly; `[guard]` mistakes are one-line errors.
+//! Run health end to end. The step guard: a non-finite gradient on one device, or on one FSDP rank
+//! of two, is skipped without touching the weights or the AdamW moments; spikes are judged from a
+//! running window that a resume restores exactly; `[guard]` mistakes are one-line errors. Per-unit
+//! gradient norms: recorded on logged steps, adding up to the global norm, alike under FSDP.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -187,5 +188,40 @@ fn guard_mistakes_are_one_line_errors_naming_the_key() {
         let last = err.trim_end().lines().last().unwrap_or("");
         assert!(last.starts_with("error: ") && last.contains(needle), "{guard}: {last}");
         assert!(!run.exists(), "{guard}: a refused config leaves no run behind");
+    }
+}
+
+#[test]
+fn logged_steps_carry_each_units_gradient_norm_and_fsdp_agrees() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = setup(t.path(), "");
+    let mut per_world = Vec::new();
+    for world in ["1", "2"] {
+        let run = t.path().join(format!("w{world}"));
+        let world_set = format!("parallel.world_size={world}");
+        let args = ["train", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--headless"];
+        let sets = ["--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", &world_set];
+        ok(kiln(&[&args[..], &sets[..]].concat(), &[]));
+        let steps = records(&run, "step");
+        let logged: Vec<&Value> = steps.iter().filter(|r| r.get("unit_grad_norms").is_some()).collect();
+        assert_eq!(logged.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4], "world {world}");
+        for r in &logged {
+            let units: Vec<f64> =
+                r["unit_grad_norms"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            // The embedding, two blocks, the final norm with the head.
+            assert_eq!(units.len(), 4);
+            assert!(units.iter().all(|&n| n.is_finite() && n > 0.0), "{units:?}");
+            let total = units.iter().map(|n| n * n).sum::<f64>().sqrt();
+            let global = r["grad_norm"].as_f64().unwrap();
+            assert!((total - global).abs() <= 1e-9 * global, "world {world}: units {total} against global {global}");
+        }
+        per_world.push(logged.iter().map(|r| r["unit_grad_norms"].clone()).collect::<Vec<_>>());
+    }
+    // FSDP sums each unit's shards over the ranks: the same norms up to f32 rounding.
+    for (a, b) in per_world[0].iter().zip(&per_world[1]) {
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.max(y), "one device {x}, two ranks {y}");
+        }
     }
 }
