@@ -11,12 +11,13 @@ use crate::backend::cuda::gemm::Blas;
 use crate::backend::cuda::Cuda;
 use crate::backend::profile::Profiled;
 use crate::backend::{AdamW, Backend, Gemm};
+use crate::config::GuardSection;
 use crate::data::loader::Batch;
 use crate::dist::Member;
 use crate::model::init::random_weights;
 use crate::model::{Keep, Llama, LlamaConfig, Workspace};
 use crate::train::fsdp::Fsdp;
-use crate::train::guard::UpdateCheck;
+use crate::train::guard::GuardState;
 use crate::train::optimizer::{device_step, AdamWState, StepParams};
 use anyhow::{bail, Result};
 use half::bf16;
@@ -111,6 +112,8 @@ fn attention_tuning_line(tuned: &[crate::backend::cuda::attn_tune::AttnTuned]) -
 struct StepTiming {
     secs_per_step: f64,
     loss: f32,
+    /// The step guard's own work per step: its check before the update, its record after.
+    guard_secs_per_step: f64,
 }
 
 /// Everything one benchmark step needs besides the model: the trainer's own step
@@ -120,6 +123,11 @@ struct Stepper<B: Backend> {
     grads: crate::model::Weights<B::Buf>,
     opt: AdamWState<B>,
     batch: Batch,
+    /// The trainer's guard at its default window, full from the start so every check costs what a
+    /// long run's does. Its history is spread wide so the benchmark's own losses never trip it.
+    guard: GuardState,
+    guard_cfg: GuardSection,
+    guard_secs: f64,
 }
 
 /// The benchmark's fixed micro-batch: `batch` sequences of `seq` tokens.
@@ -140,6 +148,14 @@ impl<B: Backend> Stepper<B> {
             grads: model.zeros_like_weights()?,
             opt: AdamWState::new(model)?,
             batch: bench_batch(model.cfg.vocab_size, batch, seq),
+            guard: GuardState {
+                recent: (0..GuardSection::default().window)
+                    .map(|i| ((i % 2) as f64 * 100.0, (i % 2) as f64 * 1e6))
+                    .collect(),
+                ..GuardState::default()
+            },
+            guard_cfg: GuardSection::default(),
+            guard_secs: 0.0,
         })
     }
 
@@ -148,9 +164,19 @@ impl<B: Backend> Stepper<B> {
         let scale = 1.0 / self.batch.ids.len() as f32;
         let hp = bench_hp(n);
         let one = std::iter::once(Ok(&self.batch));
-        let p = StepParams { scale, max_norm: 1.0, hp, check: UpdateCheck::Off };
-        let loss_sum = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?.loss_sum;
-        Ok((loss_sum * scale as f64) as f32)
+        let t = Instant::now();
+        let check = self.guard.check(&self.guard_cfg);
+        self.guard_secs += t.elapsed().as_secs_f64();
+        let p = StepParams { scale, max_norm: 1.0, hp, check };
+        let s = device_step(model, &mut self.ws, &mut self.grads, &mut self.opt, one, p)?;
+        let loss = s.loss_sum * scale as f64;
+        let t = Instant::now();
+        match check.trip(loss, s.norm) {
+            None => self.guard.applied(&self.guard_cfg, loss, s.norm),
+            Some(_) => self.guard.skipped(),
+        }
+        self.guard_secs += t.elapsed().as_secs_f64();
+        Ok(loss as f32)
     }
 }
 
@@ -170,11 +196,25 @@ fn time_steps<B: Backend>(
     model.backend.synchronize()?;
     let t = Instant::now();
     let mut loss = 0.0;
+    s.guard_secs = 0.0;
     for n in 0..steps {
         loss = s.step(model, (warmup + n) as u64 + 1)?;
     }
     model.backend.synchronize()?;
-    Ok(StepTiming { secs_per_step: t.elapsed().as_secs_f64() / steps.max(1) as f64, loss })
+    let per_step = |secs: f64| secs / steps.max(1) as f64;
+    Ok(StepTiming {
+        secs_per_step: per_step(t.elapsed().as_secs_f64()),
+        loss,
+        guard_secs_per_step: per_step(s.guard_secs),
+    })
+}
+
+/// What the step guard adds to a step (its check and record; the per-unit sums of squares it reads
+/// are the global norm's own, measured in the step).
+fn guard_line(t: &StepTiming) -> (String, String) {
+    let us = t.guard_secs_per_step * 1e6;
+    let share = 100.0 * t.guard_secs_per_step / t.secs_per_step;
+    ("step guard".into(), format!("{us:.1} µs/step ({share:.4}% of the step, window of 128 steps)"))
 }
 
 /// The same step through the FSDP engine over `group`: the micro-batch split between the ranks,
@@ -322,6 +362,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 ),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            lines.push(guard_line(&t));
             lines.push(("GEMM autotune".into(), tuning_line(&b.gemm_tuning())));
             lines.push(("attention autotune".into(), attention_tuning_line(&b.attention_tuning())));
             // One model on the card at a time.
@@ -349,6 +390,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<Vec<(String, String)>> {
                 format!("{:.1}% of the measured SGEMM peak", 100.0 * flops / measured_peak_flops()),
             ));
             lines.push(("loss after the timed steps".into(), format!("{:.3}", t.loss)));
+            lines.push(guard_line(&t));
             drop(model);
             if a.profile {
                 lines.extend(profile_lines(Cpu::new(), &cfg, &host, a, keep)?);
