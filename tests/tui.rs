@@ -273,3 +273,14 @@ fn an_attached_viewer_replays_the_history_then_goes_live_without_repeats() {
     let empty = tempfile::tempdir().unwrap();
     assert_eq!(App::new("new".into(), 400, themes(ColorMode::None), true).replay_history(empty.path()), 0);
 }
+
+#[test]
+fn a_viewer_that_fell_behind_says_how_many_events_it_missed() {
+    let line = r#"{"kind":"lagged","missed":37}"#;
+    let e: Event = serde_json::from_str(line).unwrap();
+    assert_eq!(serde_json::to_string(&e).unwrap(), line);
+    let mut app = app_with_history();
+    app.on_event(&e);
+    assert_eq!(app.log.back().unwrap(), "this viewer fell behind: 37 events went past it (the run goes on)");
+    assert_eq!(app.points.len(), 120, "the curve keeps what it has");
+}

@@ -130,6 +130,9 @@ impl App {
             }
             Event::Log { step, message } => self.note(format!("step {step}: {message}")),
             Event::ChatToken { .. } | Event::ChatDone { .. } => self.on_chat_event(e),
+            Event::Lagged { missed } => {
+                self.note(format!("this viewer fell behind: {missed} events went past it (the run goes on)"))
+            }
         }
     }
 
