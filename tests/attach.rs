@@ -228,3 +228,57 @@ fn sigterm_ends_a_paused_run_with_a_checkpoint() {
     let latest = kiln::train::checkpoint::latest(&run).unwrap().unwrap();
     assert!(latest.ends_with(format!("step-{step:08}")), "{}", latest.display());
 }
+
+/// A log line of about a kilobyte, numbered.
+fn numbered(step: u64) -> Event {
+    Event::Log { step, message: "x".repeat(1000) }
+}
+
+#[test]
+fn a_viewer_that_does_not_read_never_blocks_the_engine_and_is_told_what_it_missed() {
+    let t = tempfile::tempdir().unwrap();
+    let (tx, _commands) = std::sync::mpsc::channel();
+    let server = std::sync::Arc::new(kiln::train::socket::Server::start(t.path(), tx).unwrap());
+    let sock = t.path().join("kiln.sock");
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let slow = connect(&sock);
+    let stuck = connect(&sock); // never reads at all
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.viewers() < 2 {
+        assert!(Instant::now() < deadline, "the server never took the viewers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // 20 MB of events, far more than the socket buffers and the queue hold: the engine's side
+    // returns at once (a blocking server would hang here).
+    let n = 20_000;
+    let engine = server.clone();
+    common::within(Duration::from_secs(30), "broadcasting to viewers that do not read", move || {
+        for s in 1..=n {
+            engine.broadcast(&numbered(s));
+        }
+    });
+    // The slow viewer now reads: what it got and what it was told it missed add up to every event,
+    // in order, ending with the newest.
+    let mut r = BufReader::new(slow);
+    let (mut got, mut missed, mut last, mut told) = (0, 0, 0, 0);
+    while got + missed < n {
+        match read_until(&mut r, |_| true) {
+            Event::Log { step, .. } => {
+                assert!(step > last, "step {step} after {last}");
+                (got, last) = (got + 1, step);
+            }
+            Event::Lagged { missed: m } => (missed, told) = (missed + m, told + 1),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((got + missed, last), (n, n));
+    assert!(told > 0 && missed > 0, "got {got}, told {told} times");
+    // Closing ends every stream, the stuck viewer's too, within the grace it is given.
+    let closing = server.clone();
+    common::within(Duration::from_secs(30), "closing with a stuck viewer", move || closing.close());
+    assert!(!sock.exists(), "the socket goes away");
+    for mut viewer in [Box::new(r) as Box<dyn std::io::Read>, Box::new(stuck)] {
+        let mut rest = Vec::new();
+        assert!(viewer.read_to_end(&mut rest).is_ok(), "a viewer's stream stayed open");
+    }
+}

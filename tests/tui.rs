@@ -2,12 +2,14 @@
 //! the state transitions keys and events cause.
 
 use kiln::train::events::{Command, Event, RankMetrics, StepMetrics};
+use kiln::tui::actions::Effect;
 use kiln::tui::app::{App, Overlay};
 use kiln::tui::chat::ChatKey;
 use kiln::tui::keymap::{action_for, Action, KEYMAP};
 use kiln::tui::theme::{themes, ColorMode};
 use kiln::tui::view::render;
 use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::Terminal;
 
 fn step(step: u64) -> Event {
@@ -87,10 +89,10 @@ fn ascii_fallback_has_no_braille() {
 #[test]
 fn keys_map_to_engine_commands_and_view_changes() {
     let mut app = app_with_history();
-    assert_eq!(app.on_action(action_for('p').unwrap()), vec![Command::TogglePause]);
-    assert_eq!(app.on_action(action_for('c').unwrap()), vec![Command::CheckpointNow]);
-    assert_eq!(app.on_action(action_for('s').unwrap()), vec![Command::SampleNow]);
-    assert_eq!(app.on_action(action_for('e').unwrap()), vec![Command::EvalNow]);
+    assert_eq!(app.on_action(action_for('p').unwrap()), vec![Effect::Send(Command::TogglePause)]);
+    assert_eq!(app.on_action(action_for('c').unwrap()), vec![Effect::Send(Command::CheckpointNow)]);
+    assert_eq!(app.on_action(action_for('s').unwrap()), vec![Effect::Send(Command::SampleNow)]);
+    assert_eq!(app.on_action(action_for('e').unwrap()), vec![Effect::Send(Command::EvalNow)]);
     let n = app.visible().len();
     app.on_action(action_for('+').unwrap());
     app.on_action(action_for('+').unwrap());
@@ -106,18 +108,16 @@ fn keys_map_to_engine_commands_and_view_changes() {
     assert_eq!(app.theme, 1);
     app.on_action(action_for('a').unwrap());
     assert!(app.x_tokens);
-    app.on_action(action_for('x').unwrap());
-    assert!(app.export_requested);
-    app.export(); // no run directory here: noted, not fatal
+    assert_eq!(app.on_action(action_for('x').unwrap()), vec![Effect::Export]);
+    app.export(|_| panic!("no export starts")); // no run directory here: noted, not fatal
     assert!(app.log.back().unwrap().contains("no run directory"));
     // q asks; Esc cancels; q then s stops with a checkpoint.
     app.on_action(action_for('q').unwrap());
     assert_eq!(app.overlay, Overlay::QuitPrompt);
     assert!(app.on_quit_key(None).is_empty());
-    assert!(!app.quit);
+    assert_eq!(app.overlay, Overlay::None);
     app.on_action(action_for('q').unwrap());
-    assert_eq!(app.on_quit_key(Some('s')), vec![Command::Stop]);
-    assert!(app.quit);
+    assert_eq!(app.on_quit_key(Some('s')), vec![Effect::Send(Command::Stop)]);
     // Every key in the table is in the help screen.
     app.overlay = Overlay::None;
     app.on_action(Action::Help);
@@ -147,7 +147,7 @@ fn type_line(app: &mut App, text: &str) -> Vec<Command> {
 fn chat_pane_pauses_streams_stops_and_restores() {
     let mut app = app_with_history();
     // Opening pauses training (it was running); letters are text now.
-    assert_eq!(app.on_action(action_for('g').unwrap()), vec![Command::SetPaused(true)]);
+    assert_eq!(app.on_action(action_for('g').unwrap()), vec![Effect::Send(Command::SetPaused(true))]);
     app.on_event(&Event::Paused { step: 120, paused: true });
     assert!(type_line(&mut app, "/temp 0.3").is_empty());
     assert!(type_line(&mut app, "/max 64").is_empty());
@@ -205,13 +205,13 @@ fn chat_keeps_a_pause_it_did_not_take_and_can_train_meanwhile() {
     assert!(app.open_chat().is_empty(), "/train is remembered");
 }
 
-/// Waits for the export thread's line (`App::poll_export`, as the dashboard's loop does).
-fn finish_export(app: &mut App) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !app.poll_export() {
-        assert!(std::time::Instant::now() < deadline, "the export never finished");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+/// Starts an export as the dashboard's loop does, and hands its line back once it has ended
+/// (`App::export_done`), as the loop does when the line reaches its inbox.
+fn export_and_wait(app: &mut App) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    app.export(move |line| tx.send(line).unwrap());
+    let line = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the export never finished");
+    app.export_done(line);
 }
 
 #[test]
@@ -219,9 +219,8 @@ fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
     let t = tempfile::tempdir().unwrap();
     let mut app = app_with_history();
     // Without a run directory there is nothing to plot from: said in the event log.
-    app.on_action(action_for('x').unwrap());
-    assert!(app.export_requested, "x asks the terminal loop to export");
-    app.export();
+    assert_eq!(app.on_action(action_for('x').unwrap()), vec![Effect::Export], "x asks the terminal loop to export");
+    app.export(|_| panic!("no export starts"));
     assert_eq!(app.log.back().unwrap(), "export: no run directory known");
     // With one: the history the dashboard shows is the run's metrics.jsonl.
     let history: String = (1..=120).map(|s| serde_json::to_string(&step(s)).unwrap() + "\n").collect();
@@ -229,20 +228,20 @@ fn x_exports_the_current_window_as_a_png_in_the_run_directory() {
     app.run_dir = Some(t.path().to_path_buf());
     app.on_action(action_for('+').unwrap()); // the last 200 steps, then the last 50
     app.on_action(action_for('+').unwrap());
-    app.on_action(action_for('x').unwrap());
-    app.export();
-    assert!(!app.export_requested);
-    // The plot renders on its own thread: the dashboard's loop goes on meanwhile.
-    finish_export(&mut app);
+    // The plot renders on its own thread: the dashboard's loop goes on meanwhile, and a second
+    // `x` before it ends is refused rather than queued.
+    let (tx, rx) = std::sync::mpsc::channel();
+    app.export(move |line| tx.send(line).unwrap());
+    app.export(|_| panic!("a second export while one runs"));
+    assert_eq!(app.log.back().unwrap(), "export: the previous one is still running");
+    app.export_done(rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the export never finished"));
     let png = t.path().join("plot-step-00000120.png");
     assert_eq!(app.log.back().unwrap(), &format!("exported {}", png.display()));
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{} bytes", bytes.len());
     // A metrics file it cannot plot is a line in the log, not a crash of the dashboard.
     std::fs::write(t.path().join("metrics.jsonl"), "not json\n").unwrap();
-    app.on_action(action_for('x').unwrap());
-    app.export();
-    finish_export(&mut app);
+    export_and_wait(&mut app);
     assert!(app.log.back().unwrap().starts_with("export failed: "), "{:?}", app.log.back());
 }
 
@@ -273,4 +272,46 @@ fn an_attached_viewer_replays_the_history_then_goes_live_without_repeats() {
     // A run with no history yet replays nothing.
     let empty = tempfile::tempdir().unwrap();
     assert_eq!(App::new("new".into(), 400, themes(ColorMode::None), true).replay_history(empty.path()), 0);
+}
+
+fn key(code: KeyCode) -> KeyEvent {
+    KeyEvent::new(code, KeyModifiers::NONE)
+}
+
+#[test]
+fn keys_are_read_by_the_pane_that_has_the_keyboard_and_return_effects() {
+    let mut app = app_with_history();
+    assert_eq!(app.on_key(key(KeyCode::Char('p'))), vec![Effect::Send(Command::TogglePause)]);
+    // A release (reported by some terminals) and Ctrl+C are not the key table's `c`.
+    let release = KeyEvent::new_with_kind(KeyCode::Char('c'), KeyModifiers::NONE, KeyEventKind::Release);
+    assert!(app.on_key(release).is_empty());
+    assert!(app.on_key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)).is_empty());
+    // In the chat pane letters are text; Esc leaves it and gives back the pause it took.
+    assert_eq!(app.on_key(key(KeyCode::Tab)), vec![Effect::Send(Command::SetPaused(true))]);
+    assert!(app.on_key(key(KeyCode::Char('q'))).is_empty());
+    assert_eq!(app.chat.input, "q");
+    assert!(app.on_key(key(KeyCode::Backspace)).is_empty());
+    assert_eq!(app.on_key(key(KeyCode::Esc)), vec![Effect::Send(Command::SetPaused(false))]);
+    // The quit prompt: any other key cancels; `d` detaches.
+    assert!(app.on_key(key(KeyCode::Char('q'))).is_empty());
+    assert_eq!(app.overlay, Overlay::QuitPrompt);
+    assert!(app.on_key(key(KeyCode::Char('p'))).is_empty(), "cancels, does not pause");
+    assert_eq!(app.overlay, Overlay::None);
+    app.on_key(key(KeyCode::Char('q')));
+    assert_eq!(app.on_key(key(KeyCode::Char('d'))), vec![Effect::Detach]);
+    // Detaching with the chat pane open gives its pause back first: training goes on.
+    let mut app = app_with_history();
+    assert_eq!(app.open_chat(), vec![Command::SetPaused(true)]);
+    assert_eq!(app.on_quit_key(Some('d')), vec![Effect::Send(Command::SetPaused(false)), Effect::Detach]);
+}
+
+#[test]
+fn a_viewer_that_fell_behind_says_how_many_events_it_missed() {
+    let line = r#"{"kind":"lagged","missed":37}"#;
+    let e: Event = serde_json::from_str(line).unwrap();
+    assert_eq!(serde_json::to_string(&e).unwrap(), line);
+    let mut app = app_with_history();
+    app.on_event(&e);
+    assert_eq!(app.log.back().unwrap(), "this viewer fell behind: 37 events went past it (the run goes on)");
+    assert_eq!(app.points.len(), 120, "the curve keeps what it has");
 }

@@ -128,22 +128,35 @@ fn cpu_secs(stat: &Path) -> Option<f64> {
     Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
+/// CPU seconds of the dashboard's threads: the process's main thread (the loop and its drawing)
+/// and the thread that reads the terminal (absent in a headless run).
+fn dashboard_cpu_secs(pid: u32) -> Option<f64> {
+    let task = PathBuf::from(format!("/proc/{pid}/task"));
+    let main = cpu_secs(&task.join(pid.to_string()).join("stat"))?;
+    let input: f64 = std::fs::read_dir(&task)
+        .ok()?
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "kiln-input"))
+        .filter_map(|t| cpu_secs(&t.path().join("stat")))
+        .sum();
+    Some(main + input)
+}
+
 /// What one finished run measured.
 struct Measured {
     tokens_per_s: f64,
     steps: usize,
-    /// CPU of the process's main thread (the dashboard's, when there is one) per second, after
-    /// the warm-up; NaN when the run was too short to tell.
+    /// CPU of the dashboard's threads (the process's main thread in a headless run) per second,
+    /// after the warm-up; NaN when the run was too short to tell.
     main_thread_cores: f64,
     wall_secs: f64,
 }
 
-/// Waits for a run to end, sampling its main thread's CPU twice a second while it lives. The main
-/// thread's CPU is counted from the end of the warm-up: before that it also loaded the tokenizer
-/// and built the model.
+/// Waits for a run to end, sampling its dashboard's CPU twice a second while it lives. That is
+/// counted from the end of the warm-up: before it the main thread also loaded the tokenizer and
+/// built the model.
 fn finish(mut run: Run, warmup: u64) -> Result<Measured> {
     let pid = run.child.id();
-    let stat = PathBuf::from(format!("/proc/{pid}/task/{pid}/stat"));
     let metrics = run.dir.join("metrics.jsonl");
     let start = Instant::now();
     let mut first: Option<(f64, Instant)> = None;
@@ -152,7 +165,7 @@ fn finish(mut run: Run, warmup: u64) -> Result<Measured> {
         if let Some(s) = run.child.try_wait()? {
             break s;
         }
-        if let Some(cpu) = cpu_secs(&stat) {
+        if let Some(cpu) = dashboard_cpu_secs(pid) {
             last = (cpu, Instant::now());
             if first.is_none() && count_steps(&metrics) as u64 > warmup {
                 first = Some(last);
@@ -330,7 +343,7 @@ fn measure(args: &DashboardBenchArgs, root: &Path) -> Result<Vec<(String, String
                 lines.push((
                     format!("dashboard run {}", pair + 1),
                     format!(
-                        "{:.0} tokens/s ({} steps, {:.0} s; dashboard thread {:.2}% of a core, {:.1} KiB/s to the terminal)",
+                        "{:.0} tokens/s ({} steps, {:.0} s; dashboard threads {:.2}% of a core, {:.1} KiB/s to the terminal)",
                         m.tokens_per_s,
                         m.steps,
                         m.wall_secs,
@@ -364,7 +377,7 @@ fn measure(args: &DashboardBenchArgs, root: &Path) -> Result<Vec<(String, String
         format!("{:.1}% (median of the pairs' ratios: {})", 100.0 * median(&ratios), listed.join(", ")),
     ));
     ui_cores.sort_by(f64::total_cmp);
-    lines.push(("dashboard thread".into(), format!("{:.2}% of a core while training", 100.0 * median(&ui_cores))));
+    lines.push(("dashboard threads".into(), format!("{:.2}% of a core while training", 100.0 * median(&ui_cores))));
     if args.idle_secs > 0 {
         let idle = measure_idle(args, &root.join("idle"))?;
         lines.push((

@@ -1,5 +1,5 @@
 //! What the engine reports. Headless output prints these; metrics.jsonl records them; the
-//! dashboard will render them. The engine never knows who listens.
+//! dashboard renders them. The engine never knows who listens.
 
 use crate::chat::service::ChatRequest;
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,10 @@ pub enum Event {
         ended: String,
         /// Oldest messages left out to fit the model's context.
         dropped: usize,
+    },
+    /// To one viewer of the run's socket only: it fell behind, and this many events went past it.
+    Lagged {
+        missed: u64,
     },
 }
 

@@ -1,16 +1,22 @@
 //! The run's control socket: `RUN_DIR/kiln.sock`, a Unix socket (mode 0600, no network port).
 //! Every engine event goes to every connected viewer as one JSON line; a viewer sends one-word
-//! commands (`pause`, `checkpoint`, `sample`, `eval`, `stop`), one per line. A slow or stuck viewer
-//! loses events instead of slowing the engine.
+//! commands (`pause`, `checkpoint`, `sample`, `eval`, `stop`), one per line.
+//!
+//! The engine never waits on a viewer: `broadcast` serializes an event once and puts it in a
+//! bounded broadcast channel. The viewers are served by a small tokio runtime on one thread
+//! (`serve`: one task each), because waiting on many peers at once is the work an async runtime
+//! is for; the engine, the rank threads and the data loader stay plain threads. A viewer that
+//! falls `VIEWER_BUFFER` events behind loses the oldest and is told how many (`Event::Lagged`).
 
 use super::events::{Command, Event};
 use anyhow::{Context, Result};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Sender, SyncSender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+
+mod serve;
 
 pub const SOCKET: &str = "kiln.sock";
 /// Events buffered per viewer before it starts losing them.
@@ -18,7 +24,15 @@ const VIEWER_BUFFER: usize = 1024;
 
 pub struct Server {
     path: PathBuf,
-    viewers: Arc<Mutex<Vec<SyncSender<String>>>>,
+    /// Until `close`.
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    events: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Dropped to stop serving.
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Server {
@@ -26,46 +40,68 @@ impl Server {
     pub fn start(run_dir: &Path, commands: Sender<Command>) -> Result<Server> {
         let path = run_dir.join(SOCKET);
         remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).with_context(|| format!("{}: cannot listen", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("{}: cannot restrict permissions", path.display()))?;
-        let viewers: Arc<Mutex<Vec<SyncSender<String>>>> = Arc::default();
-        let list = viewers.clone();
-        std::thread::Builder::new().name("kiln-socket".into()).spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (tx, rx) = sync_channel::<String>(VIEWER_BUFFER);
-                if let Ok(mut w) = stream.try_clone() {
-                    std::thread::spawn(move || {
-                        for line in rx {
-                            if w.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-                let cmds = commands.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                        if let Some(c) = Command::from_wire(&line) {
-                            if cmds.send(c).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-                list.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
-            }
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("{}: cannot listen", path.display()))?;
+        // A socket nobody serves would only make viewers wait: it goes with the failure.
+        let running = serve_on(&path, listener, commands).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
         })?;
-        Ok(Server { path, viewers })
+        Ok(Server { path, running: Mutex::new(Some(running)) })
     }
 
-    /// Sends `e` to every viewer without blocking; viewers that went away are dropped.
+    /// Sends `e` to every viewer without blocking; a viewer that is behind loses its oldest events.
     pub fn broadcast(&self, e: &Event) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = running.as_ref() else { return };
+        if r.events.receiver_count() == 0 {
+            return; // nobody to serialize it for
+        }
         let Ok(mut line) = serde_json::to_string(e) else { return };
         line.push('\n');
-        let mut v = self.viewers.lock().unwrap_or_else(|p| p.into_inner());
-        v.retain(|tx| !matches!(tx.try_send(line.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        // Fails only when the last viewer left meanwhile.
+        let _ = r.events.send(line.into());
     }
+
+    /// How many viewers are connected.
+    pub fn viewers(&self) -> usize {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.as_ref().map_or(0, |r| r.events.receiver_count())
+    }
+
+    /// Ends serving: the socket file goes, no one else can connect, each viewer gets the events
+    /// already sent to it (for at most `serve::CLOSE_GRACE`) and then the end of its stream.
+    /// Also done on drop; later calls do nothing.
+    pub fn close(&self) {
+        let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(Running { events, stop, thread }) = taken else { return };
+        let _ = std::fs::remove_file(&self.path);
+        drop(events);
+        drop(stop);
+        let _ = thread.join();
+    }
+}
+
+/// Restricts the bound socket and starts its thread.
+fn serve_on(path: &Path, listener: std::os::unix::net::UnixListener, commands: Sender<Command>) -> Result<Running> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("{}: cannot restrict permissions", path.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("cannot start the run socket's runtime")?;
+    listener.set_nonblocking(true)?;
+    let listener = {
+        let _in_runtime = runtime.enter();
+        tokio::net::UnixListener::from_std(listener)?
+    };
+    let (events, _) = tokio::sync::broadcast::channel(VIEWER_BUFFER);
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let feed = events.clone();
+    let thread = std::thread::Builder::new()
+        .name("kiln-socket".into())
+        .spawn(move || runtime.block_on(serve::serve(listener, feed, commands, stopped)))?;
+    Ok(Running { events, stop, thread })
 }
 
 /// Removes the socket a killed run left behind (the run lock means no live process serves it).
@@ -87,13 +123,6 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
         );
     }
     std::fs::remove_file(path).with_context(|| format!("{}: cannot remove the stale socket", path.display()))
-}
-
-impl Server {
-    /// Removes the socket file: the run is over for viewers. Also done on drop.
-    pub fn close(&self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 impl Drop for Server {

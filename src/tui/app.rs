@@ -1,9 +1,8 @@
 //! Dashboard state: everything the view shows, updated from engine events and key actions.
 
 use super::chat::ChatPane;
-use super::keymap::Action;
 use super::theme::Theme;
-use crate::train::events::{Command, Event, RankMetrics};
+use crate::train::events::{Event, RankMetrics};
 use std::collections::VecDeque;
 
 /// One optimizer step as the dashboard keeps it.
@@ -18,7 +17,7 @@ pub struct Point {
 /// Weight of the newest point in the smoothed loss curve.
 const EMA_ALPHA: f64 = 0.1;
 /// Step windows that `+` / `-` move between (0 = all).
-const WINDOWS: [usize; 5] = [50, 200, 1000, 5000, 0];
+pub(super) const WINDOWS: [usize; 5] = [50, 200, 1000, 5000, 0];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overlay {
@@ -45,15 +44,10 @@ pub struct App {
     pub overlay: Overlay,
     /// Braille charts need a UTF-8 locale; otherwise plain dots.
     pub unicode: bool,
-    pub quit: bool,
-    /// The viewer left; training goes on.
-    pub detached: bool,
     /// Where metrics.jsonl lives, for `x` (export the view as a PNG).
     pub run_dir: Option<std::path::PathBuf>,
-    /// `x` was pressed; the terminal loop renders the plot.
-    pub export_requested: bool,
-    /// The export running on its own thread, whose result line arrives here (`poll_export`).
-    export_job: Option<std::sync::mpsc::Receiver<String>>,
+    /// A plot export is running on its own thread (`export`, `export_done`).
+    pub(super) exporting: bool,
     /// The chat pane (`g` or Tab).
     pub chat: ChatPane,
     /// An attached viewer leaves when its terminal goes away (the engine's own dashboard stays,
@@ -80,11 +74,8 @@ impl App {
             theme: 0,
             overlay: Overlay::None,
             unicode,
-            quit: false,
-            detached: false,
             run_dir: None,
-            export_requested: false,
-            export_job: None,
+            exporting: false,
             chat: ChatPane::default(),
             leave_on_hangup: false,
         }
@@ -94,7 +85,7 @@ impl App {
         &self.themes[self.theme]
     }
 
-    fn note(&mut self, line: String) {
+    pub(super) fn note(&mut self, line: String) {
         self.log.push_back(line);
         while self.log.len() > 200 {
             self.log.pop_front();
@@ -133,49 +124,9 @@ impl App {
                 self.note(format!("step {step}: guard: {reason}, {action}"));
             }
             Event::ChatToken { .. } | Event::ChatDone { .. } => self.on_chat_event(e),
-        }
-    }
-
-    /// Applies a key action; returns the commands to send to the engine.
-    pub fn on_action(&mut self, a: Action) -> Vec<Command> {
-        if self.overlay == Overlay::QuitPrompt {
-            return Vec::new(); // the prompt takes its own keys (see `on_quit_key`)
-        }
-        match a {
-            Action::TogglePause => return vec![Command::TogglePause],
-            Action::Checkpoint => return vec![Command::CheckpointNow],
-            Action::Sample => return vec![Command::SampleNow],
-            Action::Eval => return vec![Command::EvalNow],
-            Action::Chat => {
-                self.overlay = Overlay::None;
-                return self.open_chat();
+            Event::Lagged { missed } => {
+                self.note(format!("this viewer fell behind: {missed} events went past it (the run goes on)"))
             }
-            Action::LogY => self.log_y = !self.log_y,
-            Action::WindowIn => self.window = self.window.saturating_sub(1),
-            Action::WindowOut => self.window = (self.window + 1).min(WINDOWS.len() - 1),
-            Action::XAxis => self.x_tokens = !self.x_tokens,
-            Action::Export => self.export_requested = true,
-            Action::NextTheme => self.theme = (self.theme + 1) % self.themes.len(),
-            Action::Help => self.overlay = if self.overlay == Overlay::Help { Overlay::None } else { Overlay::Help },
-            Action::Quit => self.overlay = Overlay::QuitPrompt,
-        }
-        Vec::new()
-    }
-
-    /// Keys of the quit prompt: `s` checkpoint and stop, `d` detach (training goes on), Esc (or
-    /// anything else) cancel. Leaving also gives back a pause the chat pane took.
-    pub fn on_quit_key(&mut self, key: Option<char>) -> Vec<Command> {
-        self.overlay = Overlay::None;
-        match key {
-            Some('s') => {
-                self.quit = true;
-                vec![Command::Stop]
-            }
-            Some('d') => {
-                self.detached = true;
-                self.close_chat()
-            }
-            _ => Vec::new(),
         }
     }
 
@@ -209,47 +160,5 @@ impl App {
             n += 1;
         }
         n
-    }
-
-    /// Renders the current window of the run to `RUN_DIR/plot-step-N.png` on its own thread (a
-    /// long run's plot takes a moment the dashboard must not freeze for); `poll_export` notes where.
-    pub fn export(&mut self) {
-        self.export_requested = false;
-        if self.export_job.is_some() {
-            self.note("export: the previous one is still running".into());
-            return;
-        }
-        let Some(dir) = self.run_dir.clone() else {
-            self.note("export: no run directory known".into());
-            return;
-        };
-        let from = self.visible().first().map_or(0, |p| p.step);
-        let step = self.points.last().map_or(0, |p| p.step);
-        let out = dir.join(format!("plot-step-{step:08}.png"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let job = std::thread::Builder::new().name("kiln-export".into()).spawn(move || {
-            let line = match crate::cli::plot::plot(&dir, &out, from) {
-                Ok(()) => format!("exported {}", out.display()),
-                Err(e) => format!("export failed: {e:#}"),
-            };
-            let _ = tx.send(line);
-        });
-        match job {
-            Ok(_) => self.export_job = Some(rx),
-            Err(e) => self.note(format!("export failed: cannot start its thread ({e})")),
-        }
-    }
-
-    /// Notes the running export's result once it has one; true when the event log changed.
-    pub fn poll_export(&mut self) -> bool {
-        let Some(job) = &self.export_job else { return false };
-        let line = match job.try_recv() {
-            Ok(line) => line,
-            Err(std::sync::mpsc::TryRecvError::Empty) => return false,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => "export failed: its thread ended early".into(),
-        };
-        self.export_job = None;
-        self.note(line);
-        true
     }
 }

@@ -3,7 +3,7 @@
 //! metrics.jsonl. Quitting the viewer never stops training unless asked (`q` then `s`).
 
 use super::app::App;
-use super::{term, theme};
+use super::{inbox, term, theme};
 use crate::config::RunConfig;
 use crate::train::events::Event;
 use crate::train::socket::connect;
@@ -19,12 +19,13 @@ pub fn attach(run_dir: &Path) -> Result<()> {
     app.run_dir = Some(run_dir.to_path_buf());
     app.leave_on_hangup = true;
     app.replay_history(run_dir);
-    let (ev_tx, ev_rx) = std::sync::mpsc::channel();
+    let (feed, inbox) = inbox::channel();
     let reader = stream.try_clone()?;
+    // The run's events until its socket closes; dropping the feed then ends the dashboard.
     std::thread::spawn(move || {
         for line in BufReader::new(reader).lines().map_while(Result::ok) {
             if let Ok(e) = serde_json::from_str::<Event>(&line) {
-                if ev_tx.send(e).is_err() {
+                if !feed.send(e) {
                     return;
                 }
             }
@@ -39,6 +40,6 @@ pub fn attach(run_dir: &Path) -> Result<()> {
             }
         }
     });
-    term::run(app, ev_rx, cmd_tx)?;
+    term::run(app, inbox, cmd_tx)?;
     Ok(())
 }

@@ -1,19 +1,18 @@
-//! The terminal loop: raw mode + alternate screen, engine events drained every frame, keys turned
-//! into actions. If the terminal goes away (a write fails, e.g. after SIGHUP), the loop stops
-//! drawing and keeps draining events, so training continues headless.
+//! The terminal loop: the screen (ratatui's raw mode and alternate screen), and one inbox that
+//! engine events, keys and finished exports arrive on. The loop waits on it with a timeout for
+//! its next frame. If the terminal goes away (SIGHUP, a write fails), the loop stops drawing and
+//! keeps taking events, so training continues headless.
 
-use super::app::{App, Overlay};
-use super::chat::ChatKey;
-use super::keymap::{action_for, Action};
+use super::actions::Effect;
+use super::app::App;
+use super::inbox::{Inbox, UiMsg};
+use super::input::Input;
 use super::view::render;
-use crate::train::events::{Command, Event};
+use crate::train::events::Command;
 use anyhow::{Context, Result};
-use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
-use ratatui::crossterm::execute;
-use ratatui::crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen};
-use ratatui::prelude::CrosstermBackend;
-use ratatui::Terminal;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use ratatui::crossterm::event::{Event as TermEvent, KeyEventKind};
+use ratatui::DefaultTerminal;
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 /// True when the locale promises UTF-8 (braille charts); otherwise the charts use ASCII dots.
@@ -31,40 +30,10 @@ pub fn utf8_locale_from(var: impl Fn(&str) -> Option<String>) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().replace('-', "").contains("utf8"))
 }
 
-fn restore() {
-    let _ = disable_raw_mode();
-    let _ = execute!(std::io::stdout(), LeaveAlternateScreen);
-}
-
-enum Input {
-    Ready,
-    Idle,
-    /// The terminal hung up (SSH dropped, tmux pane killed).
-    Gone,
-}
-
-/// Waits up to `ms` for a key on the terminal (standard input). Asked of the kernel directly:
-/// crossterm's own poll spins on a terminal that hung up instead of reporting it.
-fn wait_for_input(ms: i32) -> Input {
-    let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, and its count.
-    let n = unsafe { libc::poll(&mut fd, 1, ms) };
-    if n < 0 {
-        return Input::Idle; // interrupted by a signal: look again next round
-    }
-    if fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
-        return Input::Gone;
-    }
-    if fd.revents & libc::POLLIN != 0 {
-        Input::Ready
-    } else {
-        Input::Idle
-    }
-}
-
 /// Lowers this (the dashboard's) thread to nice 10, so that when the cores are busy training, a
 /// redraw waits for a gap instead of preempting a worker that the rest of the step is waiting on.
-/// Only this thread changes: the engine's threads already exist. Failing to lower it is harmless.
+/// Only this thread changes: the engine's threads already exist (the input thread, started after
+/// this, inherits it). Failing to lower it is harmless.
 fn yield_to_training() {
     // SAFETY: gettid and setpriority have no memory-safety preconditions.
     unsafe {
@@ -73,129 +42,167 @@ fn yield_to_training() {
     }
 }
 
-/// How long the loop sleeps waiting for a key; engine events are picked up when it wakes, and are
-/// drawn at most every EVENT_REDRAW anyway, so waking more often would only cost CPU.
-const KEY_WAIT_MS: i32 = 250;
-
 /// Redraw at least this often even when nothing happened (the clock in the ETA moves).
 const IDLE_REDRAW: Duration = Duration::from_secs(1);
 /// Engine events redraw at most this often (keys redraw at once): a fast run emits a step every few
 /// milliseconds, and drawing each would take CPU from training.
 const EVENT_REDRAW: Duration = Duration::from_millis(250);
 
-/// The commands a key press asks for, given the pane or overlay that has the keyboard.
-fn on_key(app: &mut App, code: KeyCode, ctrl: bool) -> Vec<Command> {
-    let ch = match code {
-        KeyCode::Char(c) if !ctrl => Some(c),
-        _ => None,
-    };
-    if app.chat.open && app.overlay != Overlay::QuitPrompt {
-        let key = match code {
-            KeyCode::Enter => ChatKey::Enter,
-            KeyCode::Backspace => ChatKey::Backspace,
-            KeyCode::Esc => ChatKey::Esc,
-            KeyCode::Tab => ChatKey::Tab,
-            _ => match ch {
-                Some(c) => ChatKey::Char(c),
-                None => return Vec::new(),
-            },
-        };
-        return app.on_chat_key(key);
-    }
-    if app.overlay == Overlay::QuitPrompt {
-        return app.on_quit_key(if code == KeyCode::Esc { None } else { ch });
-    }
-    match code {
-        KeyCode::Esc => {
-            app.overlay = Overlay::None;
-            Vec::new()
+/// Raw mode, the alternate screen and a terminal to draw on: ratatui's `try_init`, with our own
+/// panic hook in place of the one it installs. Its hook restores through `ratatui::restore`, which
+/// reports a failure with `eprintln!`; on a terminal that hung up that write fails and panics
+/// inside the hook, which aborts the process, and with it a run meant to go on headless.
+fn enter() -> Result<DefaultTerminal> {
+    let previous = std::panic::take_hook();
+    let terminal = ratatui::try_init();
+    match terminal {
+        Ok(terminal) => {
+            std::panic::set_hook(Box::new(move |info| {
+                leave();
+                previous(info);
+            }));
+            Ok(terminal)
         }
-        KeyCode::Tab => app.on_action(Action::Chat),
-        _ => ch.and_then(action_for).map(|a| app.on_action(a)).unwrap_or_default(),
+        Err(e) => {
+            // Raw mode may be on; nothing was drawn, so no screen to leave.
+            let _ = ratatui::crossterm::terminal::disable_raw_mode();
+            std::panic::set_hook(previous);
+            Err(e).context("the dashboard needs a terminal, and this process has none")
+        }
     }
 }
 
-/// Runs the dashboard until the engine's event channel closes (training ended or stopped) or the
-/// user detaches; returns whether they detached. The screen is redrawn only when something changed
-/// (an event, a key, a resize) or once a second, so an idle dashboard costs next to nothing.
-pub fn run(mut app: App, events: Receiver<Event>, commands: Sender<Command>) -> Result<bool> {
+/// Back to the shell's screen; a terminal that is gone has nothing to restore.
+fn leave() {
+    let _ = ratatui::try_restore();
+}
+
+/// When the next frame is due: at once after input, at most every EVENT_REDRAW after engine
+/// events, every IDLE_REDRAW otherwise.
+struct Frames {
+    last: Instant,
+    due: Instant,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        let now = Instant::now();
+        Frames { last: now, due: now }
+    }
+
+    fn input(&mut self) {
+        self.due = Instant::now();
+    }
+
+    fn event(&mut self) {
+        self.due = self.due.min(self.last + EVENT_REDRAW);
+    }
+
+    fn drawn(&mut self) {
+        self.last = Instant::now();
+        self.due = self.last + IDLE_REDRAW;
+    }
+
+    /// How long until the next frame (zero: now).
+    fn wait(&self) -> Duration {
+        self.due.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Runs the dashboard until the engine's events end (training ended or stopped) or the user
+/// detaches; returns whether they detached. An idle dashboard wakes once a second, to draw.
+pub fn run(mut app: App, inbox: Inbox, commands: Sender<Command>) -> Result<bool> {
     yield_to_training();
-    enable_raw_mode().context("the dashboard needs a terminal, and this process has none")?;
-    execute!(std::io::stdout(), EnterAlternateScreen)?;
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        restore();
-        default_hook(info);
-    }));
-    let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
-    let mut engine_done = false;
+    let mut terminal = enter()?;
+    let detached = Input::start(inbox.tx.clone()).map(|input| {
+        let detached = serve(&mut app, &mut terminal, &inbox, &commands);
+        drop(input); // stop reading before the shell has the terminal back
+        detached
+    });
+    leave();
+    detached
+}
+
+/// The loop itself: one message at a time, a frame when one is due. Returns whether the user
+/// detached.
+fn serve(app: &mut App, terminal: &mut DefaultTerminal, inbox: &Inbox, commands: &Sender<Command>) -> bool {
+    let mut frames = Frames::new();
     let mut drawing = true;
-    // What changed since the last frame: engine events (drawn at most every EVENT_REDRAW) or the
-    // user's own input (drawn at once).
-    let mut events_changed = true;
-    let mut input_changed = true;
-    let mut last_draw = Instant::now();
-    while !engine_done && !app.detached {
-        loop {
-            match events.try_recv() {
-                Ok(e) => {
-                    app.on_event(&e);
-                    events_changed = true;
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    engine_done = true;
-                    break;
-                }
+    loop {
+        if drawing && frames.wait().is_zero() {
+            if terminal.draw(|f| render(f, app)).is_err() && hung_up(app, &mut drawing) {
+                return true;
             }
+            frames.drawn();
         }
-        if app.export_requested {
-            app.export();
-        }
-        events_changed |= app.poll_export();
-        let since = last_draw.elapsed();
-        if drawing && (input_changed || (events_changed && since >= EVENT_REDRAW) || since >= IDLE_REDRAW) {
-            if terminal.draw(|f| render(f, &app)).is_err() {
-                drawing = false; // the terminal is gone: keep training, headless
-                app.detached |= app.leave_on_hangup;
+        // Without a terminal there is nothing to draw: wait for the next event, however long.
+        let msg = if drawing {
+            match inbox.rx.recv_timeout(frames.wait()) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return false,
             }
-            (events_changed, input_changed) = (false, false);
-            last_draw = Instant::now();
-        }
-        if !drawing {
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
-        }
-        match wait_for_input(KEY_WAIT_MS) {
-            Input::Gone => {
-                // The terminal hung up: the engine's own dashboard keeps training headless; an
-                // attached viewer just leaves.
-                drawing = false;
-                app.detached |= app.leave_on_hangup;
+        } else {
+            match inbox.rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => return false,
             }
-            Input::Idle => {}
-            // crossterm reads every pending byte at once and queues the events: take them all
-            // now, or the queued ones would wait for the next key press.
-            Input::Ready => {
-                while event::poll(Duration::ZERO).unwrap_or(false) {
-                    match event::read() {
-                        Ok(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => {
-                            let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
-                            for c in on_key(&mut app, k.code, ctrl) {
-                                let _ = commands.send(c);
-                            }
-                            input_changed = true;
-                        }
-                        Ok(TermEvent::Resize(..)) => input_changed = true,
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
+        };
+        match msg {
+            UiMsg::Engine(e) => {
+                app.on_event(&e);
+                frames.event();
+            }
+            UiMsg::EngineGone => return false,
+            UiMsg::Exported(line) => {
+                app.export_done(line);
+                frames.event();
+            }
+            UiMsg::TerminalGone => {
+                if hung_up(app, &mut drawing) {
+                    return true;
                 }
             }
+            UiMsg::Input(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => {
+                frames.input();
+                let effects = app.on_key(k);
+                if carry_out(app, effects, inbox, commands) {
+                    return true;
+                }
+            }
+            UiMsg::Input(TermEvent::Resize(..)) => frames.input(),
+            UiMsg::Input(_) => {}
         }
     }
-    restore();
-    Ok(app.detached)
+}
+
+/// The terminal is gone (SSH dropped, tmux pane killed): the engine's own dashboard stops drawing
+/// and keeps taking events, so training goes on headless; an attached viewer leaves. True when the
+/// dashboard ends here.
+fn hung_up(app: &App, drawing: &mut bool) -> bool {
+    *drawing = false;
+    app.leave_on_hangup
+}
+
+/// Does what a key asked for; true when it asked to detach (after the rest, so a pause the chat
+/// pane took is given back first).
+fn carry_out(app: &mut App, effects: Vec<Effect>, inbox: &Inbox, commands: &Sender<Command>) -> bool {
+    let mut detach = false;
+    for effect in effects {
+        match effect {
+            Effect::Send(c) => {
+                let _ = commands.send(c);
+            }
+            Effect::Export => {
+                let tx = inbox.tx.clone();
+                app.export(move |line| {
+                    let _ = tx.send(UiMsg::Exported(line));
+                });
+            }
+            Effect::Detach => detach = true,
+        }
+    }
+    detach
 }
 
 #[cfg(test)]

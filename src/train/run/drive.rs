@@ -90,20 +90,20 @@ pub(crate) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Re
     let server = Arc::new(Server::start(trainer.run_dir(), cmd_tx.clone())?);
     let _close_socket = CloseOnDrop(server.clone());
     // Chat replies stream to every viewer from their own thread, whatever the engine is doing.
-    let (ui_tx, ui_rx) = channel::<Event>();
-    let ui_tx = args.dashboard.then_some(ui_tx);
+    let (feed, inbox) = crate::tui::inbox::channel();
+    let feed = args.dashboard.then_some(feed);
     let viewers = server.clone();
     let sink: Sink = Arc::new(move |e: &Event| {
         viewers.broadcast(e);
-        if let Some(tx) = &ui_tx {
-            let _ = tx.send(e.clone());
+        if let Some(feed) = &feed {
+            feed.send(e.clone());
         }
     });
     let chat = ChatService::start(trainer.chat_format()?, sink.clone())?;
     let cmd_rx = route(raw_rx, chat.stopper())?;
     trainer.attach_chat(chat);
     if args.dashboard {
-        return train_with_dashboard(trainer, until, sink, ui_rx, cmd_tx, cmd_rx);
+        return train_with_dashboard(trainer, until, sink, inbox, cmd_tx, cmd_rx);
     }
     if args.verbose {
         let c = &trainer.model.cfg;
@@ -137,13 +137,13 @@ pub(crate) fn drive<B: Backend>(mut trainer: Trainer<B>, args: &TrainArgs) -> Re
     trainer.run_with_commands(until, Some(&cmd_rx), &mut print)
 }
 
-/// The engine on its own thread, the dashboard on this one; they share only the event and
-/// command channels.
+/// The engine on its own thread, the dashboard on this one; they share only the dashboard's inbox
+/// (the sink feeds it) and the command channel.
 fn train_with_dashboard<B: Backend>(
     mut trainer: Trainer<B>,
     until: u64,
     sink: Sink,
-    ev_rx: Receiver<Event>,
+    inbox: crate::tui::inbox::Inbox,
     cmd_tx: Sender<Command>,
     cmd_rx: Receiver<Command>,
 ) -> Result<RunEnd> {
@@ -162,7 +162,7 @@ fn train_with_dashboard<B: Backend>(
         let mut send = |e: &Event| sink(e);
         trainer.run_with_commands(until, Some(&cmd_rx), &mut send)
     })?;
-    let ui = term::run(app, ev_rx, cmd_tx);
+    let ui = term::run(app, inbox, cmd_tx);
     if let Ok(true) = ui {
         crate::note!(
             "detached: training goes on in process {}; attach again with `kiln attach {}`",
