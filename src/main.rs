@@ -100,13 +100,17 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
-    /// Plot loss, learning rate and throughput of a run (PNG or SVG)
+    /// Plot loss, learning rate and throughput of a run, or of several overlaid (PNG or SVG)
     Plot {
-        run_dir: PathBuf,
-        /// Output file (.png or .svg); default RUN_DIR/plot.png
+        /// One run directory, or several to compare (drawn against tokens, one colour each)
+        #[arg(num_args = 1.., required = true, value_name = "RUN_DIR")]
+        run_dirs: Vec<PathBuf>,
+        /// Output file (.png or .svg); default RUN_DIR/plot.png for one run, compare.png for several
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// List the runs under DIR (default runs/): live or stopped, step, tokens, losses, tokens/s, checkpoint
+    Runs { dir: Option<PathBuf> },
     /// Show the dashboard of a running job (over RUN_DIR/kiln.sock)
     Attach { run_dir: PathBuf },
     /// Zero-shot accuracy on the TinyLlama paper's commonsense suite (lm-evaluation-harness scoring)
@@ -218,10 +222,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kiln::train::run::detach(&args)?;
         }
         Command::Attach { run_dir } => kiln::tui::attach::attach(&run_dir)?,
-        Command::Plot { run_dir, out } => {
-            let out = out.unwrap_or_else(|| run_dir.join("plot.png"));
-            kiln::cli::plot::plot(&run_dir, &out, 0)?;
+        Command::Plot { run_dirs, out } => {
+            let out = match (out, &run_dirs[..]) {
+                (Some(out), _) => out,
+                (None, [one]) => one.join("plot.png"),
+                // Not inside any one of the runs: a comparison belongs to none of them.
+                (None, _) => PathBuf::from("compare.png"),
+            };
+            kiln::cli::plot::plot_runs(&run_dirs, &out)?;
             kiln::out!("{}", out.display())?;
+        }
+        Command::Runs { dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("runs"));
+            let runs = kiln::cli::runs::list(&dir)?;
+            if runs.is_empty() {
+                kiln::out!("{}: no runs (a run is a directory with a metrics.jsonl)", dir.display())?;
+            } else {
+                kiln::out!("{}", kiln::cli::runs::table(&runs).trim_end())?;
+            }
         }
         Command::Train { config, run_dir, sets, headless, steps, resume, detach: false } => {
             use std::io::IsTerminal;

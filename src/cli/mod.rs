@@ -10,6 +10,7 @@ pub mod comm_check;
 pub mod eval;
 pub mod generate;
 pub mod plot;
+pub mod runs;
 pub mod score;
 
 use anyhow::{bail, Result};
