@@ -4,7 +4,7 @@
 
 mod common;
 
-use kiln::backend::cpu::Cpu;
+use kiln::backend::cpu::{Cpu, CpuBuf};
 use kiln::backend::AdamW;
 use kiln::data::loader::Batch;
 use kiln::dist::local::{cpu_group, local_group, LocalComm};
@@ -69,7 +69,7 @@ fn losses_and_norms(run: &Path) -> Vec<f64> {
 
 fn weights(ckpt: &Path) -> Vec<Vec<f32>> {
     let md = kiln::io::load_model_dir(ckpt, kiln::backend::cpu::Cpu::new()).unwrap();
-    md.model.weights.iter().into_iter().cloned().collect()
+    md.model.weights.iter().into_iter().map(|w| w.to_vec()).collect()
 }
 
 fn assert_close(a: &[f64], b: &[f64], what: &str) {
@@ -296,10 +296,10 @@ impl Comm for Stubborn {
 }
 
 impl DeviceComm<Cpu> for Stubborn {
-    fn start_all_gather(&self, b: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+    fn start_all_gather(&self, b: &Cpu, shard: &CpuBuf, out: &mut CpuBuf) -> anyhow::Result<Ticket> {
         self.0.start_all_gather(b, shard, out)
     }
-    fn start_reduce_scatter(&self, b: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+    fn start_reduce_scatter(&self, b: &Cpu, input: &CpuBuf, out: &mut CpuBuf) -> anyhow::Result<Ticket> {
         self.0.start_reduce_scatter(b, input, out)
     }
     fn wait(&self, b: &Cpu, t: Ticket) -> anyhow::Result<()> {
@@ -345,14 +345,14 @@ struct Hangs {
 }
 
 impl DeviceComm<Cpu> for Hangs {
-    fn start_all_gather(&self, b: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+    fn start_all_gather(&self, b: &Cpu, shard: &CpuBuf, out: &mut CpuBuf) -> anyhow::Result<Ticket> {
         if self.hang {
             let (lock, cv) = &*self.released;
             let _held = cv.wait_while(lock.lock().unwrap(), |released| !*released).unwrap();
         }
         self.comm.start_all_gather(b, shard, out)
     }
-    fn start_reduce_scatter(&self, b: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> anyhow::Result<Ticket> {
+    fn start_reduce_scatter(&self, b: &Cpu, input: &CpuBuf, out: &mut CpuBuf) -> anyhow::Result<Ticket> {
         self.comm.start_reduce_scatter(b, input, out)
     }
     fn wait(&self, b: &Cpu, t: Ticket) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@ mod common;
 
 use common::gpu::{assert_close, bf, or_skip, randn, BF16_OUT, F32_OUT};
 use half::bf16;
-use kiln::backend::cpu::Cpu;
+use kiln::backend::cpu::{Cpu, CpuBuf};
 use kiln::backend::cuda::device::Gpu;
 use kiln::backend::cuda::flash_attn::Build;
 use kiln::backend::cuda::{adamw, cross_entropy, elementwise, flash_attn, rmsnorm, rope, swiglu};
@@ -112,10 +112,10 @@ fn rmsnorm_forward_and_backward() {
     let cpu = Cpu::new();
     let (rows, d) = (300, 2048);
     let (x, w, dy) = (bf(&randn(rows * d, 1, 2.0)), bf(&randn(d, 2, 1.0)), bf(&randn(rows * d, 3, 1.0)));
-    let (mut out, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows]);
+    let (mut out, mut rstd) = (CpuBuf::from(vec![0.0; rows * d]), CpuBuf::from(vec![0.0; rows]));
     cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, d, 1e-5).unwrap();
-    let dx0 = randn(rows * d, 4, 0.5);
-    let (mut dx, mut dw) = (dx0.clone(), vec![0.0; d]);
+    let dx0 = CpuBuf::from(randn(rows * d, 4, 0.5));
+    let (mut dx, mut dw) = (dx0.clone(), CpuBuf::from(vec![0.0; d]));
     cpu.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, d).unwrap();
 
     // f32
@@ -135,7 +135,7 @@ fn rmsnorm_forward_and_backward() {
     assert_close(&down_bf16(&g, &go), &out, BF16_OUT, "rmsnorm fwd bf16");
     let (mut gdx, mut gdw) = (up_bf16(&g, &dx0), g.stream.alloc_zeros::<f32>(d).unwrap());
     let dx0b = bf(&dx0);
-    let (mut dxb, mut dwb) = (dx0b.clone(), vec![0.0; d]);
+    let (mut dxb, mut dwb) = (dx0b.clone(), CpuBuf::from(vec![0.0; d]));
     cpu.rmsnorm_backward(&mut dxb, &mut dwb, &dy, &x, &w, &rstd, rows, d).unwrap();
     rmsnorm::backward(&g, &mut gdx, &mut gdw, &up_bf16(&g, &dy), &up_bf16(&g, &x), &up_bf16(&g, &w), &gr, rows, d)
         .unwrap();
@@ -151,8 +151,12 @@ fn rope_forward_and_inverse() {
     let s = RopeShape { rows: 2 * 100, seq: 100, pos0: 7, n_head: 4, head_dim: 64 };
     let half = s.head_dim / 2;
     let max_pos = 128;
-    let cos: Vec<f32> = (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).cos()).collect();
-    let sin: Vec<f32> = (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).sin()).collect();
+    let cos = CpuBuf::from(
+        (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).cos()).collect::<Vec<_>>(),
+    );
+    let sin = CpuBuf::from(
+        (0..max_pos * half).map(|i| ((i / half) as f32 * 0.01 * (i % half) as f32).sin()).collect::<Vec<_>>(),
+    );
     let x = bf(&randn(s.rows * s.n_head * s.head_dim, 5, 1.0));
     for inverse in [false, true] {
         let mut want = x.clone();
@@ -167,7 +171,7 @@ fn rope_forward_and_inverse() {
         let (gx, mut gout, gcos, gsin) = (up_f32(&g, &x), poison_bf16(&g, x.len()), up_f32(&g, &cos), up_f32(&g, &sin));
         rope::from_f32(&g, &mut gout, &gx, rope::Tables { cos: &gcos, sin: &gsin }, s, inverse).unwrap();
         assert_close(&down_bf16(&g, &gout), &want, BF16_OUT, &format!("rope f32 -> bf16 inverse={inverse}"));
-        assert_eq!(down_f32(&g, &gx), x, "rope f32 -> bf16 changed its input");
+        assert_eq!(down_f32(&g, &gx), *x, "rope f32 -> bf16 changed its input");
     }
 }
 
@@ -178,9 +182,9 @@ fn swiglu_forward_and_backward() {
     // Not a multiple of 8: the bf16 kernels' 16-byte path and their scalar tail both run.
     let n = (1 << 20) + 5;
     let (gate, up, dout) = (bf(&randn(n, 6, 4.0)), bf(&randn(n, 7, 2.0)), bf(&randn(n, 8, 1.0)));
-    let mut out = vec![0.0; n];
+    let mut out = CpuBuf::from(vec![0.0; n]);
     cpu.swiglu_forward(&mut out, &gate, &up, n).unwrap();
-    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    let (mut dg, mut du) = (CpuBuf::from(vec![0.0; n]), CpuBuf::from(vec![0.0; n]));
     cpu.swiglu_backward(&mut dg, &mut du, &dout, &gate, &up, n).unwrap();
     let mut go = poison_f32(&g, n);
     swiglu::forward(&g, &mut go, &up_f32(&g, &gate), &up_f32(&g, &up), n).unwrap();
@@ -233,6 +237,7 @@ fn adamw_multi_tensor_matches_the_cpu_step() {
     for (i, &n) in sizes.iter().enumerate() {
         let (p, gr, m) = (randn(n, 10 + i as u64, 1.0), randn(n, 20 + i as u64, 0.1), randn(n, 30 + i as u64, 0.01));
         let v: Vec<f32> = randn(n, 40 + i as u64, 0.01).iter().map(|x| x * x).collect();
+        let (p, gr, m, v) = (CpuBuf::from(p), CpuBuf::from(gr), CpuBuf::from(m), CpuBuf::from(v));
         let (mut cp, mut cm, mut cv) = (p.clone(), m.clone(), v.clone());
         cpu.adamw_step(&mut cp, &gr, &mut cm, &mut cv, hp).unwrap();
         want.push((cp, cm, cv));
@@ -272,9 +277,13 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     let k = bf(&randn(s.kv_elems(), seed + 1, 1.0));
     let v = bf(&randn(s.kv_elems(), seed + 2, 1.0));
     let dout = bf(&randn(s.q_elems(), seed + 3, 1.0));
-    let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+    let (mut out, mut lse) = (CpuBuf::from(vec![0.0; s.q_elems()]), CpuBuf::from(vec![0.0; s.lse_elems()]));
     cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
-    let (mut dq, mut dk, mut dv) = (vec![0.0; s.q_elems()], vec![0.0; s.kv_elems()], vec![0.0; s.kv_elems()]);
+    let (mut dq, mut dk, mut dv) = (
+        CpuBuf::from(vec![0.0; s.q_elems()]),
+        CpuBuf::from(vec![0.0; s.kv_elems()]),
+        CpuBuf::from(vec![0.0; s.kv_elems()]),
+    );
     cpu.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s).unwrap();
 
     let (gq, gk, gv) = (up_bf16(g, &q), up_bf16(g, &k), up_bf16(g, &v));
@@ -305,6 +314,7 @@ fn attention_case(g: &Gpu, s: AttnShape, seed: u64) {
     // With RoPE to undo, dQ comes out rotated back by the conversion its accumulator goes through:
     // against the CPU's dQ rotated by the inverse angles (positions from q_pos0), dK and dV as above.
     let (cos, sin) = kiln::model::rope::tables(s.head_dim, s.q_pos0 + s.q_len, 10000.0);
+    let (cos, sin) = (CpuBuf::from(cos), CpuBuf::from(sin));
     let mut dq_unrotated = dq.clone();
     cpu.rope(&mut dq_unrotated, &cos, &sin, s.q_rope(), true).unwrap();
     let (gcos, gsin) = (up_f32(g, &cos), up_f32(g, &sin));
@@ -376,9 +386,13 @@ fn autotune_case(g: &Gpu, head_dim: usize) {
     let k = bf(&randn(s.kv_elems(), 32, 1.0));
     let v = bf(&randn(s.kv_elems(), 33, 1.0));
     let dout = bf(&randn(s.q_elems(), 34, 1.0));
-    let (mut out, mut lse) = (vec![0.0; s.q_elems()], vec![0.0; s.lse_elems()]);
+    let (mut out, mut lse) = (CpuBuf::from(vec![0.0; s.q_elems()]), CpuBuf::from(vec![0.0; s.lse_elems()]));
     cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, s).unwrap();
-    let (mut dq, mut dk, mut dv) = (vec![0.0; s.q_elems()], vec![0.0; s.kv_elems()], vec![0.0; s.kv_elems()]);
+    let (mut dq, mut dk, mut dv) = (
+        CpuBuf::from(vec![0.0; s.q_elems()]),
+        CpuBuf::from(vec![0.0; s.kv_elems()]),
+        CpuBuf::from(vec![0.0; s.kv_elems()]),
+    );
     cpu.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s).unwrap();
 
     let tuner = AttnTuner::new(true, 0.0);

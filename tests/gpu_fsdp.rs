@@ -270,7 +270,7 @@ fn a_head_dim_without_a_kernel_is_refused_before_anything_is_written() {
 /// a reduce-scatter's input early, or never waited on a ticket would train differently here.
 mod deferred {
     use anyhow::{bail, Result};
-    use kiln::backend::cpu::Cpu;
+    use kiln::backend::cpu::{Cpu, CpuBuf};
     use kiln::dist::local::LocalComm;
     use kiln::dist::{Comm, DeviceComm, Ticket};
     use std::collections::HashMap;
@@ -343,12 +343,12 @@ mod deferred {
     }
 
     impl DeviceComm<Cpu> for Deferred {
-        fn start_all_gather(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+        fn start_all_gather(&self, _: &Cpu, shard: &CpuBuf, out: &mut CpuBuf) -> Result<Ticket> {
             out.fill(f32::NAN);
             let op = Op::Gather { shard: (shard.as_ptr(), shard.len()), out: (out.as_mut_ptr(), out.len()) };
             Ok(self.start(op))
         }
-        fn start_reduce_scatter(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+        fn start_reduce_scatter(&self, _: &Cpu, input: &CpuBuf, out: &mut CpuBuf) -> Result<Ticket> {
             let op = Op::Scatter { input: (input.as_ptr(), input.len()), out: (out.as_mut_ptr(), out.len()) };
             Ok(self.start(op))
         }

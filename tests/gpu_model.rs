@@ -9,7 +9,7 @@
 mod common;
 
 use common::gpu::{assert_close, bf, or_skip, randn, rel_err};
-use kiln::backend::cpu::Cpu;
+use kiln::backend::cpu::{Cpu, CpuBuf};
 use kiln::backend::cuda::Cuda;
 use kiln::backend::{AdamW, Backend, Gemm, Role};
 use kiln::data::loader::Batch;
@@ -50,8 +50,8 @@ fn gemms_match_the_cpu(c: &Cuda, cpu: &Cpu, m: usize, n: usize, k: usize) {
         for accumulate in [false, true] {
             let g = Gemm { m, n, k, trans_a, trans_b, accumulate };
             let (a, b) = (bf(&randn(m * k, 10 + i as u64, 1.0)), bf(&randn(k * n, 20 + i as u64, 1.0)));
-            let start = if accumulate { bf(&randn(m * n, 30, 1.0)) } else { vec![f32::NAN; m * n] };
-            let mut want = if accumulate { start.clone() } else { vec![0.0; m * n] };
+            let start = if accumulate { bf(&randn(m * n, 30, 1.0)) } else { CpuBuf::from(vec![f32::NAN; m * n]) };
+            let mut want = if accumulate { start.clone() } else { CpuBuf::from(vec![0.0; m * n]) };
             cpu.matmul(&mut want, &a, &b, g).unwrap();
             let (ga, gb) = (c.upload(&a).unwrap(), c.upload(&b).unwrap());
             // bf16 result (activations): bf16 rounding of the output only.
@@ -73,7 +73,7 @@ fn gemms_match_the_cpu(c: &Cuda, cpu: &Cpu, m: usize, n: usize, k: usize) {
         let mut out = c.upload(&vec![f32::NAN; m * n]).unwrap();
         c.matmul_residual(&mut out, &gr, &ga, &gb, g).unwrap();
         assert_close(&c.download(&out).unwrap(), &want, 1e-2, &format!("residual out {g:?}"));
-        assert_eq!(c.download(&gr).unwrap(), residual, "the residual is read, not written");
+        assert_eq!(c.download(&gr).unwrap(), *residual, "the residual is read, not written");
     }
 }
 
@@ -98,7 +98,7 @@ fn small_config() -> LlamaConfig {
 fn shared_weights(cfg: &LlamaConfig) -> Weights<Vec<f32>> {
     let w = random_weights(cfg, 7).unwrap();
     let mut it = w.iter().into_iter();
-    Weights::try_build(cfg, |_| Ok(bf(it.next().unwrap()))).unwrap()
+    Weights::try_build(cfg, |_| Ok(bf(it.next().unwrap()).into_vec())).unwrap()
 }
 
 fn batch(cfg: &LlamaConfig, rows: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {

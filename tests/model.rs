@@ -58,7 +58,7 @@ fn check_model_gradients(cfg: LlamaConfig) {
     model.forward(&mut ws, &ids, &targets, Some(scale)).unwrap();
     model.backward(&mut ws, &mut grads).unwrap();
     let specs = kiln::model::tensor_specs(&cfg);
-    let analytic: Vec<Vec<f32>> = grads.iter().into_iter().cloned().collect();
+    let analytic: Vec<Vec<f32>> = grads.iter().into_iter().map(|g| g.to_vec()).collect();
     for (ti, spec) in specs.iter().enumerate() {
         let orig = model.weights.iter()[ti].clone();
         let mut x = orig.clone();
@@ -152,7 +152,7 @@ fn branches_of_one_context_decode_like_each_continuation_alone() {
     let full = |seq: &[u32]| {
         let mut ws = Workspace::new(&model, 1, seq.len()).unwrap();
         model.forward(&mut ws, seq, &vec![-1; seq.len()], None).unwrap();
-        Cpu.download(&ws.logits).unwrap()
+        Cpu::new().download(&ws.logits).unwrap()
     };
     let close = |a: &[f32], b: &[f32]| {
         assert_eq!(a.len(), b.len());
@@ -197,7 +197,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let (ids, _) = batch(&cfg, 1, n, 32);
     let mut ws = Workspace::new(&model, 1, n).unwrap();
     model.forward(&mut ws, &ids, &vec![-1; n], None).unwrap();
-    let full = Cpu.download(&ws.logits).unwrap();
+    let full = Cpu::new().download(&ws.logits).unwrap();
     let v = cfg.vocab_size;
     let mut cache = KvCache::new(&model, n).unwrap();
     // Prefill 280 tokens (two chunks), then one token at a time.

@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod profile;
 
 use anyhow::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// `out[m,n] (+)= op(a)[m,k] · op(b)[k,n]`, where `op` optionally transposes the stored matrix.
 #[derive(Clone, Copy, Debug)]
@@ -162,6 +163,43 @@ pub struct MemoryUse {
     pub peak_bytes: usize,
 }
 
+/// Bytes held by a backend's live buffers, and the most ever held at once: each buffer adds its
+/// bytes when made (or cloned) and takes them back when dropped, so no caller keeps accounts.
+#[derive(Debug, Default)]
+pub struct MemStats {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemStats {
+    pub fn add(&self, bytes: usize) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    pub fn sub(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    /// Starts a new peak window at the current level (benchmarks measure one phase at a time).
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live(), Ordering::Relaxed);
+    }
+    pub fn usage(&self) -> MemoryUse {
+        MemoryUse { live_bytes: self.live(), peak_bytes: self.peak() }
+    }
+}
+
+/// The bytes `b`'s buffers hold, for memory figures. Every backend here counts them; one that did
+/// not would have its figures refused rather than estimated by hand.
+pub fn measured<B: Backend>(b: &B) -> Result<MemoryUse> {
+    b.memory().ok_or_else(|| anyhow::anyhow!("the backend {} does not count its buffers' bytes", b.name()))
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
 
@@ -188,11 +226,10 @@ pub trait Backend: Send + Sync + 'static {
         let _ = role;
         self.upload(data)
     }
-    /// Bytes held in this backend's buffers now and at most so far, where the backend counts
-    /// them (a GPU's memory is the scarce resource; the CPU backend leaves it to the allocator).
-    fn memory(&self) -> Option<MemoryUse> {
-        None
-    }
+    /// Bytes held in this backend's buffers now and at most so far: each buffer counts its own
+    /// (no default, so that a new backend decides; both built-in ones count, and a wrapper passes
+    /// its inner backend's figures on). `None` only from a backend that cannot count.
+    fn memory(&self) -> Option<MemoryUse>;
     /// Waits for queued work (a no-op on a synchronous backend); benchmarks call it before reading a clock.
     fn synchronize(&self) -> Result<()> {
         Ok(())

@@ -23,7 +23,7 @@ pub struct BenchReport {
 
 fn gemm_gflops(n: usize) -> Result<f64> {
     let b = Cpu::new();
-    let x: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let x = b.upload(&(0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect::<Vec<f32>>())?;
     let mut out = b.zeros(n * n)?;
     let g = Gemm { m: n, n, k: n, trans_a: false, trans_b: true, accumulate: false };
     b.matmul(&mut out, &x, &x, g)?; // warm-up

@@ -2,7 +2,7 @@
 //! abortable barrier.
 
 use super::{Comm, DeviceComm, Member, Ticket};
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu::{Cpu, CpuBuf};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -86,10 +86,10 @@ pub fn cpu_group(n: usize) -> Vec<Member<Cpu>> {
 /// On the CPU a buffer is a host slice: the device collectives are the host ones, finished before
 /// `start_*` returns.
 impl DeviceComm<Cpu> for LocalComm {
-    fn start_all_gather(&self, _: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+    fn start_all_gather(&self, _: &Cpu, shard: &CpuBuf, out: &mut CpuBuf) -> Result<Ticket> {
         self.busy(|| self.all_gather(shard, out))
     }
-    fn start_reduce_scatter(&self, _: &Cpu, input: &Vec<f32>, out: &mut Vec<f32>) -> Result<Ticket> {
+    fn start_reduce_scatter(&self, _: &Cpu, input: &CpuBuf, out: &mut CpuBuf) -> Result<Ticket> {
         self.busy(|| self.reduce_scatter(input, out))
     }
     fn wait(&self, _: &Cpu, _: Ticket) -> Result<()> {

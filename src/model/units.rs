@@ -147,27 +147,27 @@ impl<B: Backend> Grads<B> for ResidentTraining<'_, B::Buf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::Cpu;
+    use crate::backend::cpu::{Cpu, CpuBuf};
     use crate::model::init::random_weights;
 
     /// A source that records which unit each call reads, over resident weights.
     struct Recording<'a> {
-        inner: ResidentTraining<'a, Vec<f32>>,
+        inner: ResidentTraining<'a, CpuBuf>,
         n_layer: usize,
         tied: bool,
         reads: Vec<usize>,
     }
 
     impl Params<Cpu> for Recording<'_> {
-        fn embed<T>(&mut self, f: impl FnOnce(&Vec<f32>) -> Result<T>) -> Result<T> {
+        fn embed<T>(&mut self, f: impl FnOnce(&CpuBuf) -> Result<T>) -> Result<T> {
             self.reads.push(0);
             Params::<Cpu>::embed(&mut self.inner, f)
         }
-        fn block<T>(&mut self, l: usize, f: impl FnOnce(&LayerWeights<Vec<f32>>) -> Result<T>) -> Result<T> {
+        fn block<T>(&mut self, l: usize, f: impl FnOnce(&LayerWeights<CpuBuf>) -> Result<T>) -> Result<T> {
             self.reads.push(1 + l);
             Params::<Cpu>::block(&mut self.inner, l, f)
         }
-        fn head<T>(&mut self, f: impl FnOnce(&Vec<f32>, &Vec<f32>) -> Result<T>) -> Result<T> {
+        fn head<T>(&mut self, f: impl FnOnce(&CpuBuf, &CpuBuf) -> Result<T>) -> Result<T> {
             self.reads.push(self.n_layer + 1);
             if self.tied {
                 self.reads.push(0);
@@ -179,19 +179,19 @@ mod tests {
     impl Grads<Cpu> for Recording<'_> {
         fn head_grad(
             &mut self,
-            f: impl FnOnce(&Vec<f32>, &Vec<f32>, &mut Vec<f32>, &mut Vec<f32>) -> Result<()>,
+            f: impl FnOnce(&CpuBuf, &CpuBuf, &mut CpuBuf, &mut CpuBuf) -> Result<()>,
         ) -> Result<()> {
             Grads::<Cpu>::head_grad(&mut self.inner, f)
         }
         fn block_grad(
             &mut self,
             l: usize,
-            f: impl FnOnce(&LayerWeights<Vec<f32>>, &mut LayerWeights<Vec<f32>>) -> Result<()>,
+            f: impl FnOnce(&LayerWeights<CpuBuf>, &mut LayerWeights<CpuBuf>) -> Result<()>,
         ) -> Result<()> {
             self.reads.push(1 + l);
             Grads::<Cpu>::block_grad(&mut self.inner, l, f)
         }
-        fn embed_grad(&mut self, f: impl FnOnce(&mut Vec<f32>) -> Result<()>) -> Result<()> {
+        fn embed_grad(&mut self, f: impl FnOnce(&mut CpuBuf) -> Result<()>) -> Result<()> {
             Grads::<Cpu>::embed_grad(&mut self.inner, f)
         }
     }

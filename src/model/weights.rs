@@ -32,6 +32,22 @@ impl<T> LayerWeights<T> {
         let l = self;
         [&l.attn_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.mlp_norm, &l.gate_proj, &l.up_proj, &l.down_proj]
     }
+
+    /// Each tensor passed through `f`, moved rather than copied.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> LayerWeights<U> {
+        let l = self;
+        LayerWeights {
+            attn_norm: f(l.attn_norm),
+            q_proj: f(l.q_proj),
+            k_proj: f(l.k_proj),
+            v_proj: f(l.v_proj),
+            o_proj: f(l.o_proj),
+            mlp_norm: f(l.mlp_norm),
+            gate_proj: f(l.gate_proj),
+            up_proj: f(l.up_proj),
+            down_proj: f(l.down_proj),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +127,16 @@ impl<T> Weights<T> {
         let final_norm = next()?;
         let lm_head = if cfg.tie_embeddings { None } else { Some(next()?) };
         Ok(Weights { embed, layers, final_norm, lm_head })
+    }
+
+    /// Each tensor passed through `f` in canonical order, moved rather than copied (host `Vec`s
+    /// to CPU buffers and back).
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> Weights<U> {
+        let embed = f(self.embed);
+        let layers = self.layers.into_iter().map(|l| l.map(&mut f)).collect();
+        let final_norm = f(self.final_norm);
+        let lm_head = self.lm_head.map(f);
+        Weights { embed, layers, final_norm, lm_head }
     }
 
     /// All tensors in canonical order (matching `tensor_specs`).

@@ -150,15 +150,9 @@ impl<B: Backend> Engine<B> {
     /// Per-rank throughput and memory after a step of `tokens_per_s` (a collective under FSDP).
     pub fn rank_metrics(&mut self, model: &Llama<B>, tokens_per_s: f64) -> Result<Vec<RankMetrics>> {
         let Engine::Sharded(s) = self else {
-            let (state_mb, peak_mb) = match model.backend.memory() {
-                // A GPU counts its buffers: weights, gradients, moments and activations.
-                Some(m) => (m.live_bytes as f64 * 1e-6, m.peak_bytes as f64 * 1e-6),
-                None => {
-                    // Parameters, gradients and two moments, all resident in f32.
-                    let mb = 4.0 * model.cfg.n_params() as f64 * 4e-6;
-                    (mb, mb)
-                }
-            };
+            // The backend counts its buffers: weights, gradients, moments and activations.
+            let m = crate::backend::measured(&model.backend)?;
+            let (state_mb, peak_mb) = (m.live_bytes as f64 * 1e-6, m.peak_bytes as f64 * 1e-6);
             return Ok(vec![RankMetrics { rank: 0, tokens_per_s, state_mb, peak_mb, comm_ms: 0.0 }]);
         };
         let n = s.fsdp.world_size() as f64;

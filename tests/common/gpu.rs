@@ -2,6 +2,7 @@
 //! error norm they all measure with.
 
 use half::bf16;
+use kiln::backend::cpu::CpuBuf;
 use rand::{Rng, SeedableRng};
 
 /// The opened device, or `None` with a "skipped" line; KILN_REQUIRE_GPU=1 turns the skip into a
@@ -38,9 +39,10 @@ pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect()
 }
 
-/// Rounds through bf16, so the CPU reference sees exactly what the GPU sees.
-pub fn bf(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+/// Rounds through bf16, so the CPU reference sees exactly what the GPU sees (as a buffer the CPU
+/// backend's ops take, counted against no backend).
+pub fn bf(x: &[f32]) -> CpuBuf {
+    CpuBuf::from(x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect::<Vec<f32>>())
 }
 
 /// ‖got − want‖ / ‖want‖; a non-finite output (a NaN poison that survived) fails outright.

@@ -6,6 +6,7 @@
 
 mod adamw;
 mod attention;
+mod buf;
 mod elementwise;
 mod embedding;
 mod matmul;
@@ -16,9 +17,11 @@ mod swiglu;
 mod xent;
 
 pub use attention::{attention_backward, attention_forward};
+pub use buf::CpuBuf;
 
-use super::{AdamW, AttnShape, Backend, Gemm, RopeShape};
+use super::{AdamW, AttnShape, Backend, Gemm, MemStats, MemoryUse, RopeShape};
 use anyhow::{bail, ensure, Result};
+use std::sync::Arc;
 
 /// Raw pointer that tasks may share when each writes a disjoint region (checked by construction
 /// in the callers, documented at each use).
@@ -35,76 +38,88 @@ impl SendPtr {
     }
 }
 
+/// The CPU backend. Each `Cpu::new()` has a meter of its own, shared by its clones, so that two
+/// FSDP ranks in one process (each made with its own) report their own bytes.
 #[derive(Clone, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    mem: Arc<MemStats>,
+}
 
 impl Cpu {
     pub fn new() -> Self {
-        Cpu
+        Cpu::default()
+    }
+
+    /// Starts a new peak window at the current level (benchmarks measure one phase at a time).
+    pub fn reset_peak(&self) {
+        self.mem.reset_peak();
     }
 }
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        host_zeros(len)
+    fn zeros(&self, len: usize) -> Result<CpuBuf> {
+        Ok(CpuBuf::metered(host_zeros(len)?, &self.mem))
     }
-    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+    fn upload(&self, data: &[f32]) -> Result<CpuBuf> {
+        Ok(CpuBuf::metered(data.to_vec(), &self.mem))
     }
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+    fn memory(&self) -> Option<MemoryUse> {
+        Some(self.mem.usage())
     }
-    fn download_prefix(&self, buf: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+    fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
+    }
+    fn download_prefix(&self, buf: &CpuBuf, n: usize) -> Result<Vec<f32>> {
         ensure!(n <= buf.len(), "download of {n} values from a buffer of {}", buf.len());
         Ok(buf[..n].to_vec())
     }
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &CpuBuf) -> usize {
         buf.len()
     }
-    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+    fn fill_zero(&self, buf: &mut CpuBuf) -> Result<()> {
         buf.fill(0.0);
         Ok(())
     }
-    fn copy(&self, dst: &mut Vec<f32>, dst_off: usize, src: &Vec<f32>, src_off: usize, len: usize) -> Result<()> {
+    fn copy(&self, dst: &mut CpuBuf, dst_off: usize, src: &CpuBuf, src_off: usize, len: usize) -> Result<()> {
         ensure!(dst_off + len <= dst.len() && src_off + len <= src.len(), "copy out of bounds");
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
         Ok(())
     }
 
-    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+    fn add_assign(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
         elementwise::add_assign(dst, src);
         Ok(())
     }
-    fn sum_squares(&self, buf: &Vec<f32>) -> Result<f64> {
+    fn sum_squares(&self, buf: &CpuBuf) -> Result<f64> {
         Ok(elementwise::sum_squares(buf))
     }
 
-    fn matmul(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, g: Gemm) -> Result<()> {
+    fn matmul(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf, g: Gemm) -> Result<()> {
         matmul::matmul(out, a, b, g);
         Ok(())
     }
 
-    fn embedding_forward(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], d: usize) -> Result<()> {
+    fn embedding_forward(&self, out: &mut CpuBuf, table: &CpuBuf, ids: &[u32], d: usize) -> Result<()> {
         embedding::forward(out, table, ids, d);
         Ok(())
     }
-    fn embedding_backward(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &[u32], d: usize) -> Result<()> {
+    fn embedding_backward(&self, dtable: &mut CpuBuf, dout: &CpuBuf, ids: &[u32], d: usize) -> Result<()> {
         embedding::backward(dtable, dout, ids, d);
         Ok(())
     }
 
     fn rmsnorm_forward(
         &self,
-        out: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
+        out: &mut CpuBuf,
+        rstd: &mut CpuBuf,
+        x: &CpuBuf,
+        w: &CpuBuf,
         rows: usize,
         d: usize,
         eps: f32,
@@ -114,12 +129,12 @@ impl Backend for Cpu {
     }
     fn rmsnorm_backward(
         &self,
-        dx: &mut Vec<f32>,
-        dw: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        rstd: &Vec<f32>,
+        dx: &mut CpuBuf,
+        dw: &mut CpuBuf,
+        dout: &CpuBuf,
+        x: &CpuBuf,
+        w: &CpuBuf,
+        rstd: &CpuBuf,
         rows: usize,
         d: usize,
     ) -> Result<()> {
@@ -127,18 +142,18 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, cos: &Vec<f32>, sin: &Vec<f32>, shape: RopeShape, inverse: bool) -> Result<()> {
+    fn rope(&self, x: &mut CpuBuf, cos: &CpuBuf, sin: &CpuBuf, shape: RopeShape, inverse: bool) -> Result<()> {
         rope::apply(x, cos, sin, shape, inverse);
         Ok(())
     }
 
     fn attention_forward(
         &self,
-        out: &mut Vec<f32>,
-        lse: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        out: &mut CpuBuf,
+        lse: &mut CpuBuf,
+        q: &CpuBuf,
+        k: &CpuBuf,
+        v: &CpuBuf,
         shape: AttnShape,
     ) -> Result<()> {
         attention_forward(out, lse, q, k, v, shape);
@@ -146,22 +161,22 @@ impl Backend for Cpu {
     }
     fn attention_backward(
         &self,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        dq: &mut CpuBuf,
+        dk: &mut CpuBuf,
+        dv: &mut CpuBuf,
+        dout: &CpuBuf,
+        out: &CpuBuf,
+        lse: &CpuBuf,
+        q: &CpuBuf,
+        k: &CpuBuf,
+        v: &CpuBuf,
         shape: AttnShape,
     ) -> Result<()> {
         attention_backward(dq, dk, dv, dout, out, lse, q, k, v, shape);
         Ok(())
     }
 
-    fn swiglu_forward(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, n: usize) -> Result<()> {
+    fn swiglu_forward(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf, n: usize) -> Result<()> {
         if [out.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
             bail!("swiglu: {n} values asked of buffers of {}, {} and {}", out.len(), gate.len(), up.len());
         }
@@ -170,11 +185,11 @@ impl Backend for Cpu {
     }
     fn swiglu_backward(
         &self,
-        dgate: &mut Vec<f32>,
-        dup: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        gate: &Vec<f32>,
-        up: &Vec<f32>,
+        dgate: &mut CpuBuf,
+        dup: &mut CpuBuf,
+        dout: &CpuBuf,
+        gate: &CpuBuf,
+        up: &CpuBuf,
         n: usize,
     ) -> Result<()> {
         if [dgate.len(), dup.len(), dout.len(), gate.len(), up.len()].iter().any(|&l| l < n) {
@@ -186,7 +201,7 @@ impl Backend for Cpu {
 
     fn cross_entropy(
         &self,
-        logits: &mut Vec<f32>,
+        logits: &mut CpuBuf,
         targets: &[i32],
         vocab: usize,
         grad_scale: Option<f32>,
@@ -195,14 +210,7 @@ impl Backend for Cpu {
         Ok(xent::cross_entropy(&mut logits[..targets.len() * vocab], targets, vocab, grad_scale))
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        hp: AdamW,
-    ) -> Result<()> {
+    fn adamw_step(&self, param: &mut CpuBuf, grad: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamW) -> Result<()> {
         adamw::step(param, grad, m, v, hp);
         Ok(())
     }

@@ -9,35 +9,9 @@ use crate::backend::Role;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DriverError};
 use half::bf16;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Bytes held by live buffers, and the most ever held at once.
-#[derive(Default)]
-pub struct MemStats {
-    live: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl MemStats {
-    pub fn add(&self, bytes: usize) {
-        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-    }
-    pub fn sub(&self, bytes: usize) {
-        self.live.fetch_sub(bytes, Ordering::Relaxed);
-    }
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-    /// Starts a new peak window at the current level (benchmarks measure one phase at a time).
-    pub fn reset_peak(&self) {
-        self.peak.store(self.live(), Ordering::Relaxed);
-    }
-}
+pub use crate::backend::MemStats;
 
 pub enum Data {
     Bf16(CudaSlice<bf16>),

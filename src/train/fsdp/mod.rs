@@ -14,7 +14,7 @@
 //! `rank` is one rank's share of a step; `threads` runs every rank at once and handles failures.
 
 use super::optim_state::{flat_units, MomentSource, OwnedRankMoments};
-use crate::backend::{AdamW, Backend, Role};
+use crate::backend::{measured, AdamW, Backend, Role};
 use crate::data::loader::Batch;
 use crate::dist::shard::ShardLayout;
 use crate::dist::Member;
@@ -105,7 +105,7 @@ impl<B: Backend> Fsdp<B> {
             let model = Llama::new(cfg.clone(), backend, placeholders)?;
             let ws = Workspace::keeping(&model, rows_per_rank, seq, keep)?;
             let b = &model.backend;
-            let before = b.memory().map(|m| m.live_bytes);
+            let before = measured(b)?.live_bytes;
             let mut master = Vec::with_capacity(layouts.len());
             let (mut m, mut v, mut grad) = (Vec::new(), Vec::new(), Vec::new());
             for (u, (l, f)) in layouts.iter().zip(&full_units).enumerate() {
@@ -121,8 +121,7 @@ impl<B: Backend> Fsdp<B> {
                 v.push(b.upload_as(&vu, Role::Accum)?);
                 grad.push(b.zeros_as(l.shard, Role::Accum)?);
             }
-            let persistent_bytes = before.and_then(|x| b.memory().map(|m| m.live_bytes - x));
-            let persistent = 4 * layouts.iter().map(|l| l.shard).sum::<usize>();
+            let persistent_bytes = measured(b)?.live_bytes - before;
             let shards = Shards {
                 comm,
                 master,
@@ -131,8 +130,6 @@ impl<B: Backend> Fsdp<B> {
                 grad,
                 acc: (0..ranges.len()).map(|_| None).collect(),
                 scatter: None,
-                live: persistent,
-                peak: persistent,
                 persistent_bytes,
                 comm_secs: 0.0,
             };
@@ -168,35 +165,27 @@ impl<B: Backend> Fsdp<B> {
     }
 
     /// Memory per rank of the whole world, in rank order: the persistent shards (master, two
-    /// moments, gradient), the peak, and the last step's time in collectives. A backend that counts
-    /// its bytes (a GPU) reports them, including the workspace; otherwise the figures are this
-    /// engine's own f32 buffers. With ranks on other nodes this is a collective (every node calls
-    /// it after every step).
+    /// moments, gradient), the peak, and the last step's time in collectives, as the rank's backend
+    /// measured them (the peak includes the workspace and the placeholder weights). With ranks on
+    /// other nodes this is a collective (every node calls it after every step).
     pub fn memory(&mut self) -> Result<Vec<RankMemory>> {
-        let shards = 4 * 4 * self.layouts.iter().map(|l| l.shard).sum::<usize>();
-        let own = |r: &Rank<B>| match (r.b().memory(), r.shards.persistent_bytes) {
-            (Some(m), Some(p)) => RankMemory {
+        let own = |r: &Rank<B>| -> Result<RankMemory> {
+            Ok(RankMemory {
                 rank: r.shards.comm.rank(),
-                persistent_bytes: p,
-                peak_bytes: m.peak_bytes,
+                persistent_bytes: r.shards.persistent_bytes,
+                peak_bytes: measured(r.b())?.peak_bytes,
                 comm_secs: r.shards.comm_secs,
-            },
-            _ => RankMemory {
-                rank: r.shards.comm.rank(),
-                persistent_bytes: shards,
-                peak_bytes: 4 * r.shards.peak,
-                comm_secs: r.shards.comm_secs,
-            },
+            })
         };
         if self.all_local() {
-            let mut all: Vec<RankMemory> = self.ranks.iter().map(own).collect();
+            let mut all: Vec<RankMemory> = self.ranks.iter().map(own).collect::<Result<_>>()?;
             all.sort_by_key(|m| m.rank);
             return Ok(all);
         }
         // Each rank fills its own slot of a world-sized table; the sum is the whole table.
         let world = self.world;
         let table = self.each_rank(|rank, _| {
-            let m = own(rank);
+            let m = own(rank)?;
             let mut t = vec![0.0f32; 3 * world];
             t[3 * m.rank..3 * m.rank + 3].copy_from_slice(&[
                 m.persistent_bytes as f32,

@@ -33,13 +33,10 @@ pub(super) struct Shards<B: Backend> {
     pub(super) grad: Vec<B::Buf>,
     /// Full-size unit gradients accumulated over micro-steps before the last one.
     pub(super) acc: Vec<Option<B::Buf>>,
-    /// The reduce-scatter in flight and its input (kept alive until it is done), with its length.
-    pub(super) scatter: Option<(Ticket, B::Buf, usize)>,
-    /// f32 values this engine holds, for backends that do not count their own bytes (the CPU).
-    pub(super) live: usize,
-    pub(super) peak: usize,
-    /// Bytes of the shards, measured by backends that count (a GPU).
-    pub(super) persistent_bytes: Option<usize>,
+    /// The reduce-scatter in flight and its input (kept alive until it is done).
+    pub(super) scatter: Option<(Ticket, B::Buf)>,
+    /// Bytes of the shards, as the backend measured them when they were made.
+    pub(super) persistent_bytes: usize,
     /// Seconds spent in collectives during the current step.
     pub(super) comm_secs: f64,
 }
@@ -51,20 +48,11 @@ impl<B: Backend> Rank<B> {
 }
 
 impl<B: Backend> Shards<B> {
-    fn note_alloc(&mut self, n: usize) {
-        self.live += n;
-        self.peak = self.peak.max(self.live);
-    }
-    fn note_free(&mut self, n: usize) {
-        self.live -= n;
-    }
-
     /// Starts gathering unit `u`'s full parameters (padded), in the precision the ops read.
     fn start_gather(&mut self, b: &B, u: usize, layout: ShardLayout) -> Result<InFlight<B::Buf>> {
         // The gather writes every value (shards are padded to equal lengths).
         let mut buf = b.scratch_as(layout.padded(), Role::Activation)?;
         let ticket = self.comm.start_all_gather(b, &self.master[u], &mut buf)?;
-        self.note_alloc(layout.len);
         Ok(InFlight { unit: u, buf, ticket })
     }
 
@@ -95,9 +83,8 @@ impl<B: Backend> Shards<B> {
     }
 
     /// Splits a gathered block unit into its tensors. The split copies, so for a moment the unit is
-    /// held twice; the accounting says so, then the flat buffer is dropped.
-    fn unpack_layer(&mut self, b: &B, flat: B::Buf, len: usize, sizes: &[usize]) -> Result<LayerWeights<B::Buf>> {
-        self.note_alloc(len);
+    /// held twice (the backend's meter sees it), then the flat buffer is dropped.
+    fn unpack_layer(&mut self, b: &B, flat: B::Buf, sizes: &[usize]) -> Result<LayerWeights<B::Buf>> {
         let mut parts = Vec::with_capacity(sizes.len());
         let mut o = 0;
         for &n in sizes {
@@ -107,17 +94,15 @@ impl<B: Backend> Shards<B> {
             o += n;
         }
         drop(flat);
-        self.note_free(len);
         Ok(LayerWeights::from_parts(parts))
     }
 
     /// Hands a unit's full (padded) gradient to its owners, or accumulates it until the last
     /// micro-step. The reduce-scatter runs while the next unit's backward computes; its input is
     /// freed once the one after it starts (or at the end of the step).
-    fn push_grad(&mut self, b: &B, u: usize, mut full: B::Buf, layout: ShardLayout, last: bool) -> Result<()> {
+    fn push_grad(&mut self, b: &B, u: usize, mut full: B::Buf, last: bool) -> Result<()> {
         if let Some(acc) = self.acc[u].take() {
             b.add_assign(&mut full, &acc)?;
-            self.note_free(layout.len);
         }
         if !last {
             self.acc[u] = Some(full);
@@ -125,7 +110,7 @@ impl<B: Backend> Shards<B> {
         }
         self.finish_scatter(b)?;
         let ticket = self.comm.start_reduce_scatter(b, &full, &mut self.grad[u])?;
-        self.scatter = Some((ticket, full, layout.len));
+        self.scatter = Some((ticket, full));
         Ok(())
     }
 
@@ -136,7 +121,7 @@ impl<B: Backend> Shards<B> {
         if let Some(f) = plan.ahead.take() {
             abandon(f.buf);
         }
-        if let Some((_, input, _)) = self.scatter.take() {
+        if let Some((_, input)) = self.scatter.take() {
             abandon(input);
             abandon(std::mem::take(&mut self.grad));
         }
@@ -144,13 +129,12 @@ impl<B: Backend> Shards<B> {
 
     /// Waits for the reduce-scatter in flight, then lets its input go.
     fn finish_scatter(&mut self, b: &B) -> Result<()> {
-        if let Some((ticket, input, len)) = self.scatter.take() {
+        if let Some((ticket, input)) = self.scatter.take() {
             if let Err(e) = self.comm.wait(b, ticket) {
                 abandon(input);
                 return Err(e);
             }
             drop(input);
-            self.note_free(len);
         }
         Ok(())
     }
@@ -243,11 +227,11 @@ impl<B: Backend> Gathered<'_, B> {
     fn gather_block(&mut self, l: usize) -> Result<LayerWeights<B::Buf>> {
         let flat = self.next_unit()?;
         let sizes = &self.u.sizes[self.u.ranges[1 + l].clone()];
-        self.shards.unpack_layer(self.b, flat, self.u.layouts[1 + l].len, sizes)
+        self.shards.unpack_layer(self.b, flat, sizes)
     }
 
     fn push_grad(&mut self, unit: usize, g: B::Buf) -> Result<()> {
-        self.shards.push_grad(self.b, unit, g, self.u.layouts[unit], self.last)
+        self.shards.push_grad(self.b, unit, g, self.last)
     }
 }
 
@@ -257,7 +241,6 @@ impl<B: Backend> Params<B> for Gathered<'_, B> {
         let e = self.next_unit()?;
         let out = f(&e);
         drop(e);
-        self.shards.note_free(self.u.layouts[0].len);
         out
     }
 
@@ -265,14 +248,12 @@ impl<B: Backend> Params<B> for Gathered<'_, B> {
         let lw = self.gather_block(l)?;
         let out = f(&lw);
         drop(lw);
-        self.shards.note_free(self.u.layouts[1 + l].len);
         out
     }
 
     fn head<T>(&mut self, f: impl FnOnce(&B::Buf, &B::Buf) -> Result<T>) -> Result<T> {
         let (cfg, b) = (self.u.cfg, self.b);
         let (d, vocab, tied) = (cfg.d_model, cfg.vocab_size, cfg.tie_embeddings);
-        let head_len = self.u.layouts[cfg.n_layer + 1].len;
         // The unit is the final norm, then (untied) the output matrix: both are copied out.
         let flat = self.next_unit()?;
         let mut norm = b.scratch_as(d, Role::Activation)?;
@@ -285,10 +266,8 @@ impl<B: Backend> Params<B> for Gathered<'_, B> {
                 Some(h)
             }
         };
-        // For a moment the head was held twice.
-        self.shards.note_alloc(if tied { d } else { head_len });
+        // For a moment the head was held twice; the copies outlive the flat buffer.
         drop(flat);
-        self.shards.note_free(head_len);
         // A tied head's output matrix is the embedding, gathered again.
         let head = match untied {
             Some(h) => h,
@@ -305,28 +284,23 @@ impl<B: Backend> Grads<B> for Gathered<'_, B> {
         let (cfg, b) = (self.u.cfg, self.b);
         let (d, vocab, tied) = (cfg.d_model, cfg.vocab_size, cfg.tie_embeddings);
         let hu = cfg.n_layer + 1;
-        let (head_len, embed_len) = (self.u.layouts[hu].len, self.u.layouts[0].len);
         let (norm, head) = self.head.take().ok_or_else(|| anyhow!("FSDP: the head's backward before its forward"))?;
         let mut g_norm = b.zeros_as(d, Role::Accum)?;
         // Tied, the output matrix's gradient is the start of the embedding's: sized as that padded unit.
         let mut g_head = b.zeros_as(if tied { self.u.layouts[0].padded() } else { vocab * d }, Role::Accum)?;
-        self.shards.note_alloc(d + vocab * d);
         f(&norm, &head, &mut g_norm, &mut g_head)?;
         drop((norm, head));
-        self.shards.note_free(if tied { d + embed_len } else { head_len });
         let padded = self.u.layouts[hu].padded();
         if tied {
-            // The padded copy takes over g_norm's accounting.
+            // The padded copy takes g_norm's place.
             let g = flatten(b, &[&g_norm], padded)?;
             drop(g_norm);
             self.embed_grad = Some(g_head);
             return self.push_grad(hu, g);
         }
         // The unit's gradient is assembled in one buffer: for a moment the head's is held twice.
-        self.shards.note_alloc(head_len);
         let g = flatten(b, &[&g_norm, &g_head], padded)?;
         drop((g_norm, g_head));
-        self.shards.note_free(head_len);
         self.push_grad(hu, g)
     }
 
@@ -335,30 +309,23 @@ impl<B: Backend> Grads<B> for Gathered<'_, B> {
         l: usize,
         f: impl FnOnce(&LayerWeights<B::Buf>, &mut LayerWeights<B::Buf>) -> Result<()>,
     ) -> Result<()> {
-        let (b, w) = (self.b, self.u.layouts[1 + l].len);
+        let b = self.b;
         let lw = self.gather_block(l)?;
         let sizes = &self.u.sizes[self.u.ranges[1 + l].clone()];
         let mut gw =
             LayerWeights::from_parts(sizes.iter().map(|&n| b.zeros_as(n, Role::Accum)).collect::<Result<_>>()?);
-        self.shards.note_alloc(w);
         f(&lw, &mut gw)?;
         drop(lw);
-        self.shards.note_free(w);
         // Flattening the gradient copies it; the per-tensor copy goes right after.
-        self.shards.note_alloc(w);
         let g = flatten(b, &gw.parts(), self.u.layouts[1 + l].padded())?;
         drop(gw);
-        self.shards.note_free(w);
         self.push_grad(1 + l, g)
     }
 
     fn embed_grad(&mut self, f: impl FnOnce(&mut B::Buf) -> Result<()>) -> Result<()> {
         let mut g = match self.embed_grad.take() {
             Some(g) => g,
-            None => {
-                self.shards.note_alloc(self.u.layouts[0].len);
-                self.b.zeros_as(self.u.layouts[0].padded(), Role::Accum)?
-            }
+            None => self.b.zeros_as(self.u.layouts[0].padded(), Role::Accum)?,
         };
         f(&mut g)?;
         self.push_grad(0, g)

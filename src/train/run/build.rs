@@ -3,7 +3,7 @@
 
 use super::locate::{absolutize, Located};
 use super::TrainArgs;
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu::{Cpu, CpuBuf};
 use crate::backend::{Backend, Role};
 use crate::config::{Device, ModelInit, RunConfig, DEFAULT_TOKENIZER};
 use crate::data::dataset::Dataset;
@@ -190,7 +190,7 @@ fn build_run<B: Backend + Clone>(
             check_host_memory(&cfg, &mc)?;
             let w = random_weights(&mc, cfg.train.seed)?;
             if sharded {
-                place(Llama::new(mc, Cpu::new(), w)?, backend.clone(), node)?
+                place(Llama::new(mc, Cpu::new(), w.map(CpuBuf::from))?, backend.clone(), node)?
             } else {
                 (Llama::from_host(mc, backend.clone(), &w)?, None)
             }
@@ -270,6 +270,8 @@ type Placed<B> = (Llama<B>, Option<Weights<Vec<f32>>>);
 /// and the host weights for the shards.
 fn place<B: Backend>(host: Llama<Cpu>, backend: B, node: NodeRole) -> Result<Placed<B>> {
     let Llama { cfg, weights, .. } = host;
+    // Moved out of their buffers, not copied: the shards are cut from these host values.
+    let weights = weights.map(CpuBuf::into_vec);
     let mut it = weights.iter().into_iter();
     let eval = Weights::try_build(&cfg, |_| {
         let w = it.next().expect("same config, same tensors");
