@@ -315,3 +315,33 @@ fn a_viewer_that_fell_behind_says_how_many_events_it_missed() {
     assert_eq!(app.log.back().unwrap(), "this viewer fell behind: 37 events went past it (the run goes on)");
     assert_eq!(app.points.len(), 120, "the curve keeps what it has");
 }
+
+#[test]
+fn a_refused_step_is_marked_on_the_loss_chart_once() {
+    let marks = |app: &App| {
+        let mut t = Terminal::new(TestBackend::new(160, 48)).unwrap();
+        t.draw(|f| render(f, app)).unwrap();
+        let warn = app.theme().warn;
+        t.backend().buffer().content().iter().filter(|c| c.symbol() == "█" && c.fg == warn).count()
+    };
+    let mut app = App::new("guarded".into(), 400, themes(ColorMode::TrueColor), true);
+    for s in 1..=120 {
+        app.on_event(&step(s));
+    }
+    assert_eq!(marks(&app), 0, "no refused step, no mark");
+    let guard = Event::Guard {
+        step: 110,
+        tokens: 110 * 2048,
+        reason: "non-finite loss or gradient norm".into(),
+        loss: None,
+        grad_norm: None,
+        z: None,
+        action: "skip".into(),
+        in_a_row: 1,
+    };
+    app.on_event(&guard);
+    app.on_event(&guard); // an attached viewer replays history, then goes live
+    assert_eq!(app.guards, [(110, 110 * 2048)]);
+    assert!(marks(&app) >= 1, "the refused step hangs from the chart's top edge");
+    assert!(app.log.back().unwrap().contains("guard: non-finite"));
+}

@@ -76,6 +76,9 @@ pub enum Event {
     /// The step guard refused a step's update (see `train::guard`).
     Guard {
         step: u64,
+        /// Training tokens consumed after this step (its batch counts as consumed).
+        #[serde(default)]
+        tokens: u64,
         reason: String,
         /// The step's mean loss and gradient norm (absent when not finite).
         loss: Option<f64>,

@@ -214,6 +214,7 @@ impl<B: Backend> Trainer<B> {
         };
         let e = Event::Guard {
             step: m.step,
+            tokens: m.tokens,
             reason: trip.reason().into(),
             loss: finite(m.loss),
             grad_norm: finite(m.grad_norm),

@@ -31,6 +31,8 @@ pub struct App {
     pub max_steps: u64,
     pub points: Vec<Point>,
     pub evals: Vec<(u64, u64, f64)>,
+    /// Steps whose update the step guard refused: `(step, tokens)`, marked on the loss chart.
+    pub guards: Vec<(u64, u64)>,
     pub last: Option<crate::train::events::StepMetrics>,
     pub ranks: Vec<RankMetrics>,
     pub samples: VecDeque<(u64, String, String)>,
@@ -62,6 +64,7 @@ impl App {
             max_steps,
             points: Vec::new(),
             evals: Vec::new(),
+            guards: Vec::new(),
             last: None,
             ranks: Vec::new(),
             samples: VecDeque::new(),
@@ -120,7 +123,10 @@ impl App {
                 self.note(format!("step {step}: {}", if *paused { "paused" } else { "resumed" }));
             }
             Event::Log { step, message } => self.note(format!("step {step}: {message}")),
-            Event::Guard { step, reason, action, .. } => {
+            Event::Guard { step, tokens, reason, action, .. } => {
+                if !self.guards.iter().any(|g| g.0 == *step) {
+                    self.guards.push((*step, *tokens));
+                }
                 self.note(format!("step {step}: guard: {reason}, {action}"));
             }
             Event::ChatToken { .. } | Event::ChatDone { .. } => self.on_chat_event(e),

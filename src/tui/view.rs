@@ -75,8 +75,17 @@ fn loss_chart(f: &mut Frame, app: &App, area: Rect) {
     if hi - lo < 1e-6 {
         hi = lo + 1.0;
     }
+    // Refused updates hang from the top edge: their loss may be non-finite, and there they
+    // never hide the curve.
+    let guards: Vec<(f64, f64)> = app
+        .guards
+        .iter()
+        .map(|&(s, tok)| if app.x_tokens { tok as f64 } else { s as f64 })
+        .filter(|&gx| gx >= x0 && gx <= x1)
+        .map(|gx| (gx, hi))
+        .collect();
     let marker = if app.unicode { Marker::Braille } else { Marker::Dot };
-    let datasets = vec![
+    let mut datasets = vec![
         Dataset::default()
             .name("raw")
             .marker(Marker::Dot)
@@ -96,6 +105,10 @@ fn loss_chart(f: &mut Frame, app: &App, area: Rect) {
             .style(Style::default().fg(t.eval))
             .data(&evals),
     ];
+    if !guards.is_empty() {
+        let g = Dataset::default().name("guard").marker(Marker::Block).graph_type(GraphType::Scatter);
+        datasets.push(g.style(Style::default().fg(t.warn)).data(&guards));
+    }
     let label = |v: f64| format!("{:.2}", if app.log_y { v.exp() } else { v });
     let xl = |v: f64| if app.x_tokens { human(v as u64) } else { format!("{}", v as u64) };
     let title = format!(
