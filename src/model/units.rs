@@ -116,13 +116,13 @@ impl<B: Backend> Params<B> for Resident<'_, B::Buf> {
 
 impl<B: Backend> Params<B> for ResidentTraining<'_, B::Buf> {
     fn embed<T>(&mut self, f: impl FnOnce(&B::Buf) -> Result<T>) -> Result<T> {
-        f(&self.weights.embed)
+        Params::<B>::embed(&mut Resident(self.weights), f)
     }
     fn block<T>(&mut self, l: usize, f: impl FnOnce(&LayerWeights<B::Buf>) -> Result<T>) -> Result<T> {
-        f(&self.weights.layers[l])
+        Params::<B>::block(&mut Resident(self.weights), l, f)
     }
     fn head<T>(&mut self, f: impl FnOnce(&B::Buf, &B::Buf) -> Result<T>) -> Result<T> {
-        f(&self.weights.final_norm, self.weights.head())
+        Params::<B>::head(&mut Resident(self.weights), f)
     }
 }
 
@@ -150,7 +150,10 @@ mod tests {
     use crate::backend::cpu::{Cpu, CpuBuf};
     use crate::model::init::random_weights;
 
-    /// A source that records which unit each call reads, over resident weights.
+    /// A source that records which unit each call reads, over resident weights. Resident weights
+    /// are never gathered, so it notes the tied head's second read of the embedding itself, as the
+    /// gathering source does; that source's results are checked against one device in
+    /// tests/fsdp.rs. What this test pins is the walk's own order against `read_order`.
     struct Recording<'a> {
         inner: ResidentTraining<'a, CpuBuf>,
         n_layer: usize,

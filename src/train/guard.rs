@@ -79,10 +79,8 @@ impl GuardState {
             return UpdateCheck::Within { loss: f64::INFINITY, norm: f64::INFINITY };
         }
         let limit = |pick: fn(&(f64, f64)) -> f64| {
-            let n = self.recent.len() as f64;
-            let mean = self.recent.iter().map(pick).sum::<f64>() / n;
-            let var = self.recent.iter().map(|x| (pick(x) - mean).powi(2)).sum::<f64>() / (n - 1.0);
-            mean + cfg.z * var.sqrt()
+            let (mean, sd) = self.mean_sd(pick);
+            mean + cfg.z * sd
         };
         UpdateCheck::Within { loss: limit(|x| x.0), norm: limit(|x| x.1) }
     }
@@ -92,10 +90,16 @@ impl GuardState {
         if self.recent.len() < 2 || !value.is_finite() {
             return None;
         }
+        let (mean, sd) = self.mean_sd(pick);
+        (sd > 0.0).then(|| (value - mean) / sd)
+    }
+
+    /// Mean and sample standard deviation of one of the window's series (at least two entries).
+    fn mean_sd(&self, pick: fn(&(f64, f64)) -> f64) -> (f64, f64) {
         let n = self.recent.len() as f64;
         let mean = self.recent.iter().map(pick).sum::<f64>() / n;
-        let sd = (self.recent.iter().map(|x| (pick(x) - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-        (sd > 0.0).then(|| (value - mean) / sd)
+        let var = self.recent.iter().map(|x| (pick(x) - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (mean, var.sqrt())
     }
 
     pub fn applied(&mut self, cfg: &GuardSection, loss: f64, norm: f64) {

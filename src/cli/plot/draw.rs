@@ -152,21 +152,15 @@ where
     let panels = root.split_evenly((3, 1));
     let single = runs.len() == 1;
     let lay = layout(runs);
-    let x_of = |s: &Series, step: f64, tokens: f64| match lay.x {
+    let x_of = |step: f64, tokens: f64| match lay.x {
         Axis::Steps => step,
-        Axis::Tokens => {
-            if tokens.is_finite() {
-                tokens
-            } else {
-                s.tokens_at(step)
-            }
-        }
+        Axis::Tokens => tokens,
     };
     // The guard's refusals count too: a run the guard stopped has no step record for its last step.
     let xs = x_range(
         runs.iter().flat_map(|r| {
             let s = &r.series;
-            s.steps.iter().map(|p| x_of(s, p.step, p.tokens)).chain(s.guards.iter().map(|g| x_of(s, g.step, f64::NAN)))
+            s.steps.iter().map(|p| x_of(p.step, p.tokens)).chain(s.guards.iter().map(|g| x_of(g.step, g.tokens)))
         }),
         lay.x,
     );
@@ -210,7 +204,7 @@ where
     for (i, r) in runs.iter().enumerate() {
         let s = &r.series;
         let (raw, line) = if single { (RAW, colour(0)) } else { (lighter(colour(i)), colour(i)) };
-        let pts: Vec<(f64, f64)> = s.steps.iter().map(|p| (x_of(s, p.step, p.tokens), p.loss)).collect();
+        let pts: Vec<(f64, f64)> = s.steps.iter().map(|p| (x_of(p.step, p.tokens), p.loss)).collect();
         // Dots big enough to see on a short run, small enough not to blot out a long one.
         let dot = if pts.len() <= 300 { 2 } else { 1 };
         let raw_series = c.draw_series(pts.iter().map(|&p| Circle::new(p, dot, raw.filled()))).map_err(err)?;
@@ -225,12 +219,12 @@ where
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], line.stroke_width(3)));
         let eval = if single { EVAL } else { line };
-        let evals: Vec<(f64, f64)> = s.evals.iter().map(|e| (x_of(s, e.step, e.tokens), e.loss)).collect();
+        let evals: Vec<(f64, f64)> = s.evals.iter().map(|e| (x_of(e.step, e.tokens), e.loss)).collect();
         c.draw_series(evals.iter().map(|&p| Circle::new(p, 4, eval.filled()))).map_err(err)?;
         if !single {
             c.draw_series(evals.iter().map(|&p| Circle::new(p, 4, BLACK.stroke_width(1)))).map_err(err)?;
         }
-        guards.extend(s.guards.iter().map(|g| (x_of(s, g.step, f64::NAN), g.loss)));
+        guards.extend(s.guards.iter().map(|g| (x_of(g.step, g.tokens), g.loss)));
     }
     if runs.iter().any(|r| !r.series.evals.is_empty()) {
         // A legend entry only: the points are drawn per run above.
@@ -302,7 +296,7 @@ where
         for (i, r) in runs.iter().enumerate() {
             let s = &r.series;
             let line = if single { LINE } else { colour(i) };
-            let pts = s.steps.iter().map(|p| (x_of(s, p.step, p.tokens), get(p))).filter(|p| p.1.is_finite());
+            let pts = s.steps.iter().map(|p| (x_of(p.step, p.tokens), get(p))).filter(|p| p.1.is_finite());
             c.draw_series(LineSeries::new(pts, line.stroke_width(2))).map_err(err)?;
         }
     }

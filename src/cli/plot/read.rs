@@ -21,11 +21,12 @@ pub struct EvalPoint {
     pub loss: f64,
 }
 
-/// A step whose update the guard refused. It has no step record, and its loss is absent when it
-/// was not finite.
+/// A step whose update the guard refused. It has no step record (its own record carries the
+/// tokens read by then), and its loss is absent when it was not finite.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GuardPoint {
     pub step: f64,
+    pub tokens: f64,
     pub loss: Option<f64>,
 }
 
@@ -37,23 +38,6 @@ pub struct Series {
 }
 
 impl Series {
-    /// Tokens seen by `step`, interpolated between the step records around it (a refused step has
-    /// none of its own, but its batch was read all the same). The records are in step order: a
-    /// resume truncates metrics.jsonl to its checkpoint before appending.
-    pub fn tokens_at(&self, step: f64) -> f64 {
-        let s = &self.steps;
-        let after = s.partition_point(|p| p.step < step);
-        let (a, b) = match (after.checked_sub(1).and_then(|i| s.get(i)), s.get(after)) {
-            (_, Some(b)) if b.step == step => return b.tokens,
-            (Some(a), Some(b)) => (a, b),
-            // Beyond either end: the tokens per step of the nearest record.
-            (Some(a), None) => return a.tokens / a.step.max(1.0) * step,
-            (None, Some(b)) => return b.tokens / b.step.max(1.0) * step,
-            (None, None) => return f64::NAN,
-        };
-        a.tokens + (b.tokens - a.tokens) * (step - a.step) / (b.step - a.step)
-    }
-
     /// Tokens per step, when every step record holds `tokens = k · step` (one batch size for the
     /// whole run): then a step axis and a token axis are the same axis, labelled twice.
     pub fn tokens_per_step(&self) -> Option<f64> {
@@ -100,7 +84,7 @@ pub fn read(run: &Path, from_step: u64) -> Result<Series> {
                 s.steps.push(StepPoint { step, tokens, loss, lr: f("lr"), tokens_per_s: f("tokens_per_s") })
             }
             Some("eval") => s.evals.push(EvalPoint { step, tokens, loss }),
-            Some("guard") => s.guards.push(GuardPoint { step, loss: loss.is_finite().then_some(loss) }),
+            Some("guard") => s.guards.push(GuardPoint { step, tokens, loss: loss.is_finite().then_some(loss) }),
             _ => {}
         }
     }
@@ -128,14 +112,11 @@ mod tests {
     }
 
     #[test]
-    fn guards_sit_between_the_steps_around_them() {
-        let guard = "{\"kind\":\"guard\",\"step\":3,\"reason\":\"x\",\"loss\":null,\"grad_norm\":null,\"z\":null,\"action\":\"skip\",\"in_a_row\":1}\n";
+    fn guards_are_read_with_the_tokens_of_their_step() {
+        let guard = "{\"kind\":\"guard\",\"step\":3,\"tokens\":300,\"reason\":\"x\",\"loss\":null,\"grad_norm\":null,\"z\":null,\"action\":\"skip\",\"in_a_row\":1}\n";
         let t = write(&(step(1) + &step(2) + guard + &step(4)));
         let s = read(t.path(), 0).unwrap();
-        assert_eq!(s.guards, [GuardPoint { step: 3.0, loss: None }]);
-        assert_eq!(s.tokens_at(3.0), 300.0);
-        assert_eq!(s.tokens_at(4.0), 400.0);
-        assert_eq!(s.tokens_at(6.0), 600.0);
+        assert_eq!(s.guards, [GuardPoint { step: 3.0, tokens: 300.0, loss: None }]);
         assert_eq!(s.tokens_per_step(), Some(100.0));
     }
 
